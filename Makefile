@@ -1,0 +1,88 @@
+# kvq: `make test` is what CI runs. No build system beyond make.
+CC      ?= cc
+CLANG   ?= clang
+CFLAGS  ?= -O2 -march=native
+WARN     = -std=c99 -Wall -Wextra -Werror -I.
+LDLIBS   = -lm -pthread
+B        = build
+SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fno-sanitize-recover=all
+AARCH64_CC ?= aarch64-linux-gnu-gcc
+QEMU    ?= qemu-aarch64-static
+
+TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_examples $(B)/compile_gcc_c $(B)/compile_gcc_cxx \
+           $(B)/compile_clang_c $(B)/compile_clang_cxx
+HDR      = kvq.h tests/test_util.h
+
+.PHONY: all test example eval bench asan ubsan neon clean
+all: $(TESTS) $(B)/quickstart $(B)/llama $(B)/kvq_eval
+
+$(B):
+	mkdir -p $(B)
+
+# ---- tests ------------------------------------------------------------------
+$(B)/test_core: tests/test_core.c tests/golden_k2.inc tests/golden_v3.inc $(HDR) | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_core.c $(LDLIBS)
+$(B)/test_simd: tests/test_simd.c $(HDR) | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_simd.c $(LDLIBS)
+$(B)/test_examples: tests/test_examples.c examples/*.h $(HDR) | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_examples.c $(LDLIBS)
+
+# the header as C99 and as C++, with gcc and clang, two units each with KVQ_STATIC
+COMPILE_SRC = tests/compile_a.c tests/compile_b.c
+$(B)/compile_gcc_c: $(COMPILE_SRC) kvq.h | $(B)
+	gcc -std=c99 -pedantic -Wall -Wextra -Werror -o $@ $(COMPILE_SRC) -lm
+$(B)/compile_gcc_cxx: $(COMPILE_SRC) kvq.h | $(B)
+	g++ -x c++ -std=c++11 -Wall -Wextra -Werror -o $@ $(COMPILE_SRC) -lm
+$(B)/compile_clang_c: $(COMPILE_SRC) kvq.h | $(B)
+	$(CLANG) -std=c99 -pedantic -Wall -Wextra -Werror -o $@ $(COMPILE_SRC) -lm
+$(B)/compile_clang_cxx: $(COMPILE_SRC) kvq.h | $(B)
+	$(CLANG) -x c++ -std=c++11 -Wall -Wextra -Werror -o $@ $(COMPILE_SRC) -lm
+
+test: $(TESTS)
+	tests/run_all.sh $(TESTS)
+
+# ---- sanitizers: the same tests under ASan and UBSan --------------------------
+$(B)/asan_core: tests/test_core.c $(HDR) | $(B)
+	$(CC) $(WARN) $(SAN_FLAGS) -fsanitize=address -o $@ tests/test_core.c $(LDLIBS)
+$(B)/asan_examples: tests/test_examples.c examples/*.h $(HDR) | $(B)
+	$(CC) $(WARN) $(SAN_FLAGS) -fsanitize=address -o $@ tests/test_examples.c $(LDLIBS)
+$(B)/ubsan_core: tests/test_core.c $(HDR) | $(B)
+	$(CLANG) $(WARN) $(SAN_FLAGS) -fsanitize=undefined,float-cast-overflow -o $@ tests/test_core.c $(LDLIBS)
+$(B)/ubsan_examples: tests/test_examples.c examples/*.h $(HDR) | $(B)
+	$(CLANG) $(WARN) $(SAN_FLAGS) -fsanitize=undefined,float-cast-overflow -o $@ tests/test_examples.c $(LDLIBS)
+asan: $(B)/asan_core $(B)/asan_examples
+	tests/run_all.sh $^
+ubsan: $(B)/ubsan_core $(B)/ubsan_examples
+	tests/run_all.sh $^
+
+# ---- NEON: cross-compiled, run under qemu -----------------------------------
+$(B)/neon_core: tests/test_core.c $(HDR) | $(B)
+	$(AARCH64_CC) $(WARN) -O2 -static -o $@ tests/test_core.c -lm
+$(B)/neon_simd: tests/test_simd.c $(HDR) | $(B)
+	$(AARCH64_CC) $(WARN) -O2 -static -o $@ tests/test_simd.c -lm
+neon: $(B)/neon_core $(B)/neon_simd
+	tests/run_all.sh "$(QEMU) $(B)/neon_core" "$(QEMU) $(B)/neon_simd"
+
+# ---- examples, eval, bench ---------------------------------------------------
+$(B)/quickstart: examples/quickstart.c kvq.h | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ examples/quickstart.c $(LDLIBS)
+$(B)/llama: examples/llama.c examples/*.h kvq.h | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ examples/llama.c $(LDLIBS)
+$(B)/kvq_eval: examples/kvq_eval.c examples/*.h kvq.h | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ examples/kvq_eval.c $(LDLIBS)
+$(B)/bench: bench/bench.c kvq.h | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ bench/bench.c $(LDLIBS)
+
+example: $(B)/llama $(B)/quickstart
+	$(B)/quickstart
+	$(B)/llama
+SHARED ?= ../shared/data
+eval: $(B)/kvq_eval
+	@if [ -f $(SHARED)/stories260K_gen.kvd ]; then \
+	  $(B)/kvq_eval --csv $(B)/eval.csv --svg $(B)/eval.svg $(SHARED)/stories260K_gen.kvd $(SHARED)/babyllama105_gen.kvd; \
+	else echo "skipped: $(SHARED) not found (the KV dumps live in ../shared/data)"; fi
+bench: $(B)/bench
+	$(B)/bench --csv $(B)/bench.csv --svg $(B)/bench.svg
+
+clean:
+	rm -rf $(B)

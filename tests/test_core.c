@@ -1,0 +1,577 @@
+/* Tests of kvq's core: formats, quantization, the cache and fused attention.
+   White-box where it must be (golden bytes), through the public API elsewhere.
+   `build/test_core --report` also prints the accuracy table quoted in README.md. */
+#define KVQ_IMPLEMENTATION
+#include "../kvq.h"
+#include "test_util.h"
+
+#define EPS16 4.9e-4 /* just above 2^-11, fp16's relative rounding */
+
+/* ---- fp16 ---------------------------------------------------------------- */
+
+static void test_fp16(void) {
+    uint32_t h;
+    int bad = 0;
+    /* every half survives half -> float -> half */
+    for (h = 0; h < 65536; h++) {
+        float f = kvq__f16_to_f32((uint16_t)h);
+        if (f != f) continue; /* NaN */
+        if (kvq__f32_to_f16(f) != h) bad++;
+    }
+    CHECK(bad == 0, "%d halves did not round-trip", bad);
+    /* ties go to even; overflow to inf; subnormals */
+    CHECK(kvq__f32_to_f16(1.0f + 1.0f / 2048.0f) == 0x3c00, "tie below 1+2^-10 must round to even (1.0)");
+    CHECK(kvq__f32_to_f16(1.0f + 3.0f / 2048.0f) == 0x3c02, "tie must round to even (1+2^-9)");
+    CHECK(kvq__f32_to_f16(65504.0f) == 0x7bff, "max half");
+    CHECK(kvq__f32_to_f16(65520.0f) == 0x7c00, "65520 rounds to inf");
+    CHECK(kvq__f32_to_f16(65519.0f) == 0x7bff, "65519 rounds to max");
+    CHECK(kvq__f32_to_f16(5.9604645e-8f) == 0x0001, "smallest subnormal");
+    CHECK(kvq__f32_to_f16(2.9802322e-8f) == 0x0000, "half of the smallest subnormal ties to 0");
+    CHECK(kvq__f32_to_f16(-0.0f) == 0x8000, "negative zero");
+    CHECK(kvq__f16_to_f32(0x3555) == 0.333251953125f, "0x3555");
+    /* random floats against the exact definition: nearest half, ties to even */
+    {
+        tu_rng r = {12345};
+        int i, wrong = 0;
+        for (i = 0; i < 200000; i++) {
+            float f = (tu_uniform(&r) - 0.5f) * powf(2.0f, (float)(int)(tu_uniform(&r) * 40.0f) - 24.0f);
+            uint16_t a = kvq__f32_to_f16(f);
+            double x = f, lo = kvq__f16_to_f32(a), nb;
+            uint16_t other = (uint16_t)(fabs(x) > fabs(lo) ? a + 1 : a - 1);
+            if ((a & 0x7fff) == 0) other = (uint16_t)((a & 0x8000) | 1);
+            nb = kvq__f16_to_f32(other);
+            if (fabs(x - lo) > fabs(x - nb) || (fabs(x - lo) == fabs(x - nb) && (a & 1))) wrong++;
+        }
+        CHECK(wrong == 0, "%d random floats not rounded to nearest even", wrong);
+    }
+}
+
+/* ---- storage rules, replicated from DESIGN.md to derive error bounds -------- */
+
+typedef struct rules { int after, nkb, nvq; } rules;
+
+static rules storage_rules(const kvq_config *cfg, int T) {
+    rules s;
+    s.after = T > cfg->sink_tokens ? T - cfg->sink_tokens : 0;
+    s.nkb = 0;
+    while (s.after - s.nkb * cfg->group_size > cfg->residual_tokens &&
+           s.after - s.nkb * cfg->group_size >= cfg->group_size)
+        s.nkb++;
+    s.nvq = s.after > cfg->residual_tokens ? s.after - cfg->residual_tokens : 0;
+    return s;
+}
+
+static float to_f16(float x) { return kvq__f16_to_f32(kvq__f32_to_f16(x)); }
+
+/* Bound on |x' - x| for an element quantized in a group with range [lo, hi]
+   (of fp16-rounded inputs): half a step, plus fp16 rounding of scale and min. */
+static double step_bound(double lo, double hi, int bits, double x) {
+    double s = (hi - lo) / ((1 << bits) - 1);
+    return 0.5 * s * (1.0 + EPS16) + EPS16 * (fabs(lo) + (hi - lo)) + EPS16 * fabs(x) + 1e-7;
+}
+
+/* Per-element error bounds of everything the cache stores for T tokens of K, V. */
+static void element_bounds(const kvq_config *cfg, int T, const float *K, const float *V, double *ek, double *ev) {
+    const int H = cfg->n_kv_heads, D = cfg->head_dim, G = cfg->group_size, S = cfg->sink_tokens;
+    rules r = storage_rules(cfg, T);
+    int t, h, c, u;
+    for (t = 0; t < T; t++)
+        for (h = 0; h < H; h++)
+            for (c = 0; c < D; c++) {
+                size_t at = ((size_t)t * H + h) * D + c;
+                int pos = t - S;
+                ek[at] = EPS16 * fabs(K[at]) + 1e-7;
+                ev[at] = EPS16 * fabs(V[at]) + 1e-7;
+                if (t >= S && pos < r.nkb * G && cfg->key_bits < 16) {
+                    int t0 = S + pos / G * G;
+                    double lo = 1e30, hi = -1e30;
+                    for (u = t0; u < t0 + G; u++) {
+                        double x = to_f16(K[((size_t)u * H + h) * D + c]);
+                        lo = x < lo ? x : lo;
+                        hi = x > hi ? x : hi;
+                    }
+                    ek[at] = step_bound(lo, hi, cfg->key_bits, K[at]);
+                }
+                if (t >= S && pos < r.nvq && cfg->value_bits < 16) {
+                    int c0 = c / G * G, c1 = c0 + G < D ? c0 + G : D;
+                    double lo = 1e30, hi = -1e30;
+                    for (u = c0; u < c1; u++) {
+                        double x = to_f16(V[((size_t)t * H + h) * D + u]);
+                        lo = x < lo ? x : lo;
+                        hi = x > hi ? x : hi;
+                    }
+                    ev[at] = step_bound(lo, hi, cfg->value_bits, V[at]);
+                }
+            }
+}
+
+/* ---- quantize -> dequantize, and attention against exact fp32 ------------ */
+
+typedef struct accuracy { double out_err, bound_ratio, fused_err; } accuracy;
+
+/* Builds a cache, checks every element within its bound and attention within the
+   bound that the element errors imply; returns the figures. */
+static accuracy check_config(const kvq_config *cfg, int T, int kind, int nqh, int nq, unsigned seed, int quiet) {
+    const int H = cfg->n_kv_heads, D = cfg->head_dim;
+    size_t n = (size_t)T * H * D, nout = (size_t)nq * nqh * D;
+    float *K = (float *)tu_alloc(n * 4), *V = (float *)tu_alloc(n * 4);
+    float *Kr = (float *)tu_alloc(n * 4), *Vr = (float *)tu_alloc(n * 4);
+    double *ek = (double *)tu_alloc(n * 8), *ev = (double *)tu_alloc(n * 8);
+    float *q = (float *)tu_alloc(nout * 4), *out = (float *)tu_alloc(nout * 4);
+    double *ref = (double *)tu_alloc(nout * 8), *ref_q = (double *)tu_alloc(nout * 8);
+    float scale = 1.0f / sqrtf((float)D);
+    tu_rng r;
+    kvq_cache *c = NULL;
+    kvq_attn_params ap;
+    accuracy acc = {0, 0, 0};
+    size_t i;
+    int over = 0, j, hd;
+    r.s = 0x9e3779b97f4a7c15ull ^ seed;
+    tu_fill_kv(&r, kind, T, H, D, K, V);
+    tu_fill_q(&r, kind, nout, D, q);
+    CHECK(kvq_cache_create(&c, cfg) == KVQ_OK, "create k%d v%d G%d", cfg->key_bits, cfg->value_bits,
+          cfg->group_size);
+    if (!c) goto done;
+    CHECK(kvq_cache_append(c, K, V, T) == KVQ_OK, "append");
+    CHECK(kvq_cache_read(c, 0, T, Kr, Vr) == KVQ_OK, "read");
+    element_bounds(cfg, T, K, V, ek, ev);
+    for (i = 0; i < n; i++) {
+        if (fabs(Kr[i] - K[i]) > ek[i]) over++;
+        if (fabs(Vr[i] - V[i]) > ev[i]) over++;
+    }
+    CHECK(over == 0, "%d elements outside half a step (k%d v%d G%d D%d R%d S%d)", over, cfg->key_bits,
+          cfg->value_bits, cfg->group_size, D, cfg->residual_tokens, cfg->sink_tokens);
+
+    ap.n_q_heads = nqh;
+    ap.n_queries = nq;
+    ap.scale = 0.0f;
+    CHECK(kvq_attention(c, q, out, &ap) == KVQ_OK, "attention");
+    /* fused attention equals exact attention on what the cache holds */
+    tu_ref_attention(Kr, Vr, T, H, D, q, nq, nqh, scale, ref_q);
+    acc.fused_err = tu_rel_err(out, ref_q, nout);
+    CHECK(acc.fused_err < 1e-9, "fused vs dequantized reference: %g", acc.fused_err);
+    /* and lies within the bound the element errors imply:
+       ||o' - o|| <= max_t ||dv_t|| + (exp(2E) - 1) max_t ||v_t||, E = max_t |score error| */
+    tu_ref_attention(K, V, T, H, D, q, nq, nqh, scale, ref);
+    acc.out_err = tu_rel_err(out, ref, nout);
+    for (j = 0; j < nq; j++)
+        for (hd = 0; hd < nqh; hd++) {
+            int h = hd / (nqh / H), t, ch, limit = T - nq + j + 1;
+            const float *qv = q + ((size_t)j * nqh + hd) * D;
+            double E = 0, dv = 0, vmax = 0, e2 = 0, bound;
+            for (t = 0; t < limit; t++) {
+                double se = 0, dvt = 0, vt = 0;
+                for (ch = 0; ch < D; ch++) {
+                    size_t at = ((size_t)t * H + h) * D + ch;
+                    se += fabs(qv[ch]) * ek[at];
+                    dvt += ev[at] * ev[at];
+                    vt += (double)V[at] * V[at];
+                }
+                E = se * scale > E ? se * scale : E;
+                dv = dvt > dv ? dvt : dv;
+                vmax = vt > vmax ? vt : vmax;
+            }
+            bound = sqrt(dv) + expm1(2 * E) * sqrt(vmax);
+            for (ch = 0; ch < D; ch++) {
+                double d = out[((size_t)j * nqh + hd) * D + ch] - ref[((size_t)j * nqh + hd) * D + ch];
+                e2 += d * d;
+            }
+            bound = bound * (1 + 1e-4) + 1e-6;
+            if (sqrt(e2) / bound > acc.bound_ratio) acc.bound_ratio = sqrt(e2) / bound;
+        }
+    CHECK(acc.bound_ratio <= 1.0, "attention error %.3g x its bound (k%d v%d G%d D%d)", acc.bound_ratio,
+          cfg->key_bits, cfg->value_bits, cfg->group_size, D);
+    if (cfg->key_bits == 16 && cfg->value_bits == 16)
+        CHECK(acc.out_err < 1e-6, "fp16 cache should be near exact: %g", acc.out_err);
+    if (!quiet)
+        printf("  k%-2d v%-2d G%-3d D%-3d R%-3d S%-2d %-10s T%-5d  attn err %.3e  (%.2f of bound)\n",
+               cfg->key_bits, cfg->value_bits, cfg->group_size, D, cfg->residual_tokens, cfg->sink_tokens,
+               kind ? "structured" : "random", T, acc.out_err, acc.bound_ratio);
+done:
+    kvq_cache_destroy(c);
+    free(K); free(V); free(Kr); free(Vr); free(ek); free(ev); free(q); free(out); free(ref); free(ref_q);
+    return acc;
+}
+
+static void test_accuracy_grid(void) {
+    static const int bits[] = {2, 3, 4, 8, 16};
+    static const int groups[] = {16, 32, 64, 128};
+    int b, g, kind;
+    for (kind = 0; kind < 2; kind++)
+        for (b = 0; b < 5; b++)
+            for (g = 0; g < 4; g++) {
+                kvq_config cfg = kvq_default_config(groups[g] == 64 ? 96 : 64, 2, 400);
+                cfg.key_bits = cfg.value_bits = bits[b];
+                cfg.group_size = groups[g];
+                cfg.residual_tokens = (g % 2) ? groups[g] : 0;
+                cfg.sink_tokens = (b % 2) ? 4 : 0;
+                check_config(&cfg, 300 + 7 * g, kind, 4, 2, (unsigned)(b * 10 + g), 1);
+            }
+}
+
+static void test_shapes(void) {
+    /* head_dims that G does not divide, the extremes of head_dim, mixed K/V bits,
+       GQA 1..8, several queries, tokens fewer than one block, all-sink caches */
+    static const int dims[] = {8, 24, 40, 80, 96, 112, 136, 512};
+    int i;
+    for (i = 0; i < 8; i++) {
+        kvq_config cfg = kvq_default_config(dims[i], 1 + i % 3, 200);
+        cfg.key_bits = (i % 2) ? 3 : 2;
+        cfg.value_bits = (i % 3) ? 4 : 8;
+        cfg.residual_tokens = (i % 2) ? 32 : 0;
+        check_config(&cfg, 150 + i, i % 2, cfg.n_kv_heads * (1 + i % 8), 1 + i % 3, (unsigned)i, 1);
+    }
+    {
+        kvq_config cfg = kvq_default_config(32, 2, 64);
+        cfg.residual_tokens = 0;
+        check_config(&cfg, 10, TU_STRUCTURED, 4, 3, 7, 1); /* fewer tokens than a block */
+        cfg.sink_tokens = 64;
+        check_config(&cfg, 64, TU_STRUCTURED, 2, 5, 8, 1); /* every token a sink */
+        cfg.sink_tokens = 5;
+        cfg.key_bits = 16;
+        cfg.value_bits = 2;
+        check_config(&cfg, 64, TU_RANDOM, 8, 1, 9, 1);
+    }
+}
+
+/* The figures quoted in README.md: D 128, 8 KV heads / 32 query heads, 2048 tokens,
+   structured data, default G 32 and R 128. */
+static void report(void) {
+    static const int bits[] = {16, 8, 4, 3, 2};
+    int b, R;
+    printf("accuracy on structured data (D 128, GQA 32/8, 2048 tokens, 4 queries), squared relative error:\n");
+    for (R = 0; R <= 128; R += 128)
+        for (b = 0; b < 5; b++) {
+            kvq_config cfg = kvq_default_config(128, 8, 2048);
+            kvq_cache *c = NULL;
+            accuracy a;
+            cfg.key_bits = cfg.value_bits = bits[b];
+            cfg.residual_tokens = R;
+            a = check_config(&cfg, 2048, TU_STRUCTURED, 32, 4, 1, 1);
+            if (kvq_cache_create(&c, &cfg) == KVQ_OK) {
+                printf("  k%-2d v%-2d G32 R%-3d  %.2f bits/element steady  attn err %.2e  (%.2f of bound)\n",
+                       bits[b], bits[b], R, kvq_config_bits_per_element(&cfg), a.out_err, a.bound_ratio);
+                kvq_cache_destroy(c);
+            }
+        }
+}
+
+/* ---- golden vectors: a fixed input and its packed bytes ------------------- */
+
+/* Input: D 8, 1 head, G 16, no residual, 16 tokens, 2-bit keys and 3-bit values (formulas below).
+   The expected bytes were computed independently of kvq.h by tests/golden.py. */
+static const uint8_t golden_k2[] = {
+#include "golden_k2.inc"
+};
+static const uint8_t golden_v3[] = {
+#include "golden_v3.inc"
+};
+
+static void test_golden(void) {
+    kvq_config cfg = kvq_default_config(8, 1, 16);
+    kvq_cache *c = NULL;
+    float k[16 * 8], v[16 * 8];
+    int t, ch;
+    for (t = 0; t < 16; t++)
+        for (ch = 0; ch < 8; ch++) {
+            k[t * 8 + ch] = (float)((t * 7 + ch * 3) % 13 - 6) * 0.375f * (float)(ch + 1);
+            v[t * 8 + ch] = (float)((t * 5 + ch * 11) % 9 - 4) * 0.5f + (float)ch * 0.1f;
+        }
+    cfg.group_size = 16;
+    cfg.residual_tokens = 0;
+    cfg.key_bits = 2;
+    cfg.value_bits = 3;
+    if (kvq_cache_create(&c, &cfg) != KVQ_OK) { CHECK(0, "create"); return; }
+    kvq_cache_append(c, k, v, 16);
+    CHECK(c->n_kblocks == 1 && c->n_vquant == 16, "all quantized");
+    CHECK(c->kblock_bytes == sizeof golden_k2, "key block size %zu", c->kblock_bytes);
+    CHECK(memcmp(c->kblocks, golden_k2, sizeof golden_k2) == 0, "key block bytes differ from golden");
+    {
+        /* value records: per token fp16 scale, fp16 min (one group of 8 channels), 3 bytes of codes */
+        uint8_t got[16 * 7];
+        for (t = 0; t < 16; t++) {
+            memcpy(got + t * 7, kvq__value_params(c, 0, t), 4);
+            memcpy(got + t * 7 + 4, kvq__value_codes(c, 0, t), 3);
+        }
+        CHECK(sizeof golden_v3 == sizeof got && memcmp(got, golden_v3, sizeof got) == 0,
+              "value bytes differ from golden");
+        if (getenv("KVQ_PRINT_GOLDEN")) {
+            size_t i;
+            for (i = 0; i < c->kblock_bytes; i++) printf("%u,%s", c->kblocks[i], i % 16 == 15 ? "\n" : "");
+            printf("\n--\n");
+            for (i = 0; i < sizeof got; i++) printf("%u,%s", got[i], i % 16 == 15 ? "\n" : "");
+            printf("\n");
+        }
+    }
+    kvq_cache_destroy(c);
+}
+
+/* ---- incremental vs bulk append, split vs single ----------------------- */
+
+static void test_incremental_and_split(void) {
+    kvq_config cfg = kvq_default_config(48, 3, 700);
+    kvq_cache *a = NULL, *b = NULL;
+    const int T = 650, H = 3, D = 48, NQH = 6, NQ = 3;
+    size_t n = (size_t)T * H * D;
+    float *K = (float *)tu_alloc(n * 4), *V = (float *)tu_alloc(n * 4);
+    float q[3 * 6 * 48], o1[3 * 6 * 48], o2[3 * 6 * 48], o3[3 * 6 * 48];
+    float *st[3];
+    kvq_attn_params ap = {NQH, NQ, 0.0f};
+    tu_rng r = {99};
+    size_t sf, i;
+    int t, same = 1;
+    double e = 0, rr = 0;
+    cfg.sink_tokens = 4;
+    cfg.residual_tokens = 64;
+    cfg.key_bits = 3;
+    cfg.value_bits = 2;
+    tu_fill_kv(&r, TU_STRUCTURED, T, H, D, K, V);
+    tu_fill_q(&r, TU_STRUCTURED, sizeof q / 4, D, q);
+    kvq_cache_create(&a, &cfg);
+    kvq_cache_create(&b, &cfg);
+    CHECK(kvq_cache_append(a, K, V, T) == KVQ_OK, "bulk");
+    for (t = 0; t < T; t++) kvq_cache_append(b, K + (size_t)t * H * D, V + (size_t)t * H * D, 1);
+    same = a->n_kblocks == b->n_kblocks && a->n_vquant == b->n_vquant &&
+           memcmp(a->kblocks, b->kblocks, (size_t)H * a->max_kblocks * a->kblock_bytes) == 0 &&
+           memcmp(a->vcodes, b->vcodes, (size_t)H * a->max_vquant * a->vcode_bytes) == 0 &&
+           memcmp(a->vparams, b->vparams, (size_t)H * a->max_vquant * a->vparam_bytes) == 0;
+    CHECK(same, "bulk and one-at-a-time appends stored different bytes");
+    kvq_attention(a, q, o1, &ap);
+    kvq_attention(b, q, o2, &ap);
+    CHECK(memcmp(o1, o2, sizeof o1) == 0, "bulk and one-at-a-time appends attend differently");
+    CHECK(kvq_cache_payload_bytes(a) == kvq_cache_payload_bytes(b), "payload");
+
+    /* split: three token ranges, the second split again over KV heads, then merge */
+    sf = kvq_attention_state_floats(a, &ap);
+    CHECK(sf == (size_t)NQ * NQH * (D + 2), "state floats %zu", sf);
+    for (i = 0; i < 3; i++) st[i] = (float *)tu_alloc(sf * 4);
+    CHECK(kvq_attention_partial(a, q, &ap, 0, 100, 0, H, st[0]) == KVQ_OK, "partial 0");
+    CHECK(kvq_attention_partial(a, q, &ap, 100, 640, 0, 1, st[1]) == KVQ_OK, "partial 1a");
+    CHECK(kvq_attention_partial(a, q, &ap, 100, 640, 1, H, st[1]) == KVQ_OK, "partial 1b");
+    CHECK(kvq_attention_partial(a, q, &ap, 640, T, 0, H, st[2]) == KVQ_OK, "partial 2");
+    CHECK(kvq_attention_merge(a, &ap, (const float *const *)st, 3, o3) == KVQ_OK, "merge");
+    for (i = 0; i < sizeof o1 / 4; i++) {
+        e += (o3[i] - o1[i]) * (o3[i] - o1[i]);
+        rr += o1[i] * o1[i];
+    }
+    CHECK(e / rr < 1e-10, "split + merge differs from one call: %g", e / rr);
+    /* a range that covers nothing for some query still merges (query 0 sees tokens <= 647) */
+    CHECK(kvq_attention_partial(a, q, &ap, 648, T, 0, H, st[2]) == KVQ_OK, "partial beyond query 0");
+    CHECK(kvq_attention_partial(a, q, &ap, 0, 648, 0, H, st[0]) == KVQ_OK, "partial up to");
+    CHECK(kvq_attention_merge(a, &ap, (const float *const *)st + 2, 1, o3) == KVQ_ERR_INVALID,
+          "merging states in which some query saw no token is refused");
+    {
+        const float *two[2];
+        two[0] = st[0];
+        two[1] = st[2];
+        CHECK(kvq_attention_merge(a, &ap, two, 2, o3) == KVQ_OK, "merge two");
+        e = rr = 0;
+        for (i = 0; i < sizeof o1 / 4; i++) {
+            e += (o3[i] - o1[i]) * (o3[i] - o1[i]);
+            rr += o1[i] * o1[i];
+        }
+        CHECK(e / rr < 1e-10, "split at the causal edge differs: %g", e / rr);
+    }
+    for (i = 0; i < 3; i++) free(st[i]);
+    /* reset gives an empty cache that fills the same way again */
+    kvq_cache_reset(b);
+    CHECK(kvq_cache_tokens(b) == 0 && kvq_cache_payload_bytes(b) == 0, "reset");
+    kvq_cache_append(b, K, V, T);
+    kvq_attention(b, q, o2, &ap);
+    CHECK(memcmp(o1, o2, sizeof o1) == 0, "refilled cache attends differently");
+    kvq_cache_destroy(a);
+    kvq_cache_destroy(b);
+    free(K);
+    free(V);
+}
+
+/* ---- accounting ---------------------------------------------------------- */
+
+static void test_accounting(void) {
+    kvq_config cfg = kvq_default_config(128, 8, 4096);
+    kvq_cache *c = NULL;
+    float *k = (float *)tu_alloc(8 * 128 * 4), *v = (float *)tu_alloc(8 * 128 * 4);
+    int t;
+    CHECK(fabs(kvq_config_bits_per_element(&cfg) - 3.0) < 1e-12, "2-bit G32 is 3.0 bits: %g",
+          kvq_config_bits_per_element(&cfg));
+    cfg.group_size = 64;
+    CHECK(fabs(kvq_config_bits_per_element(&cfg) - 2.5) < 1e-12, "2-bit G64 is 2.5 bits");
+    cfg.group_size = 32;
+    cfg.key_bits = cfg.value_bits = 16;
+    CHECK(kvq_config_bits_per_element(&cfg) == 16.0, "fp16 is 16 bits");
+    cfg.key_bits = cfg.value_bits = 2;
+    cfg.sink_tokens = 4;
+    kvq_cache_create(&c, &cfg);
+    for (t = 0; t < 1000; t++) kvq_cache_append(c, k, v, 1);
+    /* 4 sinks; 996 after: keys 28 blocks (896) + 100 in the ring (a block leaves once more
+       than 128 wait); values 868 quantized + 128 in the ring */
+    {
+        size_t expect = 8 * (4 * 256 * 2 + 28 * (size_t)(4 * 128 + 128 * 8) + 100 * 256 +
+                             868 * (size_t)(4 * 4 + 32) + 128 * 256);
+        CHECK(kvq_cache_payload_bytes(c) == expect, "payload %zu, expected %zu", kvq_cache_payload_bytes(c),
+              expect);
+    }
+    kvq_cache_destroy(c);
+    free(k);
+    free(v);
+}
+
+/* ---- bad input: a status, and nothing changed ---------------------------- */
+
+typedef struct snapshot { unsigned char *mem; size_t n; } snapshot;
+
+static void test_errors(void) {
+    kvq_config cfg = kvq_default_config(16, 2, 40), bad;
+    size_t bytes = kvq_cache_bytes(&cfg);
+    unsigned char *mem = (unsigned char *)tu_alloc(bytes), *copy = (unsigned char *)tu_alloc(bytes);
+    kvq_cache *c = NULL, *tmp = NULL;
+    float k[40 * 32], v[40 * 32], q[4 * 16 * 2], out[4 * 16 * 2], st[4 * 18 * 2];
+    const float *sts[1];
+    kvq_attn_params ap = {4, 1, 0.0f};
+    tu_rng r = {5};
+    int i;
+    for (i = 0; i < 40 * 32; i++) { k[i] = tu_normal(&r); v[i] = tu_normal(&r); }
+    for (i = 0; i < 4 * 16 * 2; i++) q[i] = tu_normal(&r);
+    cfg.residual_tokens = 0;
+    cfg.group_size = 16;
+    bytes = kvq_cache_bytes(&cfg);
+
+    /* configs */
+#define BAD_CFG(field, value, expect)                                                          \
+    do {                                                                                       \
+        bad = cfg;                                                                             \
+        bad.field = value;                                                                     \
+        CHECK(kvq_config_check(&bad) == (expect), #field " = " #value);                        \
+        CHECK(kvq_cache_bytes(&bad) == 0, #field " = " #value ": bytes must be 0");            \
+        tmp = NULL;                                                                            \
+        CHECK(kvq_cache_create(&tmp, &bad) == (expect) && tmp == NULL, #field " = " #value);   \
+    } while (0)
+    BAD_CFG(head_dim, 0, KVQ_ERR_INVALID);
+    BAD_CFG(head_dim, 12, KVQ_ERR_INVALID);
+    BAD_CFG(head_dim, 520, KVQ_ERR_INVALID);
+    BAD_CFG(n_kv_heads, 0, KVQ_ERR_INVALID);
+    BAD_CFG(n_kv_heads, -3, KVQ_ERR_INVALID);
+    BAD_CFG(max_tokens, 0, KVQ_ERR_INVALID);
+    BAD_CFG(key_bits, 5, KVQ_ERR_UNSUPPORTED);
+    BAD_CFG(value_bits, 1, KVQ_ERR_UNSUPPORTED);
+    BAD_CFG(value_bits, 0, KVQ_ERR_INVALID);
+    BAD_CFG(key_bits, -2, KVQ_ERR_INVALID);
+    BAD_CFG(group_size, 24, KVQ_ERR_UNSUPPORTED);
+    BAD_CFG(group_size, 0, KVQ_ERR_INVALID);
+    BAD_CFG(residual_tokens, 8, KVQ_ERR_INVALID);
+    BAD_CFG(residual_tokens, -16, KVQ_ERR_INVALID);
+    BAD_CFG(sink_tokens, -1, KVQ_ERR_INVALID);
+    BAD_CFG(sink_tokens, 41, KVQ_ERR_INVALID);
+    BAD_CFG(rotation, 7, KVQ_ERR_INVALID);
+    BAD_CFG(rotation, KVQ_ROTATE_HADAMARD, KVQ_ERR_UNSUPPORTED);
+    BAD_CFG(salient_ratio, 0.1f, KVQ_ERR_UNSUPPORTED);
+    BAD_CFG(salient_ratio, -0.1f, KVQ_ERR_INVALID);
+    BAD_CFG(salient_ratio, NAN, KVQ_ERR_INVALID);
+    BAD_CFG(salient_bits, 4, KVQ_ERR_INVALID);
+    CHECK(kvq_config_check(NULL) == KVQ_ERR_INVALID && kvq_cache_bytes(NULL) == 0, "NULL config");
+    CHECK(kvq_cache_create(NULL, &cfg) == KVQ_ERR_INVALID, "NULL out");
+
+    /* init */
+    CHECK(kvq_cache_init(&c, &cfg, mem, bytes - 1) == KVQ_ERR_NOMEM, "buffer one byte short");
+    CHECK(kvq_cache_init(&c, &cfg, NULL, bytes) == KVQ_ERR_INVALID, "NULL memory");
+    CHECK(kvq_cache_init(NULL, &cfg, mem, bytes) == KVQ_ERR_INVALID, "NULL out");
+    CHECK(kvq_cache_init(&c, &cfg, mem + 3, bytes - 3) == KVQ_ERR_NOMEM, "misaligned, short");
+    CHECK(kvq_cache_init(&c, &cfg, mem, bytes) == KVQ_OK, "init");
+    CHECK(kvq_cache_append(c, k, v, 20) == KVQ_OK, "append 20");
+
+    /* every failing call leaves all of the cache's memory as it was */
+#define UNCHANGED(call, expect)                                                 \
+    do {                                                                        \
+        memcpy(copy, mem, bytes);                                               \
+        CHECK((call) == (expect), #call);                                       \
+        CHECK(memcmp(copy, mem, bytes) == 0, #call " changed the cache");       \
+    } while (0)
+    UNCHANGED(kvq_cache_append(c, k, v, 21), KVQ_ERR_FULL);
+    UNCHANGED(kvq_cache_append(c, k, v, -1), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_cache_append(c, NULL, v, 1), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_cache_append(c, k, NULL, 1), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_cache_append(NULL, k, v, 1), KVQ_ERR_INVALID);
+    k[5 * 32 + 7] = NAN;
+    UNCHANGED(kvq_cache_append(c, k, v, 10), KVQ_ERR_INVALID);
+    k[5 * 32 + 7] = INFINITY;
+    UNCHANGED(kvq_cache_append(c, k, v, 10), KVQ_ERR_INVALID);
+    k[5 * 32 + 7] = 70000.0f; /* beyond fp16 */
+    UNCHANGED(kvq_cache_append(c, k, v, 10), KVQ_ERR_INVALID);
+    k[5 * 32 + 7] = 0.5f;
+    v[9 * 32 + 31] = -INFINITY; /* the last element of the last token */
+    UNCHANGED(kvq_cache_append(c, k, v, 10), KVQ_ERR_INVALID);
+    v[9 * 32 + 31] = 0.25f;
+    UNCHANGED(kvq_cache_read(c, 0, 21, k, v), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_cache_read(c, -1, 2, k, v), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_cache_read(c, 0, 2, NULL, NULL), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_cache_read(NULL, 0, 2, k, v), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_attention(c, q, out, NULL), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_attention(c, NULL, out, &ap), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_attention(c, q, NULL, &ap), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_attention(NULL, q, out, &ap), KVQ_ERR_INVALID);
+    ap.n_q_heads = 3;
+    UNCHANGED(kvq_attention(c, q, out, &ap), KVQ_ERR_INVALID);
+    ap.n_q_heads = 0;
+    UNCHANGED(kvq_attention(c, q, out, &ap), KVQ_ERR_INVALID);
+    ap.n_q_heads = 4;
+    ap.n_queries = 21;
+    UNCHANGED(kvq_attention(c, q, out, &ap), KVQ_ERR_INVALID);
+    ap.n_queries = 0;
+    UNCHANGED(kvq_attention(c, q, out, &ap), KVQ_ERR_INVALID);
+    ap.n_queries = 1;
+    ap.scale = NAN;
+    UNCHANGED(kvq_attention(c, q, out, &ap), KVQ_ERR_INVALID);
+    ap.scale = 0.0f;
+    q[3] = NAN;
+    UNCHANGED(kvq_attention(c, q, out, &ap), KVQ_ERR_INVALID);
+    q[3] = 1.0f;
+    UNCHANGED(kvq_attention_partial(c, q, &ap, 0, 21, 0, 2, st), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_attention_partial(c, q, &ap, 5, 4, 0, 2, st), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_attention_partial(c, q, &ap, 0, 20, 1, 1, st), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_attention_partial(c, q, &ap, 0, 20, 0, 3, st), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_attention_partial(c, q, &ap, 0, 20, 0, 2, NULL), KVQ_ERR_INVALID);
+    sts[0] = NULL;
+    UNCHANGED(kvq_attention_merge(c, &ap, sts, 1, out), KVQ_ERR_INVALID);
+    sts[0] = st;
+    UNCHANGED(kvq_attention_merge(c, &ap, sts, 0, out), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_attention_merge(c, &ap, NULL, 1, out), KVQ_ERR_INVALID);
+    CHECK(kvq_cache_tokens(c) == 20, "still 20 tokens");
+    /* the cache still works, up to exactly max_tokens */
+    CHECK(kvq_cache_append(c, k, v, 20) == KVQ_OK, "fill to capacity");
+    UNCHANGED(kvq_cache_append(c, k, v, 1), KVQ_ERR_FULL);
+    CHECK(kvq_cache_append(c, k, v, 0) == KVQ_OK, "appending nothing is fine");
+    CHECK(kvq_attention(c, q, out, &ap) == KVQ_OK, "attention after errors");
+    kvq_cache_destroy(c); /* no-op: caller's memory */
+    kvq_cache_destroy(NULL);
+    kvq_cache_reset(NULL);
+    CHECK(kvq_cache_tokens(NULL) == 0 && kvq_cache_payload_bytes(NULL) == 0, "NULL queries");
+    CHECK(strcmp(kvq_status_string(KVQ_ERR_FULL), "cache full") == 0, "status string");
+    CHECK(kvq_version_number() == KVQ_VERSION_NUMBER, "version");
+    free(mem);
+    free(copy);
+}
+
+/* A long context: rounding in the online softmax does not drift. */
+static void test_long_context(void) {
+    kvq_config cfg = kvq_default_config(64, 1, 1 << 16);
+    accuracy a;
+    cfg.key_bits = cfg.value_bits = 16;
+    a = check_config(&cfg, 1 << 16, TU_STRUCTURED, 4, 1, 3, 1);
+    CHECK(a.fused_err < 1e-10, "64K tokens fp16: fused err %g", a.fused_err);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--report") == 0) {
+        report();
+        return tu_finish("test_core --report");
+    }
+    test_fp16();
+    test_golden();
+    test_accounting();
+    test_errors();
+    test_incremental_and_split();
+    test_accuracy_grid();
+    test_shapes();
+    test_long_context();
+    return tu_finish("test_core");
+}
