@@ -4,7 +4,7 @@
 set -u
 passed=0; failed=0; status=0
 for prog in "$@"; do
-    out=$("$prog" 2>&1); rc=$?
+    out=$($prog 2>&1); rc=$?  # unquoted: a program may come with its runner (qemu)
     printf '%s\n' "$out"
     line=$(printf '%s\n' "$out" | grep -E '[0-9]+ passed, [0-9]+ failed' | tail -n 1)
     if [ -z "$line" ]; then echo "$prog: no result line (exit $rc)"; failed=$((failed + 1)); status=1; continue; fi
