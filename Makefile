@@ -9,7 +9,7 @@ SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fno-sanitize-recover=all
 AARCH64_CC ?= aarch64-linux-gnu-gcc
 QEMU    ?= qemu-aarch64-static
 
-TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_examples $(B)/compile_gcc_c $(B)/compile_gcc_cxx \
+TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_serialize $(B)/test_examples $(B)/compile_gcc_c $(B)/compile_gcc_cxx \
            $(B)/compile_clang_c $(B)/compile_clang_cxx
 HDR      = kvq.h tests/test_util.h
 
@@ -24,6 +24,8 @@ $(B)/test_core: tests/test_core.c tests/golden_k2.inc tests/golden_v3.inc $(HDR)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_core.c $(LDLIBS)
 $(B)/test_simd: tests/test_simd.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_simd.c $(LDLIBS)
+$(B)/test_serialize: tests/test_serialize.c $(HDR) | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_serialize.c $(LDLIBS)
 $(B)/test_examples: tests/test_examples.c examples/*.h $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_examples.c $(LDLIBS)
 
@@ -46,13 +48,17 @@ $(B)/asan_core: tests/test_core.c $(HDR) | $(B)
 	$(CC) $(WARN) $(SAN_FLAGS) -fsanitize=address -o $@ tests/test_core.c $(LDLIBS)
 $(B)/asan_examples: tests/test_examples.c examples/*.h $(HDR) | $(B)
 	$(CC) $(WARN) $(SAN_FLAGS) -fsanitize=address -o $@ tests/test_examples.c $(LDLIBS)
+$(B)/asan_serialize: tests/test_serialize.c $(HDR) | $(B)
+	$(CC) $(WARN) $(SAN_FLAGS) -fsanitize=address -o $@ tests/test_serialize.c $(LDLIBS)
+$(B)/ubsan_serialize: tests/test_serialize.c $(HDR) | $(B)
+	$(CLANG) $(WARN) $(SAN_FLAGS) -fsanitize=undefined,float-cast-overflow -o $@ tests/test_serialize.c $(LDLIBS)
 $(B)/ubsan_core: tests/test_core.c $(HDR) | $(B)
 	$(CLANG) $(WARN) $(SAN_FLAGS) -fsanitize=undefined,float-cast-overflow -o $@ tests/test_core.c $(LDLIBS)
 $(B)/ubsan_examples: tests/test_examples.c examples/*.h $(HDR) | $(B)
 	$(CLANG) $(WARN) $(SAN_FLAGS) -fsanitize=undefined,float-cast-overflow -o $@ tests/test_examples.c $(LDLIBS)
-asan: $(B)/asan_core $(B)/asan_examples
+asan: $(B)/asan_core $(B)/asan_serialize $(B)/asan_examples
 	tests/run_all.sh $^
-ubsan: $(B)/ubsan_core $(B)/ubsan_examples
+ubsan: $(B)/ubsan_core $(B)/ubsan_serialize $(B)/ubsan_examples
 	tests/run_all.sh $^
 
 # ---- NEON: cross-compiled, run under qemu -----------------------------------
@@ -60,8 +66,12 @@ $(B)/neon_core: tests/test_core.c $(HDR) | $(B)
 	$(AARCH64_CC) $(WARN) -O2 -static -o $@ tests/test_core.c -lm
 $(B)/neon_simd: tests/test_simd.c $(HDR) | $(B)
 	$(AARCH64_CC) $(WARN) -O2 -static -o $@ tests/test_simd.c -lm
-neon: $(B)/neon_core $(B)/neon_simd
-	tests/run_all.sh "$(QEMU) $(B)/neon_core" "$(QEMU) $(B)/neon_simd"
+$(B)/neon_serialize: tests/test_serialize.c $(HDR) | $(B)
+	$(AARCH64_CC) $(WARN) -O2 -static -o $@ tests/test_serialize.c -lm
+# the aarch64 run also loads a cache image saved by the native build
+neon: $(B)/neon_core $(B)/neon_simd $(B)/neon_serialize $(B)/test_serialize
+	mkdir -p $(B)/xplat && $(B)/test_serialize --write $(B)/xplat >/dev/null
+	tests/run_all.sh "$(QEMU) $(B)/neon_core" "$(QEMU) $(B)/neon_simd" "$(QEMU) $(B)/neon_serialize --check $(B)/xplat"
 
 # ---- examples, eval, bench ---------------------------------------------------
 $(B)/quickstart: examples/quickstart.c kvq.h | $(B)

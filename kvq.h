@@ -145,6 +145,19 @@ KVQ_API kvq_status kvq_attention_partial(kvq_cache *c, const float *q, const kvq
 KVQ_API kvq_status kvq_attention_merge(const kvq_cache *c, const kvq_attn_params *p,
                                        const float *const *states, int n_states, float *out);
 
+/* Serialization (prompt caching): a versioned little-endian image of the config, the
+   token count and the payload, with CRC32C checksums. A cache saved on one machine
+   loads on any other (x86, aarch64) and attends byte-identically.
+   kvq_serialized_config() reads and checks only the header, so the caller can size
+   memory with kvq_cache_bytes() before kvq_cache_deserialize() builds the cache there.
+   Bad bytes give KVQ_ERR_CORRUPT (or KVQ_ERR_UNSUPPORTED for a newer version) and
+   write nothing. */
+KVQ_API size_t     kvq_cache_serialized_bytes(const kvq_cache *c);
+KVQ_API kvq_status kvq_cache_serialize(const kvq_cache *c, void *buf, size_t buf_bytes, size_t *written);
+KVQ_API kvq_status kvq_serialized_config(const void *bytes, size_t n_bytes, kvq_config *cfg);
+KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, size_t n_bytes, void *mem,
+                                         size_t mem_bytes);
+
 #ifdef __cplusplus
 }
 #endif
@@ -978,6 +991,254 @@ KVQ_API kvq_status kvq_attention_merge(const kvq_cache *c, const kvq_attn_params
         if (!(l > 0.0f)) return KVQ_ERR_INVALID; /* no state saw any token: ranges did not cover */
         for (ch = 0; ch < D; ch++) o[ch] /= l;
     }
+    return KVQ_OK;
+}
+
+/* ---------------------------------------------------------------------------
+   Serialization. Image, all integers little-endian:
+     0   char[8]  "KVQCACHE"
+     8   u32      format version (1)
+     12  u32      header bytes (96)
+     16  i32[12]  config: head_dim, n_kv_heads, max_tokens, key_bits, value_bits,
+                  group_size, residual_tokens, sink_tokens, rotation, seed,
+                  salient_ratio (f32 bits), salient_bits
+     64  i32      tokens stored
+     68  i32      quantized key blocks per head, 72 i32 quantized values per head
+     76  u32      reserved (0)
+     80  u64      payload bytes
+     88  u32      CRC32C of the payload
+     92  u32      CRC32C of bytes [0, 92)
+     96  payload: per KV head: sink K rows, sink V rows, key blocks, waiting keys
+         (oldest first), quantized values (params then codes per token), waiting
+         values; every fp16 as u16 little-endian.
+   The block counts are derived again from the token count and checked, so an
+   image can only describe a state that appending could have produced.
+   --------------------------------------------------------------------------- */
+
+#define KVQ__MAGIC "KVQCACHE"
+#define KVQ__FORMAT_VERSION 1u
+#define KVQ__HEADER_BYTES 96u
+
+/* CRC32C (Castagnoli, reflected polynomial 0x82F63B78), bitwise: no tables, no state. */
+static uint32_t kvq__crc32c(uint32_t crc, const uint8_t *p, size_t n) {
+    size_t i;
+    int b;
+    crc = ~crc;
+    for (i = 0; i < n; i++) {
+        crc ^= p[i];
+        for (b = 0; b < 8; b++) crc = (crc >> 1) ^ (0x82f63b78u & (0u - (crc & 1u)));
+    }
+    return ~crc;
+}
+
+static void kvq__put_u32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
+}
+static uint32_t kvq__get_u32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* The block counts that appending n tokens one by one leaves (see kvq__append_token). */
+static void kvq__counts_after(const kvq_config *cfg, int n, int *nkb, int *nvq) {
+    int after = n > cfg->sink_tokens ? n - cfg->sink_tokens : 0, G = cfg->group_size, R = cfg->residual_tokens;
+    int k = 0;
+    if (after > R && after >= G) k = (after - (R > G - 1 ? R : G - 1) + G - 1) / G;
+    *nkb = k;
+    *nvq = after > R ? after - R : 0;
+}
+
+/* One pass over the payload in image order. Writing: copies cache -> image. Reading: image -> cache.
+   u16 arrays go through explicit little-endian conversion; code bytes are copied as they are. */
+typedef struct kvq__stream { uint8_t *img; size_t at; int to_image; } kvq__stream;
+
+static void kvq__xfer_u16(kvq__stream *s, uint16_t *a, size_t n) {
+    size_t i;
+    uint8_t *p = s->img + s->at;
+    if (s->to_image)
+        for (i = 0; i < n; i++) { p[2 * i] = (uint8_t)a[i]; p[2 * i + 1] = (uint8_t)(a[i] >> 8); }
+    else
+        for (i = 0; i < n; i++) a[i] = (uint16_t)(p[2 * i] | p[2 * i + 1] << 8);
+    s->at += 2 * n;
+}
+static void kvq__xfer_bytes(kvq__stream *s, uint8_t *a, size_t n) {
+    if (s->to_image) memcpy(s->img + s->at, a, n);
+    else memcpy(a, s->img + s->at, n);
+    s->at += n;
+}
+
+/* Streams the payload of cache c; with img == NULL it only counts the bytes. */
+static size_t kvq__xfer_payload(const kvq_cache *c, uint8_t *img, int to_image) {
+    const int D = c->cfg.head_dim, G = c->cfg.group_size, S = c->cfg.sink_tokens;
+    const int sinks = c->n_tokens < S ? c->n_tokens : S, after = kvq__after_sinks(c);
+    const int kbits = c->cfg.key_bits, D2 = 2 * D;
+    const size_t kparams = kbits == 16 ? (size_t)G * D : 2 * (size_t)D; /* u16 at the start of a key block */
+    const size_t kcodes = c->kblock_bytes - 2 * kparams;
+    kvq__stream s;
+    int h, i;
+    s.img = img;
+    s.at = 0;
+    s.to_image = to_image;
+    if (!img) {
+        size_t per_head = (size_t)sinks * 2 * D2 + (size_t)c->n_kblocks * c->kblock_bytes +
+                          (size_t)(after - c->n_kblocks * G) * D2 +
+                          (size_t)c->n_vquant * (c->vparam_bytes + c->vcode_bytes) +
+                          (size_t)(after - c->n_vquant) * D2;
+        return per_head * (size_t)c->cfg.n_kv_heads;
+    }
+    for (h = 0; h < c->cfg.n_kv_heads; h++) {
+        if (sinks) {
+            kvq__xfer_u16(&s, kvq__sink_row(c, c->sink_k, h, 0), (size_t)sinks * D);
+            kvq__xfer_u16(&s, kvq__sink_row(c, c->sink_v, h, 0), (size_t)sinks * D);
+        }
+        for (i = 0; i < c->n_kblocks; i++) {
+            uint8_t *blk = kvq__key_block(c, h, i);
+            kvq__xfer_u16(&s, (uint16_t *)(void *)blk, kparams);
+            kvq__xfer_bytes(&s, blk + 2 * kparams, kcodes);
+        }
+        for (i = c->n_kblocks * G; i < after; i++) kvq__xfer_u16(&s, kvq__ring_k_row(c, h, i), (size_t)D);
+        for (i = 0; i < c->n_vquant; i++) {
+            kvq__xfer_u16(&s, kvq__value_params(c, h, i), c->vparam_bytes / 2);
+            if (c->cfg.value_bits == 16) kvq__xfer_u16(&s, (uint16_t *)(void *)kvq__value_codes(c, h, i), (size_t)D);
+            else kvq__xfer_bytes(&s, kvq__value_codes(c, h, i), c->vcode_bytes);
+        }
+        for (i = c->n_vquant; i < after; i++) kvq__xfer_u16(&s, kvq__ring_v_row(c, h, i), (size_t)D);
+    }
+    return s.at;
+}
+
+KVQ_API size_t kvq_cache_serialized_bytes(const kvq_cache *c) {
+    return c ? KVQ__HEADER_BYTES + kvq__xfer_payload(c, NULL, 1) : 0;
+}
+
+static void kvq__put_config(uint8_t *p, const kvq_config *cfg) {
+    uint32_t ratio;
+    memcpy(&ratio, &cfg->salient_ratio, 4);
+    kvq__put_u32(p + 0, (uint32_t)cfg->head_dim);
+    kvq__put_u32(p + 4, (uint32_t)cfg->n_kv_heads);
+    kvq__put_u32(p + 8, (uint32_t)cfg->max_tokens);
+    kvq__put_u32(p + 12, (uint32_t)cfg->key_bits);
+    kvq__put_u32(p + 16, (uint32_t)cfg->value_bits);
+    kvq__put_u32(p + 20, (uint32_t)cfg->group_size);
+    kvq__put_u32(p + 24, (uint32_t)cfg->residual_tokens);
+    kvq__put_u32(p + 28, (uint32_t)cfg->sink_tokens);
+    kvq__put_u32(p + 32, (uint32_t)cfg->rotation);
+    kvq__put_u32(p + 36, cfg->seed);
+    kvq__put_u32(p + 40, ratio);
+    kvq__put_u32(p + 44, (uint32_t)cfg->salient_bits);
+}
+
+static int kvq__i32(const uint8_t *p) {
+    uint32_t u = kvq__get_u32(p);
+    return u <= (uint32_t)INT_MAX ? (int)u : -1 - (int)(~u & 0x7fffffffu); /* two's complement, portably */
+}
+
+static kvq_config kvq__get_config(const uint8_t *p) {
+    kvq_config cfg;
+    uint32_t ratio = kvq__get_u32(p + 40);
+    memset(&cfg, 0, sizeof cfg);
+    cfg.head_dim = kvq__i32(p + 0);
+    cfg.n_kv_heads = kvq__i32(p + 4);
+    cfg.max_tokens = kvq__i32(p + 8);
+    cfg.key_bits = kvq__i32(p + 12);
+    cfg.value_bits = kvq__i32(p + 16);
+    cfg.group_size = kvq__i32(p + 20);
+    cfg.residual_tokens = kvq__i32(p + 24);
+    cfg.sink_tokens = kvq__i32(p + 28);
+    cfg.rotation = kvq__i32(p + 32);
+    cfg.seed = kvq__get_u32(p + 36);
+    memcpy(&cfg.salient_ratio, &ratio, 4);
+    cfg.salient_bits = kvq__i32(p + 44);
+    return cfg;
+}
+
+KVQ_API kvq_status kvq_cache_serialize(const kvq_cache *c, void *buf, size_t buf_bytes, size_t *written) {
+    uint8_t *p = (uint8_t *)buf;
+    size_t need, payload;
+    if (!c || !buf) return KVQ_ERR_INVALID;
+    need = kvq_cache_serialized_bytes(c);
+    if (buf_bytes < need) return KVQ_ERR_NOMEM;
+    payload = need - KVQ__HEADER_BYTES;
+    memset(p, 0, KVQ__HEADER_BYTES);
+    memcpy(p, KVQ__MAGIC, 8);
+    kvq__put_u32(p + 8, KVQ__FORMAT_VERSION);
+    kvq__put_u32(p + 12, KVQ__HEADER_BYTES);
+    kvq__put_config(p + 16, &c->cfg);
+    kvq__put_u32(p + 64, (uint32_t)c->n_tokens);
+    kvq__put_u32(p + 68, (uint32_t)c->n_kblocks);
+    kvq__put_u32(p + 72, (uint32_t)c->n_vquant);
+    kvq__put_u32(p + 80, (uint32_t)payload);
+    kvq__put_u32(p + 84, (uint32_t)((uint64_t)payload >> 32));
+    kvq__xfer_payload(c, p + KVQ__HEADER_BYTES, 1);
+    kvq__put_u32(p + 88, kvq__crc32c(0, p + KVQ__HEADER_BYTES, payload));
+    kvq__put_u32(p + 92, kvq__crc32c(0, p, 92));
+    if (written) *written = need;
+    return KVQ_OK;
+}
+
+/* Checks everything the header says; on success *cfg and *tokens describe the image. */
+static kvq_status kvq__check_header(const uint8_t *p, size_t n, kvq_config *cfg, int *tokens) {
+    int nkb, nvq;
+    uint64_t payload;
+    kvq_status st;
+    if (n < KVQ__HEADER_BYTES || memcmp(p, KVQ__MAGIC, 8) != 0) return KVQ_ERR_CORRUPT;
+    if (kvq__crc32c(0, p, 92) != kvq__get_u32(p + 92)) return KVQ_ERR_CORRUPT;
+    if (kvq__get_u32(p + 8) > KVQ__FORMAT_VERSION) return KVQ_ERR_UNSUPPORTED; /* from a newer kvq */
+    if (kvq__get_u32(p + 8) != KVQ__FORMAT_VERSION || kvq__get_u32(p + 12) != KVQ__HEADER_BYTES)
+        return KVQ_ERR_CORRUPT;
+    *cfg = kvq__get_config(p + 16);
+    st = kvq_config_check(cfg);
+    if (st == KVQ_ERR_INVALID) return KVQ_ERR_CORRUPT;
+    if (st != KVQ_OK) return st;
+    *tokens = kvq__i32(p + 64);
+    if (*tokens < 0 || *tokens > cfg->max_tokens || kvq__get_u32(p + 76) != 0) return KVQ_ERR_CORRUPT;
+    kvq__counts_after(cfg, *tokens, &nkb, &nvq);
+    if (kvq__i32(p + 68) != nkb || kvq__i32(p + 72) != nvq) return KVQ_ERR_CORRUPT;
+    payload = (uint64_t)kvq__get_u32(p + 80) | (uint64_t)kvq__get_u32(p + 84) << 32;
+    if (payload > (uint64_t)(n - KVQ__HEADER_BYTES)) return KVQ_ERR_CORRUPT;
+    return KVQ_OK;
+}
+
+KVQ_API kvq_status kvq_serialized_config(const void *bytes, size_t n_bytes, kvq_config *cfg) {
+    int tokens;
+    kvq_config tmp;
+    kvq_status st;
+    if (!bytes || !cfg) return KVQ_ERR_INVALID;
+    if ((st = kvq__check_header((const uint8_t *)bytes, n_bytes, &tmp, &tokens)) != KVQ_OK) return st;
+    *cfg = tmp;
+    return KVQ_OK;
+}
+
+KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, size_t n_bytes, void *mem,
+                                         size_t mem_bytes) {
+    const uint8_t *p = (const uint8_t *)bytes;
+    kvq_config cfg;
+    kvq_cache probe, *c;
+    kvq_status st;
+    size_t payload;
+    int tokens;
+    if (!out || !bytes || !mem) return KVQ_ERR_INVALID;
+    if ((st = kvq__check_header(p, n_bytes, &cfg, &tokens)) != KVQ_OK) return st;
+    if (mem_bytes < kvq_cache_bytes(&cfg)) return KVQ_ERR_NOMEM;
+    /* the payload size implied by the header must match the one stated, then the checksum */
+    memset(&probe, 0, sizeof probe);
+    probe.cfg = cfg;
+    probe.n_tokens = tokens;
+    kvq__counts_after(&cfg, tokens, &probe.n_kblocks, &probe.n_vquant);
+    probe.kblock_bytes = kvq__key_block_bytes(&cfg);
+    probe.vparam_bytes = kvq__value_param_bytes(&cfg);
+    probe.vcode_bytes = kvq__value_code_bytes(&cfg);
+    payload = kvq__xfer_payload(&probe, NULL, 0);
+    if ((uint64_t)payload != ((uint64_t)kvq__get_u32(p + 80) | (uint64_t)kvq__get_u32(p + 84) << 32))
+        return KVQ_ERR_CORRUPT;
+    if (n_bytes - KVQ__HEADER_BYTES < payload) return KVQ_ERR_CORRUPT;
+    if (kvq__crc32c(0, p + KVQ__HEADER_BYTES, payload) != kvq__get_u32(p + 88)) return KVQ_ERR_CORRUPT;
+    /* only now is the caller's memory written */
+    if ((st = kvq_cache_init(&c, &cfg, mem, mem_bytes)) != KVQ_OK) return st;
+    c->n_tokens = tokens;
+    c->n_kblocks = probe.n_kblocks;
+    c->n_vquant = probe.n_vquant;
+    kvq__xfer_payload(c, (uint8_t *)(uintptr_t)p + KVQ__HEADER_BYTES, 0); /* reads only */
+    *out = c;
     return KVQ_OK;
 }
 

@@ -9,6 +9,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__GNUC__) || defined(__clang__)
+#define TU_FN static __attribute__((unused)) /* each test uses some of these */
+#else
+#define TU_FN static
+#endif
+
 static int tu_passed, tu_failed;
 
 #define CHECK(cond, ...)                                                  \
@@ -23,27 +29,27 @@ static int tu_passed, tu_failed;
         }                                                                 \
     } while (0)
 
-static int tu_finish(const char *name) {
+TU_FN int tu_finish(const char *name) {
     printf("%s: %d passed, %d failed\n", name, tu_passed, tu_failed);
     return tu_failed ? 1 : 0;
 }
 
 /* xorshift64*: deterministic across platforms */
 typedef struct tu_rng { uint64_t s; } tu_rng;
-static uint64_t tu_next(tu_rng *r) {
+TU_FN uint64_t tu_next(tu_rng *r) {
     r->s ^= r->s >> 12;
     r->s ^= r->s << 25;
     r->s ^= r->s >> 27;
     return r->s * 2685821657736338717ull;
 }
-static float tu_uniform(tu_rng *r) { return (float)((tu_next(r) >> 40) * (1.0 / 16777216.0)); }
-static float tu_normal(tu_rng *r) {
+TU_FN float tu_uniform(tu_rng *r) { return (float)((tu_next(r) >> 40) * (1.0 / 16777216.0)); }
+TU_FN float tu_normal(tu_rng *r) {
     float u = tu_uniform(r), v = tu_uniform(r);
     if (u < 1e-7f) u = 1e-7f;
     return sqrtf(-2.0f * logf(u)) * cosf(6.2831853f * v);
 }
 
-static void *tu_alloc(size_t n) {
+TU_FN void *tu_alloc(size_t n) {
     void *p = calloc(n ? n : 1, 1);
     if (!p) { fprintf(stderr, "out of memory\n"); exit(2); }
     return p;
@@ -51,7 +57,7 @@ static void *tu_alloc(size_t n) {
 
 /* Exact attention in double. K, V: [T][H][D]; q, out: [nq][nqh][D]; query i sees
    tokens <= T - nq + i. */
-static void tu_ref_attention(const float *K, const float *V, int T, int H, int D, const float *q, int nq,
+TU_FN void tu_ref_attention(const float *K, const float *V, int T, int H, int D, const float *q, int nq,
                              int nqh, float scale, double *out) {
     int i, qh, t, c, group = nqh / H;
     double *s = (double *)tu_alloc(sizeof(double) * (size_t)T);
@@ -78,7 +84,7 @@ static void tu_ref_attention(const float *K, const float *V, int T, int H, int D
 }
 
 /* Squared relative error ||a - b||^2 / ||b||^2 over n elements. */
-static double tu_rel_err(const float *a, const double *b, size_t n) {
+TU_FN double tu_rel_err(const float *a, const double *b, size_t n) {
     double e = 0.0, r = 0.0;
     size_t i;
     for (i = 0; i < n; i++) {
@@ -95,7 +101,7 @@ static double tu_rel_err(const float *a, const double *b, size_t n) {
    the queries so attention is peaked. */
 enum { TU_RANDOM = 0, TU_STRUCTURED = 1 };
 
-static void tu_fill_kv(tu_rng *r, int kind, int T, int H, int D, float *K, float *V) {
+TU_FN void tu_fill_kv(tu_rng *r, int kind, int T, int H, int D, float *K, float *V) {
     int t, h, c;
     for (t = 0; t < T; t++)
         for (h = 0; h < H; h++)
@@ -114,7 +120,7 @@ static void tu_fill_kv(tu_rng *r, int kind, int T, int H, int D, float *K, float
             }
 }
 
-static void tu_fill_q(tu_rng *r, int kind, size_t n, int D, float *q) {
+TU_FN void tu_fill_q(tu_rng *r, int kind, size_t n, int D, float *q) {
     size_t i;
     for (i = 0; i < n; i++) {
         q[i] = tu_normal(r);

@@ -1,0 +1,482 @@
+/* llama_model.h — a small Llama forward pass whose attention runs on a kvq cache.
+
+   The model is the llama2.c architecture: RMSNorm (eps 1e-5), interleaved-pair
+   RoPE (theta 10000), grouped-query attention, SwiGLU FFN, fp32 weights. Each
+   layer's attention goes either through one kvq cache (kvq_cache_append of the
+   token's post-RoPE K and V, then kvq_attention with n_queries = 1), or through
+   an exact fp32 path with its own float K/V arrays: the baseline every kvq
+   config is measured against.
+
+   Also here, shared by llama.c, kvq_eval.c and the tests:
+     - cache-config strings ("k2v2", "k4v2g64r0s4", "fp32"),
+     - windowed scoring of a token sequence (cross-entropy, KL vs fp32).
+
+   Include kvq.h and kvq_data.h before this header. stb-style: in exactly one
+   .c file define LLAMA_MODEL_IMPLEMENTATION first. C99. */
+#ifndef LLAMA_MODEL_H_INCLUDED
+#define LLAMA_MODEL_H_INCLUDED
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- cache-config strings ------------------------------------------------
+
+   spec  := "fp32" | "fp16" | item+      (case-insensitive)
+   item  := 'k' BITS | 'v' BITS          key / value bits: 2 3 4 8 16
+          | 'g' N                        group_size
+          | 'r' N                        residual_tokens (multiple of g)
+          | 's' N                        sink_tokens
+          | 'h'                          Hadamard rotation
+   Unnamed fields keep kvq_default_config(head_dim, n_kv_heads, max_tokens);
+   when g is given without r, the default residual is rounded up to a
+   multiple of g. "fp16" is k16v16; "fp32" selects the exact float path. */
+typedef struct llm_cache_spec {
+    char name[48];
+    int fp32;          /* 1: exact fp32 attention, cfg unused */
+    kvq_config cfg;
+} llm_cache_spec;
+
+int    llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tokens,
+                        llm_cache_spec *out, char *err, size_t err_size);
+/* Storage per K/V element of the quantized part, from the format alone
+   (no residual window, no sinks): b + 32/G for keys (fp16 scale and min per
+   channel per block of G tokens), b + 32*ceil(head_dim/G)/head_dim for values
+   (fp16 scale and min per group of G channels; one shorter group at the end). */
+double llm_bits_steady(const llm_cache_spec *s);
+
+/* ---- model run state ---------------------------------------------------- */
+
+typedef struct llm_run {
+    const kvqd_checkpoint *ck;
+    llm_cache_spec spec;
+    kvq_cache **caches;              /* [n_layers], kvq path */
+    float *key_cache, *value_cache;  /* [n_layers][seq_len][kv_dim], fp32 path */
+    float *x, *xb, *xb2, *hb, *hb2, *q, *k, *v, *att, *logits;
+    float *rope_cos, *rope_sin;      /* [seq_len][head_dim / 2] */
+    int pos;                         /* tokens in the current window */
+} llm_run;
+
+int  llm_run_init(llm_run *r, const kvqd_checkpoint *ck, const llm_cache_spec *spec,
+                  char *err, size_t err_size);
+void llm_run_free(llm_run *r);
+/* Starts a new window: position 0, every cache empty. */
+void llm_run_reset(llm_run *r);
+/* Runs `token` at position r->pos (then pos++); returns the logits [vocab],
+   or NULL when the window is full or kvq reports an error. */
+const float *llm_forward(llm_run *r, int token, char *err, size_t err_size);
+/* bits per element of the caches as they are now: 8 * payload / (2 * tokens * kv_dim * layers) */
+double llm_run_bits_actual(const llm_run *r);
+
+/* ---- scoring ------------------------------------------------------------ */
+
+typedef struct llm_score_result {
+    int n_pred;          /* predictions made: sum over windows of (window length - 1) */
+    double nll_sum;      /* nats */
+    double ce;           /* nats per token */
+    double ppl;          /* exp(ce) */
+    double kl;           /* mean KL(p_ref || p) in nats, when ref_logp was given; else 0 */
+    double bits_actual;  /* bits per element of the final window's caches */
+    double seconds;      /* CPU time of the scoring pass */
+} llm_score_result;
+
+int llm_count_predictions(int n_tokens, int seq_len);
+/* Scores tokens[0..n): windows of seq_len, each on fresh caches, token t at
+   position t % seq_len, each token predicting the next one of its window.
+   ref_logp (optional, [n_pred][vocab]): log-probs to measure KL against;
+   out_logp (optional, [n_pred][vocab]): receives this run's log-probs. */
+int llm_score(const kvqd_checkpoint *ck, const llm_cache_spec *spec, const int *tokens, int n_tokens,
+              const float *ref_logp, float *out_logp, llm_score_result *res, char *err, size_t err_size);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LLAMA_MODEL_H_INCLUDED */
+
+/* ========================================================================= */
+#ifdef LLAMA_MODEL_IMPLEMENTATION
+#ifndef LLAMA_MODEL_IMPLEMENTATION_DONE
+#define LLAMA_MODEL_IMPLEMENTATION_DONE
+
+#include <ctype.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((format(printf, 4, 5)))
+#endif
+static int llm__fail(char *err, size_t err_size, int code, const char *fmt, ...)
+{
+    if (err && err_size) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, err_size, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+/* ---- config strings ---- */
+
+int llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tokens,
+                     llm_cache_spec *out, char *err, size_t err_size)
+{
+    char low[64];
+    size_t n, i;
+    int seen[128];
+    kvq_config c;
+    if (!spec || !out) return llm__fail(err, err_size, -1, "NULL config");
+    n = strlen(spec);
+    if (n == 0 || n >= sizeof low) return llm__fail(err, err_size, -1, "config '%s': empty or too long", spec);
+    for (i = 0; i <= n; i++) low[i] = (char)tolower((unsigned char)spec[i]);
+    memset(out, 0, sizeof *out);
+    memcpy(out->name, low, n + 1 < sizeof out->name ? n + 1 : sizeof out->name - 1);
+    c = kvq_default_config(head_dim, n_kv_heads, max_tokens);
+    if (strcmp(low, "fp32") == 0) { out->fp32 = 1; out->cfg = c; return 0; }
+    if (strcmp(low, "fp16") == 0) { c.key_bits = c.value_bits = 16; out->cfg = c; return 0; }
+    memset(seen, 0, sizeof seen);
+    for (i = 0; i < n;) {
+        char key = low[i++];
+        long v = -1;
+        if (key != 'k' && key != 'v' && key != 'g' && key != 'r' && key != 's' && key != 'h')
+            return llm__fail(err, err_size, -1, "config '%s': unknown field '%c' (want k v g r s h)", spec, key);
+        if (seen[(unsigned char)key]++)
+            return llm__fail(err, err_size, -1, "config '%s': field '%c' given twice", spec, key);
+        if (i < n && isdigit((unsigned char)low[i])) {
+            v = 0;
+            while (i < n && isdigit((unsigned char)low[i])) {
+                v = v * 10 + (low[i++] - '0');
+                if (v > 1000000) return llm__fail(err, err_size, -1, "config '%s': number too large", spec);
+            }
+        }
+        if (key == 'h') {
+            if (v >= 0) return llm__fail(err, err_size, -1, "config '%s': 'h' takes no number", spec);
+            c.rotation = KVQ_ROTATE_HADAMARD;
+            continue;
+        }
+        if (v < 0) return llm__fail(err, err_size, -1, "config '%s': '%c' needs a number", spec, key);
+        switch (key) {
+        case 'k': c.key_bits = (int)v; break;
+        case 'v': c.value_bits = (int)v; break;
+        case 'g': c.group_size = (int)v; break;
+        case 'r': c.residual_tokens = (int)v; break;
+        case 's': c.sink_tokens = (int)v; break;
+        default: break;
+        }
+    }
+    if (seen['g'] && !seen['r'] && c.group_size > 0 && c.residual_tokens % c.group_size != 0)
+        c.residual_tokens += c.group_size - c.residual_tokens % c.group_size;
+    out->cfg = c;
+    if (kvq_cache_bytes(&c) == 0)
+        return llm__fail(err, err_size, -1, "config '%s': kvq rejects it (k%d v%d g%d r%d s%d, head_dim %d)", spec,
+                         c.key_bits, c.value_bits, c.group_size, c.residual_tokens, c.sink_tokens, head_dim);
+    return 0;
+}
+
+double llm_bits_steady(const llm_cache_spec *s)
+{
+    const kvq_config *c = &s->cfg;
+    int ng = c->group_size > 0 ? (c->head_dim + c->group_size - 1) / c->group_size : 0;
+    double kb, vb;
+    if (s->fp32) return 32.0;
+    if (c->group_size <= 0 || c->head_dim <= 0) return 0.0;
+    kb = c->key_bits >= 16 ? 16.0 : c->key_bits + 32.0 / c->group_size;
+    vb = c->value_bits >= 16 ? 16.0 : c->value_bits + 32.0 * ng / c->head_dim;
+    return 0.5 * (kb + vb);
+}
+
+/* ---- model ---- */
+
+void llm_run_free(llm_run *r)
+{
+    int l;
+    if (!r) return;
+    if (r->caches && r->ck)
+        for (l = 0; l < r->ck->cfg.n_layers; l++) kvq_cache_destroy(r->caches[l]);
+    free(r->caches);
+    free(r->key_cache); free(r->value_cache);
+    free(r->x); free(r->xb); free(r->xb2); free(r->hb); free(r->hb2);
+    free(r->q); free(r->k); free(r->v); free(r->att); free(r->logits);
+    free(r->rope_cos); free(r->rope_sin);
+    memset(r, 0, sizeof *r);
+}
+
+int llm_run_init(llm_run *r, const kvqd_checkpoint *ck, const llm_cache_spec *spec, char *err, size_t err_size)
+{
+    const kvqd_llama_config *p;
+    int l, pos, i, half;
+    if (!r || !ck || !ck->data || !spec) return llm__fail(err, err_size, -1, "NULL argument");
+    memset(r, 0, sizeof *r);
+    r->ck = ck;
+    r->spec = *spec;
+    p = &ck->cfg;
+    half = p->head_dim / 2;
+    r->x = (float *)calloc((size_t)p->dim, sizeof(float));
+    r->xb = (float *)calloc((size_t)p->dim, sizeof(float));
+    r->xb2 = (float *)calloc((size_t)p->dim, sizeof(float));
+    r->hb = (float *)calloc((size_t)p->hidden_dim, sizeof(float));
+    r->hb2 = (float *)calloc((size_t)p->hidden_dim, sizeof(float));
+    r->q = (float *)calloc((size_t)p->dim, sizeof(float));
+    r->k = (float *)calloc((size_t)p->kv_dim, sizeof(float));
+    r->v = (float *)calloc((size_t)p->kv_dim, sizeof(float));
+    r->att = (float *)calloc((size_t)p->seq_len, sizeof(float));
+    r->logits = (float *)calloc((size_t)p->vocab_size, sizeof(float));
+    r->rope_cos = (float *)malloc((size_t)p->seq_len * (size_t)half * sizeof(float));
+    r->rope_sin = (float *)malloc((size_t)p->seq_len * (size_t)half * sizeof(float));
+    if (!r->x || !r->xb || !r->xb2 || !r->hb || !r->hb2 || !r->q || !r->k || !r->v || !r->att ||
+        !r->logits || !r->rope_cos || !r->rope_sin) {
+        llm_run_free(r);
+        return llm__fail(err, err_size, -1, "out of memory");
+    }
+    /* channels (2i, 2i+1) of a head rotate by pos * theta^(-2i/head_dim) */
+    for (pos = 0; pos < p->seq_len; pos++)
+        for (i = 0; i < half; i++) {
+            double freq = pow(10000.0, -2.0 * i / p->head_dim);
+            double a = pos * freq;
+            r->rope_cos[(size_t)pos * half + i] = (float)cos(a);
+            r->rope_sin[(size_t)pos * half + i] = (float)sin(a);
+        }
+    if (spec->fp32) {
+        size_t n = (size_t)p->n_layers * (size_t)p->seq_len * (size_t)p->kv_dim;
+        r->key_cache = (float *)malloc(n * sizeof(float));
+        r->value_cache = (float *)malloc(n * sizeof(float));
+        if (!r->key_cache || !r->value_cache) { llm_run_free(r); return llm__fail(err, err_size, -1, "out of memory"); }
+    } else {
+        kvq_config c = spec->cfg;
+        c.head_dim = p->head_dim;
+        c.n_kv_heads = p->n_kv_heads;
+        c.max_tokens = p->seq_len;
+        r->spec.cfg = c;
+        r->caches = (kvq_cache **)calloc((size_t)p->n_layers, sizeof(kvq_cache *));
+        if (!r->caches) { llm_run_free(r); return llm__fail(err, err_size, -1, "out of memory"); }
+        for (l = 0; l < p->n_layers; l++) {
+            kvq_status st = kvq_cache_create(&r->caches[l], &c);
+            if (st != KVQ_OK) {
+                llm_run_free(r);
+                return llm__fail(err, err_size, -1, "kvq_cache_create(%s): %s", spec->name, kvq_status_string(st));
+            }
+        }
+    }
+    return 0;
+}
+
+void llm_run_reset(llm_run *r)
+{
+    int l;
+    r->pos = 0;
+    if (r->caches)
+        for (l = 0; l < r->ck->cfg.n_layers; l++) kvq_cache_reset(r->caches[l]);
+}
+
+static void llm__rmsnorm(float *o, const float *x, const float *w, int n)
+{
+    float ss = 0.0f;
+    int j;
+    for (j = 0; j < n; j++) ss += x[j] * x[j];
+    ss = 1.0f / sqrtf(ss / (float)n + 1e-5f);
+    for (j = 0; j < n; j++) o[j] = w[j] * (ss * x[j]);
+}
+
+/* out[d] = W[d][n] x[n]; eight partial sums break the add-latency chain */
+static void llm__matmul(float *out, const float *x, const float *W, int n, int d)
+{
+    int i, j;
+    for (i = 0; i < d; i++) {
+        const float *w = W + (size_t)i * (size_t)n;
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+        for (j = 0; j + 8 <= n; j += 8) {
+            s0 += w[j] * x[j];         s1 += w[j + 1] * x[j + 1];
+            s2 += w[j + 2] * x[j + 2]; s3 += w[j + 3] * x[j + 3];
+            s4 += w[j + 4] * x[j + 4]; s5 += w[j + 5] * x[j + 5];
+            s6 += w[j + 6] * x[j + 6]; s7 += w[j + 7] * x[j + 7];
+        }
+        for (; j < n; j++) s0 += w[j] * x[j];
+        out[i] = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));
+    }
+}
+
+static void llm__rope(float *x, int n_heads, int head_dim, const float *cs, const float *sn)
+{
+    int h, i;
+    for (h = 0; h < n_heads; h++) {
+        float *v = x + (size_t)h * head_dim;
+        for (i = 0; i < head_dim / 2; i++) {
+            float a = v[2 * i], b = v[2 * i + 1];
+            v[2 * i] = a * cs[i] - b * sn[i];
+            v[2 * i + 1] = a * sn[i] + b * cs[i];
+        }
+    }
+}
+
+/* exact attention for one layer at position pos over float K/V [seq_len][kv_dim] */
+static void llm__attention_fp32(llm_run *r, const float *kc, const float *vc, int pos)
+{
+    const kvqd_llama_config *p = &r->ck->cfg;
+    int hd = p->head_dim, grp = p->n_heads / p->n_kv_heads, h, t, i;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (h = 0; h < p->n_heads; h++) {
+        const float *q = r->q + (size_t)h * hd;
+        float *o = r->xb + (size_t)h * hd;
+        size_t koff = (size_t)(h / grp) * hd;
+        float mx = -INFINITY, sum = 0.0f;
+        for (t = 0; t <= pos; t++) {
+            const float *k = kc + (size_t)t * p->kv_dim + koff;
+            float s = 0.0f;
+            for (i = 0; i < hd; i++) s += q[i] * k[i];
+            s *= scale;
+            r->att[t] = s;
+            if (s > mx) mx = s;
+        }
+        for (t = 0; t <= pos; t++) { r->att[t] = expf(r->att[t] - mx); sum += r->att[t]; }
+        for (i = 0; i < hd; i++) o[i] = 0.0f;
+        for (t = 0; t <= pos; t++) {
+            const float *v = vc + (size_t)t * p->kv_dim + koff;
+            float a = r->att[t] / sum;
+            for (i = 0; i < hd; i++) o[i] += a * v[i];
+        }
+    }
+}
+
+const float *llm_forward(llm_run *r, int token, char *err, size_t err_size)
+{
+    const kvqd_checkpoint *ck = r->ck;
+    const kvqd_llama_config *p = &ck->cfg;
+    const kvqd_llama_weights *w = &ck->w;
+    int dim = p->dim, kvd = p->kv_dim, hid = p->hidden_dim, pos = r->pos, l, i;
+    size_t L_dd = (size_t)dim * dim, L_kd = (size_t)kvd * dim, L_hd = (size_t)hid * dim;
+    const float *cs, *sn;
+    if (token < 0 || token >= p->vocab_size) { llm__fail(err, err_size, -1, "token %d out of range", token); return NULL; }
+    if (pos >= p->seq_len) { llm__fail(err, err_size, -1, "window full (%d tokens)", pos); return NULL; }
+    cs = r->rope_cos + (size_t)pos * (p->head_dim / 2);
+    sn = r->rope_sin + (size_t)pos * (p->head_dim / 2);
+    memcpy(r->x, w->token_embedding + (size_t)token * dim, (size_t)dim * sizeof(float));
+    for (l = 0; l < p->n_layers; l++) {
+        llm__rmsnorm(r->xb, r->x, w->rms_att + (size_t)l * dim, dim);
+        llm__matmul(r->q, r->xb, w->wq + l * L_dd, dim, dim);
+        llm__matmul(r->k, r->xb, w->wk + l * L_kd, dim, kvd);
+        llm__matmul(r->v, r->xb, w->wv + l * L_kd, dim, kvd);
+        llm__rope(r->q, p->n_heads, p->head_dim, cs, sn);
+        llm__rope(r->k, p->n_kv_heads, p->head_dim, cs, sn);
+        if (r->spec.fp32) {
+            size_t off = ((size_t)l * p->seq_len) * kvd;
+            memcpy(r->key_cache + off + (size_t)pos * kvd, r->k, (size_t)kvd * sizeof(float));
+            memcpy(r->value_cache + off + (size_t)pos * kvd, r->v, (size_t)kvd * sizeof(float));
+            llm__attention_fp32(r, r->key_cache + off, r->value_cache + off, pos);
+        } else {
+            kvq_attn_params ap;
+            kvq_status st = kvq_cache_append(r->caches[l], r->k, r->v, 1);
+            if (st != KVQ_OK) { llm__fail(err, err_size, -1, "kvq_cache_append: %s", kvq_status_string(st)); return NULL; }
+            memset(&ap, 0, sizeof ap);
+            ap.n_q_heads = p->n_heads;
+            ap.n_queries = 1;
+            ap.scale = 0.0f;
+            st = kvq_attention(r->caches[l], r->q, r->xb, &ap);
+            if (st != KVQ_OK) { llm__fail(err, err_size, -1, "kvq_attention: %s", kvq_status_string(st)); return NULL; }
+        }
+        llm__matmul(r->xb2, r->xb, w->wo + l * L_dd, dim, dim);
+        for (i = 0; i < dim; i++) r->x[i] += r->xb2[i];
+        llm__rmsnorm(r->xb, r->x, w->rms_ffn + (size_t)l * dim, dim);
+        llm__matmul(r->hb, r->xb, w->w1 + l * L_hd, dim, hid);
+        llm__matmul(r->hb2, r->xb, w->w3 + l * L_hd, dim, hid);
+        for (i = 0; i < hid; i++) {
+            float a = r->hb[i];
+            r->hb[i] = a / (1.0f + expf(-a)) * r->hb2[i]; /* SwiGLU: silu(w1 x) * w3 x */
+        }
+        llm__matmul(r->xb, r->hb, w->w2 + l * L_hd, hid, dim);
+        for (i = 0; i < dim; i++) r->x[i] += r->xb[i];
+    }
+    llm__rmsnorm(r->x, r->x, w->rms_final, dim);
+    llm__matmul(r->logits, r->x, w->wcls, dim, p->vocab_size);
+    r->pos++;
+    return r->logits;
+}
+
+double llm_run_bits_actual(const llm_run *r)
+{
+    const kvqd_llama_config *p = &r->ck->cfg;
+    double bytes = 0.0, elems;
+    int l, tokens = 0;
+    if (r->spec.fp32) return 32.0;
+    for (l = 0; l < p->n_layers; l++) {
+        bytes += (double)kvq_cache_payload_bytes(r->caches[l]);
+        tokens += kvq_cache_tokens(r->caches[l]);
+    }
+    elems = 2.0 * tokens * p->kv_dim;
+    return elems > 0 ? 8.0 * bytes / elems : 0.0;
+}
+
+/* ---- scoring ---- */
+
+int llm_count_predictions(int n_tokens, int seq_len)
+{
+    int n = 0, w0;
+    for (w0 = 0; w0 < n_tokens; w0 += seq_len) {
+        int len = n_tokens - w0 < seq_len ? n_tokens - w0 : seq_len;
+        n += len - 1;
+    }
+    return n;
+}
+
+int llm_score(const kvqd_checkpoint *ck, const llm_cache_spec *spec, const int *tokens, int n_tokens,
+              const float *ref_logp, float *out_logp, llm_score_result *res, char *err, size_t err_size)
+{
+    llm_run run;
+    int V, S, w0, pred = 0, t, i;
+    double *lp;
+    clock_t c0 = clock();
+    if (!ck || !spec || !tokens || n_tokens < 1 || !res) return llm__fail(err, err_size, -1, "bad argument");
+    memset(res, 0, sizeof *res);
+    V = ck->cfg.vocab_size;
+    S = ck->cfg.seq_len;
+    for (t = 0; t < n_tokens; t++)
+        if (tokens[t] < 0 || tokens[t] >= V) return llm__fail(err, err_size, -1, "token %d at %d is out of range", tokens[t], t);
+    lp = (double *)malloc((size_t)V * sizeof(double));
+    if (!lp) return llm__fail(err, err_size, -1, "out of memory");
+    if (llm_run_init(&run, ck, spec, err, err_size) != 0) { free(lp); return -1; }
+    for (w0 = 0; w0 < n_tokens; w0 += S) {
+        int end = n_tokens - w0 < S ? n_tokens : w0 + S;
+        llm_run_reset(&run);
+        for (t = w0; t < end; t++) {
+            const float *logits = llm_forward(&run, tokens[t], err, err_size);
+            double mx, sum = 0.0, lse;
+            if (!logits) { llm_run_free(&run); free(lp); return -1; }
+            if (t + 1 >= end) continue; /* the window's last token has nothing to predict */
+            mx = logits[0];
+            for (i = 1; i < V; i++) if (logits[i] > mx) mx = logits[i];
+            for (i = 0; i < V; i++) sum += exp((double)logits[i] - mx);
+            lse = mx + log(sum);
+            for (i = 0; i < V; i++) lp[i] = (double)logits[i] - lse;
+            res->nll_sum -= lp[tokens[t + 1]];
+            if (ref_logp) {
+                const float *rl = ref_logp + (size_t)pred * V;
+                double kl = 0.0;
+                for (i = 0; i < V; i++) {
+                    double pr = exp((double)rl[i]);
+                    if (pr > 0.0) kl += pr * ((double)rl[i] - lp[i]);
+                }
+                res->kl += kl;
+            }
+            if (out_logp)
+                for (i = 0; i < V; i++) out_logp[(size_t)pred * V + i] = (float)lp[i];
+            pred++;
+        }
+    }
+    res->n_pred = pred;
+    res->ce = pred ? res->nll_sum / pred : 0.0;
+    res->ppl = exp(res->ce);
+    res->kl = pred && ref_logp ? res->kl / pred : 0.0;
+    res->bits_actual = llm_run_bits_actual(&run);
+    res->seconds = (double)(clock() - c0) / CLOCKS_PER_SEC;
+    llm_run_free(&run);
+    free(lp);
+    return 0;
+}
+
+#endif /* LLAMA_MODEL_IMPLEMENTATION_DONE */
+#endif /* LLAMA_MODEL_IMPLEMENTATION */
