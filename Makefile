@@ -9,11 +9,11 @@ SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fno-sanitize-recover=all
 AARCH64_CC ?= aarch64-linux-gnu-gcc
 QEMU    ?= qemu-aarch64-static
 
-TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_serialize $(B)/test_examples $(B)/compile_gcc_c $(B)/compile_gcc_cxx \
+TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_serialize $(B)/test_threads $(B)/test_examples $(B)/compile_gcc_c $(B)/compile_gcc_cxx \
            $(B)/compile_clang_c $(B)/compile_clang_cxx
 HDR      = kvq.h tests/test_util.h
 
-.PHONY: all test example eval bench asan ubsan neon clean
+.PHONY: all test example eval bench asan ubsan tsan neon fuzz lint check clean
 all: $(TESTS) $(B)/quickstart $(B)/llama $(B)/kvq_eval
 
 $(B):
@@ -26,6 +26,8 @@ $(B)/test_simd: tests/test_simd.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_simd.c $(LDLIBS)
 $(B)/test_serialize: tests/test_serialize.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_serialize.c $(LDLIBS)
+$(B)/test_threads: tests/test_threads.c $(HDR) | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_threads.c $(LDLIBS)
 $(B)/test_examples: tests/test_examples.c examples/*.h $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_examples.c $(LDLIBS)
 
@@ -60,6 +62,37 @@ asan: $(B)/asan_core $(B)/asan_serialize $(B)/asan_examples
 	tests/run_all.sh $^
 ubsan: $(B)/ubsan_core $(B)/ubsan_serialize $(B)/ubsan_examples
 	tests/run_all.sh $^
+
+# concurrent attention calls under ThreadSanitizer
+$(B)/tsan_threads: tests/test_threads.c $(HDR) | $(B)
+	$(CLANG) $(WARN) $(SAN_FLAGS) -fsanitize=thread -o $@ tests/test_threads.c $(LDLIBS)
+tsan: $(B)/tsan_threads
+	tests/run_all.sh $^
+
+# ---- fuzzing (libFuzzer): FUZZ_SECONDS per target, seeds in tests/fuzz ----------
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS = -std=c99 -g -O1 -DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION \
+             -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+$(B)/fuzz_%: tests/fuzz/fuzz_%.c kvq.h | $(B)
+	$(CLANG) $(FUZZ_FLAGS) -o $@ $< -lm
+fuzz: $(B)/fuzz_deserialize $(B)/fuzz_api
+	@for t in deserialize api; do \
+	  rm -rf $(B)/corpus_$$t && mkdir -p $(B)/corpus_$$t && cp tests/fuzz/seeds_$$t/* $(B)/corpus_$$t/ && \
+	  echo "fuzz_$$t: $(FUZZ_SECONDS) s" && \
+	  if $(B)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 -artifact_prefix=$(B)/ \
+	       $(B)/corpus_$$t > $(B)/fuzz_$$t.log 2>&1; then grep -E 'executed_units|new_units' $(B)/fuzz_$$t.log; \
+	  else tail -n 40 $(B)/fuzz_$$t.log; exit 1; fi; \
+	done
+
+# ---- static analysis: cppcheck and clang-tidy (.clang-tidy), gcc -fanalyzer ------
+lint:
+	cppcheck --enable=warning,performance,portability --std=c99 --error-exitcode=1 -q \
+	  --suppress=missingIncludeSystem tests/compile_b.c tests/test_core.c tests/test_serialize.c
+	clang-tidy --quiet --warnings-as-errors='*' tests/compile_b.c tests/test_serialize.c -- -std=c99 -I.
+	gcc -std=c99 -fanalyzer -Werror -c -o /dev/null tests/compile_b.c
+
+# ---- everything that fits in CI's time ------------------------------------------
+check: test asan ubsan tsan neon lint fuzz
 
 # ---- NEON: cross-compiled, run under qemu -----------------------------------
 $(B)/neon_core: tests/test_core.c $(HDR) | $(B)

@@ -66,6 +66,14 @@ static int same_cache(kvq_cache *a, kvq_cache *b) {
     return same;
 }
 
+static int same_config(const kvq_config *a, const kvq_config *b) {
+    return a->head_dim == b->head_dim && a->n_kv_heads == b->n_kv_heads && a->max_tokens == b->max_tokens &&
+           a->key_bits == b->key_bits && a->value_bits == b->value_bits && a->group_size == b->group_size &&
+           a->residual_tokens == b->residual_tokens && a->sink_tokens == b->sink_tokens &&
+           a->rotation == b->rotation && a->seed == b->seed && a->salient_ratio == b->salient_ratio &&
+           a->salient_bits == b->salient_bits;
+}
+
 static void test_round_trips(void) {
     static const int bits[][2] = {{2, 2}, {3, 4}, {8, 2}, {16, 16}, {4, 16}, {16, 3}};
     static const int tokens[] = {0, 1, 5, 37, 200, 333};
@@ -83,7 +91,8 @@ static void test_round_trips(void) {
         cfg.group_size = i % 3 ? 32 : 16;
         cfg.residual_tokens = i % 2 ? 0 : 2 * cfg.group_size;
         b = build_cache(&cfg, tokens[i], (unsigned)i);
-        CHECK(kvq_serialized_config(b.img, b.n, &got) == KVQ_OK && memcmp(&got, &cfg, sizeof cfg) == 0, "config");
+        memset(&got, 0, sizeof got);
+        CHECK(kvq_serialized_config(b.img, b.n, &got) == KVQ_OK && same_config(&got, &cfg), "config");
         need = kvq_cache_bytes(&got);
         mem = (uint8_t *)tu_alloc(need);
         CHECK(kvq_cache_deserialize(&c, b.img, b.n, mem, need - 1) == KVQ_ERR_NOMEM, "memory one byte short");
@@ -267,11 +276,36 @@ static int xplat(const char *dir, int write) {
     return 0;
 }
 
+/* Size arithmetic never wraps: helpers flag overflow, and the largest config either
+   fits (64-bit size_t) or gives 0 (32-bit). */
+static void test_sizes(void) {
+    int ok = 1;
+    kvq_config big = kvq_default_config(512, 4096, 1 << 30);
+    size_t n;
+    kvq__mul((size_t)-1 / 2, 3, &ok);
+    CHECK(!ok, "multiplication overflow not flagged");
+    ok = 1;
+    kvq__add((size_t)-1 - 5, 6, &ok);
+    CHECK(!ok, "addition overflow not flagged");
+    ok = 1;
+    kvq__align_up((size_t)-1 - 3, &ok);
+    CHECK(!ok, "alignment overflow not flagged");
+    big.key_bits = big.value_bits = 16;
+    n = kvq_cache_bytes(&big);
+    if (sizeof(size_t) >= 8)
+        CHECK(n >= (size_t)4096 * ((size_t)1 << 30) * 512 * 4, "largest config: %zu bytes", n);
+    else
+        CHECK(n == 0, "largest config must not fit a 32-bit size_t");
+    big.max_tokens = (1 << 30) + 1;
+    CHECK(kvq_cache_bytes(&big) == 0, "capacity past the limit");
+}
+
 int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "--write") == 0) {
         xplat(argv[2], 1);
         return tu_finish("test_serialize --write");
     }
+    test_sizes();
     test_round_trips();
     test_corruption();
     if (argc == 3 && strcmp(argv[1], "--check") == 0) xplat(argv[2], 0);
