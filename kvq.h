@@ -80,7 +80,18 @@ typedef enum kvq_status {
     KVQ_ERR_CORRUPT = -5      /* serialized bytes failed validation */
 } kvq_status;
 
-enum { KVQ_ROTATE_NONE = 0, KVQ_ROTATE_HADAMARD = 1 };
+/* rotation: NONE; HADAMARD (the cache rotates K, V and queries itself); or PREROTATED
+   (the caller folded kvq_hadamard() into W_q, W_k, W_v and W_o offline: K, V and queries
+   arrive rotated, the output leaves rotated, and the cache does no transform). */
+enum { KVQ_ROTATE_NONE = 0, KVQ_ROTATE_HADAMARD = 1, KVQ_ROTATE_PREROTATED = 2 };
+/* salient_policy: which tokens of a key block stay at salient_bits. ATTENTION: the ones
+   attention used most while they sat in the residual window (ZipCache's normalized
+   accumulated attention; needs kvq_attention calls). ERROR: the ones whose removal
+   shrinks the block's quantization ranges most (needs no queries: prefill). */
+enum { KVQ_SALIENT_ATTENTION = 0, KVQ_SALIENT_ERROR = 1 };
+/* key_axis: keys quantized per channel over blocks of G tokens (KIVI), or per token
+   over groups of G channels (like values; QuaRot pairs it with rotation). */
+enum { KVQ_KEYS_PER_CHANNEL = 0, KVQ_KEYS_PER_TOKEN = 1 };
 
 typedef struct kvq_config {
     int head_dim;        /* channels per head; any multiple of 8 from 8 to 512 */
@@ -95,6 +106,8 @@ typedef struct kvq_config {
     unsigned seed;       /* random signs of the rotation */
     float salient_ratio; /* fraction of tokens kept at salient_bits; 0 = off */
     int salient_bits;    /* 8 or 16 */
+    int salient_policy;  /* KVQ_SALIENT_ATTENTION (default) or KVQ_SALIENT_ERROR */
+    int key_axis;        /* KVQ_KEYS_PER_CHANNEL (default, KIVI) or KVQ_KEYS_PER_TOKEN */
 } kvq_config;
 
 typedef struct kvq_cache kvq_cache;
@@ -138,6 +151,11 @@ KVQ_API kvq_status kvq_attention(kvq_cache *c, const float *q, float *out, const
    kvq_attention_merge() combines n_states states that each hold every row (split the
    tokens across states; split the heads inside one state) and writes the normalized output.
    Calls on disjoint rows of one state may run concurrently. */
+/* The rotation M = H diag(signs(seed)) / sqrt(n) that KVQ_ROTATE_HADAMARD applies, and its
+   inverse M^T, in place on x[0..n); n a multiple of 8 from 8 to 512. */
+KVQ_API kvq_status kvq_hadamard(float *x, int n, unsigned seed);
+KVQ_API kvq_status kvq_hadamard_inverse(float *x, int n, unsigned seed);
+
 KVQ_API size_t     kvq_attention_state_floats(const kvq_cache *c, const kvq_attn_params *p);
 KVQ_API kvq_status kvq_attention_partial(kvq_cache *c, const float *q, const kvq_attn_params *p,
                                          int tok_first, int tok_end, int kv_first, int kv_end,
@@ -334,6 +352,148 @@ static kvq__qparams kvq__quantize_group(const float *x, int n, int stride, int b
 }
 
 /* ---------------------------------------------------------------------------
+   Rotate. A random orthogonal rotation spreads outlier channels over all the
+   others before quantization (QuaRot, RotateKV):  M = T * diag(s) / sqrt(n),
+   s = random signs from the seed, T = a Hadamard matrix (T T^T = n I).
+   Keys and queries both rotate (q.k is unchanged); values rotate and the
+   attention output rotates back (M^-1 = M^T).
+   n = 2^a * m with m in {1, 12, 20, 28}: T = H_{2^a} (x) H_m, the fast
+   Walsh-Hadamard transform along one axis and a small dense Paley matrix along
+   the other (80 = 4*20, 96 = 8*12, 112 = 4*28, 160, 192, ...). Other multiples
+   of 8 (72, 88, 104, ...) split into power-of-two blocks (72 = 64 + 8), each
+   rotated on its own: block-diagonal, still orthogonal.
+   --------------------------------------------------------------------------- */
+
+typedef struct kvq__rotation {
+    int n;
+    int n_pieces;              /* blocks on the diagonal */
+    int off[10], pow2[10], m[10];
+    float sign[512];
+} kvq__rotation;
+
+/* Legendre symbol (a / q) for an odd prime q: 0, 1 or -1. */
+static int kvq__legendre(int a, int q) {
+    int r = 1, b = ((a % q) + q) % q, e = (q - 1) / 2;
+    if (b == 0) return 0;
+    while (e) {
+        if (e & 1) r = r * b % q;
+        b = b * b % q;
+        e >>= 1;
+    }
+    return r == 1 ? 1 : -1;
+}
+
+/* Entry (i, j) of a Hadamard matrix of order m in {12, 20, 28}.
+   12, 20: Paley I over q = 11, 19 (q = 3 mod 4): H = I + [[0, 1^T], [-1, Q]], Q_ij = (j - i / q).
+   28: Paley II over q = 13 (q = 1 mod 4): C = [[0, 1^T], [1, Q]] (symmetric), and
+       H = C (x) [[1, 1], [1, -1]] + I (x) [[1, -1], [-1, -1]]. */
+static int kvq__paley(int m, int i, int j) {
+    if (m == 28) {
+        int a = i / 2, b = j / 2, x = i % 2, y = j % 2, cab;
+        if (a == b) return (x == 0 && y == 0) ? 1 : -1;
+        cab = (a == 0 || b == 0) ? 1 : kvq__legendre(b - a, 13);
+        return (x == 1 && y == 1) ? -cab : cab;
+    }
+    if (i == j) return 1;
+    if (i == 0) return 1;
+    if (j == 0) return -1;
+    return kvq__legendre(j - i, m - 1);
+}
+
+static void kvq__rotation_init(kvq__rotation *r, int n, unsigned seed) {
+    static const int ms[] = {28, 20, 12};
+    uint64_t s = 0x9e3779b97f4a7c15ull ^ ((uint64_t)seed << 1 | 1u);
+    int i, k, rest = n, off = 0;
+    memset(r, 0, sizeof *r);
+    r->n = n;
+    for (i = 0; i < n; i++) { /* splitmix64: a fixed, portable sign sequence per seed */
+        uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        r->sign[i] = ((z ^ (z >> 31)) & 1u) ? -1.0f : 1.0f;
+    }
+    for (k = 0; k < 3; k++) /* one Kronecker piece when n = 2^a * m */
+        if (n % ms[k] == 0 && ((n / ms[k]) & (n / ms[k] - 1)) == 0) {
+            r->n_pieces = 1;
+            r->pow2[0] = n / ms[k];
+            r->m[0] = ms[k];
+            return;
+        }
+    while (rest) { /* power-of-two blocks, largest first */
+        int p = 1;
+        while (p * 2 <= rest) p *= 2;
+        r->off[r->n_pieces] = off;
+        r->pow2[r->n_pieces] = p;
+        r->m[r->n_pieces] = 1;
+        r->n_pieces++;
+        off += p;
+        rest -= p;
+    }
+}
+
+/* In-place unnormalized Walsh-Hadamard transform of x[i * stride], i < n (a power of two). */
+static void kvq__wht(float *x, int n, int stride) {
+    int len, i, j;
+    for (len = 1; len < n; len *= 2)
+        for (i = 0; i < n; i += 2 * len)
+            for (j = i; j < i + len; j++) {
+                float a = x[(size_t)j * stride], b = x[(size_t)(j + len) * stride];
+                x[(size_t)j * stride] = a + b;
+                x[(size_t)(j + len) * stride] = a - b;
+            }
+}
+
+/* x (viewed as [pow2][m]) <- H_m (or H_m^T) applied to each row of m. */
+static void kvq__paley_rows(float *x, int pow2, int m, int transpose) {
+    float y[28];
+    int r, i, j;
+    for (r = 0; r < pow2; r++) {
+        float *row = x + (size_t)r * m;
+        for (i = 0; i < m; i++) {
+            float acc = 0.0f;
+            for (j = 0; j < m; j++) acc += (float)(transpose ? kvq__paley(m, j, i) : kvq__paley(m, i, j)) * row[j];
+            y[i] = acc;
+        }
+        memcpy(row, y, (size_t)m * sizeof(float));
+    }
+}
+
+/* x <- M x (forward) or M^T x (inverse), in place. */
+static void kvq__rotate(const kvq__rotation *r, float *x, int inverse) {
+    int p, i;
+    if (!inverse)
+        for (i = 0; i < r->n; i++) x[i] *= r->sign[i];
+    for (p = 0; p < r->n_pieces; p++) {
+        float *xp = x + r->off[p];
+        int m = r->m[p], len = r->pow2[p] * m, c;
+        float norm = 1.0f / sqrtf((float)len);
+        if (m > 1) kvq__paley_rows(xp, r->pow2[p], m, inverse);
+        for (c = 0; c < m; c++) kvq__wht(xp + c, r->pow2[p], m); /* H_2^a along the other axis */
+        for (i = 0; i < len; i++) xp[i] *= norm;
+    }
+    if (inverse)
+        for (i = 0; i < r->n; i++) x[i] *= r->sign[i];
+}
+
+static int kvq__rotation_dim_ok(int n) { return n >= 8 && n <= 512 && n % 8 == 0; }
+
+KVQ_API kvq_status kvq_hadamard(float *x, int n, unsigned seed) {
+    kvq__rotation r;
+    if (!x || !kvq__rotation_dim_ok(n)) return KVQ_ERR_INVALID;
+    kvq__rotation_init(&r, n, seed);
+    kvq__rotate(&r, x, 0);
+    return KVQ_OK;
+}
+
+KVQ_API kvq_status kvq_hadamard_inverse(float *x, int n, unsigned seed) {
+    kvq__rotation r;
+    if (!x || !kvq__rotation_dim_ok(n)) return KVQ_ERR_INVALID;
+    kvq__rotation_init(&r, n, seed);
+    kvq__rotate(&r, x, 1);
+    return KVQ_OK;
+}
+
+/* ---------------------------------------------------------------------------
    Cache. One allocation: the struct, then per KV head
      sinks      [S][D] fp16 keys and values
      key blocks [max_blocks] records (kvq__key_block_bytes)
@@ -360,6 +520,7 @@ struct kvq_cache {
     uint8_t *vcodes;           /* [H][max_vquant][vcode_bytes] */
     uint16_t *ring_k;          /* [H][kcap][D] */
     uint16_t *ring_v;          /* [H][vcap][D] */
+    kvq__rotation rot;         /* used when cfg.rotation == KVQ_ROTATE_HADAMARD */
 };
 
 KVQ_API const char *kvq_status_string(kvq_status s) {
@@ -391,6 +552,8 @@ KVQ_API kvq_config kvq_default_config(int head_dim, int n_kv_heads, int max_toke
     c.seed = 0x6b7671u; /* "kvq" */
     c.salient_ratio = 0.0f;
     c.salient_bits = 8;
+    c.salient_policy = KVQ_SALIENT_ATTENTION;
+    c.key_axis = KVQ_KEYS_PER_CHANNEL;
     return c;
 }
 
@@ -416,10 +579,14 @@ KVQ_API kvq_status kvq_config_check(const kvq_config *cfg) {
         return KVQ_ERR_INVALID;
     if (cfg->sink_tokens < 0 || cfg->sink_tokens > cfg->max_tokens) return KVQ_ERR_INVALID;
     if (cfg->salient_bits != 8 && cfg->salient_bits != 16) return KVQ_ERR_INVALID;
+    if (cfg->salient_policy != KVQ_SALIENT_ATTENTION && cfg->salient_policy != KVQ_SALIENT_ERROR)
+        return KVQ_ERR_INVALID;
+    if (cfg->key_axis != KVQ_KEYS_PER_CHANNEL && cfg->key_axis != KVQ_KEYS_PER_TOKEN) return KVQ_ERR_INVALID;
+    if (cfg->key_axis == KVQ_KEYS_PER_TOKEN) return KVQ_ERR_UNSUPPORTED;
     if (!(cfg->salient_ratio >= 0.0f && cfg->salient_ratio < 1.0f)) return KVQ_ERR_INVALID;
-    if (cfg->rotation != KVQ_ROTATE_NONE && cfg->rotation != KVQ_ROTATE_HADAMARD) return KVQ_ERR_INVALID;
+    if (cfg->rotation < KVQ_ROTATE_NONE || cfg->rotation > KVQ_ROTATE_PREROTATED) return KVQ_ERR_INVALID;
     /* Rotation and salient tokens arrive in their own releases. */
-    if (cfg->rotation != KVQ_ROTATE_NONE || cfg->salient_ratio > 0.0f) return KVQ_ERR_UNSUPPORTED;
+    if (cfg->rotation == KVQ_ROTATE_HADAMARD || cfg->salient_ratio > 0.0f) return KVQ_ERR_UNSUPPORTED;
     return KVQ_OK;
 }
 
@@ -506,6 +673,7 @@ KVQ_API kvq_status kvq_cache_init(kvq_cache **out, const kvq_config *cfg, void *
     c->vcodes = base + L.off_vcodes;
     c->ring_k = (uint16_t *)(void *)(base + L.off_ring_k);
     c->ring_v = (uint16_t *)(void *)(base + L.off_ring_v);
+    kvq__rotation_init(&c->rot, cfg->head_dim, cfg->seed);
     *out = c;
     return KVQ_OK;
 }
@@ -636,6 +804,18 @@ static void kvq__quantize_value(kvq_cache *c, int h, int j) {
     }
 }
 
+/* Stores one caller row as fp16, rotated first when the cache rotates. */
+static void kvq__store_row(const kvq_cache *c, uint16_t *dst, const float *src) {
+    float tmp[512];
+    if (c->cfg.rotation != KVQ_ROTATE_HADAMARD) {
+        kvq__f16_row(dst, src, c->cfg.head_dim);
+        return;
+    }
+    memcpy(tmp, src, (size_t)c->cfg.head_dim * sizeof(float));
+    kvq__rotate(&c->rot, tmp, 0);
+    kvq__f16_row(dst, tmp, c->cfg.head_dim);
+}
+
 static int kvq__finite_fp16(const float *x, size_t n) {
     size_t i;
     for (i = 0; i < n; i++)
@@ -650,16 +830,16 @@ static void kvq__append_token(kvq_cache *c, const float *k, const float *v) {
     int t = c->n_tokens, h, pos, kwait, vwait;
     if (t < S) {
         for (h = 0; h < H; h++) {
-            kvq__f16_row(kvq__sink_row(c, c->sink_k, h, t), k + (size_t)h * D, D);
-            kvq__f16_row(kvq__sink_row(c, c->sink_v, h, t), v + (size_t)h * D, D);
+            kvq__store_row(c, kvq__sink_row(c, c->sink_k, h, t), k + (size_t)h * D);
+            kvq__store_row(c, kvq__sink_row(c, c->sink_v, h, t), v + (size_t)h * D);
         }
         c->n_tokens++;
         return;
     }
     pos = t - S;
     for (h = 0; h < H; h++) {
-        kvq__f16_row(kvq__ring_k_row(c, h, pos), k + (size_t)h * D, D);
-        kvq__f16_row(kvq__ring_v_row(c, h, pos), v + (size_t)h * D, D);
+        kvq__store_row(c, kvq__ring_k_row(c, h, pos), k + (size_t)h * D);
+        kvq__store_row(c, kvq__ring_v_row(c, h, pos), v + (size_t)h * D);
     }
     c->n_tokens++;
     kwait = pos + 1 - c->n_kblocks * G;
@@ -734,6 +914,10 @@ KVQ_API kvq_status kvq_cache_read(const kvq_cache *c, int first, int n, float *k
             size_t at = ((size_t)t * H + h) * D;
             if (k) kvq__read_key(c, h, first + t, k + at);
             if (v) kvq__read_value(c, h, first + t, v + at);
+            if (c->cfg.rotation == KVQ_ROTATE_HADAMARD) { /* back to the caller's space */
+                if (k) kvq__rotate(&c->rot, k + at, 1);
+                if (v) kvq__rotate(&c->rot, v + at, 1);
+            }
         }
     return KVQ_OK;
 }
@@ -999,17 +1183,18 @@ KVQ_API kvq_status kvq_attention_merge(const kvq_cache *c, const kvq_attn_params
    Serialization. Image, all integers little-endian:
      0   char[8]  "KVQCACHE"
      8   u32      format version (1)
-     12  u32      header bytes (96)
-     16  i32[12]  config: head_dim, n_kv_heads, max_tokens, key_bits, value_bits,
+     12  u32      header bytes (128)
+     16  i32[16]  config: head_dim, n_kv_heads, max_tokens, key_bits, value_bits,
                   group_size, residual_tokens, sink_tokens, rotation, seed,
-                  salient_ratio (f32 bits), salient_bits
-     64  i32      tokens stored
-     68  i32      quantized key blocks per head, 72 i32 quantized values per head
-     76  u32      reserved (0)
-     80  u64      payload bytes
-     88  u32      CRC32C of the payload
-     92  u32      CRC32C of bytes [0, 92)
-     96  payload: per KV head: sink K rows, sink V rows, key blocks, waiting keys
+                  salient_ratio (f32 bits), salient_bits, salient_policy, key_axis, 0, 0
+     80  i32      tokens stored
+     84  i32      quantized key blocks per head, 88 i32 quantized values per head
+     92  u32      0
+     96  u64      payload bytes
+     104 u32      CRC32C of the payload
+     108 u32[4]   0
+     124 u32      CRC32C of bytes [0, 124)
+     128 payload: per KV head: sink K rows, sink V rows, key blocks, waiting keys
          (oldest first), quantized values (params then codes per token), waiting
          values; every fp16 as u16 little-endian.
    The block counts are derived again from the token count and checked, so an
@@ -1024,7 +1209,9 @@ KVQ_API kvq_status kvq_attention_merge(const kvq_cache *c, const kvq_attn_params
 #define KVQ__FUZZING 0
 #endif
 #define KVQ__FORMAT_VERSION 1u
-#define KVQ__HEADER_BYTES 96u
+#define KVQ__HEADER_BYTES 128u
+enum { KVQ__H_CONFIG = 16, KVQ__H_TOKENS = 80, KVQ__H_KBLOCKS = 84, KVQ__H_VQUANT = 88, KVQ__H_PAYLOAD = 96,
+       KVQ__H_PAYLOAD_CRC = 104, KVQ__H_CRC = 124 };
 
 /* CRC32C (Castagnoli, reflected polynomial 0x82F63B78), bitwise: no tables, no state. */
 static uint32_t kvq__crc32c(uint32_t crc, const uint8_t *p, size_t n) {
@@ -1044,6 +1231,7 @@ static void kvq__put_u32(uint8_t *p, uint32_t v) {
 static uint32_t kvq__get_u32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
+static uint64_t kvq__get_u64(const uint8_t *p) { return kvq__get_u32(p) | (uint64_t)kvq__get_u32(p + 4) << 32; }
 
 /* The block counts that appending n tokens one by one leaves (see kvq__append_token). */
 static void kvq__counts_after(const kvq_config *cfg, int n, int *nkb, int *nvq) {
@@ -1132,6 +1320,8 @@ static void kvq__put_config(uint8_t *p, const kvq_config *cfg) {
     kvq__put_u32(p + 36, cfg->seed);
     kvq__put_u32(p + 40, ratio);
     kvq__put_u32(p + 44, (uint32_t)cfg->salient_bits);
+    kvq__put_u32(p + 48, (uint32_t)cfg->salient_policy);
+    kvq__put_u32(p + 52, (uint32_t)cfg->key_axis);
 }
 
 static int kvq__i32(const uint8_t *p) {
@@ -1155,6 +1345,8 @@ static kvq_config kvq__get_config(const uint8_t *p) {
     cfg.seed = kvq__get_u32(p + 36);
     memcpy(&cfg.salient_ratio, &ratio, 4);
     cfg.salient_bits = kvq__i32(p + 44);
+    cfg.salient_policy = kvq__i32(p + 48);
+    cfg.key_axis = kvq__i32(p + 52);
     return cfg;
 }
 
@@ -1169,38 +1361,41 @@ KVQ_API kvq_status kvq_cache_serialize(const kvq_cache *c, void *buf, size_t buf
     memcpy(p, KVQ__MAGIC, 8);
     kvq__put_u32(p + 8, KVQ__FORMAT_VERSION);
     kvq__put_u32(p + 12, KVQ__HEADER_BYTES);
-    kvq__put_config(p + 16, &c->cfg);
-    kvq__put_u32(p + 64, (uint32_t)c->n_tokens);
-    kvq__put_u32(p + 68, (uint32_t)c->n_kblocks);
-    kvq__put_u32(p + 72, (uint32_t)c->n_vquant);
-    kvq__put_u32(p + 80, (uint32_t)payload);
-    kvq__put_u32(p + 84, (uint32_t)((uint64_t)payload >> 32));
+    kvq__put_config(p + KVQ__H_CONFIG, &c->cfg);
+    kvq__put_u32(p + KVQ__H_TOKENS, (uint32_t)c->n_tokens);
+    kvq__put_u32(p + KVQ__H_KBLOCKS, (uint32_t)c->n_kblocks);
+    kvq__put_u32(p + KVQ__H_VQUANT, (uint32_t)c->n_vquant);
+    kvq__put_u32(p + KVQ__H_PAYLOAD, (uint32_t)payload);
+    kvq__put_u32(p + KVQ__H_PAYLOAD + 4, (uint32_t)((uint64_t)payload >> 32));
     kvq__xfer_payload(c, p + KVQ__HEADER_BYTES, 1);
-    kvq__put_u32(p + 88, kvq__crc32c(0, p + KVQ__HEADER_BYTES, payload));
-    kvq__put_u32(p + 92, kvq__crc32c(0, p, 92));
+    kvq__put_u32(p + KVQ__H_PAYLOAD_CRC, kvq__crc32c(0, p + KVQ__HEADER_BYTES, payload));
+    kvq__put_u32(p + KVQ__H_CRC, kvq__crc32c(0, p, KVQ__H_CRC));
     if (written) *written = need;
     return KVQ_OK;
 }
 
 /* Checks everything the header says; on success *cfg and *tokens describe the image. */
 static kvq_status kvq__check_header(const uint8_t *p, size_t n, kvq_config *cfg, int *tokens) {
-    int nkb, nvq;
+    int nkb, nvq, i;
     uint64_t payload;
     kvq_status st;
     if (n < KVQ__HEADER_BYTES || memcmp(p, KVQ__MAGIC, 8) != 0) return KVQ_ERR_CORRUPT;
-    if (kvq__crc32c(0, p, 92) != kvq__get_u32(p + 92) && !KVQ__FUZZING) return KVQ_ERR_CORRUPT;
+    if (kvq__crc32c(0, p, KVQ__H_CRC) != kvq__get_u32(p + KVQ__H_CRC) && !KVQ__FUZZING) return KVQ_ERR_CORRUPT;
     if (kvq__get_u32(p + 8) > KVQ__FORMAT_VERSION) return KVQ_ERR_UNSUPPORTED; /* from a newer kvq */
     if (kvq__get_u32(p + 8) != KVQ__FORMAT_VERSION || kvq__get_u32(p + 12) != KVQ__HEADER_BYTES)
         return KVQ_ERR_CORRUPT;
-    *cfg = kvq__get_config(p + 16);
+    for (i = 92; i < KVQ__H_CRC; i += 4)
+        if ((i == 92 || i >= KVQ__H_PAYLOAD_CRC + 4) && kvq__get_u32(p + i) != 0) return KVQ_ERR_CORRUPT;
+    if (kvq__get_u32(p + KVQ__H_CONFIG + 56) || kvq__get_u32(p + KVQ__H_CONFIG + 60)) return KVQ_ERR_CORRUPT;
+    *cfg = kvq__get_config(p + KVQ__H_CONFIG);
     st = kvq_config_check(cfg);
     if (st == KVQ_ERR_INVALID) return KVQ_ERR_CORRUPT;
     if (st != KVQ_OK) return st;
-    *tokens = kvq__i32(p + 64);
-    if (*tokens < 0 || *tokens > cfg->max_tokens || kvq__get_u32(p + 76) != 0) return KVQ_ERR_CORRUPT;
+    *tokens = kvq__i32(p + KVQ__H_TOKENS);
+    if (*tokens < 0 || *tokens > cfg->max_tokens) return KVQ_ERR_CORRUPT;
     kvq__counts_after(cfg, *tokens, &nkb, &nvq);
-    if (kvq__i32(p + 68) != nkb || kvq__i32(p + 72) != nvq) return KVQ_ERR_CORRUPT;
-    payload = (uint64_t)kvq__get_u32(p + 80) | (uint64_t)kvq__get_u32(p + 84) << 32;
+    if (kvq__i32(p + KVQ__H_KBLOCKS) != nkb || kvq__i32(p + KVQ__H_VQUANT) != nvq) return KVQ_ERR_CORRUPT;
+    payload = kvq__get_u64(p + KVQ__H_PAYLOAD);
     if (payload > (uint64_t)(n - KVQ__HEADER_BYTES)) return KVQ_ERR_CORRUPT;
     return KVQ_OK;
 }
@@ -1235,10 +1430,10 @@ KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, siz
     probe.vparam_bytes = kvq__value_param_bytes(&cfg);
     probe.vcode_bytes = kvq__value_code_bytes(&cfg);
     payload = kvq__xfer_payload(&probe, NULL, 0);
-    if ((uint64_t)payload != ((uint64_t)kvq__get_u32(p + 80) | (uint64_t)kvq__get_u32(p + 84) << 32))
+    if ((uint64_t)payload != kvq__get_u64(p + KVQ__H_PAYLOAD))
         return KVQ_ERR_CORRUPT;
     if (n_bytes - KVQ__HEADER_BYTES < payload) return KVQ_ERR_CORRUPT;
-    if (kvq__crc32c(0, p + KVQ__HEADER_BYTES, payload) != kvq__get_u32(p + 88) && !KVQ__FUZZING)
+    if (kvq__crc32c(0, p + KVQ__HEADER_BYTES, payload) != kvq__get_u32(p + KVQ__H_PAYLOAD_CRC) && !KVQ__FUZZING)
         return KVQ_ERR_CORRUPT;
     /* only now is the caller's memory written */
     if ((st = kvq_cache_init(&c, &cfg, mem, mem_bytes)) != KVQ_OK) return st;

@@ -289,7 +289,8 @@ static int write_svg(const char *path, result *res, int n, int x_actual)
     const double Wd = 760, Ht = 500, ml = 80, mr = 30, mt = 50, mb = 60;
     double xmin = INFINITY, xmax = -INFINITY, ymin = INFINITY, ymax = -INFINITY, xstep, x;
     const char *dumps[MAX_DUMPS];
-    int n_dumps = 0, i, j, e;
+    static double boxes[2 * MAX_DUMPS * MAX_CONFIGS][3]; /* points and labels: x, bottom y, width */
+    int n_dumps = 0, n_boxes = 0, i, j, e;
     FILE *f = fopen(path, "w");
     if (!f) { fprintf(stderr, "kvq_eval: cannot create %s\n", path); return -1; }
     for (i = 0; i < n; i++) {
@@ -332,12 +333,33 @@ static int write_svg(const char *path, result *res, int n, int x_actual)
             (ml + Wd - mr) / 2, Ht - 18, x_actual ? "8 * payload / (2 * tokens * head_dim)" : "quantized part: codes + fp16 scale/min");
     fprintf(f, "<text transform=\"translate(18 %.1f) rotate(-90)\" text-anchor=\"middle\">mean ||o - o_exact||^2 / ||o_exact||^2 (log)</text>\n",
             (mt + Ht - mb) / 2);
+    /* points first (each also blocks labels), then labels at the first of six spots
+       around their point that overlaps nothing placed so far */
     for (i = 0; i < n; i++) {
         double bx = x_actual ? res[i].bits_actual : res[i].bits_steady;
         double y = log10(res[i].attn_err > 1e-12 ? res[i].attn_err : 1e-12);
         for (j = 0; j < n_dumps; j++) if (strcmp(dumps[j], res[i].dump) == 0) break;
         fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"4.5\" fill=\"%s\"/>\n", SX(bx), SY(y), colours[j % 6]);
-        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" fill=\"%s\">", SX(bx) + 6, SY(y) - 6, colours[j % 6]);
+        boxes[n_boxes][0] = SX(bx) - 5; boxes[n_boxes][1] = SY(y) + 5; boxes[n_boxes][2] = 10;
+        n_boxes++;
+    }
+    for (i = 0; i < n; i++) {
+        static const double ox[6] = { 6, 6, -6, -6, 6, -6 }, oy[6] = { -6, 16, -6, 16, 4, 4 };
+        double bx = x_actual ? res[i].bits_actual : res[i].bits_steady;
+        double y = log10(res[i].attn_err > 1e-12 ? res[i].attn_err : 1e-12);
+        double px = SX(bx), py = SY(y), lw = 7.0 * (double)strlen(res[i].config), lx = px + 6, ly = py - 6;
+        int k, q;
+        for (k = 0; k < 6; k++) {
+            double cx = ox[k] > 0 ? px + ox[k] : px + ox[k] - lw, cy = py + oy[k];
+            int clash = 0;
+            for (q = 0; q < n_boxes && !clash; q++)
+                clash = cx < boxes[q][0] + boxes[q][2] && boxes[q][0] < cx + lw && cy - 11 < boxes[q][1] && boxes[q][1] - 11 < cy;
+            if (!clash) { lx = cx; ly = cy; break; }
+        }
+        boxes[n_boxes][0] = lx; boxes[n_boxes][1] = ly; boxes[n_boxes][2] = lw;
+        n_boxes++;
+        for (j = 0; j < n_dumps; j++) if (strcmp(dumps[j], res[i].dump) == 0) break;
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" fill=\"%s\">", lx, ly, colours[j % 6]);
         svg_text(f, res[i].config);
         fprintf(f, "</text>\n");
     }

@@ -28,7 +28,7 @@
 #define DEMO_TOKENS "examples/data/stories260K_gen.tokens"
 #define MAX_CONFIGS 32
 
-static const char *const default_configs[] = { "k16v16", "k8v8", "k4v4", "k3v3", "k2v2", "k2v2g64" };
+static const char *const default_configs[] = { "fp16", "k8v8", "k4v4", "k3v3", "k2v2", "k2v2g64" };
 
 static void usage(void)
 {
@@ -96,7 +96,7 @@ static int generate(const kvqd_checkpoint *ck, const kvqd_tokenizer *tok, const 
     llm_cache_spec spec;
     llm_run run;
     char err[256], piece[64];
-    int *ids, n_ids = 0, token, pos = 0, next = 0, rc = 0;
+    int *ids, n_ids = 0, token, pos = 0, next = 0, rc = 0, stopped = 0;
     prob_id *scratch;
     uint64_t rng = seed ? seed : 0x9E3779B97F4A7C15ULL;
     const kvqd_llama_config *p = &ck->cfg;
@@ -132,13 +132,13 @@ static int generate(const kvqd_checkpoint *ck, const kvqd_tokenizer *tok, const 
             next = sample(logits, p->vocab_size, temp, topp, &rng, scratch);
         }
         pos++;
-        if (next == tok->bos_id) break; /* BOS separates stories */
+        if (next == tok->bos_id) { stopped = 1; break; } /* BOS separates stories */
         len = kvqd_tokenizer_decode(tok, token, next, piece, sizeof piece);
         if (len > 0) print_piece(piece, len);
         fflush(stdout);
         token = next;
     }
-    printf("\n");
+    printf(stopped || rc ? "\n" : " [...]\n");
     llm_run_free(&run);
     free(ids);
     free(scratch);

@@ -468,6 +468,8 @@ static void test_errors(void) {
     BAD_CFG(salient_ratio, -0.1f, KVQ_ERR_INVALID);
     BAD_CFG(salient_ratio, NAN, KVQ_ERR_INVALID);
     BAD_CFG(salient_bits, 4, KVQ_ERR_INVALID);
+    BAD_CFG(salient_policy, 2, KVQ_ERR_INVALID);
+    BAD_CFG(key_axis, -1, KVQ_ERR_INVALID);
     CHECK(kvq_config_check(NULL) == KVQ_ERR_INVALID && kvq_cache_bytes(NULL) == 0, "NULL config");
     CHECK(kvq_cache_create(NULL, &cfg) == KVQ_ERR_INVALID, "NULL out");
 

@@ -71,7 +71,8 @@ static int same_config(const kvq_config *a, const kvq_config *b) {
            a->key_bits == b->key_bits && a->value_bits == b->value_bits && a->group_size == b->group_size &&
            a->residual_tokens == b->residual_tokens && a->sink_tokens == b->sink_tokens &&
            a->rotation == b->rotation && a->seed == b->seed && a->salient_ratio == b->salient_ratio &&
-           a->salient_bits == b->salient_bits;
+           a->salient_bits == b->salient_bits && a->salient_policy == b->salient_policy &&
+           a->key_axis == b->key_axis;
 }
 
 static void test_round_trips(void) {
@@ -120,7 +121,7 @@ static void test_round_trips(void) {
 }
 
 /* Rewrites the header checksum so a test can reach the checks behind it. */
-static void reseal(uint8_t *img) { kvq__put_u32(img + 92, kvq__crc32c(0, img, 92)); }
+static void reseal(uint8_t *img) { kvq__put_u32(img + KVQ__H_CRC, kvq__crc32c(0, img, KVQ__H_CRC)); }
 
 static void test_corruption(void) {
     kvq_config cfg = kvq_default_config(32, 2, 300);
@@ -150,7 +151,7 @@ static void test_corruption(void) {
     CHECK(bad == 0, "%zu truncations not refused", bad);
     /* every single flipped byte of the header, and a sample of the payload */
     bad = 0;
-    for (i = 0; i < b.n; i += i < 96 ? 1 : 37) {
+    for (i = 0; i < b.n; i += i < KVQ__HEADER_BYTES ? 1 : 37) {
         kvq_status st;
         memcpy(img, b.img, b.n);
         img[i] ^= 0x10;
@@ -172,34 +173,42 @@ static void test_corruption(void) {
     reseal(img);
     REFUSED(KVQ_ERR_CORRUPT, "version 0");
     memcpy(img, b.img, b.n);
-    kvq__put_u32(img + 16, 12); /* head_dim 12 */
+    kvq__put_u32(img + KVQ__H_CONFIG, 12); /* head_dim 12 */
     reseal(img);
     REFUSED(KVQ_ERR_CORRUPT, "impossible config");
     memcpy(img, b.img, b.n);
-    kvq__put_u32(img + 28, 5); /* key_bits 5: valid but unsupported */
+    kvq__put_u32(img + KVQ__H_CONFIG + 12, 5); /* key_bits 5: valid but unsupported */
     reseal(img);
     REFUSED(KVQ_ERR_UNSUPPORTED, "unsupported bits");
     memcpy(img, b.img, b.n);
-    kvq__put_u32(img + 64, 301); /* more tokens than capacity */
+    kvq__put_u32(img + KVQ__H_TOKENS, 301); /* more tokens than capacity */
     reseal(img);
     REFUSED(KVQ_ERR_CORRUPT, "tokens beyond capacity");
     memcpy(img, b.img, b.n);
-    kvq__put_u32(img + 64, 0x80000000u); /* negative */
+    kvq__put_u32(img + KVQ__H_TOKENS, 0x80000000u); /* negative */
     reseal(img);
     REFUSED(KVQ_ERR_CORRUPT, "negative tokens");
     memcpy(img, b.img, b.n);
-    kvq__put_u32(img + 68, (uint32_t)kvq__get_u32(img + 68) + 1); /* a block count appending can't give */
+    kvq__put_u32(img + KVQ__H_KBLOCKS, (uint32_t)kvq__get_u32(img + KVQ__H_KBLOCKS) + 1); /* a block count appending can't give */
     reseal(img);
     REFUSED(KVQ_ERR_CORRUPT, "inconsistent block count");
     memcpy(img, b.img, b.n);
-    kvq__put_u32(img + 80, 0xffffffffu);
-    kvq__put_u32(img + 84, 0xffffffffu); /* payload size that overflows */
+    kvq__put_u32(img + KVQ__H_PAYLOAD, 0xffffffffu);
+    kvq__put_u32(img + KVQ__H_PAYLOAD + 4, 0xffffffffu); /* payload size that overflows */
     reseal(img);
     REFUSED(KVQ_ERR_CORRUPT, "overflowing payload size");
     memcpy(img, b.img, b.n);
-    kvq__put_u32(img + 8 + 16 + 4 * 2, 0x7fffffffu); /* max_tokens 2^31-1 */
+    kvq__put_u32(img + KVQ__H_CONFIG + 8, 0x7fffffffu); /* max_tokens 2^31-1 */
     reseal(img);
     REFUSED(KVQ_ERR_CORRUPT, "absurd capacity");
+    memcpy(img, b.img, b.n);
+    kvq__put_u32(img + 112, 1); /* reserved bytes must be zero */
+    reseal(img);
+    REFUSED(KVQ_ERR_CORRUPT, "reserved header bytes");
+    memcpy(img, b.img, b.n);
+    kvq__put_u32(img + KVQ__H_CONFIG + 52, 9); /* key_axis 9 */
+    reseal(img);
+    REFUSED(KVQ_ERR_CORRUPT, "bad key axis");
     memcpy(img, b.img, b.n);
     img[b.n - 1] ^= 1;
     REFUSED(KVQ_ERR_CORRUPT, "payload checksum");
