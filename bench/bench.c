@@ -334,9 +334,14 @@ static void gen_queries(int nq, float *q) {
    head of the group while it is in L1, each V row is added into every
    head's accumulator likewise. Online softmax with one rescale per tile.
    The inner loops have fixed trip counts and restrict pointers so -O2
-   vectorizes them without reassociating any sum (lanes keep their order). */
+   vectorizes them without reassociating any sum (lanes keep their order);
+   fmaf() becomes a vector FMA where the target has one (-std=c99 turns off
+   implicit contraction). Value accumulators live in registers for a whole
+   tile: 16 channels at a time, four query heads (GQA) or four token phases
+   (MHA) as independent FMA chains, each V slice loaded once for all heads.
+   Tried and dropped: software prefetch of the next tile (no gain here). */
 
-#define FP_TILE 64
+#define FP_TILE 64 /* tokens per tile: 32 KB of K, then 32 KB of V */
 #define FP_MAX_GROUP 8
 #define STATE_STRIDE (HD + 2) /* m, l, acc[HD] per query head: kvq's state layout */
 
@@ -344,17 +349,6 @@ typedef struct fp32cache {
     int n; /* tokens */
     float *k, *v;
 } fp32cache;
-
-static float dot_hd(const float *restrict a, const float *restrict b) {
-    float part[16];
-    int i, j;
-    for (j = 0; j < 16; j++) part[j] = 0.0f;
-    for (i = 0; i < HD; i += 16)
-        for (j = 0; j < 16; j++) part[j] += a[i + j] * b[i + j];
-    for (j = 0; j < 8; j++) part[j] += part[j + 8];
-    for (j = 0; j < 4; j++) part[j] += part[j + 4];
-    return (part[0] + part[2]) + (part[1] + part[3]);
-}
 
 static void axpy_hd(float *restrict acc, const float *restrict x, float a) {
     int d;
@@ -366,22 +360,73 @@ static void scale_hd(float *restrict acc, float a) {
     for (d = 0; d < HD; d++) acc[d] *= a;
 }
 
+/* 32 lanes: two independent FMA chains per dot, each 4 long. */
+static float dot_hd(const float *restrict a, const float *restrict b) {
+    float part[32];
+    int i, j;
+    for (j = 0; j < 32; j++) part[j] = a[j] * b[j];
+    for (i = 32; i < HD; i += 32)
+        for (j = 0; j < 32; j++) part[j] = fmaf(a[i + j], b[i + j], part[j]);
+    for (j = 0; j < 16; j++) part[j] += part[j + 16];
+    for (j = 0; j < 8; j++) part[j] += part[j + 8];
+    for (j = 0; j < 4; j++) part[j] += part[j + 4];
+    return (part[0] + part[2]) + (part[1] + part[3]);
+}
+/* Four query heads: acc_j[16 channels at d0] += sum_t p_j[t] V[t][d0..], each V slice loaded once. */
+static void pv_heads4(float *st, const float *restrict V, float (*p)[FP_TILE], int n, int d0) {
+    float a0[16], a1[16], a2[16], a3[16];
+    float *r0 = st + 2 + d0, *r1 = r0 + STATE_STRIDE, *r2 = r1 + STATE_STRIDE, *r3 = r2 + STATE_STRIDE;
+    int t, l;
+    for (l = 0; l < 16; l++) { a0[l] = r0[l]; a1[l] = r1[l]; a2[l] = r2[l]; a3[l] = r3[l]; }
+    for (t = 0; t < n; t++) {
+        const float *restrict v = V + (size_t)t * HD + d0;
+        float p0 = p[0][t], p1 = p[1][t], p2 = p[2][t], p3 = p[3][t];
+        for (l = 0; l < 16; l++) {
+            a0[l] = fmaf(p0, v[l], a0[l]);
+            a1[l] = fmaf(p1, v[l], a1[l]);
+            a2[l] = fmaf(p2, v[l], a2[l]);
+            a3[l] = fmaf(p3, v[l], a3[l]);
+        }
+    }
+    for (l = 0; l < 16; l++) { r0[l] = a0[l]; r1[l] = a1[l]; r2[l] = a2[l]; r3[l] = a3[l]; }
+}
+/* One query head: four token phases, so four independent chains, summed at the end. */
+static void pv_head1(float *st, const float *restrict V, const float *p, int n, int d0) {
+    float a0[16], a1[16], a2[16], a3[16];
+    float *r = st + 2 + d0;
+    int t, l;
+    for (l = 0; l < 16; l++) { a0[l] = r[l]; a1[l] = 0.0f; a2[l] = 0.0f; a3[l] = 0.0f; }
+    for (t = 0; t + 4 <= n; t += 4) {
+        const float *restrict v = V + (size_t)t * HD + d0;
+        float p0 = p[t], p1 = p[t + 1], p2 = p[t + 2], p3 = p[t + 3];
+        for (l = 0; l < 16; l++) {
+            a0[l] = fmaf(p0, v[l], a0[l]);
+            a1[l] = fmaf(p1, v[l + HD], a1[l]);
+            a2[l] = fmaf(p2, v[l + 2 * HD], a2[l]);
+            a3[l] = fmaf(p3, v[l + 3 * HD], a3[l]);
+        }
+    }
+    for (; t < n; t++)
+        for (l = 0; l < 16; l++) a0[l] = fmaf(p[t], V[(size_t)t * HD + d0 + l], a0[l]);
+    for (l = 0; l < 16; l++) r[l] = (a0[l] + a1[l]) + (a2[l] + a3[l]);
+}
 /* Query heads q[g][HD] of one KV head, tokens [lo, hi); st: g rows of STATE_STRIDE. */
 static void fp32_range(const float *K, const float *V, const float *q, int g, float scale, int lo, int hi,
                        float *st) {
     float s[FP_MAX_GROUP][FP_TILE];
-    int t0, t, j;
+    int t0, t, j, d0;
     for (t0 = lo; t0 < hi; t0 += FP_TILE) {
         int n = hi - t0 < FP_TILE ? hi - t0 : FP_TILE;
-        for (t = 0; t < n; t++) {
-            const float *kr = K + (size_t)(t0 + t) * HD;
-            for (j = 0; j < g; j++) s[j][t] = dot_hd(q + (size_t)j * HD, kr) * scale;
+        const float *Kt = K + (size_t)t0 * HD, *Vt = V + (size_t)t0 * HD;
+        for (j = 0; j < g; j++) {
+            const float *qj = q + (size_t)j * HD;
+            for (t = 0; t < n; t++) s[j][t] = dot_hd(qj, Kt + (size_t)t * HD) * scale;
         }
         for (j = 0; j < g; j++) {
             float *row = st + (size_t)j * STATE_STRIDE, mx = row[0], sum = 0.0f;
             for (t = 0; t < n; t++) mx = s[j][t] > mx ? s[j][t] : mx;
             if (mx > row[0]) {
-                float corr = expf(row[0] - mx); /* 0 on the first tile (m = -inf) */
+                float corr = expf(row[0] - mx);
                 row[1] *= corr;
                 scale_hd(row + 2, corr);
                 row[0] = mx;
@@ -393,10 +438,10 @@ static void fp32_range(const float *K, const float *V, const float *q, int g, fl
             }
             row[1] += sum;
         }
-        for (t = 0; t < n; t++) {
-            const float *vr = V + (size_t)(t0 + t) * HD;
-            for (j = 0; j < g; j++) axpy_hd(st + (size_t)j * STATE_STRIDE + 2, vr, s[j][t]);
-        }
+        for (j = 0; j + 4 <= g; j += 4)
+            for (d0 = 0; d0 < HD; d0 += 16) pv_heads4(st + (size_t)j * STATE_STRIDE, Vt, s + j, n, d0);
+        for (; j < g; j++)
+            for (d0 = 0; d0 < HD; d0 += 16) pv_head1(st + (size_t)j * STATE_STRIDE, Vt, s[j], n, d0);
     }
 }
 
@@ -503,7 +548,8 @@ typedef struct results {
     int n_rows, cap;
     append_row app[N_CFGS];
     int n_app;
-    double bw[MAX_THREADS + 1]; /* GB/s by thread count; 0 = not measured */
+    double bw[MAX_THREADS + 1];     /* GB/s by thread count at the start; 0 = not measured */
+    double bw_end[MAX_THREADS + 1]; /* the same, measured again after the attention rows */
     size_t bw_bytes;
 } results;
 
@@ -634,10 +680,15 @@ static int write_csv(const results *R, const char *path) {
     fprintf(f, "kind,config,key_bits,value_bits,n_q_heads,n_kv_heads,head_dim,threads,n_tokens,reps,median_ms,"
                "min_ms,ns_per_token,ns_per_token_per_kv_head,bytes_read,bits_per_element,gb_per_s,pct_of_bw,"
                "speedup_vs_fp16,rel_err_vs_fp32\n");
-    for (t = 1; t <= MAX_THREADS; t++)
+    for (t = 1; t <= MAX_THREADS; t++) {
         if (R->bw[t] > 0)
-            fprintf(f, "bandwidth,stream-sum,,,,,,%d,,,%.4f,,,,%.0f,,%.3f,100.0,,\n", t,
+            fprintf(f, "bandwidth,stream-sum-start,,,,,,%d,,7,%.4f,,,,%.0f,,%.3f,100.0,,\n", t,
                     (double)R->bw_bytes / (R->bw[t] * 1e6), (double)R->bw_bytes, R->bw[t]);
+        if (R->bw_end[t] > 0)
+            fprintf(f, "bandwidth,stream-sum-end,,,,,,%d,,7,%.4f,,,,%.0f,,%.3f,%.2f,,\n", t,
+                    (double)R->bw_bytes / (R->bw_end[t] * 1e6), (double)R->bw_bytes, R->bw_end[t],
+                    100.0 * R->bw_end[t] / R->bw[t]);
+    }
     for (i = 0; i < R->n_rows; i++) {
         const row *r = &R->rows[i];
         const row *base = find_row(R, CFG_FP16, r->nq, r->threads, r->n);
@@ -809,7 +860,7 @@ static void usage(FILE *f) {
             "  --heads LIST       gqa (32 q / 8 kv), mha (8 / 8); default gqa,mha\n"
             "  --csv PATH         CSV output (default bench/results.csv)\n"
             "  --svg PATH         SVG chart (default bench/results.svg)\n"
-            "  --min-time SEC     keep repeating a row until this much time is spent (default 0.5)\n",
+            "  --min-time SEC     keep repeating a row until this much time is spent (default 1)\n",
             MAX_THREADS);
 }
 
@@ -917,7 +968,7 @@ static void parse_args(int argc, char **argv, options *o) {
         o->n_ns = o->quick ? 2 : 4;
         for (k = 0; k < o->n_ns; k++) o->ns[k] = o->quick ? quick[k] : full[k];
     }
-    if (o->min_time < 0.0) o->min_time = o->quick ? 0.03 : 0.5;
+    if (o->min_time < 0.0) o->min_time = o->quick ? 0.03 : 1.0;
     o->min_reps = 5;
     o->max_reps = o->quick ? 40 : 400;
     o->append_tokens = o->quick ? 4096 : 65536;
@@ -995,6 +1046,62 @@ static void bench_append(const options *o, int ci, append_row *out, float *pool_
     out->med_ms = 1e3 * median(t_pass, pass);
 }
 
+/* Core availability: every thread of a pool runs the same fixed compute loop (no memory
+   traffic); time on n threads / time on 1. 1.0 means n free cores; near n means the
+   threads shared one core (other work on the machine), and so will the 2-thread rows. */
+static volatile uint64_t g_spin_out[MAX_THREADS];
+
+static void spin_part(void *arg, int idx) {
+    uint64_t x = (uint64_t)idx + 1, i, n = *(const uint64_t *)arg;
+    for (i = 0; i < n; i++) x = x * 6364136223846793005ull + 1442695040888963407ull;
+    g_spin_out[idx] = x;
+}
+
+static double core_check(pool *one, pool *p) {
+    uint64_t iters = 20u * 1000u * 1000u;
+    double t1[3], tn[3];
+    int k;
+    for (k = 0; k < 3; k++) {
+        double t0 = now_s();
+        pool_run(one, spin_part, &iters);
+        t1[k] = now_s() - t0;
+        t0 = now_s();
+        pool_run(p, spin_part, &iters);
+        tn[k] = now_s() - t0;
+    }
+    return median(tn, 3) / median(t1, 3);
+}
+
+static void print_core_check(pool *pools, const int *have_pool, const char *when) {
+    int i;
+    for (i = 2; i <= MAX_THREADS; i++)
+        if (have_pool[i])
+            printf("core check %s: %d threads each doing 1 thread's compute took %.2fx its time "
+                   "(1.00 = %d free cores)\n", when, i, core_check(&pools[1], &pools[i]), i);
+}
+
+/* Fills a buffer once and measures every pool's streaming bandwidth into bw[threads]. */
+static void bandwidth_all(pool *pools, const int *have_pool, size_t bytes, double *bw) {
+    float *buf = (float *)xmalloc(bytes);
+    size_t n = bytes / sizeof(float), k;
+    int i;
+    for (k = 0; k < n; k++) buf[k] = (float)(k & 7) * 0.125f;
+    for (i = 1; i <= MAX_THREADS; i++)
+        if (have_pool[i]) bw[i] = measure_bandwidth(&pools[i], buf, bytes, 7);
+    free(buf);
+}
+
+static void print_loadavg(const char *when) {
+    FILE *f = fopen("/proc/loadavg", "r");
+    char line[128];
+    if (!f) return;
+    if (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\n")] = 0;
+        printf("load average %s: %s\n", when, line);
+    }
+    fclose(f);
+}
+
 int main(int argc, char **argv) {
     options o;
     results R;
@@ -1019,6 +1126,7 @@ int main(int argc, char **argv) {
     printf("kvq ISA: (kvq.h has no ISA query; scalar or compile-time selected)\n");
 #endif
     printf("CPU: %s, %ld online cores\n", cpu, sysconf(_SC_NPROCESSORS_ONLN));
+    print_loadavg("at start (other work on the machine skews every figure)");
 #ifdef __VERSION__
     printf("compiler: %s\n", __VERSION__);
 #endif
@@ -1037,15 +1145,9 @@ int main(int argc, char **argv) {
     }
 
     /* bandwidth first, before the big caches exist */
-    {
-        float *buf = (float *)xmalloc(o.bw_bytes);
-        size_t n = o.bw_bytes / sizeof(float), k;
-        for (k = 0; k < n; k++) buf[k] = (float)(k & 7) * 0.125f;
-        R.bw_bytes = o.bw_bytes / (BW_LANES * MAX_THREADS * sizeof(float)) * (BW_LANES * MAX_THREADS * sizeof(float));
-        for (i = 1; i <= MAX_THREADS; i++)
-            if (have_pool[i]) R.bw[i] = measure_bandwidth(&pools[i], buf, o.bw_bytes, 7);
-        free(buf);
-    }
+    R.bw_bytes = o.bw_bytes / (BW_LANES * MAX_THREADS * sizeof(float)) * (BW_LANES * MAX_THREADS * sizeof(float));
+    bandwidth_all(pools, have_pool, o.bw_bytes, R.bw);
+    print_core_check(pools, have_pool, "at start");
     printf("memory read bandwidth (streaming sum over %zu MiB, median of 7 passes): %.1f GB/s on 1 thread",
            o.bw_bytes >> 20, R.bw[1]);
     for (i = 2; i <= MAX_THREADS; i++)
@@ -1058,7 +1160,8 @@ int main(int argc, char **argv) {
            "  Caches are hot between reps: small N fits in L2/L3, so GB/s can pass DRAM bandwidth.\n"
            "  MB read = kvq_cache_payload_bytes (fp32: 8 * N * kv_heads * D); %%BW is against the bandwidth\n"
            "  measured above at the same thread count; vs fp16 = fp16 time / this time (same N, heads, threads);\n"
-           "  rel.err = relative L2 error of the output vs the fp32 1-thread output.\n",
+           "  rel.err = relative L2 error of the output vs the fp32 1-thread output: a check that every path\n"
+           "  and the split API agree, not a quality figure (synthetic zero-mean data; see the eval tool).\n",
            HD, KVH, o.min_reps, o.min_time, o.max_reps);
     fflush(stdout);
 
@@ -1138,6 +1241,17 @@ int main(int argc, char **argv) {
         print_block(&R, &o, n);
     }
 
+    /* bandwidth again: if it moved, the machine was busy and %BW is uncertain */
+    bandwidth_all(pools, have_pool, o.bw_bytes, R.bw_end);
+    printf("\nmemory read bandwidth again after the attention rows: %.1f GB/s on 1 thread (%+.0f%% vs start)",
+           R.bw_end[1], 100.0 * (R.bw_end[1] / R.bw[1] - 1.0));
+    for (i = 2; i <= MAX_THREADS; i++)
+        if (R.bw_end[i] > 0) printf(", %.1f GB/s on %d threads", R.bw_end[i], i);
+    printf("\n");
+    if (fabs(R.bw_end[1] / R.bw[1] - 1.0) > 0.10)
+        printf("  WARNING: bandwidth moved by more than 10%% during the run; something else was using the machine.\n");
+    print_core_check(pools, have_pool, "after the attention rows");
+
     /* append throughput: one token per call (decode), inputs cycled from a small pool */
     {
         const size_t row = (size_t)KVH * HD;
@@ -1192,6 +1306,7 @@ int main(int argc, char **argv) {
     else printf("\nwrote %s\n", o.csv_path);
     if (write_svg(&R, &o, cpu, o.svg_path) != 0) fprintf(stderr, "bench: cannot write %s\n", o.svg_path);
     else printf("wrote %s\n", o.svg_path);
+    print_loadavg("at end");
     printf("total time %.1f s\n", now_s() - t_start);
 
     for (i = 1; i <= MAX_THREADS; i++)

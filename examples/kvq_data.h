@@ -10,6 +10,7 @@
    with overflow checks, compares the file size with what the header implies
    (truncated and oversized files are both errors), rejects NaN/Inf payloads, and
    reports failure as a KVQD_ERR_* code plus a message. Bad bytes never crash.
+   Loaders zero their output first, so freeing it after a failure is safe.
 
    stb-style: include anywhere for the declarations; in exactly one .c file
 
@@ -449,12 +450,12 @@ static void kvqd__checkpoint_map(kvqd_checkpoint *ck)
 int kvqd_checkpoint_load(kvqd_checkpoint *ck, const char *path, char *err, size_t err_size)
 {
     FILE *f;
-    unsigned char hb[28];
+    unsigned char hb[28] = { 0 };
     int32_t hdr[7];
     size_t n_floats, fsize, i, bad;
     int rc;
+    if (ck) memset(ck, 0, sizeof *ck);
     if (!ck || !path) return kvqd__fail(err, err_size, KVQD_ERR_ARG, "NULL argument");
-    memset(ck, 0, sizeof *ck);
     f = fopen(path, "rb");
     if (!f) return kvqd__fail(err, err_size, KVQD_ERR_IO, "%s: cannot open", path);
     if (!kvqd__read(f, hb, sizeof hb)) {
@@ -564,8 +565,8 @@ int kvqd_tokenizer_parse(kvqd_tokenizer *t, const void *bytes, size_t n_bytes, i
     size_t pos, blob_bytes = 0;
     int n = 0, i, maxlen;
     char *w;
+    if (t) memset(t, 0, sizeof *t);
     if (!t || (!b && n_bytes)) return kvqd__fail(err, err_size, KVQD_ERR_ARG, "NULL argument");
-    memset(t, 0, sizeof *t);
     if (vocab_size > KVQD_MAX_VOCAB)
         return kvqd__fail(err, err_size, KVQD_ERR_RANGE, "vocab_size %d too large", vocab_size);
     if (n_bytes < 4) return kvqd__fail(err, err_size, KVQD_ERR_TRUNCATED, "tokenizer shorter than its 4-byte header");
@@ -639,8 +640,8 @@ int kvqd_tokenizer_load(kvqd_tokenizer *t, const char *path, int vocab_size, cha
     unsigned char *buf;
     size_t n;
     int rc;
+    if (t) memset(t, 0, sizeof *t);
     if (!t || !path) return kvqd__fail(err, err_size, KVQD_ERR_ARG, "NULL argument");
-    memset(t, 0, sizeof *t);
     rc = kvqd__read_all(path, KVQD_MAX_TOKENIZER_BYTES, &buf, &n, err, err_size);
     if (rc != KVQD_OK) return rc;
     rc = kvqd_tokenizer_parse(t, buf, n, vocab_size, err, err_size);
@@ -848,7 +849,7 @@ int kvqd_dump_init(kvqd_dump *d, int n_layers, int n_heads, int n_kv_heads, int 
     d->rope_theta = 10000.0f;
     rc = kvqd_dump_check(d, err, err_size);
     if (rc != KVQD_OK) return rc;
-    d->tokens = (int32_t *)calloc((size_t)n_tokens, sizeof(int32_t));
+    d->tokens = (int32_t *)calloc((size_t)n_tokens + 1, sizeof(int32_t));
     d->data = (float *)calloc(d->n_data_floats ? d->n_data_floats : 1, sizeof(float));
     if (!d->tokens || !d->data) { kvqd_dump_free(d); return kvqd__fail(err, err_size, KVQD_ERR_NOMEM, "out of memory"); }
     return KVQD_OK;
@@ -859,13 +860,13 @@ static const char kvqd__magic[8] = { 'K', 'V', 'D', 'U', 'M', 'P', '0', '1' };
 int kvqd_dump_load(kvqd_dump *d, const char *path, char *err, size_t err_size)
 {
     FILE *f;
-    unsigned char h[KVQD_DUMP_HEADER_BYTES];
+    unsigned char h[KVQD_DUMP_HEADER_BYTES] = { 0 };
     int32_t v[16];
     float th[4];
     size_t fsize, want, bad, i;
     int rc;
+    if (d) memset(d, 0, sizeof *d);
     if (!d || !path) return kvqd__fail(err, err_size, KVQD_ERR_ARG, "NULL argument");
-    memset(d, 0, sizeof *d);
     f = fopen(path, "rb");
     if (!f) return kvqd__fail(err, err_size, KVQD_ERR_IO, "%s: cannot open", path);
     if (!kvqd__read(f, h, sizeof h)) { fclose(f); return kvqd__fail(err, err_size, KVQD_ERR_TRUNCATED, "%s: shorter than the 88-byte header", path); }
@@ -984,8 +985,9 @@ int kvqd_tokens_load(const char *path, int vocab_limit, int **ids, int *n_ids, c
     unsigned char *buf;
     size_t n, i, line = 1;
     int *out = NULL, cnt = 0, cap = 0, rc;
+    if (ids) *ids = NULL;
+    if (n_ids) *n_ids = 0;
     if (!path || !ids || !n_ids) return kvqd__fail(err, err_size, KVQD_ERR_ARG, "NULL argument");
-    *ids = NULL; *n_ids = 0;
     rc = kvqd__read_all(path, KVQD_MAX_TOKENS_FILE, &buf, &n, err, err_size);
     if (rc != KVQD_OK) return rc;
     if (n >= 8 && memcmp(buf, kvqd__magic, 8) == 0) {
@@ -1000,7 +1002,7 @@ int kvqd_tokens_load(const char *path, int vocab_limit, int **ids, int *n_ids, c
                 return kvqd__fail(err, err_size, KVQD_ERR_RANGE, "%s: token id %d >= vocabulary size %d", path, tok, vocab_limit);
             }
         }
-        out = (int *)malloc((size_t)d.n_tokens * sizeof(int));
+        out = (int *)malloc(((size_t)d.n_tokens + 1) * sizeof(int)); /* n_tokens >= 1; +1 keeps analyzers calm */
         if (!out) { kvqd_dump_free(&d); return kvqd__fail(err, err_size, KVQD_ERR_NOMEM, "out of memory"); }
         for (i = 0; i < (size_t)d.n_tokens; i++) out[i] = d.tokens[i];
         *ids = out; *n_ids = d.n_tokens;

@@ -120,7 +120,7 @@ static int eval_dump(const kvqd_dump *d, const char *dump_name, const char *conf
     const int D = d->head_dim, grp = d->n_heads / d->n_kv_heads, W = d->window;
     const double scale = 1.0 / sqrt((double)D);
     llm_cache_spec spec;
-    char err[256];
+    char err[256] = "";
     float *kr = NULL, *vr = NULL, *qbuf = NULL, *obuf = NULL;
     double *lp_ex = NULL, *lp_rd = NULL, *o_ex = NULL, *o_rd = NULL;
     int l, h, w0, rc = -1;
@@ -287,7 +287,7 @@ static int write_svg(const char *path, result *res, int n, int x_actual)
 {
     static const char *const colours[] = { "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b" };
     const double Wd = 760, Ht = 500, ml = 80, mr = 30, mt = 50, mb = 60;
-    double xmin = INFINITY, xmax = -INFINITY, ymin = INFINITY, ymax = -INFINITY, xstep, x;
+    double xmin = INFINITY, xmax = -INFINITY, ymin = INFINITY, ymax = -INFINITY, xstep;
     const char *dumps[MAX_DUMPS];
     static double boxes[2 * MAX_DUMPS * MAX_CONFIGS][3]; /* points and labels: x, bottom y, width */
     int n_dumps = 0, n_boxes = 0, i, j, e;
@@ -322,8 +322,8 @@ static int write_svg(const char *path, result *res, int n, int x_actual)
         fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", ml, y, Wd - mr, y);
         fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">1e%d</text>\n", ml - 6, y + 4, e);
     }
-    for (x = ceil(xmin); x <= xmax + 1e-9; x += xstep) {
-        double px = SX(x);
+    for (e = 0; ceil(xmin) + e * xstep <= xmax + 1e-9; e++) {
+        double x = ceil(xmin) + e * xstep, px = SX(x);
         fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#eee\"/>\n", px, mt, px, Ht - mb);
         fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%g</text>\n", px, Ht - mb + 18, x);
     }
@@ -413,7 +413,7 @@ int main(int argc, char **argv)
     if (!res) { fprintf(stderr, "kvq_eval: out of memory\n"); return 1; }
     for (i = 0; i < n_dumps && rc == 0; i++) {
         kvqd_dump d;
-        char err[256];
+        char err[256] = "";
         if (kvqd_dump_load(&d, dumps[i], err, sizeof err) != KVQD_OK) {
             fprintf(stderr, "kvq_eval: %s\n", err);
             rc = 1;
@@ -425,6 +425,16 @@ int main(int argc, char **argv)
             rc = 1;
             break;
         }
+        for (j = 0; j < n_configs; j++) { /* every config is checked before any work */
+            llm_cache_spec spec;
+            if (llm_parse_config(configs[j], d.head_dim, 1, d.window < d.n_tokens ? d.window : d.n_tokens, &spec, err,
+                                 sizeof err) != 0 || spec.fp32) {
+                fprintf(stderr, "kvq_eval: %s\n", spec.fp32 ? "fp32 is the reference itself; k16v16 is the fp16 baseline" : err);
+                rc = 1;
+                break;
+            }
+        }
+        if (rc != 0) { kvqd_dump_free(&d); break; }
         printf("%s: %d layers, %d/%d heads, head_dim %d, %d tokens in windows of %d\n", base_name(dumps[i]),
                d.n_layers, d.n_heads, d.n_kv_heads, d.head_dim, d.n_tokens, d.window);
         printf("  %-10s %6s %6s %10s %10s %10s %10s %10s  %-16s %6s\n", "config", "bits", "bits", "K relMSE", "V relMSE",

@@ -95,7 +95,7 @@ static int generate(const kvqd_checkpoint *ck, const kvqd_tokenizer *tok, const 
 {
     llm_cache_spec spec;
     llm_run run;
-    char err[256], piece[64];
+    char err[256] = "", piece[64];
     int *ids, n_ids = 0, token, pos = 0, next = 0, rc = 0, stopped = 0;
     prob_id *scratch;
     uint64_t rng = seed ? seed : 0x9E3779B97F4A7C15ULL;
@@ -106,8 +106,8 @@ static int generate(const kvqd_checkpoint *ck, const kvqd_tokenizer *tok, const 
         fprintf(stderr, "%s\n", err);
         return 1;
     }
-    ids = (int *)malloc((plen + 3) * sizeof(int));
-    scratch = (prob_id *)malloc((size_t)p->vocab_size * sizeof(prob_id));
+    ids = (int *)calloc(plen + 3, sizeof(int));
+    scratch = (prob_id *)calloc((size_t)p->vocab_size + 1, sizeof(prob_id));
     if (!ids || !scratch) { free(ids); free(scratch); fprintf(stderr, "out of memory\n"); return 1; }
     if (kvqd_tokenizer_encode(tok, prompt ? prompt : "", 1, 0, ids, (int)plen + 3, &n_ids, err, sizeof err) != KVQD_OK) {
         fprintf(stderr, "encode: %s\n", err);
@@ -119,6 +119,7 @@ static int generate(const kvqd_checkpoint *ck, const kvqd_tokenizer *tok, const 
         free(ids); free(scratch);
         return 1;
     }
+    if (n_ids < 1) ids[n_ids++] = tok->bos_id;
     if (steps <= 0 || steps > p->seq_len) steps = p->seq_len;
     if (n_ids > steps) n_ids = steps;
     token = ids[0];
@@ -153,9 +154,16 @@ static int score(const kvqd_checkpoint *ck, const int *tokens, int n_tokens, con
     float *ref;
     llm_cache_spec fp32;
     llm_score_result base;
-    char err[256];
+    char err[256] = "";
     if (n_pred < 1) { fprintf(stderr, "need at least 2 tokens\n"); return 1; }
-    ref = (float *)malloc((size_t)n_pred * (size_t)p->vocab_size * sizeof(float));
+    for (i = 0; i < n_configs; i++) { /* every config is checked before any work */
+        llm_cache_spec spec;
+        if (llm_parse_config(configs[i], p->head_dim, p->n_kv_heads, p->seq_len, &spec, err, sizeof err) != 0) {
+            fprintf(stderr, "%s\n", err);
+            return 1;
+        }
+    }
+    ref = (float *)calloc((size_t)n_pred * (size_t)p->vocab_size, sizeof(float));
     if (!ref) { fprintf(stderr, "out of memory\n"); return 1; }
     llm_parse_config("fp32", p->head_dim, p->n_kv_heads, p->seq_len, &fp32, err, sizeof err);
     if (llm_score(ck, &fp32, tokens, n_tokens, NULL, ref, &base, err, sizeof err) != 0) {
@@ -192,7 +200,7 @@ static int score(const kvqd_checkpoint *ck, const int *tokens, int n_tokens, con
 
 static int load_model(const char *model, const char *tokpath, kvqd_checkpoint *ck, kvqd_tokenizer *tok)
 {
-    char err[256];
+    char err[256] = "";
     if (kvqd_checkpoint_load(ck, model, err, sizeof err) != KVQD_OK) {
         fprintf(stderr, "model: %s\n", err);
         return 1;
@@ -210,7 +218,7 @@ static int demo(void)
     kvqd_checkpoint ck;
     kvqd_tokenizer tok;
     int *tokens = NULL, n_tokens = 0, rc;
-    char err[256];
+    char err[256] = "";
     if (load_model(DEMO_MODEL, DEMO_TOK, &ck, &tok) != 0) {
         fprintf(stderr, "(the demo reads examples/data/: run it from the repository root)\n");
         usage();
@@ -249,7 +257,7 @@ int main(int argc, char **argv)
 {
     kvqd_checkpoint ck;
     kvqd_tokenizer tok;
-    char err[256];
+    char err[256] = "";
     int i, rc;
     if (argc == 1) return demo();
     if (strcmp(argv[1], "generate") == 0 && argc >= 4) {

@@ -131,11 +131,11 @@ int llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tok
     size_t n, i;
     int seen[128];
     kvq_config c;
+    if (out) memset(out, 0, sizeof *out);
     if (!spec || !out) return llm__fail(err, err_size, -1, "NULL config");
     n = strlen(spec);
     if (n == 0 || n >= sizeof low) return llm__fail(err, err_size, -1, "config '%s': empty or too long", spec);
     for (i = 0; i <= n; i++) low[i] = (char)tolower((unsigned char)spec[i]);
-    memset(out, 0, sizeof *out);
     memcpy(out->name, low, n + 1 < sizeof out->name ? n + 1 : sizeof out->name - 1);
     c = kvq_default_config(head_dim, n_kv_heads, max_tokens);
     if (strcmp(low, "fp32") == 0) { out->fp32 = 1; out->cfg = c; return 0; }
@@ -174,8 +174,9 @@ int llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tok
         c.residual_tokens += c.group_size - c.residual_tokens % c.group_size;
     out->cfg = c;
     if (kvq_cache_bytes(&c) == 0)
-        return llm__fail(err, err_size, -1, "config '%s': kvq rejects it (k%d v%d g%d r%d s%d, head_dim %d)", spec,
-                         c.key_bits, c.value_bits, c.group_size, c.residual_tokens, c.sink_tokens, head_dim);
+        return llm__fail(err, err_size, -1, "config '%s': kvq rejects it as invalid or unsupported "
+                         "(k%d v%d g%d r%d s%d rotation %d, head_dim %d, max_tokens %d)", spec, c.key_bits,
+                         c.value_bits, c.group_size, c.residual_tokens, c.sink_tokens, c.rotation, head_dim, max_tokens);
     return 0;
 }
 
@@ -211,8 +212,8 @@ int llm_run_init(llm_run *r, const kvqd_checkpoint *ck, const llm_cache_spec *sp
 {
     const kvqd_llama_config *p;
     int l, pos, i, half;
+    if (r) memset(r, 0, sizeof *r);
     if (!r || !ck || !ck->data || !spec) return llm__fail(err, err_size, -1, "NULL argument");
-    memset(r, 0, sizeof *r);
     r->ck = ck;
     r->spec = *spec;
     p = &ck->cfg;
@@ -269,6 +270,7 @@ int llm_run_init(llm_run *r, const kvqd_checkpoint *ck, const llm_cache_spec *sp
 void llm_run_reset(llm_run *r)
 {
     int l;
+    if (!r || !r->ck) return;
     r->pos = 0;
     if (r->caches)
         for (l = 0; l < r->ck->cfg.n_layers; l++) kvq_cache_reset(r->caches[l]);
@@ -345,12 +347,16 @@ static void llm__attention_fp32(llm_run *r, const float *kc, const float *vc, in
 
 const float *llm_forward(llm_run *r, int token, char *err, size_t err_size)
 {
-    const kvqd_checkpoint *ck = r->ck;
-    const kvqd_llama_config *p = &ck->cfg;
-    const kvqd_llama_weights *w = &ck->w;
-    int dim = p->dim, kvd = p->kv_dim, hid = p->hidden_dim, pos = r->pos, l, i;
-    size_t L_dd = (size_t)dim * dim, L_kd = (size_t)kvd * dim, L_hd = (size_t)hid * dim;
+    const kvqd_checkpoint *ck;
+    const kvqd_llama_config *p;
+    const kvqd_llama_weights *w;
+    int dim, kvd, hid, pos, l, i;
+    size_t L_dd, L_kd, L_hd;
     const float *cs, *sn;
+    if (!r || !r->ck || !r->x) { llm__fail(err, err_size, -1, "llm_forward: run not initialized"); return NULL; }
+    ck = r->ck; p = &ck->cfg; w = &ck->w;
+    dim = p->dim; kvd = p->kv_dim; hid = p->hidden_dim; pos = r->pos;
+    L_dd = (size_t)dim * dim; L_kd = (size_t)kvd * dim; L_hd = (size_t)hid * dim;
     if (token < 0 || token >= p->vocab_size) { llm__fail(err, err_size, -1, "token %d out of range", token); return NULL; }
     if (pos >= p->seq_len) { llm__fail(err, err_size, -1, "window full (%d tokens)", pos); return NULL; }
     cs = r->rope_cos + (size_t)pos * (p->head_dim / 2);
@@ -402,7 +408,7 @@ double llm_run_bits_actual(const llm_run *r)
     const kvqd_llama_config *p = &r->ck->cfg;
     double bytes = 0.0, elems;
     int l, tokens = 0;
-    if (r->spec.fp32) return 32.0;
+    if (!r->caches) return r->spec.fp32 ? 32.0 : 0.0;
     for (l = 0; l < p->n_layers; l++) {
         bytes += (double)kvq_cache_payload_bytes(r->caches[l]);
         tokens += kvq_cache_tokens(r->caches[l]);

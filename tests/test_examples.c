@@ -142,7 +142,7 @@ static int parse_tok_bytes(const unsigned char *b, size_t n, int vocab)
     char err[256];
     int rc = kvqd_tokenizer_parse(&t, b, n, vocab, err, sizeof err);
     if (rc == KVQD_OK) {
-        int ids[64], m;
+        int ids[64], m = 0;
         /* a parsed tokenizer must also encode and decode without trouble */
         if (kvqd_tokenizer_encode(&t, "a b\xc3\xa9z", 1, 1, ids, 64, &m, err, sizeof err) == KVQD_OK) {
             int i;
@@ -186,7 +186,8 @@ static void test_checkpoint(void)
         CHECKF(nf == (size_t)(176 + 32 + 512 + 256 + 256 + 512 + 32 + 3 * 768 + 16 + 32 + (shared ? 0 : 176)),
                "nf=%lu", (unsigned long)nf);
         CHECK(got.head_dim == 4 && got.kv_dim == 8 && got.vocab_size == 11 && got.shared_classifier == shared);
-        w = (float *)malloc(nf * sizeof(float));
+        w = (float *)calloc(nf, sizeof(float));
+        if (!w) { CHECK(w != NULL); return; }
         for (i = 0; i < nf; i++) w[i] = (float)i * 0.001f;
         CHECK(kvqd_checkpoint_write(tmp_path("tiny.bin"), &c, w, nf, err, sizeof err) == KVQD_OK);
         CHECK(kvqd_checkpoint_write(tmp_path("tiny_bad.bin"), &c, w, nf - 1, err, sizeof err) == KVQD_ERR_ARG);
@@ -307,7 +308,7 @@ static void test_tokenizer(void)
     };
     unsigned char buf[8192];
     size_t n, i;
-    int vocab, ids[64], m, rc;
+    int vocab, ids[64] = { 0 }, m = 0, rc;
     kvqd_tokenizer t;
     char err[256], out[32];
     const int B = 3 + 256; /* first piece id after the byte pieces */
@@ -394,7 +395,7 @@ static void test_real_tokenizer(const char *tok_path, int vocab, const int *ids,
 {
     kvqd_tokenizer t;
     char err[256], buf[64], dec[4096];
-    int enc[1024], m, i, rc, len = 0;
+    int enc[1024], m = 0, i, rc, len = 0;
     rc = kvqd_tokenizer_load(&t, tok_path, vocab, err, sizeof err);
     CHECKF(rc == KVQD_OK, "%s", err);
     if (rc != KVQD_OK) return;
@@ -628,7 +629,8 @@ static void model_checks(const char *name, const char *model, const char *tokens
     if (rc != KVQD_OK) { kvqd_checkpoint_free(&ck); return; }
     n_pred = llm_count_predictions(n_ids, ck.cfg.seq_len);
     CHECKF(n_pred == want_pred, "%s: %d predictions", name, n_pred);
-    ref = (float *)malloc((size_t)n_pred * ck.cfg.vocab_size * sizeof(float));
+    ref = (float *)calloc((size_t)n_pred * ck.cfg.vocab_size + 1, sizeof(float));
+    memset(&r32, 0, sizeof r32); memset(&r16, 0, sizeof r16); memset(&r2, 0, sizeof r2); memset(&r4, 0, sizeof r4);
     llm_parse_config("fp32", ck.cfg.head_dim, ck.cfg.n_kv_heads, ck.cfg.seq_len, &fp32, err, sizeof err);
     llm_parse_config("k16v16", ck.cfg.head_dim, ck.cfg.n_kv_heads, ck.cfg.seq_len, &fp16, err, sizeof err);
     rc = llm_score(&ck, &fp32, ids, n_ids, NULL, ref, &r32, err, sizeof err);

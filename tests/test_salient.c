@@ -1,0 +1,236 @@
+/* Importance-aware mixed precision: salient tokens are kept at salient_bits in a
+   side store and left out of their block's ranges. */
+#define KVQ_IMPLEMENTATION
+#include "../kvq.h"
+#include "test_util.h"
+
+static kvq_config salient_config(int D, float ratio, int bits, int policy) {
+    kvq_config cfg = kvq_default_config(D, 2, 512);
+    cfg.salient_ratio = ratio;
+    cfg.salient_bits = bits;
+    cfg.salient_policy = policy;
+    cfg.residual_tokens = 32;
+    return cfg;
+}
+
+/* Salient tokens reconstruct within their 8-bit step (or fp16 rounding at 16 bits). */
+static void test_reconstruction(void) {
+    int bits;
+    for (bits = 8; bits <= 16; bits += 8) {
+        kvq_config cfg = salient_config(64, 0.1f, bits, KVQ_SALIENT_ERROR);
+        kvq_cache *c = NULL;
+        const int T = 300, H = 2, D = 64;
+        size_t n = (size_t)T * H * D;
+        float *k = (float *)tu_alloc(n * 4), *v = (float *)tu_alloc(n * 4);
+        float *kr = (float *)tu_alloc(n * 4), *vr = (float *)tu_alloc(n * 4);
+        tu_rng r = {8};
+        int b, j, h, ch, bad = 0, count = 0;
+        tu_fill_kv(&r, TU_STRUCTURED, T, H, D, k, v);
+        CHECK(kvq_cache_create(&c, &cfg) == KVQ_OK, "create");
+        if (!c) return;
+        CHECK(c->n_salient == 3, "10%% of 32 is 3 per block, got %d", c->n_salient);
+        kvq_cache_append(c, k, v, T);
+        kvq_cache_read(c, 0, T, kr, vr);
+        for (h = 0; h < H; h++)
+            for (b = 0; b < c->n_kblocks; b++)
+                for (j = 0; j < c->n_salient; j++) {
+                    int t = b * 32 + kvq__side_index(kvq__side_entry(c, h, b, j));
+                    count++;
+                    for (ch = 0; ch < D; ch++) {
+                        size_t at = ((size_t)t * H + h) * D + ch;
+                        /* 8-bit group of 32 channels: half a step of that group's range */
+                        double lo = 1e30, hi = -1e30, tol;
+                        int u, c0 = ch / 32 * 32;
+                        for (u = c0; u < c0 + 32; u++) {
+                            double x = k[((size_t)t * H + h) * D + u];
+                            lo = x < lo ? x : lo;
+                            hi = x > hi ? x : hi;
+                        }
+                        tol = bits == 16 ? 4.9e-4 * fabs(k[at]) + 1e-7
+                                         : 0.5 * (hi - lo) / 255 * 1.001 + 4.9e-4 * (fabs(lo) + hi - lo + fabs(k[at])) + 1e-6;
+                        if (fabs(kr[at] - k[at]) > tol) bad++;
+                    }
+                }
+        CHECK(count == 2 * 8 * 3, "salient tokens: %d", count);
+        CHECK(bad == 0, "%d salient key elements outside their %d-bit step", bad, bits);
+        kvq_cache_destroy(c);
+        free(k); free(v); free(kr); free(vr);
+    }
+}
+
+/* A block with one huge token quantizes its other tokens as well as a block without it. */
+static void test_outlier_token(void) {
+    const int D = 32, T = 64;
+    kvq_config plain = kvq_default_config(D, 1, T), sal;
+    kvq_cache *a = NULL, *b = NULL, *p = NULL;
+    float k[64 * 32], v[64 * 32], k2[64 * 32], ra[64 * 32], rb[64 * 32], rp[64 * 32];
+    tu_rng r = {3};
+    double ea = 0, eb = 0, ep = 0;
+    int i, t, ch;
+    plain.residual_tokens = 0;
+    plain.group_size = 32;
+    sal = plain;
+    sal.salient_ratio = 1.0f / 32;
+    sal.salient_policy = KVQ_SALIENT_ERROR;
+    for (i = 0; i < T * D; i++) { k[i] = tu_normal(&r); v[i] = tu_normal(&r); }
+    memcpy(k2, k, sizeof k);
+    for (ch = 0; ch < D; ch++) k2[5 * D + ch] = 400.0f * (ch % 2 ? 1.0f : -1.0f); /* token 5: huge */
+    CHECK(kvq_cache_create(&a, &plain) == KVQ_OK && kvq_cache_create(&b, &sal) == KVQ_OK &&
+          kvq_cache_create(&p, &plain) == KVQ_OK, "create");
+    if (!a || !b || !p) return;
+    kvq_cache_append(a, k, v, T);  /* no outlier, plain */
+    kvq_cache_append(b, k2, v, T); /* outlier, salient */
+    kvq_cache_append(p, k2, v, T); /* outlier, plain */
+    kvq_cache_read(a, 0, T, ra, NULL);
+    kvq_cache_read(b, 0, T, rb, NULL);
+    kvq_cache_read(p, 0, T, rp, NULL);
+    for (t = 0; t < 32; t++) {
+        if (t == 5) continue;
+        for (ch = 0; ch < D; ch++) {
+            size_t at = (size_t)t * D + ch;
+            ea += (ra[at] - k[at]) * (ra[at] - k[at]);
+            eb += (rb[at] - k[at]) * (rb[at] - k[at]);
+            ep += (rp[at] - k[at]) * (rp[at] - k[at]);
+        }
+    }
+    CHECK(kvq__find_salient(b, 0, 0, 5) != NULL, "the huge token was not picked");
+    CHECK(eb <= ea * 1.0001 + 1e-9, "other tokens: %g with the outlier made salient vs %g without it", eb, ea);
+    CHECK(ep > 100 * ea, "the outlier should wreck a plain block (%g vs %g)", ep, ea);
+    {
+        double e5 = 0;
+        for (ch = 0; ch < D; ch++) e5 += (rb[5 * D + ch] - k2[5 * D + ch]) * (rb[5 * D + ch] - k2[5 * D + ch]);
+        CHECK(e5 < 1e-2 * 400 * 400 * D, "the salient token itself: %g", e5);
+    }
+    kvq_cache_destroy(a);
+    kvq_cache_destroy(b);
+    kvq_cache_destroy(p);
+}
+
+/* Both policies give the same bytes for the same calls. */
+static void test_determinism(void) {
+    int policy;
+    for (policy = 0; policy < 2; policy++) {
+        kvq_config cfg = salient_config(32, 0.1f, 8, policy);
+        kvq_cache *a = NULL, *b = NULL;
+        const int T = 200;
+        float *k = (float *)tu_alloc((size_t)T * 64 * 4), *v = (float *)tu_alloc((size_t)T * 64 * 4);
+        float q[4 * 32], o[4 * 32];
+        kvq_attn_params ap = {4, 1, 0.0f};
+        tu_rng r = {12};
+        size_t na, nb;
+        uint8_t *ia, *ib;
+        int t;
+        tu_fill_kv(&r, TU_STRUCTURED, T, 2, 32, k, v);
+        tu_fill_q(&r, TU_STRUCTURED, 4 * 32, 32, q);
+        kvq_cache_create(&a, &cfg);
+        kvq_cache_create(&b, &cfg);
+        for (t = 0; t < T; t++) {
+            kvq_cache_append(a, k + (size_t)t * 64, v + (size_t)t * 64, 1);
+            kvq_cache_append(b, k + (size_t)t * 64, v + (size_t)t * 64, 1);
+            kvq_attention(a, q, o, &ap);
+            kvq_attention(b, q, o, &ap);
+        }
+        na = kvq_cache_serialized_bytes(a);
+        nb = kvq_cache_serialized_bytes(b);
+        ia = (uint8_t *)tu_alloc(na);
+        ib = (uint8_t *)tu_alloc(nb);
+        kvq_cache_serialize(a, ia, na, NULL);
+        kvq_cache_serialize(b, ib, nb, NULL);
+        CHECK(na == nb && memcmp(ia, ib, na) == 0, "policy %d is not deterministic", policy);
+        kvq_cache_destroy(a);
+        kvq_cache_destroy(b);
+        free(ia); free(ib); free(k); free(v);
+    }
+}
+
+/* Scores: with GQA and several queries, each query adds the probability its heads gave
+   a waiting token, and counts once. Checked against the exact softmax. */
+static void test_scores(void) {
+    const int D = 16, H = 2, NQH = 6, NQ = 3, T = 40;
+    kvq_config cfg = kvq_default_config(D, H, 256);
+    kvq_cache *c = NULL;
+    float k[40 * 2 * 16], v[40 * 2 * 16], q[3 * 6 * 16], o[3 * 6 * 16];
+    double expect[2][40], seen[40];
+    kvq_attn_params ap = {NQH, NQ, 0.0f};
+    tu_rng r = {21};
+    int i, h, qh, t, ch, bad = 0;
+    cfg.salient_ratio = 0.1f;
+    cfg.residual_tokens = 64;
+    for (i = 0; i < 40 * 2 * 16; i++) { k[i] = tu_normal(&r); v[i] = tu_normal(&r); }
+    for (i = 0; i < 3 * 6 * 16; i++) q[i] = tu_normal(&r);
+    CHECK(kvq_cache_create(&c, &cfg) == KVQ_OK, "create");
+    if (!c) return;
+    kvq_cache_append(c, k, v, T);
+    CHECK(kvq_attention(c, q, o, &ap) == KVQ_OK, "attention");
+    memset(expect, 0, sizeof expect);
+    memset(seen, 0, sizeof seen);
+    for (i = 0; i < NQ; i++) {
+        int limit = T - NQ + i + 1;
+        for (t = 0; t < limit; t++) seen[t] += 1;
+        for (qh = 0; qh < NQH; qh++) {
+            double s[40], mx = -1e30, l = 0;
+            h = qh / (NQH / H);
+            for (t = 0; t < limit; t++) {
+                double d = 0;
+                for (ch = 0; ch < D; ch++)
+                    d += (double)q[((size_t)i * NQH + qh) * D + ch] *
+                         kvq__f16_to_f32(kvq__f32_to_f16(k[((size_t)t * H + h) * D + ch]));
+                s[t] = d / 4.0;
+                mx = s[t] > mx ? s[t] : mx;
+            }
+            for (t = 0; t < limit; t++) l += exp(s[t] - mx);
+            for (t = 0; t < limit; t++) expect[h][t] += exp(s[t] - mx) / l;
+        }
+    }
+    for (h = 0; h < H; h++)
+        for (t = 0; t < T; t++) {
+            size_t slot = (size_t)h * c->kcap + (size_t)t;
+            if (c->sal_seen[slot] != (uint32_t)seen[t] || fabs(c->sal_score[slot] - expect[h][t]) > 1e-5) bad++;
+        }
+    CHECK(bad == 0, "%d waiting tokens with a wrong score or count", bad);
+    kvq_cache_destroy(c);
+}
+
+static void test_bad_config(void) {
+    kvq_config cfg = salient_config(32, 0.1f, 8, 0);
+    CHECK(kvq_config_check(&cfg) == KVQ_OK, "valid");
+    cfg.salient_ratio = 1.0f;
+    CHECK(kvq_config_check(&cfg) == KVQ_ERR_INVALID, "ratio 1");
+    cfg.salient_ratio = -0.5f;
+    CHECK(kvq_config_check(&cfg) == KVQ_ERR_INVALID, "ratio < 0");
+    cfg.salient_ratio = 0.1f;
+    cfg.salient_bits = 4;
+    CHECK(kvq_config_check(&cfg) == KVQ_ERR_INVALID, "bits 4");
+    cfg.salient_bits = 8;
+    cfg.salient_policy = 7;
+    CHECK(kvq_config_check(&cfg) == KVQ_ERR_INVALID, "policy 7");
+}
+
+/* Accounting: the side store counts, index and scales included. */
+static void test_accounting(void) {
+    kvq_config cfg = kvq_default_config(128, 8, 4096);
+    kvq_cache *c = NULL;
+    float *k = (float *)tu_alloc(4096 * 8 * 128 * 4), *v = (float *)tu_alloc(4096 * 8 * 128 * 4);
+    tu_rng r = {1};
+    size_t i, expect;
+    cfg.salient_ratio = 0.1f;
+    for (i = 0; i < 4096u * 8 * 128; i++) { k[i] = tu_normal(&r); v[i] = tu_normal(&r); }
+    kvq_cache_create(&c, &cfg);
+    kvq_cache_append(c, k, v, 4096);
+    /* 4096 tokens: 124 blocks (3968) + 128 waiting; 3 salient per block of 2 + 8*4 + 256 bytes */
+    expect = 8 * (124 * (size_t)(512 + 1024) + 128 * 256 + 3968 * (size_t)(16 + 32) + 128 * 256 + 124 * 3 * 290);
+    CHECK(kvq_cache_payload_bytes(c) == expect, "payload %zu, expected %zu", kvq_cache_payload_bytes(c), expect);
+    kvq_cache_destroy(c);
+    free(k);
+    free(v);
+}
+
+int main(void) {
+    test_bad_config();
+    test_reconstruction();
+    test_outlier_token();
+    test_determinism();
+    test_scores();
+    test_accounting();
+    return tu_finish("test_salient");
+}

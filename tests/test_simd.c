@@ -1,0 +1,388 @@
+/* Contract tests of the ISA kernels: for every ISA kvq_set_isa() accepts here,
+   against KVQ_ISA_SCALAR on the same inputs,
+   - the quantized bytes are identical (key blocks, value params and codes, sinks, rings),
+   - kvq_cache_read() is identical,
+   - attention (and the split API) is within NMSE 1e-6 of scalar,
+   over bits 2/3/4/8/16 (also mixed), G 16..128, head_dim 8..256, GQA 1..8,
+   several queries, sinks, residual 0 and 128, ragged token counts; at 64K
+   tokens; and on the real KV dumps in ../shared/data when they are there. */
+#define KVQ_IMPLEMENTATION
+#include "../kvq.h"
+#include "test_util.h"
+#define KVQ_DATA_IMPLEMENTATION
+#include "../examples/kvq_data.h"
+
+#define NMSE_MAX 1e-6
+
+#ifdef __aarch64__
+#define LONG_T (1 << 16) /* qemu is slow: the long case once, smaller heads */
+#define LONG_D 64
+#else
+#define LONG_T (1 << 16)
+#define LONG_D 128
+#endif
+
+static int isas[4], n_isas;
+static double worst_nmse;
+
+static double nmse(const float *a, const float *b, size_t n) {
+    double e = 0.0, r = 0.0;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        e += d * d;
+        r += (double)b[i] * b[i];
+    }
+    return r > 0.0 ? e / r : e;
+}
+
+/* Creates a cache under isa and appends K, V in chunks (exercising the ring). */
+static kvq_cache *build(const kvq_config *cfg, kvq_isa isa, const float *K, const float *V, int T) {
+    kvq_cache *c = NULL;
+    size_t row = (size_t)cfg->n_kv_heads * cfg->head_dim;
+    int t = 0, step = 1;
+    kvq_set_isa(isa);
+    if (kvq_cache_create(&c, cfg) != KVQ_OK) return NULL;
+    while (t < T) {
+        int n = T - t < step ? T - t : step;
+        if (kvq_cache_append(c, K + row * t, V + row * t, n) != KVQ_OK) {
+            kvq_cache_destroy(c);
+            return NULL;
+        }
+        t += n;
+        step = step * 3 + 1;
+    }
+    return c;
+}
+
+/* Every stored byte that means something: sinks, key blocks, values, waiting rows. */
+static int same_bytes(const kvq_cache *a, const kvq_cache *b) {
+    const int H = a->cfg.n_kv_heads, D = a->cfg.head_dim, G = a->cfg.group_size;
+    const int after = a->n_tokens > a->cfg.sink_tokens ? a->n_tokens - a->cfg.sink_tokens : 0;
+    const int sinks = a->n_tokens - after;
+    int h, i;
+    if (a->n_tokens != b->n_tokens || a->n_kblocks != b->n_kblocks || a->n_vquant != b->n_vquant) return 0;
+    for (h = 0; h < H; h++) {
+        if (sinks && (memcmp(kvq__sink_row(a, a->sink_k, h, 0), kvq__sink_row(b, b->sink_k, h, 0), (size_t)sinks * D * 2) ||
+                      memcmp(kvq__sink_row(a, a->sink_v, h, 0), kvq__sink_row(b, b->sink_v, h, 0), (size_t)sinks * D * 2)))
+            return 0;
+        if (a->n_kblocks && memcmp(kvq__key_block(a, h, 0), kvq__key_block(b, h, 0), a->kblock_bytes * a->n_kblocks))
+            return 0;
+        if (a->n_vquant && (memcmp(kvq__value_codes(a, h, 0), kvq__value_codes(b, h, 0), a->vcode_bytes * a->n_vquant) ||
+                            memcmp(kvq__value_params(a, h, 0), kvq__value_params(b, h, 0), a->vparam_bytes * a->n_vquant)))
+            return 0;
+        for (i = a->n_kblocks * G; i < after; i++)
+            if (memcmp(kvq__ring_k_row(a, h, i), kvq__ring_k_row(b, h, i), (size_t)D * 2)) return 0;
+        for (i = a->n_vquant; i < after; i++)
+            if (memcmp(kvq__ring_v_row(a, h, i), kvq__ring_v_row(b, h, i), (size_t)D * 2)) return 0;
+    }
+    return 1;
+}
+
+/* Attention of cache c under isa; split = 1: three token ranges, two KV-head ranges, merged. */
+static int attend(kvq_cache *c, kvq_isa isa, const float *q, const kvq_attn_params *ap, int split, float *out) {
+    int T = c->n_tokens, H = c->cfg.n_kv_heads, k, ok = 1;
+    kvq_set_isa(isa);
+    if (!split) return kvq_attention(c, q, out, ap) == KVQ_OK;
+    {
+        size_t nf = kvq_attention_state_floats(c, ap);
+        float *st[3];
+        int cut[4];
+        cut[0] = 0;
+        cut[1] = T / 3 + 1;
+        cut[2] = 2 * T / 3 + 5 < T ? 2 * T / 3 + 5 : T;
+        cut[3] = T;
+        for (k = 0; k < 3; k++) {
+            int hm = H / 2 > 0 ? H / 2 : 1;
+            st[k] = (float *)tu_alloc(nf * sizeof(float));
+            ok &= kvq_attention_partial(c, q, ap, cut[k], cut[k + 1], 0, hm, st[k]) == KVQ_OK;
+            if (hm < H) ok &= kvq_attention_partial(c, q, ap, cut[k], cut[k + 1], hm, H, st[k]) == KVQ_OK;
+        }
+        ok &= kvq_attention_merge(c, ap, (const float *const *)st, 3, out) == KVQ_OK;
+        for (k = 0; k < 3; k++) free(st[k]);
+    }
+    return ok;
+}
+
+typedef struct shape {
+    int kb, vb, G, D, H, ratio, nq, S, R, T, kind, rot;
+} shape;
+
+static void check_shape(const shape *s, int split) {
+    kvq_config cfg = kvq_default_config(s->D, s->H, s->T + 8);
+    size_t n = (size_t)s->T * s->H * s->D, nout;
+    float *K = (float *)tu_alloc(n * 4), *V = (float *)tu_alloc(n * 4);
+    float *Ka = (float *)tu_alloc(n * 4), *Va = (float *)tu_alloc(n * 4);
+    float *Kb = (float *)tu_alloc(n * 4), *Vb = (float *)tu_alloc(n * 4);
+    float *q, *ref, *out;
+    kvq_cache *base, *c;
+    kvq_attn_params ap;
+    tu_rng r;
+    int i;
+    cfg.key_bits = s->kb;
+    cfg.value_bits = s->vb;
+    cfg.group_size = s->G;
+    cfg.sink_tokens = s->S;
+    cfg.residual_tokens = s->R;
+    cfg.rotation = s->rot;
+    ap.n_q_heads = s->H * s->ratio;
+    ap.n_queries = s->nq;
+    ap.scale = 0.0f;
+    nout = (size_t)s->nq * ap.n_q_heads * s->D;
+    q = (float *)tu_alloc(nout * 4);
+    ref = (float *)tu_alloc(nout * 4);
+    out = (float *)tu_alloc(nout * 4);
+    r.s = 0x51d0c0ffee123457ull ^ (uint64_t)(s->T * 131 + s->D * 7 + s->kb + s->G);
+    tu_fill_kv(&r, s->kind, s->T, s->H, s->D, K, V);
+    tu_fill_q(&r, s->kind, nout, s->D, q);
+    base = build(&cfg, KVQ_ISA_SCALAR, K, V, s->T);
+    CHECK(base != NULL, "scalar cache k%d v%d G%d D%d", s->kb, s->vb, s->G, s->D);
+    if (!base) goto done;
+    CHECK(kvq_cache_read(base, 0, s->T, Ka, Va) == KVQ_OK, "read");
+    CHECK(attend(base, KVQ_ISA_SCALAR, q, &ap, 0, ref), "scalar attention");
+    for (i = 0; i < n_isas; i++) {
+        kvq_isa isa = (kvq_isa)isas[i];
+        double e;
+        c = build(&cfg, isa, K, V, s->T);
+        CHECK(c != NULL, "%s cache", kvq_isa_name(isa));
+        if (!c) continue;
+        CHECK(same_bytes(base, c), "%s: packed bytes differ (k%d v%d G%d D%d S%d R%d T%d)", kvq_isa_name(isa),
+              s->kb, s->vb, s->G, s->D, s->S, s->R, s->T);
+        CHECK(kvq_cache_read(c, 0, s->T, Kb, Vb) == KVQ_OK && !memcmp(Ka, Kb, n * 4) && !memcmp(Va, Vb, n * 4),
+              "%s: kvq_cache_read differs", kvq_isa_name(isa));
+        CHECK(attend(base, isa, q, &ap, split, out), "%s attention", kvq_isa_name(isa));
+        e = nmse(out, ref, nout);
+        if (e > worst_nmse) worst_nmse = e;
+        CHECK(e <= NMSE_MAX, "%s: attention NMSE %.3g (k%d v%d G%d D%d H%d x%d nq%d S%d R%d T%d kind%d split%d)",
+              kvq_isa_name(isa), e, s->kb, s->vb, s->G, s->D, s->H, s->ratio, s->nq, s->S, s->R, s->T, s->kind,
+              split);
+        kvq_cache_destroy(c);
+    }
+done:
+    kvq_set_isa(KVQ_ISA_SCALAR);
+    kvq_cache_destroy(base);
+    free(K); free(V); free(Ka); free(Va); free(Kb); free(Vb); free(q); free(ref); free(out);
+}
+
+/* Byte identity on the edge cases of min/max and rounding: signed zeros (the scalar scan keeps
+   the first of equal values), constant groups (s = 0), exact halves (ties to even), tiny and
+   huge ranges (subnormal fp16 scales, 65504). */
+static void test_edges(void) {
+    static const float pool[] = {0.0f, -0.0f, 1.0f, -1.0f, 0.5f, 2.5f, 1e-7f, -3e-8f, 65504.0f, -65504.0f, 0.25f};
+    int bits, G, kind;
+    for (kind = 0; kind < 3; kind++)
+        for (bits = 2; bits <= 8; bits = bits == 4 ? 8 : bits + 1)
+            for (G = 16; G <= 64; G *= 4) {
+                const int D = 48, H = 2, T = 3 * G + 129;
+                size_t n = (size_t)T * H * D, i;
+                float *K = (float *)tu_alloc(n * 4), *V = (float *)tu_alloc(n * 4);
+                kvq_config cfg = kvq_default_config(D, H, T);
+                kvq_cache *base, *c;
+                tu_rng r;
+                int k;
+                r.s = 0x1234567ull + (uint64_t)(bits * 131 + G + kind * 7);
+                for (i = 0; i < n; i++) {
+                    uint64_t u = tu_next(&r);
+                    if (kind == 0) { /* zeros of both signs among small values */
+                        K[i] = pool[u % 5];
+                        V[i] = pool[(u >> 8) % 5];
+                    } else if (kind == 1) { /* constant runs: zero ranges */
+                        K[i] = (i / (size_t)(D * H)) % 3 == 0 ? -0.0f : pool[(i % 7) % 5];
+                        V[i] = (i / 16) % 2 ? 0.0f : -0.0f;
+                    } else { /* everything in the pool, ties and extremes */
+                        K[i] = pool[u % 11];
+                        V[i] = pool[(u >> 16) % 11] * (float)((u >> 32) % 2) * ((u >> 40) % 2 ? 1.0f : -1.0f);
+                    }
+                }
+                cfg.key_bits = cfg.value_bits = bits;
+                cfg.group_size = G;
+                cfg.residual_tokens = 0;
+                base = build(&cfg, KVQ_ISA_SCALAR, K, V, T);
+                CHECK(base != NULL, "edge cache");
+                for (k = 0; base && k < n_isas; k++) {
+                    c = build(&cfg, (kvq_isa)isas[k], K, V, T);
+                    CHECK(c && same_bytes(base, c), "%s: edge-case bytes differ (kind %d, %d-bit, G%d)",
+                          kvq_isa_name((kvq_isa)isas[k]), kind, bits, G);
+                    kvq_cache_destroy(c);
+                }
+                kvq_set_isa(KVQ_ISA_SCALAR);
+                kvq_cache_destroy(base);
+                free(K);
+                free(V);
+            }
+}
+
+static void test_api(void) {
+    int i, accepted = 0;
+    CHECK(kvq_set_isa(KVQ_ISA_SCALAR) == KVQ_OK && kvq_get_isa() == KVQ_ISA_SCALAR, "scalar always there");
+    CHECK(kvq_set_isa((kvq_isa)7) == KVQ_ERR_INVALID && kvq_get_isa() == KVQ_ISA_SCALAR, "bad isa: nothing changes");
+    for (i = KVQ_ISA_AVX2; i <= KVQ_ISA_NEON; i++) {
+        kvq_status st = kvq_set_isa((kvq_isa)i);
+        CHECK(st == KVQ_OK || st == KVQ_ERR_UNSUPPORTED, "set_isa %d: %d", i, (int)st);
+        if (st == KVQ_OK) {
+            CHECK(kvq_get_isa() == (kvq_isa)i, "get_isa after set");
+            isas[n_isas++] = i;
+            accepted++;
+        } else {
+            CHECK(kvq_get_isa() != (kvq_isa)i, "unsupported isa not taken");
+        }
+        kvq_set_isa(KVQ_ISA_SCALAR);
+    }
+    CHECK(!strcmp(kvq_isa_name(KVQ_ISA_AVX512), "avx512") && !strcmp(kvq_isa_name(KVQ_ISA_NEON), "neon"), "names");
+    printf("ISAs accepted here:");
+    for (i = 0; i < n_isas; i++) printf(" %s", kvq_isa_name((kvq_isa)isas[i]));
+    printf("%s\n", accepted ? "" : " (none besides scalar)");
+}
+
+static void test_grid(void) {
+    static const int bits[][2] = {{2, 2}, {3, 3}, {4, 4}, {8, 8}, {16, 16}, {2, 16}, {16, 2}, {4, 2}, {3, 8}};
+    static const int groups[] = {16, 32, 64, 128};
+    static const int dims[] = {8, 16, 24, 64, 80, 96, 112, 128, 256};
+    int b, g, d, k = 0;
+    for (b = 0; b < (int)(sizeof bits / sizeof bits[0]); b++)
+        for (g = 0; g < 4; g++) {
+            shape s;
+            s.kb = bits[b][0]; s.vb = bits[b][1]; s.G = groups[g];
+            s.D = dims[(b * 4 + g) % 9]; s.H = 1 + (b + g) % 3; s.ratio = 1 + (b * 4 + g) % 8;
+            s.nq = 1 + (b + g) % 3; s.S = (b + g) % 2 ? 5 : 0; s.R = (b + 2 * g) % 3 ? 128 : 0;
+            s.T = 3 * s.G + 37 + 11 * b; s.kind = (b + g) % 2; s.rot = 0;
+            if (s.R) s.T += 150;
+            check_shape(&s, (k++ % 3) == 2);
+        }
+    for (d = 0; d < 9; d++) { /* every head_dim with the default 2-bit config, split and whole */
+        shape s;
+        s.kb = 2; s.vb = 2; s.G = 32; s.D = dims[d]; s.H = 2; s.ratio = 1 + d % 8; s.nq = 2; s.S = 3;
+        s.R = d % 2 ? 0 : 128; s.T = 421 + d; s.kind = d % 2; s.rot = 0;
+        check_shape(&s, 0);
+        check_shape(&s, 1);
+    }
+    for (d = 1; d <= 16; d++) { /* GQA 1..8 at 4 and 16 bits (16 bits: the 128-channel value path) */
+        shape s;
+        s.kb = d > 8 ? 4 : 16; s.vb = d > 8 ? 4 : 16; s.G = 32; s.D = d % 2 ? 128 : 256; s.H = 2;
+        s.ratio = 1 + (d - 1) % 8; s.nq = 1 + d % 2; s.S = 0; s.R = 128; s.T = 700 + d; s.kind = TU_STRUCTURED;
+        s.rot = 0;
+        check_shape(&s, 0);
+    }
+    for (d = 0; d < 3; d++) { /* head_dim 512: the largest stack buffers */
+        static const int g5[] = {16, 128, 64}, b5[] = {2, 16, 3};
+        shape s;
+        s.kb = b5[d]; s.vb = b5[(d + 1) % 3]; s.G = g5[d]; s.D = 512; s.H = 1; s.ratio = 8 - d; s.nq = 2;
+        s.S = 2; s.R = d == 1 ? 0 : 128; s.T = 300 + 97 * d; s.kind = d % 2; s.rot = 0;
+        check_shape(&s, d == 2);
+    }
+    {
+        shape s; /* rotation on top */
+        s.kb = 2; s.vb = 2; s.G = 32; s.D = 96; s.H = 2; s.ratio = 4; s.nq = 2; s.S = 4; s.R = 128; s.T = 555;
+        s.kind = TU_STRUCTURED; s.rot = KVQ_ROTATE_HADAMARD;
+        {
+            kvq_config cfg = kvq_default_config(96, 2, 600);
+            cfg.rotation = KVQ_ROTATE_HADAMARD;
+            if (kvq_config_check(&cfg) == KVQ_OK) check_shape(&s, 0);
+        }
+    }
+    printf("grid: worst attention NMSE vs scalar %.3g\n", worst_nmse);
+}
+
+/* 64K tokens: zero-mean values (outputs near zero) and values with non-zero channel means. */
+static void test_long(void) {
+    int kind, bits;
+    for (kind = 0; kind < 2; kind++)
+        for (bits = 2; bits <= 16; bits *= 8) {
+            shape s;
+            double before = worst_nmse;
+            worst_nmse = 0.0;
+            s.kb = bits; s.vb = bits; s.G = 32; s.D = LONG_D; s.H = 1; s.ratio = 4; s.nq = 1; s.S = 4;
+            s.R = 128; s.T = LONG_T + 13; s.kind = kind; s.rot = 0;
+#ifdef __aarch64__
+            if (bits == 16 && kind == 1) continue;
+#endif
+            check_shape(&s, kind == 1);
+            printf("64K tokens, %d-bit, %s values: worst NMSE vs scalar %.3g\n", bits,
+                   kind ? "non-zero-mean" : "zero-mean", worst_nmse);
+            worst_nmse = worst_nmse > before ? worst_nmse : before;
+        }
+}
+
+/* Real keys, values and queries: every layer of the KV dumps, the last 4 tokens as queries. */
+static void test_real(void) {
+    static const char *files[] = {"stories260K_gen.kvd", "babyllama105_gen.kvd"};
+    const char *dir = getenv("KVQ_SHARED_DATA");
+    char path[1024], err[256];
+    int f;
+    if (!dir) dir = "../shared/data";
+    snprintf(path, sizeof path, "%s/%s", dir, files[0]);
+    {
+        FILE *fp = fopen(path, "rb");
+        if (!fp) { printf("skipped: ../shared/data not found\n"); return; }
+        fclose(fp);
+    }
+    for (f = 0; f < 2; f++) {
+        kvqd_dump d;
+        int layer, bi;
+        static const int bits[] = {2, 4, 16};
+        snprintf(path, sizeof path, "%s/%s", dir, files[f]);
+        if (kvqd_dump_load(&d, path, err, sizeof err) != KVQD_OK) {
+            CHECK(0, "load %s: %s", path, err);
+            continue;
+        }
+        for (layer = 0; layer < d.n_layers; layer++)
+            for (bi = 0; bi < 3; bi++) {
+                const int T = d.n_tokens, H = d.n_kv_heads, D = d.head_dim, QH = d.n_heads, nq = 4;
+                const float *Kd = kvqd_dump_tensor(&d, layer, KVQD_KPOST), *Vd = kvqd_dump_tensor(&d, layer, KVQD_V);
+                const float *Qd = kvqd_dump_tensor(&d, layer, KVQD_QPOST);
+                float *K, *V, *q, *ref, *out;
+                kvq_config cfg = kvq_default_config(D, H, T);
+                kvq_attn_params ap;
+                kvq_cache *base, *c;
+                int t, h, i;
+                if (!Kd || !Vd || !Qd) { CHECK(0, "%s lacks Kpost/V/Qpost", files[f]); break; }
+                cfg.key_bits = cfg.value_bits = bits[bi];
+                cfg.group_size = 16;
+                K = (float *)tu_alloc((size_t)T * H * D * 4);
+                V = (float *)tu_alloc((size_t)T * H * D * 4);
+                q = (float *)tu_alloc((size_t)nq * QH * D * 4);
+                ref = (float *)tu_alloc((size_t)nq * QH * D * 4);
+                out = (float *)tu_alloc((size_t)nq * QH * D * 4);
+                for (t = 0; t < T; t++)
+                    for (h = 0; h < H; h++) {
+                        memcpy(K + ((size_t)t * H + h) * D, Kd + ((size_t)h * T + t) * D, (size_t)D * 4);
+                        memcpy(V + ((size_t)t * H + h) * D, Vd + ((size_t)h * T + t) * D, (size_t)D * 4);
+                    }
+                for (t = 0; t < nq; t++)
+                    for (h = 0; h < QH; h++)
+                        memcpy(q + ((size_t)t * QH + h) * D, Qd + ((size_t)h * T + (T - nq + t)) * D, (size_t)D * 4);
+                ap.n_q_heads = QH;
+                ap.n_queries = nq;
+                ap.scale = 0.0f;
+                base = build(&cfg, KVQ_ISA_SCALAR, K, V, T);
+                CHECK(base && attend(base, KVQ_ISA_SCALAR, q, &ap, 0, ref), "%s scalar", files[f]);
+                for (i = 0; base && i < n_isas; i++) {
+                    double e;
+                    c = build(&cfg, (kvq_isa)isas[i], K, V, T);
+                    CHECK(c && same_bytes(base, c), "%s layer %d %d-bit: %s bytes differ", files[f], layer, bits[bi],
+                          kvq_isa_name((kvq_isa)isas[i]));
+                    kvq_cache_destroy(c);
+                    CHECK(attend(base, (kvq_isa)isas[i], q, &ap, 0, out), "attention");
+                    e = nmse(out, ref, (size_t)nq * QH * D);
+                    if (e > worst_nmse) worst_nmse = e;
+                    CHECK(e <= NMSE_MAX, "%s layer %d %d-bit: %s NMSE %.3g", files[f], layer, bits[bi],
+                          kvq_isa_name((kvq_isa)isas[i]), e);
+                }
+                kvq_set_isa(KVQ_ISA_SCALAR);
+                kvq_cache_destroy(base);
+                free(K); free(V); free(q); free(ref); free(out);
+            }
+        printf("%s: %d layers x bits 2/4/16 checked\n", files[f], d.n_layers);
+        kvqd_dump_free(&d);
+    }
+    printf("real data: worst NMSE vs scalar %.3g\n", worst_nmse);
+}
+
+int main(void) {
+    test_api();
+    test_edges();
+    test_grid();
+    test_long();
+    test_real();
+    return tu_finish("test_simd");
+}
