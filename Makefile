@@ -9,7 +9,8 @@ SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fno-sanitize-recover=all
 AARCH64_CC ?= aarch64-linux-gnu-gcc
 QEMU    ?= qemu-aarch64-static
 
-TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_serialize $(B)/test_threads $(B)/test_examples $(B)/compile_gcc_c $(B)/compile_gcc_cxx \
+TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_serialize $(B)/test_rotate $(B)/test_salient \
+           $(B)/test_threads $(B)/test_examples $(B)/compile_gcc_c $(B)/compile_gcc_cxx \
            $(B)/compile_clang_c $(B)/compile_clang_cxx
 HDR      = kvq.h tests/test_util.h
 
@@ -26,6 +27,10 @@ $(B)/test_simd: tests/test_simd.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_simd.c $(LDLIBS)
 $(B)/test_serialize: tests/test_serialize.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_serialize.c $(LDLIBS)
+$(B)/test_rotate: tests/test_rotate.c $(HDR) | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_rotate.c $(LDLIBS)
+$(B)/test_salient: tests/test_salient.c $(HDR) | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_salient.c $(LDLIBS)
 $(B)/test_threads: tests/test_threads.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_threads.c $(LDLIBS)
 $(B)/test_examples: tests/test_examples.c examples/*.h $(HDR) | $(B)

@@ -144,7 +144,9 @@ KVQ_API kvq_status kvq_cache_append(kvq_cache *c, const float *k, const float *v
 /* Reconstructs tokens [first, first+n) into the layout of append; k or v may be NULL. */
 KVQ_API kvq_status kvq_cache_read(const kvq_cache *c, int first, int n, float *k, float *v);
 
-/* q, out: [n_queries][n_q_heads][head_dim]. Single-threaded. */
+/* q, out: [n_queries][n_q_heads][head_dim]. Single-threaded. Threads: calls on one cache
+   may run concurrently (they only read it) unless salient_ratio > 0 with the attention
+   policy, where kvq_attention records the attention each waiting token receives. */
 KVQ_API kvq_status kvq_attention(kvq_cache *c, const float *q, float *out, const kvq_attn_params *p);
 
 /* Split attention. A state holds, per query and query head, (max, sum, acc[head_dim]):
@@ -152,8 +154,11 @@ KVQ_API kvq_status kvq_attention(kvq_cache *c, const float *q, float *out, const
    heads that read KV heads [kv_first, kv_end), over tokens [tok_first, tok_end) (each query
    still sees only tokens <= its position); rows of other heads are left untouched.
    kvq_attention_merge() combines n_states states that each hold every row (split the
-   tokens across states; split the heads inside one state) and writes the normalized output.
-   Calls on disjoint rows of one state may run concurrently. */
+   tokens across states; split the heads inside one state) and writes the normalized output
+   (rotated back to the caller's space). Partial calls only read the cache: any number may
+   run concurrently, into distinct states or disjoint rows of one. They record no salience
+   (a partial sees no final softmax): with salient_ratio > 0 and the attention policy, call
+   kvq_attention, or tokens are chosen by the error policy. */
 /* The rotation M = H diag(signs(seed)) / sqrt(n) that KVQ_ROTATE_HADAMARD applies, and its
    inverse M^T, in place on x[0..n); n a multiple of 8 from 8 to 512. */
 KVQ_API kvq_status kvq_hadamard(float *x, int n, unsigned seed);
@@ -165,6 +170,9 @@ KVQ_API kvq_status kvq_attention_partial(kvq_cache *c, const float *q, const kvq
                                          float *state);
 KVQ_API kvq_status kvq_attention_merge(const kvq_cache *c, const kvq_attn_params *p,
                                        const float *const *states, int n_states, float *out);
+/* Marks every row of a state empty, so a state whose rows are not all filled by partial
+   calls still merges (its empty rows count for nothing). */
+KVQ_API kvq_status kvq_attention_state_init(const kvq_cache *c, const kvq_attn_params *p, float *state);
 
 /* ISA selection. Kernels for AVX2 (+FMA, F16C), AVX-512 and NEON give the scalar
    path's quantized bytes exactly and its attention output within NMSE 1e-6.
@@ -266,6 +274,7 @@ extern "C" {
 #define KVQ__MAX_TOKENS (1 << 30)
 #define KVQ__MAX_HEADS 4096
 #define KVQ__ALIGN 64
+#define KVQ__HEAD_CHUNK 8 /* query heads of one KV group handled together in attention */
 
 /* ---------------------------------------------------------------------------
    Formats. IEEE fp16 conversions (round to nearest even, as F16C and CUDA do),
@@ -579,6 +588,7 @@ struct kvq_cache {
     uint8_t *side;             /* [H][max_kblocks][n_salient] entries */
     float *sal_score;          /* [H][kcap] attention received by waiting keys */
     uint32_t *sal_seen;        /* [H][kcap] queries that saw them */
+    float *sal_ring;           /* [KVQ__HEAD_CHUNK][kcap] scratch: raw scores of waiting keys */
     kvq__rotation rot;         /* used when cfg.rotation == KVQ_ROTATE_HADAMARD */
 };
 
@@ -644,8 +654,6 @@ KVQ_API kvq_status kvq_config_check(const kvq_config *cfg) {
     if (cfg->key_axis == KVQ_KEYS_PER_TOKEN) return KVQ_ERR_UNSUPPORTED;
     if (!(cfg->salient_ratio >= 0.0f && cfg->salient_ratio < 1.0f)) return KVQ_ERR_INVALID;
     if (cfg->rotation < KVQ_ROTATE_NONE || cfg->rotation > KVQ_ROTATE_PREROTATED) return KVQ_ERR_INVALID;
-    /* Rotation and salient tokens arrive in their own releases. */
-    if (cfg->rotation == KVQ_ROTATE_HADAMARD || cfg->salient_ratio > 0.0f) return KVQ_ERR_UNSUPPORTED;
     return KVQ_OK;
 }
 
@@ -665,7 +673,7 @@ static size_t kvq__align_up(size_t a, int *ok) {
 typedef struct kvq__layout {
     int max_kblocks, max_vquant, kcap, vcap;
     size_t off_sink_k, off_sink_v, off_kblocks, off_vparams, off_vcodes, off_ring_k, off_ring_v;
-    size_t off_side, off_score, off_seen, total;
+    size_t off_side, off_score, off_seen, off_ring_scores, total;
 } kvq__layout;
 
 /* Salient tokens per key block: the ratio of G, at least one when the ratio is positive. */
@@ -721,6 +729,7 @@ static int kvq__plan(const kvq_config *cfg, kvq__layout *L) {
                              kvq__salient_count(cfg) ? kvq__side_entry_bytes(cfg) : 0, &ok);
     L->off_score = kvq__place(&end, kvq__mul(H, (size_t)(kvq__salient_count(cfg) ? L->kcap : 0), &ok), 4, &ok);
     L->off_seen = kvq__place(&end, kvq__mul(H, (size_t)(kvq__salient_count(cfg) ? L->kcap : 0), &ok), 4, &ok);
+    L->off_ring_scores = kvq__place(&end, (size_t)(kvq__salient_count(cfg) ? L->kcap : 0), 4 * KVQ__HEAD_CHUNK, &ok);
     L->total = kvq__add(end, KVQ__ALIGN, &ok); /* slack to align the caller's pointer */
     return ok;
 }
@@ -763,6 +772,7 @@ KVQ_API kvq_status kvq_cache_init(kvq_cache **out, const kvq_config *cfg, void *
     c->side = base + L.off_side;
     c->sal_score = (float *)(void *)(base + L.off_score);
     c->sal_seen = (uint32_t *)(void *)(base + L.off_seen);
+    c->sal_ring = (float *)(void *)(base + L.off_ring_scores);
     kvq__rotation_init(&c->rot, cfg->head_dim, cfg->seed);
     *out = c;
     return KVQ_OK;
@@ -1245,7 +1255,6 @@ KVQ_API kvq_status kvq_cache_read(const kvq_cache *c, int first, int n, float *k
    Quantized values, per group g: sum_t p_t v_t[c] = sum_t (p_t s_{t,g}) code_{t,c} + p_t m_{t,g}.
    --------------------------------------------------------------------------- */
 
-#define KVQ__HEAD_CHUNK 8 /* query heads of one KV group handled together */
 #define KVQ__TILE 128     /* at most G tokens per tile */
 #define KVQ__WMAX 640     /* value groups in a tile: n * groups < G + D */
 
@@ -1365,6 +1374,44 @@ static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const flo
     }
 }
 
+/* Salient tokens of a quantized block: a patch-up pass after the block's kernels, so the hot
+   loops carry no per-token branch. Scores of tokens [pos, pos+n) (pos past the sinks) of the
+   block are replaced by q . k from the side store; their softmax weights are spent here on the
+   side-store value and zeroed, so the codes pass adds nothing for them. */
+static void kvq__salient_scores(const kvq_cache *c, int h, int pos, int n, const float *qs, int nh, float *sp) {
+    const int D = c->cfg.head_dim, G = c->cfg.group_size;
+    float k[512];
+    int e, j, ch;
+    for (e = 0; e < c->n_salient; e++) {
+        const uint8_t *ent = kvq__side_entry(c, h, pos / G, e);
+        int t = pos / G * G + kvq__side_index(ent) - pos; /* position in this tile */
+        if (t < 0 || t >= n) continue;
+        kvq__side_get(c, ent, 0, k);
+        for (j = 0; j < nh; j++) {
+            float d = 0.0f;
+            for (ch = 0; ch < D; ch++) d += qs[(size_t)j * D + ch] * k[ch];
+            sp[(size_t)j * KVQ__TILE + t] = d;
+        }
+    }
+}
+
+static void kvq__salient_values(const kvq_cache *c, int h, int pos, int n, float *sp, int nh, float *const *acc) {
+    const int D = c->cfg.head_dim, G = c->cfg.group_size;
+    float v[512];
+    int e, j, ch;
+    for (e = 0; e < c->n_salient; e++) {
+        const uint8_t *ent = kvq__side_entry(c, h, pos / G, e);
+        int t = pos / G * G + kvq__side_index(ent) - pos;
+        if (t < 0 || t >= n) continue;
+        kvq__side_get(c, ent, 1, v);
+        for (j = 0; j < nh; j++) {
+            float w = sp[(size_t)j * KVQ__TILE + t];
+            for (ch = 0; ch < D; ch++) acc[j][ch] += w * v[ch];
+            sp[(size_t)j * KVQ__TILE + t] = 0.0f;
+        }
+    }
+}
+
 /* End of the tile starting at t: the next segment boundary (sinks, block, ring), at most hi. */
 static int kvq__tile_end(const kvq_cache *c, int t, int hi) {
     const int S = c->cfg.sink_tokens, G = c->cfg.group_size;
@@ -1378,7 +1425,7 @@ static int kvq__tile_end(const kvq_cache *c, int t, int hi) {
 /* Online softmax over tokens [lo, hi) of head h, for nh <= KVQ__HEAD_CHUNK query vectors
    q[j*D]. Tiles outside, heads inside: each tile of K and V is read once for all nh heads. */
 static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh, float scale, int lo, int hi,
-                              kvq__head_state *st) {
+                              kvq__head_state *st, float *ring_scores) {
     const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->cfg.group_size;
     float qs[KVQ__HEAD_CHUNK * 512], scores[KVQ__HEAD_CHUNK * KVQ__TILE];
     const uint16_t *rows[KVQ__TILE];
@@ -1387,6 +1434,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
     KVQ_ASSERT(nh >= 1 && nh <= KVQ__HEAD_CHUNK && G <= KVQ__TILE && D <= 512);
     for (j = 0; j < nh; j++) {
         for (ch = 0; ch < D; ch++) qs[(size_t)j * D + ch] = q[(size_t)j * D + ch] * scale;
+        if (c->cfg.rotation == KVQ_ROTATE_HADAMARD) kvq__rotate(&c->rot, qs + (size_t)j * D, 0); /* M q . M k = q . k */
         acc[j] = st[j].acc;
     }
     for (t0 = lo; t0 < hi;) {
@@ -1406,6 +1454,11 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
                 rows[t] = t0 + t < S ? kvq__sink_row(c, c->sink_k, h, t0 + t) : kvq__ring_k_row(c, h, pos + t);
             kvq__k_scores_f16(rows, n, D, qs, nh, scores);
         }
+        if (c->n_salient && t0 >= S && pos < c->n_kblocks * G) kvq__salient_scores(c, h, pos, n, qs, nh, sp);
+        if (ring_scores && t0 >= S && pos >= c->n_kblocks * G) /* raw scores, for the salience of waiting keys */
+            for (j = 0; j < nh; j++)
+                memcpy(ring_scores + (size_t)j * c->kcap + (pos - c->n_kblocks * G), sp + (size_t)j * KVQ__TILE,
+                       (size_t)n * sizeof(float));
         for (j = 0; j < nh; j++) {
             kvq__head_state *s = &st[j];
             float *sj = sp + (size_t)j * KVQ__TILE, mx = s->m, m4[4];
@@ -1422,6 +1475,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
             }
             s->l += kvq__k_exp_sum(sj, n, mx);
         }
+        if (c->n_salient && t0 >= S && pos < c->n_kblocks * G) kvq__salient_values(c, h, pos, n, sp, nh, acc);
         kvq__values_tile(c, h, t0, n, sp, nh, acc);
         t0 = t1;
     }
@@ -1449,7 +1503,7 @@ static float kvq__scale(const kvq_cache *c, const kvq_attn_params *p) {
 
 /* Runs query i, query heads [qh0, qh0+nh) of KV head h over tokens [lo, hi) clipped to causality. */
 static void kvq__attend_query(const kvq_cache *c, const float *q, const kvq_attn_params *p, int i, int h,
-                              int qh0, int nh, int lo, int hi, kvq__head_state *st) {
+                              int qh0, int nh, int lo, int hi, kvq__head_state *st, float *ring_scores) {
     const int D = c->cfg.head_dim;
     int limit = c->n_tokens - p->n_queries + i + 1; /* causal: tokens <= position */
     int j;
@@ -1459,35 +1513,62 @@ static void kvq__attend_query(const kvq_cache *c, const float *q, const kvq_attn
         memset(st[j].acc, 0, (size_t)D * sizeof(float));
     }
     if (hi > limit) hi = limit;
-    kvq__attend_range(c, h, q + ((size_t)i * p->n_q_heads + qh0) * D, nh, kvq__scale(c, p), lo, hi, st);
+    kvq__attend_range(c, h, q + ((size_t)i * p->n_q_heads + qh0) * D, nh, kvq__scale(c, p), lo, hi, st,
+                      ring_scores);
+}
+
+/* ZipCache's score for the keys still waiting in the ring: each query adds the probability that
+   its heads (all of the KV group, over chunks) gave each waiting key it saw, and counts once.
+   ring_scores holds the raw scores of the waiting keys [0, limit - first waiting). */
+static void kvq__track_salience(kvq_cache *c, int h, int limit, const float *ring_scores, int nh,
+                                const kvq__head_state *st, int first_chunk) {
+    int first = c->cfg.sink_tokens + c->n_kblocks * c->cfg.group_size, u, j;
+    for (u = 0; first + u < limit; u++) {
+        size_t slot = (size_t)h * c->kcap + (size_t)((c->n_kblocks * c->cfg.group_size + u) % c->kcap);
+        float add = 0.0f;
+        for (j = 0; j < nh; j++) add += expf(ring_scores[(size_t)j * c->kcap + u] - st[j].m) / st[j].l;
+        c->sal_score[slot] += add;
+        if (first_chunk) c->sal_seen[slot]++;
+    }
+}
+
+/* y <- M^T y for n rows of an output in rotated space. */
+static void kvq__unrotate_rows(const kvq_cache *c, float *y, size_t n) {
+    size_t r;
+    if (c->cfg.rotation != KVQ_ROTATE_HADAMARD) return;
+    for (r = 0; r < n; r++) kvq__rotate(&c->rot, y + r * c->cfg.head_dim, 1);
 }
 
 KVQ_API kvq_status kvq_attention(kvq_cache *c, const float *q, float *out, const kvq_attn_params *p) {
     kvq__head_state st[KVQ__HEAD_CHUNK];
     kvq_status s;
-    int H, D, group, h, i, qh, j, ch;
+    int H, D, group, h, i, qh, j, ch, track;
     if (!out) return KVQ_ERR_INVALID;
     if ((s = kvq__check_attn(c, q, p)) != KVQ_OK) return s;
     H = c->cfg.n_kv_heads;
     D = c->cfg.head_dim;
     group = p->n_q_heads / H;
+    track = c->n_salient && c->cfg.salient_policy == KVQ_SALIENT_ATTENTION;
     for (h = 0; h < H; h++)
         for (i = 0; i < p->n_queries; i++)
             for (qh = h * group; qh < (h + 1) * group; qh += KVQ__HEAD_CHUNK) {
                 int nh = (h + 1) * group - qh < KVQ__HEAD_CHUNK ? (h + 1) * group - qh : KVQ__HEAD_CHUNK;
+                int limit = c->n_tokens - p->n_queries + i + 1;
                 for (j = 0; j < nh; j++) st[j].acc = out + ((size_t)i * p->n_q_heads + qh + j) * D;
-                kvq__attend_query(c, q, p, i, h, qh, nh, 0, c->n_tokens, st);
+                kvq__attend_query(c, q, p, i, h, qh, nh, 0, c->n_tokens, st, track ? c->sal_ring : NULL);
                 for (j = 0; j < nh; j++) {
                     float inv = 1.0f / st[j].l; /* l >= 1: the max token contributes exp(0) */
                     for (ch = 0; ch < D; ch++) st[j].acc[ch] *= inv;
                 }
+                if (track) kvq__track_salience(c, h, limit, c->sal_ring, nh, st, qh == h * group);
             }
+    kvq__unrotate_rows(c, out, (size_t)p->n_queries * p->n_q_heads);
     return KVQ_OK;
 }
 
 KVQ_API size_t kvq_attention_state_floats(const kvq_cache *c, const kvq_attn_params *p) {
     if (!c || !p || p->n_queries < 1 || p->n_q_heads < 1 || p->n_q_heads > 1 << 20 ||
-        p->n_queries > KVQ__MAX_TOKENS)
+        p->n_queries > KVQ__MAX_TOKENS || p->n_q_heads % c->cfg.n_kv_heads)
         return 0;
     return (size_t)p->n_queries * p->n_q_heads * ((size_t)c->cfg.head_dim + 2);
 }
@@ -1511,7 +1592,7 @@ KVQ_API kvq_status kvq_attention_partial(kvq_cache *c, const float *q, const kvq
                 int nh = (h + 1) * group - qh < KVQ__HEAD_CHUNK ? (h + 1) * group - qh : KVQ__HEAD_CHUNK;
                 float *row0 = state + ((size_t)i * p->n_q_heads + qh) * stride;
                 for (j = 0; j < nh; j++) st[j].acc = row0 + (size_t)j * stride + 2;
-                kvq__attend_query(c, q, p, i, h, qh, nh, tok_first, tok_end, st);
+                kvq__attend_query(c, q, p, i, h, qh, nh, tok_first, tok_end, st, NULL);
                 for (j = 0; j < nh; j++) {
                     row0[(size_t)j * stride] = st[j].m;
                     row0[(size_t)j * stride + 1] = st[j].l;
@@ -1531,6 +1612,10 @@ KVQ_API kvq_status kvq_attention_merge(const kvq_cache *c, const kvq_attn_params
     D = c->cfg.head_dim;
     stride = (size_t)D + 2;
     rows = (size_t)p->n_queries * p->n_q_heads;
+    for (r = 0; r < rows; r++) { /* every row seen by some state, or nothing is written */
+        for (k = 0; k < n_states && !(states[k][r * stride + 1] > 0.0f); k++) {}
+        if (k == n_states) return KVQ_ERR_INVALID;
+    }
     for (r = 0; r < rows; r++) {
         float m = -INFINITY, l = 0.0f, *o = out + r * D;
         for (k = 0; k < n_states; k++) {
@@ -1546,8 +1631,20 @@ KVQ_API kvq_status kvq_attention_merge(const kvq_cache *c, const kvq_attn_params
             l += w * sk[1];
             for (ch = 0; ch < D; ch++) o[ch] += w * sk[2 + ch];
         }
-        if (!(l > 0.0f)) return KVQ_ERR_INVALID; /* no state saw any token: ranges did not cover */
         for (ch = 0; ch < D; ch++) o[ch] /= l;
+    }
+    kvq__unrotate_rows(c, out, rows);
+    return KVQ_OK;
+}
+
+KVQ_API kvq_status kvq_attention_state_init(const kvq_cache *c, const kvq_attn_params *p, float *state) {
+    size_t rows, r, stride;
+    if (!state || kvq_attention_state_floats(c, p) == 0) return KVQ_ERR_INVALID;
+    stride = (size_t)c->cfg.head_dim + 2;
+    rows = (size_t)p->n_queries * p->n_q_heads;
+    for (r = 0; r < rows; r++) {
+        state[r * stride] = -INFINITY;
+        memset(state + r * stride + 1, 0, (stride - 1) * sizeof(float));
     }
     return KVQ_OK;
 }

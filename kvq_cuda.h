@@ -107,7 +107,8 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_append(kvq_cuda_cache *c, const float *d_
 KVQ_CUDA_API kvq_status kvq_cuda_attention(kvq_cuda_cache *c, const float *d_q, float *d_out,
                                            const kvq_attn_params *p, cudaStream_t stream);
 /* The same for n caches (sequences) at once, sharing p; d_q[i], d_out[i] belong to caches[i].
-   One kernel launch per KVQ_CUDA_MAX_BATCH caches. */
+   The caches must share head_dim and n_kv_heads (lengths and bit widths may differ);
+   one kernel launch per KVQ_CUDA_MAX_BATCH caches. */
 KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, int n,
                                                  const float *const *d_q, float *const *d_out,
                                                  const kvq_attn_params *p, cudaStream_t stream);
@@ -958,7 +959,7 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
         b.n_queries = p->n_queries;
         for (s = 0; s < m; s++) {
             kvq_cuda_cache *c = caches[first + s];
-            int group = p->n_q_heads / c->cfg.n_kv_heads, nh = group >= 8 ? 8 : group > 2 ? 4 : group;
+            int group = p->n_q_heads / c->cfg.n_kv_heads, nh = group > 4 ? 8 : group > 2 ? 4 : group;
             int slices = (group + nh - 1) / nh;
             size_t units = (size_t)p->n_queries * c->cfg.n_kv_heads * slices, need;
             kvq__cuda_view *v = &b.v[s];

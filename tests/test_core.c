@@ -463,8 +463,7 @@ static void test_errors(void) {
     BAD_CFG(sink_tokens, -1, KVQ_ERR_INVALID);
     BAD_CFG(sink_tokens, 41, KVQ_ERR_INVALID);
     BAD_CFG(rotation, 7, KVQ_ERR_INVALID);
-    BAD_CFG(rotation, KVQ_ROTATE_HADAMARD, KVQ_ERR_UNSUPPORTED);
-    BAD_CFG(salient_ratio, 0.1f, KVQ_ERR_UNSUPPORTED);
+    BAD_CFG(key_axis, KVQ_KEYS_PER_TOKEN, KVQ_ERR_UNSUPPORTED);
     BAD_CFG(salient_ratio, -0.1f, KVQ_ERR_INVALID);
     BAD_CFG(salient_ratio, NAN, KVQ_ERR_INVALID);
     BAD_CFG(salient_bits, 4, KVQ_ERR_INVALID);

@@ -75,6 +75,10 @@ static int same_bytes(const kvq_cache *a, const kvq_cache *b) {
             if (memcmp(kvq__ring_k_row(a, h, i), kvq__ring_k_row(b, h, i), (size_t)D * 2)) return 0;
         for (i = a->n_vquant; i < after; i++)
             if (memcmp(kvq__ring_v_row(a, h, i), kvq__ring_v_row(b, h, i), (size_t)D * 2)) return 0;
+        if (a->n_salient && a->n_kblocks &&
+            memcmp(kvq__side_entry(a, h, 0, 0), kvq__side_entry(b, h, 0, 0),
+                   a->side_bytes * a->n_salient * a->n_kblocks))
+            return 0;
     }
     return 1;
 }
@@ -105,7 +109,7 @@ static int attend(kvq_cache *c, kvq_isa isa, const float *q, const kvq_attn_para
 }
 
 typedef struct shape {
-    int kb, vb, G, D, H, ratio, nq, S, R, T, kind, rot;
+    int kb, vb, G, D, H, ratio, nq, S, R, T, kind, rot, salient_pct;
 } shape;
 
 static void check_shape(const shape *s, int split) {
@@ -125,6 +129,7 @@ static void check_shape(const shape *s, int split) {
     cfg.sink_tokens = s->S;
     cfg.residual_tokens = s->R;
     cfg.rotation = s->rot;
+    cfg.salient_ratio = (float)s->salient_pct / 100.0f;
     ap.n_q_heads = s->H * s->ratio;
     ap.n_queries = s->nq;
     ap.scale = 0.0f;
@@ -241,7 +246,7 @@ static void test_grid(void) {
     int b, g, d, k = 0;
     for (b = 0; b < (int)(sizeof bits / sizeof bits[0]); b++)
         for (g = 0; g < 4; g++) {
-            shape s;
+            shape s = {0};
             s.kb = bits[b][0]; s.vb = bits[b][1]; s.G = groups[g];
             s.D = dims[(b * 4 + g) % 9]; s.H = 1 + (b + g) % 3; s.ratio = 1 + (b * 4 + g) % 8;
             s.nq = 1 + (b + g) % 3; s.S = (b + g) % 2 ? 5 : 0; s.R = (b + 2 * g) % 3 ? 128 : 0;
@@ -250,14 +255,14 @@ static void test_grid(void) {
             check_shape(&s, (k++ % 3) == 2);
         }
     for (d = 0; d < 9; d++) { /* every head_dim with the default 2-bit config, split and whole */
-        shape s;
+        shape s = {0};
         s.kb = 2; s.vb = 2; s.G = 32; s.D = dims[d]; s.H = 2; s.ratio = 1 + d % 8; s.nq = 2; s.S = 3;
         s.R = d % 2 ? 0 : 128; s.T = 421 + d; s.kind = d % 2; s.rot = 0;
         check_shape(&s, 0);
         check_shape(&s, 1);
     }
     for (d = 1; d <= 16; d++) { /* GQA 1..8 at 4 and 16 bits (16 bits: the 128-channel value path) */
-        shape s;
+        shape s = {0};
         s.kb = d > 8 ? 4 : 16; s.vb = d > 8 ? 4 : 16; s.G = 32; s.D = d % 2 ? 128 : 256; s.H = 2;
         s.ratio = 1 + (d - 1) % 8; s.nq = 1 + d % 2; s.S = 0; s.R = 128; s.T = 700 + d; s.kind = TU_STRUCTURED;
         s.rot = 0;
@@ -265,13 +270,13 @@ static void test_grid(void) {
     }
     for (d = 0; d < 3; d++) { /* head_dim 512: the largest stack buffers */
         static const int g5[] = {16, 128, 64}, b5[] = {2, 16, 3};
-        shape s;
+        shape s = {0};
         s.kb = b5[d]; s.vb = b5[(d + 1) % 3]; s.G = g5[d]; s.D = 512; s.H = 1; s.ratio = 8 - d; s.nq = 2;
         s.S = 2; s.R = d == 1 ? 0 : 128; s.T = 300 + 97 * d; s.kind = d % 2; s.rot = 0;
         check_shape(&s, d == 2);
     }
     {
-        shape s; /* rotation on top */
+        shape s = {0}; /* rotation on top */
         s.kb = 2; s.vb = 2; s.G = 32; s.D = 96; s.H = 2; s.ratio = 4; s.nq = 2; s.S = 4; s.R = 128; s.T = 555;
         s.kind = TU_STRUCTURED; s.rot = KVQ_ROTATE_HADAMARD;
         {
@@ -279,6 +284,15 @@ static void test_grid(void) {
             cfg.rotation = KVQ_ROTATE_HADAMARD;
             if (kvq_config_check(&cfg) == KVQ_OK) check_shape(&s, 0);
         }
+    }
+    for (d = 0; d < 4; d++) { /* salient tokens (side store, patch-up pass), rotation on and off */
+        shape s = {0};
+        s.kb = d == 3 ? 3 : 2; s.vb = d == 2 ? 4 : 2; s.G = d == 1 ? 64 : 32; s.D = d == 2 ? 80 : 64; s.H = 2;
+        s.ratio = 4; s.nq = 1 + d % 2; s.S = d % 2 ? 4 : 0; s.R = d == 3 ? 0 : 64; s.T = 400 + 31 * d;
+        s.kind = TU_STRUCTURED; s.rot = d % 2 ? KVQ_ROTATE_HADAMARD : KVQ_ROTATE_NONE;
+        s.salient_pct = d % 2 ? 5 : 10;
+        check_shape(&s, 0);
+        check_shape(&s, 1);
     }
     printf("grid: worst attention NMSE vs scalar %.3g\n", worst_nmse);
 }
@@ -288,7 +302,7 @@ static void test_long(void) {
     int kind, bits;
     for (kind = 0; kind < 2; kind++)
         for (bits = 2; bits <= 16; bits *= 8) {
-            shape s;
+            shape s = {0};
             double before = worst_nmse;
             worst_nmse = 0.0;
             s.kb = bits; s.vb = bits; s.G = 32; s.D = LONG_D; s.H = 1; s.ratio = 4; s.nq = 1; s.S = 4;
