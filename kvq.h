@@ -357,12 +357,31 @@ static size_t kvq__value_code_bytes(const kvq_config *cfg) {
     return (size_t)cfg->head_dim * (size_t)cfg->value_bits / 8;
 }
 
+/* Salient tokens per key block: the ratio of G, at least one when the ratio is positive. */
+static int kvq__salient_count(const kvq_config *cfg) {
+    int n;
+    if (!(cfg->salient_ratio > 0.0f)) return 0;
+    n = (int)(cfg->salient_ratio * (float)cfg->group_size + 0.5f);
+    return n < 1 ? 1 : (n > cfg->group_size - 1 ? cfg->group_size - 1 : n);
+}
+
+/* Side-store entry: u16 token index in its block, then K and V at salient_bits:
+   8 bits: fp16 scale/min per group of G channels for K then V, K codes[D], V codes[D];
+   16 bits: K[D], V[D] as fp16. */
+static size_t kvq__side_entry_bytes(const kvq_config *cfg) {
+    size_t D = (size_t)cfg->head_dim;
+    if (cfg->salient_bits == 16) return 2 + 4 * D;
+    return 2 + 8 * (size_t)kvq__value_groups(cfg) + 2 * D;
+}
+
 KVQ_API double kvq_config_bits_per_element(const kvq_config *cfg) {
-    double kb, vb;
+    double kb, vb, side;
     if (kvq_config_check(cfg) != KVQ_OK) return 0.0;
     kb = 8.0 * (double)kvq__key_block_bytes(cfg) / ((double)cfg->group_size * cfg->head_dim);
     vb = 8.0 * (double)(kvq__value_param_bytes(cfg) + kvq__value_code_bytes(cfg)) / cfg->head_dim;
-    return 0.5 * (kb + vb);
+    side = 8.0 * (double)kvq__salient_count(cfg) * (double)kvq__side_entry_bytes(cfg) /
+           (2.0 * cfg->group_size * cfg->head_dim);
+    return 0.5 * (kb + vb) + side;
 }
 
 /* ---------------------------------------------------------------------------
@@ -676,22 +695,6 @@ typedef struct kvq__layout {
     size_t off_side, off_score, off_seen, off_ring_scores, total;
 } kvq__layout;
 
-/* Salient tokens per key block: the ratio of G, at least one when the ratio is positive. */
-static int kvq__salient_count(const kvq_config *cfg) {
-    int n;
-    if (!(cfg->salient_ratio > 0.0f)) return 0;
-    n = (int)(cfg->salient_ratio * (float)cfg->group_size + 0.5f);
-    return n < 1 ? 1 : (n > cfg->group_size - 1 ? cfg->group_size - 1 : n);
-}
-
-/* Side-store entry: u16 token index in its block, then K and V at salient_bits:
-   8 bits: fp16 scale/min per group of G channels for K then V, K codes[D], V codes[D];
-   16 bits: K[D], V[D] as fp16. */
-static size_t kvq__side_entry_bytes(const kvq_config *cfg) {
-    size_t D = (size_t)cfg->head_dim;
-    if (cfg->salient_bits == 16) return 2 + 4 * D;
-    return 2 + 8 * (size_t)kvq__value_groups(cfg) + 2 * D;
-}
 
 /* Places one array of count*elem bytes at the aligned end of the layout so far. */
 static size_t kvq__place(size_t *end, size_t count, size_t elem, int *ok) {

@@ -485,7 +485,7 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
     float acc[NH][KCH];
     if (chunk >= v.n_chunks) return;
     i = unit / (v.H * b.n_slices);
-    if (i >= b.n_queries) return; /* a sequence with fewer KV heads than the widest in the batch */
+    if (i >= b.n_queries) return; /* (the grid is exact; a guard) */
     unit -= i * v.H * b.n_slices;
     h = unit / b.n_slices;
     sl = unit - h * b.n_slices;

@@ -377,10 +377,87 @@ static int write_svg(const char *path, result *res, int n, int x_actual)
     return 0;
 }
 
+/* A synthetic dump in the regime the shared small models cannot show: head_dim 128 keys after
+   RoPE (interleaved pairs, theta 10000) with per-channel offsets and four large outlier
+   channels in slow-rotating pairs, as real Llama keys have; queries that read those channels;
+   values with channel means. 1 layer, 8 query / 2 KV heads, 1024 tokens in one window. */
+static float synth_normal(uint64_t *s)
+{
+    double u, v;
+    *s = *s * 6364136223846793005ull + 1442695040888963407ull;
+    u = ((double)(*s >> 11) + 1.0) / 9007199254740993.0;
+    *s = *s * 6364136223846793005ull + 1442695040888963407ull;
+    v = (double)(*s >> 11) / 9007199254740992.0;
+    return (float)(sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v));
+}
+
+static void synth_rope(float *x, int D, int pos)
+{
+    int i;
+    for (i = 0; i < D / 2; i++) {
+        double a = pos * pow(10000.0, -2.0 * i / D), c = cos(a), s = sin(a);
+        float x0 = x[2 * i], x1 = x[2 * i + 1];
+        x[2 * i] = (float)(x0 * c - x1 * s);
+        x[2 * i + 1] = (float)(x0 * s + x1 * c);
+    }
+}
+
+static int write_synthetic(const char *path)
+{
+    enum { D = 128, H = 2, NQH = 8, T = 1024 };
+    static const int outliers[] = {104, 105, 118, 119}; /* pairs 52 and 59: slow rotation */
+    kvqd_dump d;
+    char err[256] = "";
+    float mean_k[H][D], mean_v[H][D], *K, *V, *Q;
+    uint64_t seed = 0x6b7671ull;
+    int h, t, c, j, rc;
+    if (kvqd_dump_init(&d, 1, NQH, H, D, T, T, KVQD_KPOST | KVQD_V | KVQD_QPOST, err, sizeof err) != KVQD_OK) {
+        fprintf(stderr, "kvq_eval: %s\n", err);
+        return 1;
+    }
+    K = kvqd_dump_tensor(&d, 0, KVQD_KPOST);
+    V = kvqd_dump_tensor(&d, 0, KVQD_V);
+    Q = kvqd_dump_tensor(&d, 0, KVQD_QPOST);
+    for (h = 0; h < H; h++)
+        for (c = 0; c < D; c++) {
+            mean_k[h][c] = 0.7f * synth_normal(&seed);
+            mean_v[h][c] = 0.3f * synth_normal(&seed);
+        }
+    for (h = 0; h < H; h++)
+        for (j = 0; j < 4; j++) mean_k[h][outliers[j]] = (j % 2 ? -1.0f : 1.0f) * (10.0f + 4.0f * (float)h);
+    for (t = 0; t < T; t++) {
+        d.tokens[t] = t % 100;
+        for (h = 0; h < H; h++) {
+            float *k = K + ((size_t)h * T + t) * D, *v = V + ((size_t)h * T + t) * D;
+            for (c = 0; c < D; c++) {
+                int big = c == outliers[0] || c == outliers[1] || c == outliers[2] || c == outliers[3];
+                k[c] = mean_k[h][c] + (big ? 2.0f : 1.0f) * synth_normal(&seed);
+                v[c] = mean_v[h][c] + synth_normal(&seed);
+            }
+            synth_rope(k, D, t);
+        }
+        for (h = 0; h < NQH; h++) {
+            float *q = Q + ((size_t)h * T + t) * D;
+            for (c = 0; c < D; c++) {
+                int big = c == outliers[0] || c == outliers[1] || c == outliers[2] || c == outliers[3];
+                q[c] = (big ? 0.4f * (c % 2 ? -1.0f : 1.0f) : 0.0f) + synth_normal(&seed);
+            }
+            synth_rope(q, D, t);
+        }
+    }
+    rc = kvqd_dump_write(&d, path, err, sizeof err) == KVQD_OK ? 0 : 1;
+    if (rc) fprintf(stderr, "kvq_eval: %s\n", err);
+    else printf("wrote %s: synthetic head_dim %d, %d/%d heads, %d tokens, 4 outlier key channels\n", path, D, NQH, H, T);
+    kvqd_dump_free(&d);
+    return rc;
+}
+
 static void usage(void)
 {
     fprintf(stderr, "usage: kvq_eval [--csv OUT.csv] [--svg OUT.svg] [--svg-x steady|actual] DUMP.kvd... [-c CONFIG]...\n"
-                    "CONFIG: k<bits>v<bits>[g<G>][r<R>][s<S>][h] (bits 2 3 4 8 16), fp16 = k16v16.\n"
+                    "       kvq_eval --synthetic OUT.kvd   (writes a head_dim-128 RoPE dump with outlier channels)\n"
+                    "CONFIG: k<bits>v<bits>[g<G>][r<R>][s<S>][h][x<percent>][e] (bits 2 3 4 8 16), fp16 = k16v16;\n"
+                    "        h: Hadamard rotation, x: salient tokens per key block, e: salient by error, not attention.\n"
                     "default configs: k16v16 k8v8 k4v4 k3v3 k2v2 k2v2g64 k2v2r0\n");
 }
 
@@ -389,6 +466,7 @@ int main(int argc, char **argv)
     const char *csv = NULL, *svg = NULL, *dumps[MAX_DUMPS], *configs[MAX_CONFIGS];
     int n_dumps = 0, n_configs = 0, x_actual = 0, i, j, n_res = 0, rc = 0;
     result *res;
+    if (argc == 3 && strcmp(argv[1], "--synthetic") == 0) return write_synthetic(argv[2]);
     for (i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--csv") == 0 && i + 1 < argc) csv = argv[++i];
         else if (strcmp(argv[i], "--svg") == 0 && i + 1 < argc) svg = argv[++i];

@@ -30,6 +30,8 @@ extern "C" {
           | 'r' N                        residual_tokens (multiple of g)
           | 's' N                        sink_tokens
           | 'h'                          Hadamard rotation
+          | 'x' N                        salient tokens: N percent of each key block at 8 bits
+          | 'e'                          salient tokens chosen by quantization error, not attention
    Unnamed fields keep kvq_default_config(head_dim, n_kv_heads, max_tokens);
    when g is given without r, the default residual is rounded up to a
    multiple of g. "fp16" is k16v16; "fp32" selects the exact float path. */
@@ -144,8 +146,9 @@ int llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tok
     for (i = 0; i < n;) {
         char key = low[i++];
         long v = -1;
-        if (key != 'k' && key != 'v' && key != 'g' && key != 'r' && key != 's' && key != 'h')
-            return llm__fail(err, err_size, -1, "config '%s': unknown field '%c' (want k v g r s h)", spec, key);
+        if (key != 'k' && key != 'v' && key != 'g' && key != 'r' && key != 's' && key != 'h' && key != 'x' &&
+            key != 'e')
+            return llm__fail(err, err_size, -1, "config '%s': unknown field '%c' (want k v g r s h x e)", spec, key);
         if (seen[(unsigned char)key]++)
             return llm__fail(err, err_size, -1, "config '%s': field '%c' given twice", spec, key);
         if (i < n && isdigit((unsigned char)low[i])) {
@@ -155,9 +158,10 @@ int llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tok
                 if (v > 1000000) return llm__fail(err, err_size, -1, "config '%s': number too large", spec);
             }
         }
-        if (key == 'h') {
-            if (v >= 0) return llm__fail(err, err_size, -1, "config '%s': 'h' takes no number", spec);
-            c.rotation = KVQ_ROTATE_HADAMARD;
+        if (key == 'h' || key == 'e') {
+            if (v >= 0) return llm__fail(err, err_size, -1, "config '%s': '%c' takes no number", spec, key);
+            if (key == 'h') c.rotation = KVQ_ROTATE_HADAMARD;
+            else c.salient_policy = KVQ_SALIENT_ERROR;
             continue;
         }
         if (v < 0) return llm__fail(err, err_size, -1, "config '%s': '%c' needs a number", spec, key);
@@ -167,6 +171,7 @@ int llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tok
         case 'g': c.group_size = (int)v; break;
         case 'r': c.residual_tokens = (int)v; break;
         case 's': c.sink_tokens = (int)v; break;
+        case 'x': c.salient_ratio = (float)v / 100.0f; break;
         default: break;
         }
     }
@@ -189,6 +194,12 @@ double llm_bits_steady(const llm_cache_spec *s)
     if (c->group_size <= 0 || c->head_dim <= 0) return 0.0;
     kb = c->key_bits >= 16 ? 16.0 : c->key_bits + 32.0 / c->group_size;
     vb = c->value_bits >= 16 ? 16.0 : c->value_bits + 32.0 * ng / c->head_dim;
+    if (c->salient_ratio > 0.0f) { /* side store: per salient token an index, K and V at 8 bits with group scales */
+        int n = (int)(c->salient_ratio * c->group_size + 0.5f);
+        double entry = c->salient_bits == 16 ? 2.0 + 4.0 * c->head_dim : 2.0 + 8.0 * ng + 2.0 * c->head_dim;
+        n = n < 1 ? 1 : n > c->group_size - 1 ? c->group_size - 1 : n;
+        return 0.5 * (kb + vb) + n * entry * 8.0 / (2.0 * c->group_size * c->head_dim);
+    }
     return 0.5 * (kb + vb);
 }
 

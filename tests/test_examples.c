@@ -568,7 +568,7 @@ static void test_configs(void)
 {
     llm_cache_spec s;
     char err[256];
-    static const char *const bad[] = { "", "x2", "k", "k2k2", "k5v2", "k2v2r48", "k2v2g48", "k2v2h3", "k2v2 ",
+    static const char *const bad[] = { "", "k", "k2k2", "k5v2", "k2v2r48", "k2v2g48", "k2v2h3", "k2v2 ",
                                        "k99999999", "k-2", "kv2", "k2v2g0", "fp64", "k2v2s9999" };
     static const char *const good[] = { "k2v2", "k16v16", "k8v8g16", "k4v2g64r0s4", "k3v3g128", "v4", "k2v2r0", "fp16", "FP32" };
     size_t i;
