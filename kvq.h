@@ -1000,8 +1000,12 @@ static void kvq__side_get(const kvq_cache *c, const uint8_t *e, int which, float
     {
         const uint16_t *par = (const uint16_t *)(const void *)(e + 2) + (size_t)which * 2 * ng;
         const uint8_t *codes = e + 2 + 8 * (size_t)ng + (size_t)which * D;
-        for (ch = 0; ch < D; ch++)
-            x[ch] = kvq__f16_to_f32(par[ng + ch / G]) + kvq__f16_to_f32(par[ch / G]) * (float)codes[ch];
+        int g;
+        for (g = 0; g < ng; g++) {
+            float s = kvq__f16_to_f32(par[g]), m = kvq__f16_to_f32(par[ng + g]);
+            int c1 = (g + 1) * G < D ? (g + 1) * G : D;
+            for (ch = g * G; ch < c1; ch++) x[ch] = m + s * (float)codes[ch];
+        }
     }
 }
 
@@ -1391,9 +1395,13 @@ static void kvq__salient_scores(const kvq_cache *c, int h, int pos, int n, const
         if (t < 0 || t >= n) continue;
         kvq__side_get(c, ent, 0, k);
         for (j = 0; j < nh; j++) {
-            float d = 0.0f;
-            for (ch = 0; ch < D; ch++) d += qs[(size_t)j * D + ch] * k[ch];
-            sp[(size_t)j * KVQ__TILE + t] = d;
+            const float *qj = qs + (size_t)j * D;
+            float d8[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* eight lanes: D is a multiple of 8 */
+            for (ch = 0; ch < D; ch += 8) {
+                int l;
+                for (l = 0; l < 8; l++) d8[l] += qj[ch + l] * k[ch + l];
+            }
+            sp[(size_t)j * KVQ__TILE + t] = ((d8[0] + d8[4]) + (d8[1] + d8[5])) + ((d8[2] + d8[6]) + (d8[3] + d8[7]));
         }
     }
 }

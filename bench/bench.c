@@ -40,18 +40,21 @@
 
 typedef struct cfgspec {
     int bits;
+    int salient_pct;   /* salient tokens per key block, percent (0 = off) */
     const char *name;  /* CSV / table name */
     const char *label; /* chart legend */
     const char *color;
 } cfgspec;
 
 static const cfgspec CFGS[] = {
-    {32, "fp32", "fp32 (hand-written)", "#444444"},
-    {16, "kvq-16", "kvq fp16", "#d62728"},
-    {8, "kvq-8", "kvq 8-bit", "#ff7f0e"},
-    {4, "kvq-4", "kvq 4-bit", "#2ca02c"},
-    {3, "kvq-3", "kvq 3-bit", "#1f77b4"},
-    {2, "kvq-2", "kvq 2-bit", "#9467bd"},
+    {32, 0, "fp32", "fp32 (hand-written)", "#444444"},
+    {16, 0, "kvq-16", "kvq fp16", "#d62728"},
+    {8, 0, "kvq-8", "kvq 8-bit", "#ff7f0e"},
+    {4, 0, "kvq-4", "kvq 4-bit", "#2ca02c"},
+    {3, 0, "kvq-3", "kvq 3-bit", "#1f77b4"},
+    {2, 0, "kvq-2", "kvq 2-bit", "#9467bd"},
+    {2, 5, "kvq-2x5", "kvq 2-bit + 5% salient", "#8c564b"},
+    {2, 10, "kvq-2x10", "kvq 2-bit + 10% salient", "#e377c2"},
 };
 #define N_CFGS ((int)(sizeof CFGS / sizeof CFGS[0]))
 #define CFG_FP16 1
@@ -600,10 +603,11 @@ static double rel_err(const float *x, const float *ref, size_t n) {
 /* ------------------------------------------------------------------------ */
 /* Building and filling caches.                                             */
 
-static kvq_config make_config(int bits, int n) {
+static kvq_config make_config(int cfg_index, int n) {
     kvq_config c = kvq_default_config(HD, KVH, n);
-    c.key_bits = bits;
-    c.value_bits = bits;
+    c.key_bits = CFGS[cfg_index].bits;
+    c.value_bits = CFGS[cfg_index].bits;
+    c.salient_ratio = (float)CFGS[cfg_index].salient_pct / 100.0f; /* filled without attention: error policy */
     return c;
 }
 
@@ -623,8 +627,8 @@ static void fill_fp32(fp32cache *c, int n, float *kbuf, float *vbuf) {
     }
 }
 
-static kvq_cache *fill_kvq(int bits, int n, float *kbuf, float *vbuf) {
-    kvq_config cfg = make_config(bits, n);
+static kvq_cache *fill_kvq(int cfg_index, int n, float *kbuf, float *vbuf) {
+    kvq_config cfg = make_config(cfg_index, n);
     kvq_cache *c;
     int t0;
     check(kvq_cache_create(&c, &cfg), "kvq_cache_create");
@@ -814,7 +818,7 @@ static int write_svg(const results *R, const options *o, const char *cpu, const 
         }
         if (CFGS[c].bits == 32) snprintf(lab, sizeof lab, "%s, 32 bits/el", CFGS[c].label);
         else {
-            kvq_config kc = make_config(CFGS[c].bits, 1 << 16);
+            kvq_config kc = make_config(c, 1 << 16);
             snprintf(lab, sizeof lab, "%s, %.2f bits/el", CFGS[c].label, kvq_config_bits_per_element(&kc));
         }
         fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"2\"/>\n",
@@ -855,7 +859,7 @@ static void usage(FILE *f) {
             "usage: bench [options]\n"
             "  --quick            smoke test: N 1K,4K, short timing, 4K-token append\n"
             "  --n LIST           context lengths, e.g. 1K,4K,16K,64K (default)\n"
-            "  --configs LIST     from fp32,16,8,4,3,2 (default: all); 16 = kvq fp16\n"
+            "  --configs LIST     from fp32,16,8,4,3,2,kvq-2x5,kvq-2x10 (default: all); 16 = kvq fp16\n"
             "  --threads LIST     e.g. 1,2 (default), at most %d\n"
             "  --heads LIST       gqa (32 q / 8 kv), mha (8 / 8); default gqa,mha\n"
             "  --csv PATH         CSV output (default bench/results.csv)\n"
@@ -939,10 +943,10 @@ static void parse_args(int argc, char **argv, options *o) {
                 for (c = 0; c < N_CFGS; c++) {
                     char num[8];
                     snprintf(num, sizeof num, "%d", CFGS[c].bits);
-                    if (!strcmp(tok[k], num) || !strcmp(tok[k], CFGS[c].name)) found = c;
+                    if ((!strcmp(tok[k], num) && !CFGS[c].salient_pct) || !strcmp(tok[k], CFGS[c].name)) found = c;
                 }
                 if (!strcmp(tok[k], "fp16")) found = CFG_FP16;
-                if (found < 0) die("unknown config (use fp32,16,8,4,3,2)");
+                if (found < 0) die("unknown config (use fp32,16,8,4,3,2,kvq-2x5,kvq-2x10)");
                 o->cfgs[o->n_cfgs++] = found;
             }
         } else if (!strcmp(a, "--threads")) {
@@ -1024,7 +1028,7 @@ static void bench_append(const options *o, int ci, append_row *out, float *pool_
             free(K);
             free(V);
         } else {
-            kvq_config cfg = make_config(bits, n);
+            kvq_config cfg = make_config(c, n);
             kvq_cache *kc;
             check(kvq_cache_create(&kc, &cfg), "kvq_cache_create");
             t0 = now_s();
@@ -1191,7 +1195,7 @@ int main(int argc, char **argv) {
                 fill_fp32(&fc, n, kbuf, vbuf);
                 bytes = 4.0 * 2 * n * KVH * HD;
             } else {
-                kc = fill_kvq(bits, n, kbuf, vbuf);
+                kc = fill_kvq(c, n, kbuf, vbuf);
                 bytes = (double)kvq_cache_payload_bytes(kc);
             }
             fprintf(stderr, " %.1fs;", now_s() - tf);
