@@ -104,7 +104,7 @@ typedef struct kvq_config {
     int value_bits;      /* same set as key_bits */
     int group_size;      /* G: tokens per key block and channels per value group; 16, 32 (default), 64, 128 */
     int residual_tokens; /* newest tokens kept in fp16; default 128; 0 = none; multiple of G */
-    int sink_tokens;     /* first tokens kept in fp16; default 0 */
+    int sink_tokens;     /* first tokens kept in fp16; default 4 */
     int rotation;        /* KVQ_ROTATE_NONE or KVQ_ROTATE_HADAMARD */
     unsigned seed;       /* random signs of the rotation */
     float salient_ratio; /* fraction of tokens kept at salient_bits; 0 = off */
@@ -635,7 +635,7 @@ KVQ_API kvq_config kvq_default_config(int head_dim, int n_kv_heads, int max_toke
     c.value_bits = 2;
     c.group_size = 32;
     c.residual_tokens = 128;
-    c.sink_tokens = 0;
+    c.sink_tokens = max_tokens < 4 ? (max_tokens > 0 ? max_tokens : 0) : 4; /* measured: README, "Sinks" */
     c.rotation = KVQ_ROTATE_NONE;
     c.seed = 0x6b7671u; /* "kvq" */
     c.salient_ratio = 0.0f;

@@ -91,8 +91,8 @@ int main(void) {
     bits = 8.0 * (double)kvq_cache_payload_bytes(cache) / (2.0 * TOKENS * KV_HEADS * HEAD_DIM);
     printf("kvq %d.%d.%d quickstart: %d tokens, %d KV heads, head_dim %d, %d query heads\n", KVQ_VERSION_MAJOR,
            KVQ_VERSION_MINOR, KVQ_VERSION_PATCH, TOKENS, KV_HEADS, HEAD_DIM, Q_HEADS);
-    printf("  config            2-bit keys and values, G %d, %d fp16 residual tokens\n", cfg.group_size,
-           cfg.residual_tokens);
+    printf("  config            2-bit keys and values, G %d, %d fp16 residual tokens, %d fp16 sinks\n",
+           cfg.group_size, cfg.residual_tokens, cfg.sink_tokens);
     printf("  storage           %.2f bits per element (%.2f steady state, residual window excluded)\n", bits,
            kvq_config_bits_per_element(&cfg));
     printf("  cache size        %.2f MiB  (fp16: %.2f MiB, %.1fx smaller; fp32: %.2f MiB)\n",

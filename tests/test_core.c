@@ -279,6 +279,7 @@ static void test_golden(void) {
         }
     cfg.group_size = 16;
     cfg.residual_tokens = 0;
+    cfg.sink_tokens = 0;
     cfg.key_bits = 2;
     cfg.value_bits = 3;
     if (kvq_cache_create(&c, &cfg) != KVQ_OK) { CHECK(0, "create"); return; }

@@ -10,6 +10,7 @@ static kvq_config salient_config(int D, float ratio, int bits, int policy) {
     cfg.salient_bits = bits;
     cfg.salient_policy = policy;
     cfg.residual_tokens = 32;
+    cfg.sink_tokens = 0; /* token t sits at block t / G */
     return cfg;
 }
 
@@ -68,6 +69,7 @@ static void test_outlier_token(void) {
     double ea = 0, eb = 0, ep = 0;
     int i, t, ch;
     plain.residual_tokens = 0;
+    plain.sink_tokens = 0;
     plain.group_size = 32;
     sal = plain;
     sal.salient_ratio = 1.0f / 32;
@@ -156,6 +158,7 @@ static void test_scores(void) {
     int i, h, qh, t, ch, bad = 0;
     cfg.salient_ratio = 0.1f;
     cfg.residual_tokens = 64;
+    cfg.sink_tokens = 0;
     for (i = 0; i < 40 * 2 * 16; i++) { k[i] = tu_normal(&r); v[i] = tu_normal(&r); }
     for (i = 0; i < 3 * 6 * 16; i++) q[i] = tu_normal(&r);
     CHECK(kvq_cache_create(&c, &cfg) == KVQ_OK, "create");
@@ -214,6 +217,7 @@ static void test_accounting(void) {
     tu_rng r = {1};
     size_t i, expect;
     cfg.salient_ratio = 0.1f;
+    cfg.sink_tokens = 0;
     for (i = 0; i < 4096u * 8 * 128; i++) { k[i] = tu_normal(&r); v[i] = tu_normal(&r); }
     kvq_cache_create(&c, &cfg);
     kvq_cache_append(c, k, v, 4096);
