@@ -134,8 +134,52 @@ static void test_cache(void) {
     }
 }
 
+/* KVQ_ROTATE_PREROTATED: inputs rotated by the caller with kvq_hadamard give what the cache's
+   own rotation gives, once the caller rotates the output back (the QuaRot-style folding). */
+static void test_prerotated(void) {
+    const int D = 96, H = 2, NQH = 4, T = 200;
+    kvq_config a = kvq_default_config(D, H, T), b;
+    kvq_cache *ca = NULL, *cb = NULL;
+    size_t n = (size_t)T * H * D, no = (size_t)NQH * D, i;
+    float *k = (float *)tu_alloc(n * 4), *v = (float *)tu_alloc(n * 4), *q = (float *)tu_alloc(no * 4);
+    float *oa = (float *)tu_alloc(no * 4), *ob = (float *)tu_alloc(no * 4);
+    kvq_attn_params ap = {NQH, 1, 0.0f};
+    tu_rng r = {44};
+    double e = 0, rr = 0;
+    a.rotation = KVQ_ROTATE_HADAMARD;
+    a.seed = 77u;
+    b = a;
+    b.rotation = KVQ_ROTATE_PREROTATED;
+    tu_fill_kv(&r, TU_STRUCTURED, T, H, D, k, v);
+    tu_fill_q(&r, TU_STRUCTURED, no, D, q);
+    CHECK(kvq_cache_create(&ca, &a) == KVQ_OK && kvq_cache_create(&cb, &b) == KVQ_OK, "create");
+    if (!ca || !cb) return;
+    kvq_cache_append(ca, k, v, T);
+    for (i = 0; i < n; i += D) { /* the caller's folding, done here by hand */
+        kvq_hadamard(k + i, D, 77u);
+        kvq_hadamard(v + i, D, 77u);
+    }
+    for (i = 0; i < no; i += D) kvq_hadamard(q + i, D, 77u);
+    kvq_cache_append(cb, k, v, T);
+    CHECK(kvq_attention(ca, q, oa, &ap) == KVQ_OK, "attention"); /* q rotated: ca sees another query */
+    for (i = 0; i < no; i += D) kvq_hadamard_inverse(q + i, D, 77u);
+    kvq_attention(ca, q, oa, &ap);
+    for (i = 0; i < no; i += D) kvq_hadamard(q + i, D, 77u);
+    kvq_attention(cb, q, ob, &ap);
+    for (i = 0; i < no; i += D) kvq_hadamard_inverse(ob + i, D, 77u);
+    for (i = 0; i < no; i++) {
+        e += (oa[i] - ob[i]) * (oa[i] - ob[i]);
+        rr += (double)oa[i] * oa[i];
+    }
+    CHECK(e / rr < 1e-10, "prerotated inputs differ from the cache's rotation: %g", e / rr);
+    kvq_cache_destroy(ca);
+    kvq_cache_destroy(cb);
+    free(k); free(v); free(q); free(oa); free(ob);
+}
+
 int main(void) {
     test_transform();
     test_cache();
+    test_prerotated();
     return tu_finish("test_rotate");
 }
