@@ -14,7 +14,7 @@ TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_serialize $(B)/test_rotate $(
            $(B)/compile_clang_c $(B)/compile_clang_cxx
 HDR      = kvq.h tests/test_util.h
 
-.PHONY: all test example eval bench asan ubsan tsan neon fuzz lint check clean
+.PHONY: all test example eval bench asan ubsan tsan neon fuzz lint check cuda clean
 all: $(TESTS) $(B)/quickstart $(B)/llama $(B)/kvq_eval
 
 $(B):
@@ -110,6 +110,17 @@ $(B)/neon_serialize: tests/test_serialize.c $(HDR) | $(B)
 neon: $(B)/neon_core $(B)/neon_simd $(B)/neon_serialize $(B)/test_serialize
 	mkdir -p $(B)/xplat && $(B)/test_serialize --write $(B)/xplat >/dev/null
 	tests/run_all.sh "$(QEMU) $(B)/neon_core" "$(QEMU) $(B)/neon_simd" "$(QEMU) $(B)/neon_serialize --check $(B)/xplat"
+
+# ---- CUDA: compiled wherever nvcc is; the tests skip without a device -------------
+NVCC      ?= nvcc
+CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+NVFLAGS   = -std=c++17 -O2 $(CUDA_ARCH) -I. -Xcompiler -Wall,-Wextra
+$(B)/test_cuda: tests/test_cuda.cu kvq_cuda.h kvq.h tests/test_util.h | $(B)
+	$(NVCC) $(NVFLAGS) -o $@ tests/test_cuda.cu -lm
+$(B)/bench_cuda: bench/bench_cuda.cu kvq_cuda.h kvq.h | $(B)
+	$(NVCC) $(NVFLAGS) -o $@ bench/bench_cuda.cu -lm
+cuda: $(B)/test_cuda $(B)/bench_cuda
+	tests/run_all.sh $(B)/test_cuda
 
 # ---- examples, eval, bench ---------------------------------------------------
 $(B)/quickstart: examples/quickstart.c kvq.h | $(B)

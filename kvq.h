@@ -139,7 +139,8 @@ KVQ_API size_t     kvq_cache_payload_bytes(const kvq_cache *c);
 /* Steady-state storage per K/V element of a config, residual window and sinks excluded. */
 KVQ_API double     kvq_config_bits_per_element(const kvq_config *cfg);
 
-/* k, v: [n_tokens][n_kv_heads][head_dim] floats, finite and within fp16 range (|x| <= 65504). */
+/* k, v: [n_tokens][n_kv_heads][head_dim] floats, finite and within fp16 range (|x| <= 65504;
+   with KVQ_ROTATE_HADAMARD, each head's row of L2 norm <= 65504, so it stays in range rotated). */
 KVQ_API kvq_status kvq_cache_append(kvq_cache *c, const float *k, const float *v, int n_tokens);
 /* Reconstructs tokens [first, first+n) into the layout of append; k or v may be NULL. */
 KVQ_API kvq_status kvq_cache_read(const kvq_cache *c, int first, int n, float *k, float *v);
@@ -1101,6 +1102,18 @@ static void kvq__store_row(const kvq_cache *c, uint16_t *dst, const float *src) 
 
 /* |x| <= 65504 for all x, NaN rejected: on the bits, |x| orders as an integer (NaN above inf).
    Eight running maxima so that compilers vectorize it at -O2 (append's hot path). */
+/* A rotated element is at most the row's L2 norm, so rows of norm <= 65504 stay in fp16 range. */
+static int kvq__rotates_in_fp16(const float *x, size_t n, int D) {
+    size_t r;
+    for (r = 0; r < n; r += (size_t)D) {
+        double ss = 0.0;
+        int i;
+        for (i = 0; i < D; i++) ss += (double)x[r + i] * x[r + i];
+        if (ss > (double)KVQ__FP16_MAX * KVQ__FP16_MAX) return 0;
+    }
+    return 1;
+}
+
 static int kvq__finite_fp16(const float *x, size_t n) {
     uint32_t m[8] = {0, 0, 0, 0, 0, 0, 0, 0}, top = 0;
     size_t i = 0;
@@ -1181,6 +1194,10 @@ KVQ_API kvq_status kvq_cache_append(kvq_cache *c, const float *k, const float *v
     row = (size_t)c->cfg.n_kv_heads * c->cfg.head_dim;
     /* validate everything first: an append is all or nothing */
     if (!kvq__finite_fp16(k, row * n_tokens) || !kvq__finite_fp16(v, row * n_tokens)) return KVQ_ERR_INVALID;
+    if (c->cfg.rotation == KVQ_ROTATE_HADAMARD &&
+        (!kvq__rotates_in_fp16(k, row * n_tokens, c->cfg.head_dim) ||
+         !kvq__rotates_in_fp16(v, row * n_tokens, c->cfg.head_dim)))
+        return KVQ_ERR_INVALID;
     for (i = 0; i < n_tokens; i++) kvq__append_token(c, k + row * i, v + row * i);
     return KVQ_OK;
 }

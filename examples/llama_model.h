@@ -110,19 +110,12 @@ int llm_score(const kvqd_checkpoint *ck, const llm_cache_spec *spec, const int *
 #include <string.h>
 #include <time.h>
 
-#if defined(__GNUC__) || defined(__clang__)
-__attribute__((format(printf, 4, 5)))
+/* Errors are formatted by kvq_data.h's helper: every program that implements this header
+   implements kvq_data.h in the same unit. */
+#ifndef KVQ_DATA_IMPLEMENTATION_DONE
+#error "define KVQ_DATA_IMPLEMENTATION and include kvq_data.h before LLAMA_MODEL_IMPLEMENTATION"
 #endif
-static int llm__fail(char *err, size_t err_size, int code, const char *fmt, ...)
-{
-    if (err && err_size) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, err_size, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
+#define llm__fail kvqd__fail
 
 /* ---- config strings ---- */
 

@@ -132,6 +132,20 @@ static void test_cache(void) {
         cfg.rotation = KVQ_ROTATE_PREROTATED;
         CHECK(kvq_config_check(&cfg) == KVQ_OK, "prerotated");
     }
+    { /* a row inside fp16 range can leave it once rotated: refused, nothing appended */
+        kvq_config cfg = kvq_default_config(64, 1, 10);
+        kvq_cache *c = NULL;
+        float k[64], v[64];
+        int i;
+        cfg.rotation = KVQ_ROTATE_HADAMARD;
+        for (i = 0; i < 64; i++) { k[i] = 60000.0f; v[i] = 1.0f; }
+        CHECK(kvq_cache_create(&c, &cfg) == KVQ_OK, "create");
+        CHECK(kvq_cache_append(c, k, v, 1) == KVQ_ERR_INVALID && kvq_cache_tokens(c) == 0,
+              "a row that overflows fp16 once rotated must be refused");
+        for (i = 0; i < 64; i++) k[i] = 8000.0f; /* norm 64000 */
+        CHECK(kvq_cache_append(c, k, v, 1) == KVQ_OK, "norm within range");
+        kvq_cache_destroy(c);
+    }
 }
 
 /* KVQ_ROTATE_PREROTATED: inputs rotated by the caller with kvq_hadamard give what the cache's
