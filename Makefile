@@ -114,7 +114,7 @@ neon: $(B)/neon_core $(B)/neon_simd $(B)/neon_serialize $(B)/test_serialize
 # ---- CUDA: compiled wherever nvcc is; the tests skip without a device -------------
 NVCC      ?= nvcc
 CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
-NVFLAGS   = -std=c++17 -O2 $(CUDA_ARCH) -I. -Xcompiler -Wall,-Wextra
+NVFLAGS   = -std=c++17 -O2 $(CUDA_ARCH) -I. -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror
 $(B)/test_cuda: tests/test_cuda.cu kvq_cuda.h kvq.h tests/test_util.h | $(B)
 	$(NVCC) $(NVFLAGS) -o $@ tests/test_cuda.cu -lm
 $(B)/bench_cuda: bench/bench_cuda.cu kvq_cuda.h kvq.h | $(B)
