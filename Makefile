@@ -50,22 +50,15 @@ $(B)/compile_clang_cxx: $(COMPILE_SRC) kvq.h | $(B)
 test: $(TESTS)
 	tests/run_all.sh $(TESTS)
 
-# ---- sanitizers: the same tests under ASan and UBSan --------------------------
-$(B)/asan_core: tests/test_core.c $(HDR) | $(B)
-	$(CC) $(WARN) $(SAN_FLAGS) -fsanitize=address -o $@ tests/test_core.c $(LDLIBS)
-$(B)/asan_examples: tests/test_examples.c examples/*.h $(HDR) | $(B)
-	$(CC) $(WARN) $(SAN_FLAGS) -fsanitize=address -o $@ tests/test_examples.c $(LDLIBS)
-$(B)/asan_serialize: tests/test_serialize.c $(HDR) | $(B)
-	$(CC) $(WARN) $(SAN_FLAGS) -fsanitize=address -o $@ tests/test_serialize.c $(LDLIBS)
-$(B)/ubsan_serialize: tests/test_serialize.c $(HDR) | $(B)
-	$(CLANG) $(WARN) $(SAN_FLAGS) -fsanitize=undefined,float-cast-overflow -o $@ tests/test_serialize.c $(LDLIBS)
-$(B)/ubsan_core: tests/test_core.c $(HDR) | $(B)
-	$(CLANG) $(WARN) $(SAN_FLAGS) -fsanitize=undefined,float-cast-overflow -o $@ tests/test_core.c $(LDLIBS)
-$(B)/ubsan_examples: tests/test_examples.c examples/*.h $(HDR) | $(B)
-	$(CLANG) $(WARN) $(SAN_FLAGS) -fsanitize=undefined,float-cast-overflow -o $@ tests/test_examples.c $(LDLIBS)
-asan: $(B)/asan_core $(B)/asan_serialize $(B)/asan_examples
+# ---- sanitizers: the unit tests under ASan (gcc) and UBSan (clang), SIMD paths included
+SAN_TESTS = core simd serialize rotate salient examples
+$(B)/asan_%: tests/test_%.c $(HDR) examples/*.h | $(B)
+	$(CC) $(WARN) $(SAN_FLAGS) -march=native -fsanitize=address -o $@ $< $(LDLIBS)
+$(B)/ubsan_%: tests/test_%.c $(HDR) examples/*.h | $(B)
+	$(CLANG) $(WARN) $(SAN_FLAGS) -march=native -fsanitize=undefined,float-cast-overflow -o $@ $< $(LDLIBS)
+asan: $(addprefix $(B)/asan_,$(SAN_TESTS))
 	tests/run_all.sh $^
-ubsan: $(B)/ubsan_core $(B)/ubsan_serialize $(B)/ubsan_examples
+ubsan: $(addprefix $(B)/ubsan_,$(SAN_TESTS))
 	tests/run_all.sh $^
 
 # concurrent attention calls under ThreadSanitizer
@@ -100,16 +93,14 @@ lint:
 check: test asan ubsan tsan neon lint fuzz
 
 # ---- NEON: cross-compiled, run under qemu -----------------------------------
-$(B)/neon_core: tests/test_core.c $(HDR) | $(B)
-	$(AARCH64_CC) $(WARN) -O2 -static -o $@ tests/test_core.c -lm
-$(B)/neon_simd: tests/test_simd.c $(HDR) | $(B)
-	$(AARCH64_CC) $(WARN) -O2 -static -o $@ tests/test_simd.c -lm
-$(B)/neon_serialize: tests/test_serialize.c $(HDR) | $(B)
-	$(AARCH64_CC) $(WARN) -O2 -static -o $@ tests/test_serialize.c -lm
+NEON_TESTS = core simd serialize rotate salient
+$(B)/neon_%: tests/test_%.c $(HDR) | $(B)
+	$(AARCH64_CC) $(WARN) -O2 -static -o $@ $< -lm
 # the aarch64 run also loads a cache image saved by the native build
-neon: $(B)/neon_core $(B)/neon_simd $(B)/neon_serialize $(B)/test_serialize
+neon: $(addprefix $(B)/neon_,$(NEON_TESTS)) $(B)/test_serialize
 	mkdir -p $(B)/xplat && $(B)/test_serialize --write $(B)/xplat >/dev/null
-	tests/run_all.sh "$(QEMU) $(B)/neon_core" "$(QEMU) $(B)/neon_simd" "$(QEMU) $(B)/neon_serialize --check $(B)/xplat"
+	tests/run_all.sh "$(QEMU) $(B)/neon_core" "$(QEMU) $(B)/neon_simd" "$(QEMU) $(B)/neon_rotate" \
+	  "$(QEMU) $(B)/neon_salient" "$(QEMU) $(B)/neon_serialize --check $(B)/xplat"
 
 # ---- CUDA: compiled wherever nvcc is; the tests skip without a device -------------
 NVCC      ?= nvcc
