@@ -351,9 +351,10 @@ static size_t kvq__key_block_bytes(const kvq_config *cfg) {
 
 /* Value token of one head: fp16 scale[ngroups], fp16 min[ngroups] (the "params"),
    then D codes packed along channels. At 16 bits: no params, D fp16. */
-static size_t kvq__value_param_bytes(const kvq_config *cfg) {
-    return cfg->value_bits == 16 ? 0 : 4 * (size_t)kvq__value_groups(cfg);
+static size_t kvq__token_param_bytes(const kvq_config *cfg, int bits) {
+    return bits == 16 ? 0 : 4 * (size_t)kvq__value_groups(cfg);
 }
+static size_t kvq__value_param_bytes(const kvq_config *cfg) { return kvq__token_param_bytes(cfg, cfg->value_bits); }
 static size_t kvq__value_code_bytes(const kvq_config *cfg) {
     return (size_t)cfg->head_dim * (size_t)cfg->value_bits / 8;
 }
@@ -378,7 +379,10 @@ static size_t kvq__side_entry_bytes(const kvq_config *cfg) {
 KVQ_API double kvq_config_bits_per_element(const kvq_config *cfg) {
     double kb, vb, side;
     if (kvq_config_check(cfg) != KVQ_OK) return 0.0;
-    kb = 8.0 * (double)kvq__key_block_bytes(cfg) / ((double)cfg->group_size * cfg->head_dim);
+    kb = cfg->key_axis == KVQ_KEYS_PER_TOKEN
+             ? 8.0 * (double)(kvq__token_param_bytes(cfg, cfg->key_bits) + (size_t)cfg->head_dim * cfg->key_bits / 8) /
+                   cfg->head_dim
+             : 8.0 * (double)kvq__key_block_bytes(cfg) / ((double)cfg->group_size * cfg->head_dim);
     vb = 8.0 * (double)(kvq__value_param_bytes(cfg) + kvq__value_code_bytes(cfg)) / cfg->head_dim;
     side = 8.0 * (double)kvq__salient_count(cfg) * (double)kvq__side_entry_bytes(cfg) /
            (2.0 * cfg->group_size * cfg->head_dim);
@@ -593,7 +597,8 @@ struct kvq_cache {
     kvq_config cfg;
     void *owned;       /* the allocation from kvq_cache_create, or NULL */
     int n_tokens;
-    int n_kblocks;     /* quantized key blocks per head */
+    int n_kblocks;     /* quantized key blocks per head (keys per channel) */
+    int n_ktok;        /* quantized keys per head (keys per token: stored like values) */
     int n_vquant;      /* quantized values per head */
     int max_kblocks, max_vquant, kcap, vcap, n_sinks_cap;
     size_t kblock_bytes, vparam_bytes, vcode_bytes;
@@ -601,6 +606,9 @@ struct kvq_cache {
     uint8_t *kblocks;          /* [H][max_kblocks][kblock_bytes] */
     uint16_t *vparams;         /* [H][max_vquant][vparam_bytes/2] */
     uint8_t *vcodes;           /* [H][max_vquant][vcode_bytes] */
+    uint16_t *ktparams;        /* keys per token: [H][max_vquant][ktparam_bytes/2] */
+    uint8_t *ktcodes;          /* keys per token: [H][max_vquant][ktcode_bytes] */
+    size_t ktparam_bytes, ktcode_bytes;
     uint16_t *ring_k;          /* [H][kcap][D] */
     uint16_t *ring_v;          /* [H][vcap][D] */
     int n_salient;             /* salient tokens per key block; 0 = off */
@@ -671,7 +679,7 @@ KVQ_API kvq_status kvq_config_check(const kvq_config *cfg) {
     if (cfg->salient_policy != KVQ_SALIENT_ATTENTION && cfg->salient_policy != KVQ_SALIENT_ERROR)
         return KVQ_ERR_INVALID;
     if (cfg->key_axis != KVQ_KEYS_PER_CHANNEL && cfg->key_axis != KVQ_KEYS_PER_TOKEN) return KVQ_ERR_INVALID;
-    if (cfg->key_axis == KVQ_KEYS_PER_TOKEN) return KVQ_ERR_UNSUPPORTED;
+    if (cfg->key_axis == KVQ_KEYS_PER_TOKEN && cfg->salient_ratio > 0.0f) return KVQ_ERR_UNSUPPORTED;
     if (!(cfg->salient_ratio >= 0.0f && cfg->salient_ratio < 1.0f)) return KVQ_ERR_INVALID;
     if (cfg->rotation < KVQ_ROTATE_NONE || cfg->rotation > KVQ_ROTATE_PREROTATED) return KVQ_ERR_INVALID;
     return KVQ_OK;
@@ -693,7 +701,7 @@ static size_t kvq__align_up(size_t a, int *ok) {
 typedef struct kvq__layout {
     int max_kblocks, max_vquant, kcap, vcap;
     size_t off_sink_k, off_sink_v, off_kblocks, off_vparams, off_vcodes, off_ring_k, off_ring_v;
-    size_t off_side, off_score, off_seen, off_ring_scores, total;
+    size_t off_side, off_score, off_seen, off_ring_scores, off_ktparams, off_ktcodes, total;
 } kvq__layout;
 
 
@@ -721,6 +729,10 @@ static int kvq__plan(const kvq_config *cfg, kvq__layout *L) {
         L->max_vquant = L->max_kblocks * G;
         L->vcap = L->kcap;
     }
+    if (cfg->key_axis == KVQ_KEYS_PER_TOKEN) { /* keys leave one at a time, with their values */
+        L->max_kblocks = 0;
+        L->kcap = L->vcap;
+    }
     end = sizeof(kvq_cache);
     L->off_sink_k = kvq__place(&end, kvq__mul(H, (size_t)cfg->sink_tokens * D, &ok), 2, &ok);
     L->off_sink_v = kvq__place(&end, kvq__mul(H, (size_t)cfg->sink_tokens * D, &ok), 2, &ok);
@@ -734,6 +746,10 @@ static int kvq__plan(const kvq_config *cfg, kvq__layout *L) {
     L->off_score = kvq__place(&end, kvq__mul(H, (size_t)(kvq__salient_count(cfg) ? L->kcap : 0), &ok), 4, &ok);
     L->off_seen = kvq__place(&end, kvq__mul(H, (size_t)(kvq__salient_count(cfg) ? L->kcap : 0), &ok), 4, &ok);
     L->off_ring_scores = kvq__place(&end, (size_t)(kvq__salient_count(cfg) ? L->kcap : 0), 4 * KVQ__HEAD_CHUNK, &ok);
+    L->off_ktparams = kvq__place(&end, kvq__mul(H, (size_t)(cfg->key_axis == KVQ_KEYS_PER_TOKEN ? L->max_vquant : 0), &ok),
+                                 kvq__token_param_bytes(cfg, cfg->key_bits), &ok);
+    L->off_ktcodes = kvq__place(&end, kvq__mul(H, (size_t)(cfg->key_axis == KVQ_KEYS_PER_TOKEN ? L->max_vquant : 0), &ok),
+                                (size_t)cfg->head_dim * (size_t)cfg->key_bits / 8, &ok);
     L->total = kvq__add(end, KVQ__ALIGN, &ok); /* slack to align the caller's pointer */
     return ok;
 }
@@ -777,6 +793,10 @@ KVQ_API kvq_status kvq_cache_init(kvq_cache **out, const kvq_config *cfg, void *
     c->sal_score = (float *)(void *)(base + L.off_score);
     c->sal_seen = (uint32_t *)(void *)(base + L.off_seen);
     c->sal_ring = (float *)(void *)(base + L.off_ring_scores);
+    c->ktparams = (uint16_t *)(void *)(base + L.off_ktparams);
+    c->ktcodes = base + L.off_ktcodes;
+    c->ktparam_bytes = kvq__token_param_bytes(cfg, cfg->key_bits);
+    c->ktcode_bytes = (size_t)cfg->head_dim * (size_t)cfg->key_bits / 8;
     kvq__rotation_init(&c->rot, cfg->head_dim, cfg->seed);
     *out = c;
     return KVQ_OK;
@@ -802,7 +822,7 @@ KVQ_API void kvq_cache_destroy(kvq_cache *c) {
 
 KVQ_API void kvq_cache_reset(kvq_cache *c) {
     if (!c) return;
-    c->n_tokens = c->n_kblocks = c->n_vquant = 0;
+    c->n_tokens = c->n_kblocks = c->n_ktok = c->n_vquant = 0;
 }
 
 KVQ_API int kvq_cache_tokens(const kvq_cache *c) { return c ? c->n_tokens : 0; }
@@ -814,6 +834,12 @@ static int kvq__after_sinks(const kvq_cache *c) {
     return c->n_tokens > c->cfg.sink_tokens ? c->n_tokens - c->cfg.sink_tokens : 0;
 }
 
+static int kvq__per_token_keys(const kvq_cache *c) { return c->cfg.key_axis == KVQ_KEYS_PER_TOKEN; }
+/* Keys past the sinks that have left the ring: whole blocks, or single tokens. */
+static int kvq__keys_quantized(const kvq_cache *c) {
+    return kvq__per_token_keys(c) ? c->n_ktok : c->n_kblocks * c->cfg.group_size;
+}
+
 KVQ_API size_t kvq_cache_payload_bytes(const kvq_cache *c) {
     size_t H, D, row, sinks, kq, kres, vq, vres, side;
     int after;
@@ -823,8 +849,8 @@ KVQ_API size_t kvq_cache_payload_bytes(const kvq_cache *c) {
     row = 2 * D; /* one fp16 row */
     after = kvq__after_sinks(c);
     sinks = (size_t)(c->n_tokens - after) * row * 2;
-    kq = (size_t)c->n_kblocks * c->kblock_bytes;
-    kres = (size_t)(after - c->n_kblocks * c->cfg.group_size) * row;
+    kq = (size_t)c->n_kblocks * c->kblock_bytes + (size_t)c->n_ktok * (c->ktparam_bytes + c->ktcode_bytes);
+    kres = (size_t)(after - kvq__keys_quantized(c)) * row;
     vq = (size_t)c->n_vquant * (c->vparam_bytes + c->vcode_bytes);
     vres = (size_t)(after - c->n_vquant) * row;
     side = (size_t)c->n_kblocks * c->n_salient * c->side_bytes;
@@ -843,6 +869,13 @@ static uint16_t *kvq__value_params(const kvq_cache *c, int h, int j) {
 }
 static uint8_t *kvq__value_codes(const kvq_cache *c, int h, int j) {
     return c->vcodes + ((size_t)h * c->max_vquant + (size_t)j) * c->vcode_bytes;
+}
+/* Keys per token (key_axis) are stored like values, in their own arrays. */
+static uint16_t *kvq__key_token_params(const kvq_cache *c, int h, int j) {
+    return c->ktparams + ((size_t)h * c->max_vquant + (size_t)j) * (c->ktparam_bytes / 2);
+}
+static uint8_t *kvq__key_token_codes(const kvq_cache *c, int h, int j) {
+    return c->ktcodes + ((size_t)h * c->max_vquant + (size_t)j) * c->ktcode_bytes;
 }
 /* Ring rows are addressed by position past the sinks, modulo the ring size. */
 static uint16_t *kvq__ring_k_row(const kvq_cache *c, int h, int pos) {
@@ -1071,6 +1104,13 @@ static void kvq__store_salient(kvq_cache *c, int h, int b, uint8_t *mask) {
 }
 
 /* Quantizes the oldest waiting key block of head h (block index b, ring positions b*G..). */
+static void kvq__quantize_key_token(kvq_cache *c, int h, int j) {
+    const int D = c->cfg.head_dim, G = c->cfg.group_size, bits = c->cfg.key_bits;
+    const uint16_t *row = kvq__ring_k_row(c, h, j);
+    uint8_t *codes = kvq__key_token_codes(c, h, j);
+    if (bits == 16) memcpy(codes, row, (size_t)D * 2);
+    else kvq__dispatch_quantize_value(row, D, G, bits, kvq__key_token_params(c, h, j), codes);
+}
 static void kvq__quantize_key_block(kvq_cache *c, int h, int b) {
     const int D = c->cfg.head_dim, G = c->cfg.group_size, bits = c->cfg.key_bits;
     uint8_t *blk = kvq__key_block(c, h, b);
@@ -1160,6 +1200,17 @@ static void kvq__append_token(kvq_cache *c, const float *k, const float *v) {
             c->sal_score[(size_t)h * c->kcap + (size_t)(pos % c->kcap)] = 0.0f;
             c->sal_seen[(size_t)h * c->kcap + (size_t)(pos % c->kcap)] = 0;
         }
+    if (kvq__per_token_keys(c)) { /* keys leave with their values, one token at a time */
+        if (pos + 1 - c->n_vquant > R) {
+            for (h = 0; h < H; h++) {
+                kvq__quantize_key_token(c, h, c->n_ktok);
+                kvq__quantize_value(c, h, c->n_vquant);
+            }
+            c->n_ktok++;
+            c->n_vquant++;
+        }
+        return;
+    }
     kwait = pos + 1 - c->n_kblocks * G;
     if (kwait > R && kwait >= G && c->n_salient) {
         int b = c->n_kblocks, j;
@@ -1203,11 +1254,24 @@ KVQ_API kvq_status kvq_cache_append(kvq_cache *c, const float *k, const float *v
 }
 
 /* Dequantizes key of token t of head h into x[D]. */
+/* Dequantizes one per-token record (params per group of G channels, then codes; or fp16). */
+static void kvq__read_token_record(const kvq_cache *c, const uint16_t *par, const uint8_t *codes, int bits, float *x) {
+    const int D = c->cfg.head_dim, G = c->cfg.group_size, ng = kvq__value_groups(&c->cfg);
+    int ch;
+    if (bits == 16) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
+    for (ch = 0; ch < D; ch++)
+        x[ch] = kvq__f16_to_f32(par[ng + ch / G]) + kvq__f16_to_f32(par[ch / G]) * (float)kvq__get_code(codes, ch, bits);
+}
+
 static void kvq__read_key(const kvq_cache *c, int h, int t, float *x) {
     const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->cfg.group_size, bits = c->cfg.key_bits;
     int pos = t - S, ch;
     if (t < S) { kvq__f32_row(x, kvq__sink_row(c, c->sink_k, h, t), D); return; }
-    if (pos >= c->n_kblocks * G) { kvq__f32_row(x, kvq__ring_k_row(c, h, pos), D); return; }
+    if (pos >= kvq__keys_quantized(c)) { kvq__f32_row(x, kvq__ring_k_row(c, h, pos), D); return; }
+    if (kvq__per_token_keys(c)) {
+        kvq__read_token_record(c, kvq__key_token_params(c, h, pos), kvq__key_token_codes(c, h, pos), bits, x);
+        return;
+    }
     if (c->n_salient) {
         const uint8_t *e = kvq__find_salient(c, h, pos / G, pos % G);
         if (e) { kvq__side_get(c, e, 0, x); return; }
@@ -1228,23 +1292,15 @@ static void kvq__read_key(const kvq_cache *c, int h, int t, float *x) {
 }
 
 static void kvq__read_value(const kvq_cache *c, int h, int t, float *x) {
-    const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->cfg.group_size, bits = c->cfg.value_bits;
-    int pos = t - S, ch;
+    const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->cfg.group_size;
+    int pos = t - S;
     if (t < S) { kvq__f32_row(x, kvq__sink_row(c, c->sink_v, h, t), D); return; }
     if (pos >= c->n_vquant) { kvq__f32_row(x, kvq__ring_v_row(c, h, pos), D); return; }
     if (c->n_salient) {
         const uint8_t *e = kvq__find_salient(c, h, pos / G, pos % G);
         if (e) { kvq__side_get(c, e, 1, x); return; }
     }
-    {
-        const uint8_t *codes = kvq__value_codes(c, h, pos);
-        const uint16_t *par = kvq__value_params(c, h, pos);
-        int ng = kvq__value_groups(&c->cfg);
-        if (bits == 16) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
-        for (ch = 0; ch < D; ch++)
-            x[ch] = kvq__f16_to_f32(par[ng + ch / G]) +
-                    kvq__f16_to_f32(par[ch / G]) * (float)kvq__get_code(codes, ch, bits);
-    }
+    kvq__read_token_record(c, kvq__value_params(c, h, pos), kvq__value_codes(c, h, pos), c->cfg.value_bits, x);
 }
 
 KVQ_API kvq_status kvq_cache_read(const kvq_cache *c, int first, int n, float *k, float *v) {
@@ -1440,12 +1496,35 @@ static void kvq__salient_values(const kvq_cache *c, int h, int pos, int n, float
     }
 }
 
+/* Scores of keys stored per token (key_axis): each key is dequantized once into floats and
+   dotted with every head's query. Scalar on every path: the per-token key layout has no
+   SIMD kernel yet (its bytes are the value quantizer's, identical on every path). */
+static void kvq__scores_key_tokens(const kvq_cache *c, int h, int pos, int n, const float *qs, int nh,
+                                   float *scores) {
+    const int D = c->cfg.head_dim;
+    float k[512];
+    int t, j, ch, l;
+    for (t = 0; t < n; t++) {
+        kvq__read_token_record(c, kvq__key_token_params(c, h, pos + t), kvq__key_token_codes(c, h, pos + t),
+                               c->cfg.key_bits, k);
+        for (j = 0; j < nh; j++) {
+            const float *qj = qs + (size_t)j * D;
+            float d8[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* eight lanes: D is a multiple of 8 */
+            for (ch = 0; ch < D; ch += 8)
+                for (l = 0; l < 8; l++) d8[l] += qj[ch + l] * k[ch + l];
+            scores[(size_t)j * KVQ__TILE + t] =
+                ((d8[0] + d8[4]) + (d8[1] + d8[5])) + ((d8[2] + d8[6]) + (d8[3] + d8[7]));
+        }
+    }
+}
+
 /* End of the tile starting at t: the next segment boundary (sinks, block, ring), at most hi. */
 static int kvq__tile_end(const kvq_cache *c, int t, int hi) {
     const int S = c->cfg.sink_tokens, G = c->cfg.group_size;
     int end;
     if (t < S) end = S < t + G ? S : t + G;
     else if (t - S < c->n_kblocks * G) end = S + ((t - S) / G + 1) * G;
+    else if (t - S < c->n_ktok) end = S + c->n_ktok < t + G ? S + c->n_ktok : t + G;
     else end = t + G;
     return end < hi ? end : hi;
 }
@@ -1477,9 +1556,13 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
                 for (t = 0; t < n; t++) rows[t] = (const uint16_t *)(const void *)blk + (size_t)(pos % G + t) * D;
                 kvq__k_scores_f16(rows, n, D, qs, nh, scores);
             }
+        } else if (t0 >= S && pos < c->n_ktok && c->cfg.key_bits != 16) {
+            kvq__scores_key_tokens(c, h, pos, n, qs, nh, scores);
         } else {
             for (t = 0; t < n; t++)
-                rows[t] = t0 + t < S ? kvq__sink_row(c, c->sink_k, h, t0 + t) : kvq__ring_k_row(c, h, pos + t);
+                rows[t] = t0 + t < S              ? kvq__sink_row(c, c->sink_k, h, t0 + t)
+                          : pos + t < c->n_ktok ? (const uint16_t *)(const void *)kvq__key_token_codes(c, h, pos + t)
+                                                : kvq__ring_k_row(c, h, pos + t);
             kvq__k_scores_f16(rows, n, D, qs, nh, scores);
         }
         if (c->n_salient && t0 >= S && pos < c->n_kblocks * G) kvq__salient_scores(c, h, pos, n, qs, nh, sp);
@@ -1736,6 +1819,7 @@ static void kvq__counts_after(const kvq_config *cfg, int n, int *nkb, int *nvq) 
     int after = n > cfg->sink_tokens ? n - cfg->sink_tokens : 0, G = cfg->group_size, R = cfg->residual_tokens;
     int k = 0;
     if (after > R && after >= G) k = (after - (R > G - 1 ? R : G - 1) + G - 1) / G;
+    if (cfg->key_axis == KVQ_KEYS_PER_TOKEN) k = 0; /* no blocks: keys leave with their values */
     *nkb = k;
     *nvq = kvq__salient_count(cfg) ? k * G : (after > R ? after - R : 0);
 }
@@ -1787,7 +1871,8 @@ static size_t kvq__xfer_payload(const kvq_cache *c, uint8_t *img, int to_image) 
     s.to_image = to_image;
     if (!img) {
         size_t per_head = (size_t)sinks * 2 * D2 + (size_t)c->n_kblocks * c->kblock_bytes +
-                          (size_t)(after - c->n_kblocks * G) * D2 +
+                          (size_t)c->n_ktok * (c->ktparam_bytes + c->ktcode_bytes) +
+                          (size_t)(after - kvq__keys_quantized(c)) * D2 +
                           (size_t)c->n_vquant * (c->vparam_bytes + c->vcode_bytes) +
                           (size_t)(after - c->n_vquant) * D2 +
                           (size_t)c->n_kblocks * c->n_salient * c->side_bytes +
@@ -1804,7 +1889,12 @@ static size_t kvq__xfer_payload(const kvq_cache *c, uint8_t *img, int to_image) 
             kvq__xfer_u16(&s, (uint16_t *)(void *)blk, kparams);
             kvq__xfer_bytes(&s, blk + 2 * kparams, kcodes);
         }
-        for (i = c->n_kblocks * G; i < after; i++) kvq__xfer_u16(&s, kvq__ring_k_row(c, h, i), (size_t)D);
+        for (i = 0; i < c->n_ktok; i++) { /* keys per token: params then codes, like values */
+            kvq__xfer_u16(&s, kvq__key_token_params(c, h, i), c->ktparam_bytes / 2);
+            if (kbits == 16) kvq__xfer_u16(&s, (uint16_t *)(void *)kvq__key_token_codes(c, h, i), (size_t)D);
+            else kvq__xfer_bytes(&s, kvq__key_token_codes(c, h, i), c->ktcode_bytes);
+        }
+        for (i = kvq__keys_quantized(c); i < after; i++) kvq__xfer_u16(&s, kvq__ring_k_row(c, h, i), (size_t)D);
         for (i = 0; i < c->n_vquant; i++) {
             kvq__xfer_u16(&s, kvq__value_params(c, h, i), c->vparam_bytes / 2);
             if (c->cfg.value_bits == 16) kvq__xfer_u16(&s, (uint16_t *)(void *)kvq__value_codes(c, h, i), (size_t)D);
@@ -1956,6 +2046,9 @@ KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, siz
     probe.vparam_bytes = kvq__value_param_bytes(&cfg);
     probe.vcode_bytes = kvq__value_code_bytes(&cfg);
     probe.n_salient = kvq__salient_count(&cfg);
+    probe.n_ktok = cfg.key_axis == KVQ_KEYS_PER_TOKEN ? probe.n_vquant : 0;
+    probe.ktparam_bytes = kvq__token_param_bytes(&cfg, cfg.key_bits);
+    probe.ktcode_bytes = (size_t)cfg.head_dim * (size_t)cfg.key_bits / 8;
     probe.side_bytes = kvq__side_entry_bytes(&cfg);
     payload = kvq__xfer_payload(&probe, NULL, 0);
     if ((uint64_t)payload != kvq__get_u64(p + KVQ__H_PAYLOAD))
@@ -1967,6 +2060,7 @@ KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, siz
     if ((st = kvq_cache_init(&c, &cfg, mem, mem_bytes)) != KVQ_OK) return st;
     c->n_tokens = tokens;
     c->n_kblocks = probe.n_kblocks;
+    c->n_ktok = probe.n_ktok;
     c->n_vquant = probe.n_vquant;
     kvq__xfer_payload(c, (uint8_t *)(uintptr_t)p + KVQ__HEADER_BYTES, 0); /* reads only */
     *out = c;

@@ -32,6 +32,7 @@ extern "C" {
           | 'h'                          Hadamard rotation
           | 'x' N                        salient tokens: N percent of each key block at 8 bits
           | 'e'                          salient tokens chosen by quantization error, not attention
+          | 't'                          keys quantized per token (like values), not per channel
    Unnamed fields keep kvq_default_config(head_dim, n_kv_heads, max_tokens);
    when g is given without r, the default residual is rounded up to a
    multiple of g. "fp16" is k16v16; "fp32" selects the exact float path. */
@@ -140,8 +141,8 @@ int llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tok
         char key = low[i++];
         long v = -1;
         if (key != 'k' && key != 'v' && key != 'g' && key != 'r' && key != 's' && key != 'h' && key != 'x' &&
-            key != 'e')
-            return llm__fail(err, err_size, -1, "config '%s': unknown field '%c' (want k v g r s h x e)", spec, key);
+            key != 'e' && key != 't')
+            return llm__fail(err, err_size, -1, "config '%s': unknown field '%c' (want k v g r s h x e t)", spec, key);
         if (seen[(unsigned char)key]++)
             return llm__fail(err, err_size, -1, "config '%s': field '%c' given twice", spec, key);
         if (i < n && isdigit((unsigned char)low[i])) {
@@ -151,9 +152,10 @@ int llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tok
                 if (v > 1000000) return llm__fail(err, err_size, -1, "config '%s': number too large", spec);
             }
         }
-        if (key == 'h' || key == 'e') {
+        if (key == 'h' || key == 'e' || key == 't') {
             if (v >= 0) return llm__fail(err, err_size, -1, "config '%s': '%c' takes no number", spec, key);
             if (key == 'h') c.rotation = KVQ_ROTATE_HADAMARD;
+            else if (key == 't') c.key_axis = KVQ_KEYS_PER_TOKEN;
             else c.salient_policy = KVQ_SALIENT_ERROR;
             continue;
         }
@@ -185,7 +187,9 @@ double llm_bits_steady(const llm_cache_spec *s)
     double kb, vb;
     if (s->fp32) return 32.0;
     if (c->group_size <= 0 || c->head_dim <= 0) return 0.0;
-    kb = c->key_bits >= 16 ? 16.0 : c->key_bits + 32.0 / c->group_size;
+    kb = c->key_bits >= 16 ? 16.0
+         : c->key_axis == KVQ_KEYS_PER_TOKEN ? c->key_bits + 32.0 * ng / c->head_dim /* like values */
+                                             : c->key_bits + 32.0 / c->group_size;
     vb = c->value_bits >= 16 ? 16.0 : c->value_bits + 32.0 * ng / c->head_dim;
     if (c->salient_ratio > 0.0f) { /* side store: per salient token an index, K and V at 8 bits with group scales */
         int n = (int)(c->salient_ratio * c->group_size + 0.5f);

@@ -48,7 +48,7 @@ static void test_fp16(void) {
 
 /* ---- storage rules, replicated from DESIGN.md to derive error bounds -------- */
 
-typedef struct rules { int after, nkb, nvq; } rules;
+typedef struct rules { int after, nkb, nvq, nkq; } rules; /* nkq: keys quantized past the sinks */
 
 static rules storage_rules(const kvq_config *cfg, int T) {
     rules s;
@@ -58,6 +58,11 @@ static rules storage_rules(const kvq_config *cfg, int T) {
            s.after - s.nkb * cfg->group_size >= cfg->group_size)
         s.nkb++;
     s.nvq = s.after > cfg->residual_tokens ? s.after - cfg->residual_tokens : 0;
+    s.nkq = s.nkb * cfg->group_size;
+    if (cfg->key_axis == KVQ_KEYS_PER_TOKEN) { /* keys leave with their values, one at a time */
+        s.nkb = 0;
+        s.nkq = s.nvq;
+    }
     return s;
 }
 
@@ -82,7 +87,16 @@ static void element_bounds(const kvq_config *cfg, int T, const float *K, const f
                 int pos = t - S;
                 ek[at] = EPS16 * fabs(K[at]) + 1e-7;
                 ev[at] = EPS16 * fabs(V[at]) + 1e-7;
-                if (t >= S && pos < r.nkb * G && cfg->key_bits < 16) {
+                if (t >= S && pos < r.nkq && cfg->key_bits < 16 && cfg->key_axis == KVQ_KEYS_PER_TOKEN) {
+                    int c0 = c / G * G, c1 = c0 + G < D ? c0 + G : D;
+                    double lo = 1e30, hi = -1e30;
+                    for (u = c0; u < c1; u++) {
+                        double x = to_f16(K[((size_t)t * H + h) * D + u]);
+                        lo = x < lo ? x : lo;
+                        hi = x > hi ? x : hi;
+                    }
+                    ek[at] = step_bound(lo, hi, cfg->key_bits, K[at]);
+                } else if (t >= S && pos < r.nkb * G && cfg->key_bits < 16) {
                     int t0 = S + pos / G * G;
                     double lo = 1e30, hi = -1e30;
                     for (u = t0; u < t0 + G; u++) {
@@ -205,6 +219,8 @@ static void test_accuracy_grid(void) {
                 cfg.group_size = groups[g];
                 cfg.residual_tokens = (g % 2) ? groups[g] : 0;
                 cfg.sink_tokens = (b % 2) ? 4 : 0;
+                check_config(&cfg, 300 + 7 * g, kind, 4, 2, (unsigned)(b * 10 + g), 1);
+                cfg.key_axis = KVQ_KEYS_PER_TOKEN; /* the same with keys per token */
                 check_config(&cfg, 300 + 7 * g, kind, 4, 2, (unsigned)(b * 10 + g), 1);
             }
 }
@@ -464,7 +480,11 @@ static void test_errors(void) {
     BAD_CFG(sink_tokens, -1, KVQ_ERR_INVALID);
     BAD_CFG(sink_tokens, 41, KVQ_ERR_INVALID);
     BAD_CFG(rotation, 7, KVQ_ERR_INVALID);
-    BAD_CFG(key_axis, KVQ_KEYS_PER_TOKEN, KVQ_ERR_UNSUPPORTED);
+    bad = cfg;
+    bad.key_axis = KVQ_KEYS_PER_TOKEN;
+    bad.salient_ratio = 0.1f;
+    CHECK(kvq_config_check(&bad) == KVQ_ERR_UNSUPPORTED && kvq_cache_bytes(&bad) == 0,
+          "per-token keys with salient tokens are not supported");
     BAD_CFG(salient_ratio, -0.1f, KVQ_ERR_INVALID);
     BAD_CFG(salient_ratio, NAN, KVQ_ERR_INVALID);
     BAD_CFG(salient_bits, 4, KVQ_ERR_INVALID);

@@ -91,6 +91,7 @@ static void test_round_trips(void) {
         cfg.sink_tokens = i % 2 ? 3 : 0;
         cfg.group_size = i % 3 ? 32 : 16;
         cfg.residual_tokens = i % 2 ? 0 : 2 * cfg.group_size;
+        cfg.key_axis = i % 3 == 1 ? KVQ_KEYS_PER_TOKEN : KVQ_KEYS_PER_CHANNEL;
         b = build_cache(&cfg, tokens[i], (unsigned)i);
         memset(&got, 0, sizeof got);
         CHECK(kvq_serialized_config(b.img, b.n, &got) == KVQ_OK && same_config(&got, &cfg), "config");

@@ -75,6 +75,10 @@ static int same_bytes(const kvq_cache *a, const kvq_cache *b) {
             if (memcmp(kvq__ring_k_row(a, h, i), kvq__ring_k_row(b, h, i), (size_t)D * 2)) return 0;
         for (i = a->n_vquant; i < after; i++)
             if (memcmp(kvq__ring_v_row(a, h, i), kvq__ring_v_row(b, h, i), (size_t)D * 2)) return 0;
+        if (a->n_ktok && (memcmp(kvq__key_token_codes(a, h, 0), kvq__key_token_codes(b, h, 0), a->ktcode_bytes * a->n_ktok) ||
+                          memcmp(kvq__key_token_params(a, h, 0), kvq__key_token_params(b, h, 0),
+                                 a->ktparam_bytes * a->n_ktok)))
+            return 0;
         if (a->n_salient && a->n_kblocks &&
             memcmp(kvq__side_entry(a, h, 0, 0), kvq__side_entry(b, h, 0, 0),
                    a->side_bytes * a->n_salient * a->n_kblocks))
@@ -109,7 +113,7 @@ static int attend(kvq_cache *c, kvq_isa isa, const float *q, const kvq_attn_para
 }
 
 typedef struct shape {
-    int kb, vb, G, D, H, ratio, nq, S, R, T, kind, rot, salient_pct;
+    int kb, vb, G, D, H, ratio, nq, S, R, T, kind, rot, salient_pct, per_token_keys;
 } shape;
 
 static void check_shape(const shape *s, int split) {
@@ -130,6 +134,7 @@ static void check_shape(const shape *s, int split) {
     cfg.residual_tokens = s->R;
     cfg.rotation = s->rot;
     cfg.salient_ratio = (float)s->salient_pct / 100.0f;
+    cfg.key_axis = s->per_token_keys ? KVQ_KEYS_PER_TOKEN : KVQ_KEYS_PER_CHANNEL;
     ap.n_q_heads = s->H * s->ratio;
     ap.n_queries = s->nq;
     ap.scale = 0.0f;
@@ -291,6 +296,14 @@ static void test_grid(void) {
         s.ratio = 4; s.nq = 1 + d % 2; s.S = d % 2 ? 4 : 0; s.R = d == 3 ? 0 : 64; s.T = 400 + 31 * d;
         s.kind = TU_STRUCTURED; s.rot = d % 2 ? KVQ_ROTATE_HADAMARD : KVQ_ROTATE_NONE;
         s.salient_pct = d % 2 ? 5 : 10;
+        check_shape(&s, 0);
+        check_shape(&s, 1);
+    }
+    for (d = 0; d < 4; d++) { /* keys per token (key_axis), with and without rotation */
+        shape s = {0};
+        s.kb = d == 2 ? 16 : 2 + d % 2; s.vb = 2; s.G = d == 1 ? 64 : 32; s.D = d == 3 ? 80 : 128; s.H = 2;
+        s.ratio = 4; s.nq = 1 + d % 2; s.S = 4; s.R = d == 3 ? 0 : 128; s.T = 500 + 17 * d;
+        s.kind = TU_STRUCTURED; s.rot = d % 2 ? KVQ_ROTATE_HADAMARD : KVQ_ROTATE_NONE; s.per_token_keys = 1;
         check_shape(&s, 0);
         check_shape(&s, 1);
     }
