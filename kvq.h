@@ -518,9 +518,33 @@ static void kvq__rotation_init(kvq__rotation *r, int n, unsigned seed) {
     }
 }
 
+/* One level of butterflies on contiguous x[0..n): (a, b) <- (a + b, a - b) for the pairs
+   len apart. Each ISA has it (section "ISA kernels"); the sums are the same on every path. */
+static void kvq__butterflies_scalar(float *x, int n, int len) {
+    int i, j;
+    for (i = 0; i < n; i += 2 * len)
+        for (j = i; j < i + len; j++) {
+            float a = x[j], b = x[j + len];
+            x[j] = a + b;
+            x[j + len] = a - b;
+        }
+}
+#if KVQ__HAVE_SIMD
+static void kvq__dispatch_butterflies(float *x, int n, int len);
+#else
+#define kvq__dispatch_butterflies kvq__butterflies_scalar
+#endif
+
 /* In-place unnormalized Walsh-Hadamard transform of x[i * stride], i < n (a power of two). */
 static void kvq__wht(float *x, int n, int stride) {
     int len, i, j;
+    if (stride == 1) { /* contiguous: the wide levels run on the ISA's vectors */
+        for (len = 1; len < n; len *= 2) {
+            if (len >= 8) kvq__dispatch_butterflies(x, n, len);
+            else kvq__butterflies_scalar(x, n, len);
+        }
+        return;
+    }
     for (len = 1; len < n; len *= 2)
         for (i = 0; i < n; i += 2 * len)
             for (j = i; j < i + len; j++) {
@@ -2540,6 +2564,16 @@ KVQ__AVX2_FN void kvq__acc_f16_avx2(const uint16_t *const *rows, int n, int D, c
     }
 }
 
+/* Rotation butterflies, len >= 8. */
+KVQ__AVX2_FN void kvq__butterflies_avx2(float *x, int n, int len) {
+    int i, j;
+    for (i = 0; i < n; i += 2 * len)
+        for (j = i; j < i + len; j += 8) {
+            __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + len);
+            _mm256_storeu_ps(x + j, _mm256_add_ps(a, b));
+            _mm256_storeu_ps(x + j + len, _mm256_sub_ps(a, b));
+        }
+}
 #endif /* KVQ__HAVE_AVX2 */
 
 /* ---- AVX-512 (F/BW/DQ/VL): 16 lanes; a D % 16 == 8 tail is masked. Quantize and
@@ -2895,6 +2929,20 @@ KVQ__AVX512_FN void kvq__acc_f16_avx512(const uint16_t *const *rows, int n, int 
 #define kvq__to_f32_avx512 kvq__to_f32_avx2
 #define kvq__quantize_keys_avx512 kvq__quantize_keys_avx2
 #define kvq__quantize_value_avx512 kvq__quantize_value_avx2
+/* Rotation butterflies: 16 lanes from len 16, the AVX2 kernel at len 8. */
+KVQ__AVX512_FN void kvq__butterflies_avx512(float *x, int n, int len) {
+    int i, j;
+    if (len < 16) {
+        kvq__butterflies_avx2(x, n, len);
+        return;
+    }
+    for (i = 0; i < n; i += 2 * len)
+        for (j = i; j < i + len; j += 16) {
+            __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + len);
+            _mm512_storeu_ps(x + j, _mm512_add_ps(a, b));
+            _mm512_storeu_ps(x + j + len, _mm512_sub_ps(a, b));
+        }
+}
 #endif /* KVQ__HAVE_AVX512 */
 
 /* ---- NEON (aarch64): 4 lanes, two vectors per step of 8 --------------------------- */
@@ -3153,6 +3201,16 @@ static void kvq__acc_f16_neon(const uint16_t *const *rows, int n, int D, const f
     }
 }
 
+/* Rotation butterflies, len >= 8 (so a multiple of 4). */
+static void kvq__butterflies_neon(float *x, int n, int len) {
+    int i, j;
+    for (i = 0; i < n; i += 2 * len)
+        for (j = i; j < i + len; j += 4) {
+            float32x4_t a = vld1q_f32(x + j), b = vld1q_f32(x + j + len);
+            vst1q_f32(x + j, vaddq_f32(a, b));
+            vst1q_f32(x + j + len, vsubq_f32(a, b));
+        }
+}
 #endif /* KVQ__HAVE_NEON */
 
 /* ---------------------------------------------------------------------------
@@ -3250,6 +3308,7 @@ static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int 
                                          uint8_t *codes) {
     KVQ__DISPATCH(, kvq__quantize_value, (row, D, G, bits, par, codes))
 }
+static void kvq__dispatch_butterflies(float *x, int n, int len) { KVQ__DISPATCH(, kvq__butterflies, (x, n, len)) }
 static void kvq__k_scores_codes(const uint8_t *blk, int D, int G, int bits, const float *q, int nh, float *scores) {
     KVQ__DISPATCH(, kvq__scores_codes, (blk, D, G, bits, q, nh, scores))
 }

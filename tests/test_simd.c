@@ -310,6 +310,31 @@ static void test_grid(void) {
     printf("grid: worst attention NMSE vs scalar %.3g\n", worst_nmse);
 }
 
+/* The rotation's butterflies on every path: the same sums, so the same bits as scalar. */
+static void test_rotation_paths(void) {
+    int n, i, bad = 0;
+    tu_rng r = {0x707};
+    for (n = 8; n <= 512; n += 8) {
+        float x[512], ref[512], y[512];
+        int k;
+        for (k = 0; k < n; k++) x[k] = tu_normal(&r);
+        memcpy(ref, x, sizeof x);
+        kvq_set_isa(KVQ_ISA_SCALAR);
+        kvq_hadamard(ref, n, 3u);
+        for (i = 0; i < n_isas; i++) {
+            memcpy(y, x, sizeof x);
+            kvq_set_isa((kvq_isa)isas[i]);
+            kvq_hadamard(y, n, 3u);
+            if (memcmp(y, ref, (size_t)n * sizeof(float)) != 0) bad++;
+            kvq_hadamard_inverse(y, n, 3u);
+            for (k = 0; k < n; k++)
+                if (fabsf(y[k] - x[k]) > 1e-5f) { bad++; break; }
+        }
+    }
+    kvq_set_isa(KVQ_ISA_SCALAR);
+    CHECK(bad == 0, "%d head_dims where a path's rotation differs from scalar", bad);
+}
+
 /* 64K tokens: zero-mean values (outputs near zero) and values with non-zero channel means. */
 static void test_long(void) {
     int kind, bits;
@@ -409,6 +434,7 @@ int main(void) {
     test_api();
     test_edges();
     test_grid();
+    test_rotation_paths();
     test_long();
     test_real();
     return tu_finish("test_simd");
