@@ -75,11 +75,23 @@ static double step_bound(double lo, double hi, int bits, double x) {
     return 0.5 * s * (1.0 + EPS16) + EPS16 * (fabs(lo) + (hi - lo)) + EPS16 * fabs(x) + 1e-7;
 }
 
+/* The bound for element xv of a group of n inputs x[i * stride] (stored as fp16 first). */
+static double group_bound(const float *x, size_t stride, int n, int bits, double xv) {
+    double lo = 1e30, hi = -1e30;
+    int i;
+    for (i = 0; i < n; i++) {
+        double v = to_f16(x[(size_t)i * stride]);
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+    }
+    return step_bound(lo, hi, bits, xv);
+}
+
 /* Per-element error bounds of everything the cache stores for T tokens of K, V. */
 static void element_bounds(const kvq_config *cfg, int T, const float *K, const float *V, double *ek, double *ev) {
     const int H = cfg->n_kv_heads, D = cfg->head_dim, G = cfg->group_size, S = cfg->sink_tokens;
     rules r = storage_rules(cfg, T);
-    int t, h, c, u;
+    int t, h, c;
     for (t = 0; t < T; t++)
         for (h = 0; h < H; h++)
             for (c = 0; c < D; c++) {
@@ -87,35 +99,15 @@ static void element_bounds(const kvq_config *cfg, int T, const float *K, const f
                 int pos = t - S;
                 ek[at] = EPS16 * fabs(K[at]) + 1e-7;
                 ev[at] = EPS16 * fabs(V[at]) + 1e-7;
-                if (t >= S && pos < r.nkq && cfg->key_bits < 16 && cfg->key_axis == KVQ_KEYS_PER_TOKEN) {
-                    int c0 = c / G * G, c1 = c0 + G < D ? c0 + G : D;
-                    double lo = 1e30, hi = -1e30;
-                    for (u = c0; u < c1; u++) {
-                        double x = to_f16(K[((size_t)t * H + h) * D + u]);
-                        lo = x < lo ? x : lo;
-                        hi = x > hi ? x : hi;
-                    }
-                    ek[at] = step_bound(lo, hi, cfg->key_bits, K[at]);
-                } else if (t >= S && pos < r.nkb * G && cfg->key_bits < 16) {
-                    int t0 = S + pos / G * G;
-                    double lo = 1e30, hi = -1e30;
-                    for (u = t0; u < t0 + G; u++) {
-                        double x = to_f16(K[((size_t)u * H + h) * D + c]);
-                        lo = x < lo ? x : lo;
-                        hi = x > hi ? x : hi;
-                    }
-                    ek[at] = step_bound(lo, hi, cfg->key_bits, K[at]);
-                }
-                if (t >= S && pos < r.nvq && cfg->value_bits < 16) {
-                    int c0 = c / G * G, c1 = c0 + G < D ? c0 + G : D;
-                    double lo = 1e30, hi = -1e30;
-                    for (u = c0; u < c1; u++) {
-                        double x = to_f16(V[((size_t)t * H + h) * D + u]);
-                        lo = x < lo ? x : lo;
-                        hi = x > hi ? x : hi;
-                    }
-                    ev[at] = step_bound(lo, hi, cfg->value_bits, V[at]);
-                }
+                int c0 = c / G * G, c1 = c0 + G < D ? c0 + G : D; /* the token's channel group */
+                const float *krow = K + ((size_t)t * H + h) * D, *vrow = V + ((size_t)t * H + h) * D;
+                if (t >= S && pos < r.nkq && cfg->key_bits < 16 && cfg->key_axis == KVQ_KEYS_PER_TOKEN)
+                    ek[at] = group_bound(krow + c0, 1, c1 - c0, cfg->key_bits, K[at]);
+                else if (t >= S && pos < r.nkb * G && cfg->key_bits < 16) /* the channel over its block */
+                    ek[at] = group_bound(K + ((size_t)(S + pos / G * G) * H + h) * D + c, (size_t)H * D, G,
+                                         cfg->key_bits, K[at]);
+                if (t >= S && pos < r.nvq && cfg->value_bits < 16)
+                    ev[at] = group_bound(vrow + c0, 1, c1 - c0, cfg->value_bits, V[at]);
             }
 }
 
