@@ -966,6 +966,28 @@ static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int 
 static void kvq__f16_row(uint16_t *dst, const float *src, int n) { kvq__dispatch_to_f16(dst, src, n); }
 static void kvq__f32_row(float *dst, const uint16_t *src, int n) { kvq__dispatch_to_f32(dst, src, n); }
 
+/* Dequantizes one per-token record: fp16 scale[ng], min[ng], then D codes (values, keys per
+   token, salient side-store entries); at 16 bits the codes are the fp16 row itself. */
+static void kvq__read_token_record(const kvq_cache *c, const uint16_t *par, const uint8_t *codes, int bits, float *x) {
+    const int D = c->cfg.head_dim, G = c->cfg.group_size, ng = kvq__value_groups(&c->cfg);
+    int g, ch;
+    if (bits == 16) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
+    for (g = 0; g < ng; g++) {
+        float sc = kvq__f16_to_f32(par[g]), m = kvq__f16_to_f32(par[ng + g]);
+        int c1 = (g + 1) * G < D ? (g + 1) * G : D;
+        for (ch = g * G; ch < c1; ch++) x[ch] = m + sc * (float)kvq__get_code(codes, ch, bits);
+    }
+}
+
+/* a . b over n floats, n a multiple of 8, in eight lanes (vectorizable, order fixed). */
+static float kvq__dot8(const float *a, const float *b, int n) {
+    float d8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i, l;
+    for (i = 0; i < n; i += 8)
+        for (l = 0; l < 8; l++) d8[l] += a[i + l] * b[i + l];
+    return ((d8[0] + d8[4]) + (d8[1] + d8[5])) + ((d8[2] + d8[6]) + (d8[3] + d8[7]));
+}
+
 /* Salient tokens (MiKV, ZipCache). When a key block leaves the window, its
    n_salient most important tokens move to a side store at salient_bits and are
    left out of the block's per-channel min/max (their codes are ignored), so one
@@ -1049,22 +1071,12 @@ static void kvq__side_put(const kvq_cache *c, uint8_t *e, int which, const uint1
 
 /* Reconstructs the K (which 0) or V (1) row of a side-store entry, in storage space. */
 static void kvq__side_get(const kvq_cache *c, const uint8_t *e, int which, float *x) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size, ng = kvq__value_groups(&c->cfg);
-    int ch;
-    if (c->cfg.salient_bits == 16) {
-        kvq__f32_row(x, (const uint16_t *)(const void *)(e + 2) + (size_t)which * D, D);
-        return;
-    }
-    {
-        const uint16_t *par = (const uint16_t *)(const void *)(e + 2) + (size_t)which * 2 * ng;
-        const uint8_t *codes = e + 2 + 8 * (size_t)ng + (size_t)which * D;
-        int g;
-        for (g = 0; g < ng; g++) {
-            float s = kvq__f16_to_f32(par[g]), m = kvq__f16_to_f32(par[ng + g]);
-            int c1 = (g + 1) * G < D ? (g + 1) * G : D;
-            for (ch = g * G; ch < c1; ch++) x[ch] = m + s * (float)codes[ch];
-        }
-    }
+    const int D = c->cfg.head_dim, ng = kvq__value_groups(&c->cfg);
+    if (c->cfg.salient_bits == 16)
+        kvq__read_token_record(c, NULL, e + 2 + (size_t)which * 2 * D, 16, x);
+    else
+        kvq__read_token_record(c, (const uint16_t *)(const void *)(e + 2) + (size_t)which * 2 * ng,
+                               e + 2 + 8 * (size_t)ng + (size_t)which * D, 8, x);
 }
 
 /* The side-store entry of token tt of block b of head h, or NULL if it is not salient. */
@@ -1278,15 +1290,6 @@ KVQ_API kvq_status kvq_cache_append(kvq_cache *c, const float *k, const float *v
 }
 
 /* Dequantizes key of token t of head h into x[D]. */
-/* Dequantizes one per-token record (params per group of G channels, then codes; or fp16). */
-static void kvq__read_token_record(const kvq_cache *c, const uint16_t *par, const uint8_t *codes, int bits, float *x) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size, ng = kvq__value_groups(&c->cfg);
-    int ch;
-    if (bits == 16) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
-    for (ch = 0; ch < D; ch++)
-        x[ch] = kvq__f16_to_f32(par[ng + ch / G]) + kvq__f16_to_f32(par[ch / G]) * (float)kvq__get_code(codes, ch, bits);
-}
-
 static void kvq__read_key(const kvq_cache *c, int h, int t, float *x) {
     const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->cfg.group_size, bits = c->cfg.key_bits;
     int pos = t - S, ch;
@@ -1485,21 +1488,13 @@ static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const flo
 static void kvq__salient_scores(const kvq_cache *c, int h, int pos, int n, const float *qs, int nh, float *sp) {
     const int D = c->cfg.head_dim, G = c->cfg.group_size;
     float k[512];
-    int e, j, ch;
+    int e, j;
     for (e = 0; e < c->n_salient; e++) {
         const uint8_t *ent = kvq__side_entry(c, h, pos / G, e);
         int t = pos / G * G + kvq__side_index(ent) - pos; /* position in this tile */
         if (t < 0 || t >= n) continue;
         kvq__side_get(c, ent, 0, k);
-        for (j = 0; j < nh; j++) {
-            const float *qj = qs + (size_t)j * D;
-            float d8[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* eight lanes: D is a multiple of 8 */
-            for (ch = 0; ch < D; ch += 8) {
-                int l;
-                for (l = 0; l < 8; l++) d8[l] += qj[ch + l] * k[ch + l];
-            }
-            sp[(size_t)j * KVQ__TILE + t] = ((d8[0] + d8[4]) + (d8[1] + d8[5])) + ((d8[2] + d8[6]) + (d8[3] + d8[7]));
-        }
+        for (j = 0; j < nh; j++) sp[(size_t)j * KVQ__TILE + t] = kvq__dot8(qs + (size_t)j * D, k, D);
     }
 }
 
@@ -1527,18 +1522,11 @@ static void kvq__scores_key_tokens(const kvq_cache *c, int h, int pos, int n, co
                                    float *scores) {
     const int D = c->cfg.head_dim;
     float k[512];
-    int t, j, ch, l;
+    int t, j;
     for (t = 0; t < n; t++) {
         kvq__read_token_record(c, kvq__key_token_params(c, h, pos + t), kvq__key_token_codes(c, h, pos + t),
                                c->cfg.key_bits, k);
-        for (j = 0; j < nh; j++) {
-            const float *qj = qs + (size_t)j * D;
-            float d8[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* eight lanes: D is a multiple of 8 */
-            for (ch = 0; ch < D; ch += 8)
-                for (l = 0; l < 8; l++) d8[l] += qj[ch + l] * k[ch + l];
-            scores[(size_t)j * KVQ__TILE + t] =
-                ((d8[0] + d8[4]) + (d8[1] + d8[5])) + ((d8[2] + d8[6]) + (d8[3] + d8[7]));
-        }
+        for (j = 0; j < nh; j++) scores[(size_t)j * KVQ__TILE + t] = kvq__dot8(qs + (size_t)j * D, k, D);
     }
 }
 
