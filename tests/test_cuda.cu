@@ -11,19 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int n_passed, n_failed;
-
-#define CHECK(cond, ...)                                                           \
-    do {                                                                           \
-        if (cond) {                                                                \
-            n_passed++;                                                            \
-        } else {                                                                   \
-            n_failed++;                                                            \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);        \
-            fprintf(stderr, __VA_ARGS__);                                          \
-            fputc('\n', stderr);                                                   \
-        }                                                                          \
-    } while (0)
+#include "test_util.h" /* the CHECK harness every kvq test uses */
 
 #define CUDA_OK(x)                                                                 \
     do {                                                                           \
@@ -588,6 +576,5 @@ int main(int argc, char **argv) {
         test_long(4, 4);
         test_long(16, 16);
     }
-    printf("%d passed, %d failed\n", n_passed, n_failed);
-    return n_failed ? 1 : 0;
+    return tu_finish("test_cuda");
 }
