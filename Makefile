@@ -9,7 +9,7 @@ SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fno-sanitize-recover=all
 AARCH64_CC ?= aarch64-linux-gnu-gcc
 QEMU    ?= qemu-aarch64-static
 
-TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_serialize $(B)/test_rotate $(B)/test_salient \
+TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_simd_dispatch $(B)/test_serialize $(B)/test_rotate $(B)/test_salient \
            $(B)/test_threads $(B)/test_examples $(B)/compile_gcc_c $(B)/compile_gcc_cxx \
            $(B)/compile_clang_c $(B)/compile_clang_cxx
 HDR      = kvq.h tests/test_util.h
@@ -25,6 +25,9 @@ $(B)/test_core: tests/test_core.c tests/golden_k2.inc tests/golden_v3.inc $(HDR)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_core.c $(LDLIBS)
 $(B)/test_simd: tests/test_simd.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_simd.c $(LDLIBS)
+# no -march: AVX2 and AVX-512 compiled with target attributes, picked by cpuid on first use
+$(B)/test_simd_dispatch: tests/test_simd.c $(HDR) | $(B)
+	$(CC) $(WARN) -O2 -DKVQ_RUNTIME_DISPATCH -o $@ tests/test_simd.c $(LDLIBS)
 $(B)/test_serialize: tests/test_serialize.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_serialize.c $(LDLIBS)
 $(B)/test_rotate: tests/test_rotate.c $(HDR) | $(B)
@@ -64,7 +67,9 @@ ubsan: $(addprefix $(B)/ubsan_,$(SAN_TESTS))
 # concurrent attention calls under ThreadSanitizer
 $(B)/tsan_threads: tests/test_threads.c $(HDR) | $(B)
 	$(CLANG) $(WARN) $(SAN_FLAGS) -fsanitize=thread -o $@ tests/test_threads.c $(LDLIBS)
-tsan: $(B)/tsan_threads
+$(B)/tsan_threads_dispatch: tests/test_threads.c $(HDR) | $(B)
+	$(CLANG) $(WARN) $(SAN_FLAGS) -DKVQ_RUNTIME_DISPATCH -fsanitize=thread -o $@ tests/test_threads.c $(LDLIBS)
+tsan: $(B)/tsan_threads $(B)/tsan_threads_dispatch
 	tests/run_all.sh $^
 
 # ---- fuzzing (libFuzzer): FUZZ_SECONDS per target, seeds in tests/fuzz ----------

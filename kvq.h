@@ -1002,22 +1002,35 @@ static uint8_t *kvq__side_entry(const kvq_cache *c, int h, int b, int j) {
 
 static int kvq__side_index(const uint8_t *e) { return e[0] | e[1] << 8; }
 
+/* Channels [c0, c0+nc) of the G fp16 rows of a block as floats, xb[t * nc + i] (SIMD convert;
+   the block walks its channels in runs of KVQ__COLS instead of converting one value at a time). */
+#define KVQ__COLS 32
+static void kvq__block_columns(const uint16_t *rows, int D, int G, int c0, int nc, float *xb) {
+    int t;
+    for (t = 0; t < G; t++) kvq__f32_row(xb + (size_t)t * nc, rows + (size_t)t * D + c0, nc);
+}
+
 /* Range-shrink score: per channel, the gap a token opens alone at the top or bottom, over the range. */
 static void kvq__range_gain(const kvq_cache *c, const uint16_t *rows, float *gain) {
     const int D = c->cfg.head_dim, G = c->cfg.group_size;
-    int ch, t;
+    float xb[128 * KVQ__COLS];
+    int c0, i, t;
     for (t = 0; t < G; t++) gain[t] = 0.0f;
-    for (ch = 0; ch < D; ch++) {
-        float hi = -INFINITY, hi2 = -INFINITY, lo = INFINITY, lo2 = INFINITY;
-        int thi = 0, tlo = 0;
-        for (t = 0; t < G; t++) {
-            float x = kvq__f16_to_f32(rows[(size_t)t * D + ch]);
-            if (x > hi) { hi2 = hi; hi = x; thi = t; } else if (x > hi2) hi2 = x;
-            if (x < lo) { lo2 = lo; lo = x; tlo = t; } else if (x < lo2) lo2 = x;
-        }
-        if (hi > lo) {
-            gain[thi] += (hi - hi2) / (hi - lo);
-            gain[tlo] += (lo2 - lo) / (hi - lo);
+    for (c0 = 0; c0 < D; c0 += KVQ__COLS) {
+        const int nc = D - c0 < KVQ__COLS ? D - c0 : KVQ__COLS;
+        kvq__block_columns(rows, D, G, c0, nc, xb);
+        for (i = 0; i < nc; i++) { /* channel c0 + i */
+            float hi = -INFINITY, hi2 = -INFINITY, lo = INFINITY, lo2 = INFINITY;
+            int thi = 0, tlo = 0;
+            for (t = 0; t < G; t++) {
+                float x = xb[(size_t)t * nc + i];
+                if (x > hi) { hi2 = hi; hi = x; thi = t; } else if (x > hi2) hi2 = x;
+                if (x < lo) { lo2 = lo; lo = x; tlo = t; } else if (x < lo2) lo2 = x;
+            }
+            if (hi > lo) {
+                gain[thi] += (hi - hi2) / (hi - lo);
+                gain[tlo] += (lo2 - lo) / (hi - lo);
+            }
         }
     }
 }
@@ -1098,30 +1111,40 @@ static void kvq__quantize_key_block_masked(kvq_cache *c, int h, int b, const uin
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
     uint8_t *codes = blk + 4 * (size_t)D;
     size_t row_bytes = (size_t)G * bits / 8;
-    int ch, t;
+    float xb[128 * KVQ__COLS];
+    int c0, i, t;
     if (bits == 16) { /* nothing to stretch: the block keeps every token as it is */
         memcpy(blk, rows, (size_t)G * D * 2);
         return;
     }
     memset(codes, 0, row_bytes * D);
-    for (ch = 0; ch < D; ch++) {
-        float lo = INFINITY, hi = -INFINITY, m, sc;
-        kvq__qparams qp;
-        for (t = 0; t < G; t++)
-            if (!mask[t]) {
-                float x = kvq__f16_to_f32(rows[(size_t)t * D + ch]);
-                lo = x < lo ? x : lo;
-                hi = x > hi ? x : hi;
-            }
-        qp = kvq__fit_range(lo, hi, bits);
-        m = kvq__f16_to_f32(qp.min);
-        sc = kvq__f16_to_f32(qp.scale);
+    for (c0 = 0; c0 < D; c0 += KVQ__COLS) {
+        const int nc = D - c0 < KVQ__COLS ? D - c0 : KVQ__COLS;
+        float lo[KVQ__COLS], hi[KVQ__COLS], m[KVQ__COLS], sc[KVQ__COLS];
+        kvq__block_columns(rows, D, G, c0, nc, xb);
+        for (i = 0; i < nc; i++) {
+            lo[i] = INFINITY;
+            hi[i] = -INFINITY;
+        }
         for (t = 0; t < G; t++)
             if (!mask[t])
-                kvq__put_code(codes + row_bytes * ch, t, bits,
-                              kvq__quantize_one(kvq__f16_to_f32(rows[(size_t)t * D + ch]), m, sc, bits));
-        scale[ch] = qp.scale;
-        mins[ch] = qp.min;
+                for (i = 0; i < nc; i++) {
+                    const float x = xb[(size_t)t * nc + i];
+                    lo[i] = x < lo[i] ? x : lo[i];
+                    hi[i] = x > hi[i] ? x : hi[i];
+                }
+        for (i = 0; i < nc; i++) {
+            kvq__qparams qp = kvq__fit_range(lo[i], hi[i], bits);
+            scale[c0 + i] = qp.scale;
+            mins[c0 + i] = qp.min;
+            m[i] = kvq__f16_to_f32(qp.min);
+            sc[i] = kvq__f16_to_f32(qp.scale);
+        }
+        for (t = 0; t < G; t++)
+            if (!mask[t])
+                for (i = 0; i < nc; i++)
+                    kvq__put_code(codes + row_bytes * (c0 + i), t, bits,
+                                  kvq__quantize_one(xb[(size_t)t * nc + i], m[i], sc[i], bits));
     }
 }
 
@@ -1482,50 +1505,91 @@ static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const flo
 }
 
 /* Salient tokens of a quantized block: a patch-up pass after the block's kernels, so the hot
-   loops carry no per-token branch. Scores of tokens [pos, pos+n) (pos past the sinks) of the
-   block are replaced by q . k from the side store; their softmax weights are spent here on the
-   side-store value and zeroed, so the codes pass adds nothing for them. */
+   loops carry no per-token branch. The entries of a block are sorted by token, so those of a
+   tile [pos, pos+n) are one run [*e0, e1): this returns e1 and sets *e0. */
+static int kvq__salient_run(const kvq_cache *c, int h, int pos, int n, int *e0) {
+    const int G = c->cfg.group_size, base = pos / G * G;
+    int e = 0, e1;
+    while (e < c->n_salient && base + kvq__side_index(kvq__side_entry(c, h, pos / G, e)) < pos) e++;
+    for (e1 = e; e1 < c->n_salient && base + kvq__side_index(kvq__side_entry(c, h, pos / G, e1)) < pos + n; e1++) {}
+    *e0 = e;
+    return e1;
+}
+
+/* The values of side-store entries [e0, e0+ne) of block b of head h through the value kernels:
+   acc[j] += sum_i w[j * KVQ__TILE + i] * v_i. */
+static void kvq__side_values(const kvq_cache *c, int h, int b, int e0, int ne, const float *w, int nh,
+                             float *const *acc) {
+    const int D = c->cfg.head_dim, ng = kvq__value_groups(&c->cfg);
+    const uint8_t *first = kvq__side_entry(c, h, b, e0);
+    int i;
+    if (c->cfg.salient_bits == 16) {
+        const uint16_t *rows[KVQ__TILE];
+        for (i = 0; i < ne; i++) rows[i] = (const uint16_t *)(const void *)(first + (size_t)i * c->side_bytes + 2) + D;
+        kvq__k_acc_f16(rows, ne, D, w, nh, acc);
+    } else { /* params as floats [i][scale[ng], min[ng]] */
+        float par[2 * KVQ__WMAX];
+        for (i = 0; i < ne; i++)
+            kvq__f32_row(par + (size_t)i * 2 * ng,
+                         (const uint16_t *)(const void *)(first + (size_t)i * c->side_bytes + 2) + 2 * ng, 2 * ng);
+        kvq__k_acc_codes(first + 2 + 8 * (size_t)ng + D, c->side_bytes, par, ne, D, c->cfg.group_size, 8, w, nh,
+                         acc);
+    }
+}
+
+/* A per-token record as floats through the value kernels with weight 1, for attention (SIMD;
+   it may differ from kvq__read_token_record in the last bit, where a kernel fuses m + s * code). */
+static void kvq__record_to_f32(const kvq_cache *c, const uint16_t *par, const uint8_t *codes, int bits, float *x) {
+    static const float one = 1.0f;
+    const int D = c->cfg.head_dim, ng = kvq__value_groups(&c->cfg);
+    float parf[2 * KVQ__WMAX];
+    if (bits == 16) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
+    kvq__f32_row(parf, par, 2 * ng);
+    memset(x, 0, (size_t)D * sizeof(float));
+    kvq__k_acc_codes(codes, 0, parf, 1, D, c->cfg.group_size, bits, &one, 1, &x);
+}
+
+/* Scores of the tile's salient tokens replaced by q . k from the side store. */
 static void kvq__salient_scores(const kvq_cache *c, int h, int pos, int n, const float *qs, int nh, float *sp) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size;
+    const int D = c->cfg.head_dim, G = c->cfg.group_size, ng = kvq__value_groups(&c->cfg);
     float k[512];
-    int e, j;
-    for (e = 0; e < c->n_salient; e++) {
+    int e0, e1 = kvq__salient_run(c, h, pos, n, &e0), e, j;
+    for (e = e0; e < e1; e++) {
         const uint8_t *ent = kvq__side_entry(c, h, pos / G, e);
-        int t = pos / G * G + kvq__side_index(ent) - pos; /* position in this tile */
-        if (t < 0 || t >= n) continue;
-        kvq__side_get(c, ent, 0, k);
+        int t = pos / G * G + kvq__side_index(ent) - pos; /* place in the tile */
+        kvq__record_to_f32(c, (const uint16_t *)(const void *)(ent + 2),
+                           ent + 2 + (c->cfg.salient_bits == 16 ? 0 : 8 * (size_t)ng), c->cfg.salient_bits, k);
         for (j = 0; j < nh; j++) sp[(size_t)j * KVQ__TILE + t] = kvq__dot8(qs + (size_t)j * D, k, D);
     }
 }
 
+/* Their softmax weights are spent on the side-store values and zeroed, so the codes pass adds
+   nothing for them. */
 static void kvq__salient_values(const kvq_cache *c, int h, int pos, int n, float *sp, int nh, float *const *acc) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size;
-    float v[512];
-    int e, j, ch;
-    for (e = 0; e < c->n_salient; e++) {
-        const uint8_t *ent = kvq__side_entry(c, h, pos / G, e);
-        int t = pos / G * G + kvq__side_index(ent) - pos;
-        if (t < 0 || t >= n) continue;
-        kvq__side_get(c, ent, 1, v);
+    const int G = c->cfg.group_size;
+    float w[KVQ__HEAD_CHUNK * KVQ__TILE];
+    int e0, e1 = kvq__salient_run(c, h, pos, n, &e0), e, j;
+    if (e1 == e0) return;
+    for (e = e0; e < e1; e++) {
+        int t = pos / G * G + kvq__side_index(kvq__side_entry(c, h, pos / G, e)) - pos;
         for (j = 0; j < nh; j++) {
-            float w = sp[(size_t)j * KVQ__TILE + t];
-            for (ch = 0; ch < D; ch++) acc[j][ch] += w * v[ch];
+            w[(size_t)j * KVQ__TILE + (e - e0)] = sp[(size_t)j * KVQ__TILE + t];
             sp[(size_t)j * KVQ__TILE + t] = 0.0f;
         }
     }
+    kvq__side_values(c, h, pos / G, e0, e1 - e0, w, nh, acc);
 }
 
-/* Scores of keys stored per token (key_axis): each key is dequantized once into floats and
-   dotted with every head's query. Scalar on every path: the per-token key layout has no
-   SIMD kernel yet (its bytes are the value quantizer's, identical on every path). */
+/* Scores of keys stored per token (key_axis): each key is dequantized once into floats by the
+   value kernels and dotted with every head's query. */
 static void kvq__scores_key_tokens(const kvq_cache *c, int h, int pos, int n, const float *qs, int nh,
                                    float *scores) {
     const int D = c->cfg.head_dim;
     float k[512];
     int t, j;
     for (t = 0; t < n; t++) {
-        kvq__read_token_record(c, kvq__key_token_params(c, h, pos + t), kvq__key_token_codes(c, h, pos + t),
-                               c->cfg.key_bits, k);
+        kvq__record_to_f32(c, kvq__key_token_params(c, h, pos + t), kvq__key_token_codes(c, h, pos + t),
+                           c->cfg.key_bits, k);
         for (j = 0; j < nh; j++) scores[(size_t)j * KVQ__TILE + t] = kvq__dot8(qs + (size_t)j * D, k, D);
     }
 }
@@ -3208,8 +3272,8 @@ static void kvq__butterflies_neon(float *x, int n, int len) {
    save the wide registers). kvq_set_isa() switches it, for tests and
    benchmarks; it is not thread-safe: call it when no other kvq call runs.
    With KVQ_RUNTIME_DISPATCH the first kvq call detects the CPU and stores
-   the result (every racing thread stores the same value); call
-   kvq_get_isa() once before starting threads to keep even that out of them.
+   the result with a relaxed atomic (threads racing there all store the same
+   value, and no data race is left for ThreadSanitizer to see).
    Speed (Zen 4, one thread, D 128, GQA 32/8, 16K-64K tokens, AVX-512): the
    2-bit path is bound by float FMAs (32 per token for keys, 32 + 4 for
    values, per KV head and 4 query heads), about 18 ns per token per KV head;
@@ -3220,6 +3284,8 @@ static void kvq__butterflies_neon(float *x, int n, int len) {
 #if KVQ__RUNTIME
 #include <cpuid.h>
 static int kvq__isa_state = -1; /* -1: not detected yet */
+#define KVQ__ISA_LOAD() __atomic_load_n(&kvq__isa_state, __ATOMIC_RELAXED)
+#define KVQ__ISA_STORE(v) __atomic_store_n(&kvq__isa_state, (v), __ATOMIC_RELAXED)
 static int kvq__cpu_has(kvq_isa isa) {
     unsigned a, b, c, d, lo, hi;
     unsigned long long xcr0;
@@ -3239,6 +3305,8 @@ static int kvq__cpu_has(kvq_isa isa) {
 static int kvq__isa_state = KVQ__HAVE_AVX512 ? KVQ_ISA_AVX512 : KVQ__HAVE_AVX2 ? KVQ_ISA_AVX2
                           : KVQ__HAVE_NEON ? KVQ_ISA_NEON : KVQ_ISA_SCALAR;
 static int kvq__cpu_has(kvq_isa isa) { (void)isa; return 1; } /* compiled in = the target has it */
+#define KVQ__ISA_LOAD() kvq__isa_state
+#define KVQ__ISA_STORE(v) (kvq__isa_state = (v))
 #endif
 
 /* Compiled in? (the CPU check is kvq__cpu_has) */
@@ -3249,12 +3317,13 @@ static int kvq__compiled(int isa) {
 
 /* The active ISA. */
 static int kvq__kern(void) {
-    if (kvq__isa_state < 0) { /* runtime dispatch, first use: the best the CPU has */
-        int isa = KVQ_ISA_NEON;
+    int isa = KVQ__ISA_LOAD();
+    if (isa < 0) { /* runtime dispatch, first use: the best the CPU has */
+        isa = KVQ_ISA_NEON;
         while (isa > KVQ_ISA_SCALAR && !(kvq__compiled(isa) && kvq__cpu_has((kvq_isa)isa))) isa--;
-        kvq__isa_state = isa;
+        KVQ__ISA_STORE(isa);
     }
-    return kvq__isa_state;
+    return isa;
 }
 
 /* Calls go through a switch rather than function pointers: direct calls, and no kernel
@@ -3316,7 +3385,7 @@ static void kvq__k_acc_f16(const uint16_t *const *rows, int n, int D, const floa
 KVQ_API kvq_status kvq_set_isa(kvq_isa isa) {
     if ((int)isa < KVQ_ISA_SCALAR || (int)isa > KVQ_ISA_NEON) return KVQ_ERR_INVALID;
     if (!kvq__compiled(isa) || !kvq__cpu_has(isa)) return KVQ_ERR_UNSUPPORTED;
-    kvq__isa_state = (int)isa;
+    KVQ__ISA_STORE((int)isa);
     return KVQ_OK;
 }
 

@@ -222,6 +222,22 @@ static void test_edges(void) {
             }
 }
 
+/* KVQ_RUNTIME_DISPATCH: the first call picks the best ISA the CPU has, judged here by the
+   compiler's own cpuid reader rather than kvq.h's. Must run before anything sets the ISA. */
+static void test_runtime_pick(void) {
+#if defined(KVQ_RUNTIME_DISPATCH) && (defined(__x86_64__) || defined(__i386__))
+    kvq_isa want = KVQ_ISA_SCALAR;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) want = KVQ_ISA_AVX2;
+    if (want == KVQ_ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+        want = KVQ_ISA_AVX512;
+    CHECK(kvq_get_isa() == want, "runtime dispatch picked %s, cpu has %s", kvq_isa_name(kvq_get_isa()),
+          kvq_isa_name(want));
+    printf("runtime dispatch picked %s\n", kvq_isa_name(kvq_get_isa()));
+#endif
+}
+
 static void test_api(void) {
     int i, accepted = 0;
     CHECK(kvq_set_isa(KVQ_ISA_SCALAR) == KVQ_OK && kvq_get_isa() == KVQ_ISA_SCALAR, "scalar always there");
@@ -431,6 +447,7 @@ static void test_real(void) {
 }
 
 int main(void) {
+    test_runtime_pick();
     test_api();
     test_edges();
     test_grid();
