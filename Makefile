@@ -14,7 +14,7 @@ TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_simd_dispatch $(B)/test_seria
            $(B)/compile_clang_c $(B)/compile_clang_cxx
 HDR      = kvq.h tests/test_util.h
 
-.PHONY: all test example eval bench asan ubsan tsan neon fuzz lint check cuda clean
+.PHONY: all test example eval bench asan ubsan tsan neon fuzz lint check cuda cuda-emu cuda-emu-asan clean
 all: $(TESTS) $(B)/quickstart $(B)/llama $(B)/kvq_eval
 
 $(B):
@@ -95,7 +95,7 @@ lint:
 	gcc -std=c99 -fanalyzer -Werror -c -o /dev/null tests/compile_b.c
 
 # ---- everything that fits in CI's time ------------------------------------------
-check: test asan ubsan tsan neon lint fuzz
+check: test asan ubsan tsan neon lint fuzz cuda-emu cuda-emu-asan
 
 # ---- NEON: cross-compiled, run under qemu -----------------------------------
 NEON_TESTS = core simd serialize rotate salient
@@ -117,6 +117,35 @@ $(B)/bench_cuda: bench/bench_cuda.cu kvq_cuda.h kvq.h | $(B)
 	$(NVCC) $(NVFLAGS) -o $@ bench/bench_cuda.cu -lm
 cuda: $(B)/test_cuda $(B)/bench_cuda
 	tests/run_all.sh $(B)/test_cuda
+
+# ---- CUDA without a GPU: the kernels run on tests/cuda_emu's CPU emulator ---------
+# launch.py rewrites <<<...>>> launches into build/emu/ copies; threads run in forward and
+# reverse order (a missing barrier shows in one of them). -Wno-maybe-uninitialized: g++'s
+# flow analysis cannot see loop counts >= 1 in the kernels; -fno-strict-aliasing: kernels
+# load fp16 rows through uint4, as CUDA code does.
+EMU_CXX  = g++ -std=c++17 -ffp-contract=off -fno-strict-aliasing -Wall -Wextra -Werror -Wno-maybe-uninitialized \
+           -I$(B)/emu -Itests/cuda_emu -I. -Itests
+EMU_DEPS = tests/cuda_emu/emu.cpp tests/cuda_emu/cuda_runtime.h tests/cuda_emu/cuda_fp16.h tests/test_util.h
+EMU_GEN  = mkdir -p $(B)/emu && python3 tests/cuda_emu/launch.py $< $@
+$(B)/emu/kvq_cuda.h: kvq_cuda.h tests/cuda_emu/launch.py | $(B)
+	$(EMU_GEN)
+$(B)/emu/test_cuda.cpp: tests/test_cuda.cu tests/cuda_emu/launch.py | $(B)
+	$(EMU_GEN)
+$(B)/emu/emu_selftest.cpp: tests/cuda_emu/emu_selftest.cu tests/cuda_emu/launch.py | $(B)
+	$(EMU_GEN)
+$(B)/emu_selftest: $(B)/emu/emu_selftest.cpp $(EMU_DEPS)
+	$(EMU_CXX) $(CFLAGS) -o $@ $< tests/cuda_emu/emu.cpp -lm -pthread
+$(B)/test_cuda_emu: $(B)/emu/test_cuda.cpp $(B)/emu/kvq_cuda.h kvq.h $(EMU_DEPS)
+	$(EMU_CXX) $(CFLAGS) -o $@ $< tests/cuda_emu/emu.cpp -lm -pthread
+cuda-emu: $(B)/emu_selftest $(B)/test_cuda_emu
+	tests/run_all.sh $(B)/emu_selftest "$(B)/test_cuda_emu --quick" "env KVQ_EMU_ORDER=reverse $(B)/test_cuda_emu --quick"
+# the same under ASan and UBSan: out-of-bounds device accesses in kernels abort with a report
+$(B)/emu_selftest_asan: $(B)/emu/emu_selftest.cpp $(EMU_DEPS)
+	$(EMU_CXX) $(SAN_FLAGS) -march=native -fsanitize=address,undefined -o $@ $< tests/cuda_emu/emu.cpp -lm -pthread
+$(B)/test_cuda_emu_asan: $(B)/emu/test_cuda.cpp $(B)/emu/kvq_cuda.h kvq.h $(EMU_DEPS)
+	$(EMU_CXX) $(SAN_FLAGS) -march=native -fsanitize=address,undefined -o $@ $< tests/cuda_emu/emu.cpp -lm -pthread
+cuda-emu-asan: $(B)/emu_selftest_asan $(B)/test_cuda_emu_asan
+	tests/run_all.sh $(B)/emu_selftest_asan "$(B)/test_cuda_emu_asan --quick"
 
 # ---- examples, eval, bench ---------------------------------------------------
 $(B)/quickstart: examples/quickstart.c kvq.h | $(B)

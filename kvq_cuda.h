@@ -37,25 +37,43 @@
    same fp16 round-to-nearest-even, the same IEEE division (x - m) / s and the same
    round-half-even, with no FMA contraction, so a cache filled on the GPU serializes to
    the same bytes as one filled by kvq.h from the same inputs.
+   Rotation: KVQ_ROTATE_HADAMARD rotates K, V and queries on the device with kvq.h's own
+   plan (signs, Kronecker or block-diagonal pieces, Paley matrices) in kvq.h's operation
+   order, so the rotated rows and their bytes are the CPU's; rows of L2 norm > 65504 are
+   refused as kvq.h refuses them. KVQ_ROTATE_PREROTATED, as in kvq.h, transforms nothing.
+   Salient tokens (salient_ratio > 0): the same side store (u16 index, then K and V at
+   salient_bits), salience scores and seen counts. When a key block leaves the window its
+   salient tokens are picked as kvq.h picks them (tracked attention per query that saw the
+   token; the range gain when no query saw any token of the block, or with
+   KVQ_SALIENT_ERROR), stored in the side store, left out of the block's min/max, and the
+   block's values leave with it (the value ring holds R + G rows). Attention takes their
+   keys and values from the side store; with KVQ_SALIENT_ATTENTION it adds, for each
+   waiting key, the probability the query heads of its group gave it (after merging the
+   chunks) and counts the query.
+   Keys per token (key_axis = KVQ_KEYS_PER_TOKEN): kvq.h's records (quantized by the value
+   quantizer at key_bits, in their own arrays), leaving the ring with their values.
 
    Differences from kvq.h (documented, not accidental)
    ---------------------------------------------------
    - append: sizes and capacity are checked on the host (KVQ_ERR_INVALID / KVQ_ERR_FULL,
-     nothing launched). Finite and |x| <= 65504 is checked on the device before anything
-     is stored; that needs one cudaStreamSynchronize per append, after which a bad input
-     returns KVQ_ERR_INVALID with the cache untouched. Define KVQ_CUDA_UNCHECKED_APPEND to
-     skip the check and the sync (append is then fully asynchronous; non-finite inputs
-     give meaningless codes but never a memory error).
+     nothing launched). Finite and |x| <= 65504 (and, rotated, the row norms) are checked
+     on the device before anything is stored; that needs one cudaStreamSynchronize per
+     append, after which a bad input returns KVQ_ERR_INVALID with the cache untouched.
+     Define KVQ_CUDA_UNCHECKED_APPEND to skip the check and the sync (append is then fully
+     asynchronous; bad inputs give meaningless codes but never a memory error).
    - attention does not check the queries for NaN/Inf (a bad query gives NaN output rows).
      It keeps a partial-state scratch per cache that grows on demand (cudaMalloc, which
      synchronizes the device, the first time a larger call is made); calls on one cache
-     must not overlap in time (use one stream per cache, or synchronize).
-   - configs: kvq_config_check() decides, except that KVQ_ROTATE_HADAMARD is implemented
-     here (rows rotated on the device with kvq.h's own plan and operation order, so the
-     stored bytes are the CPU's) even while kvq.h's check still refuses it. Salient tokens
-     (salient_ratio > 0) and per-token keys give KVQ_ERR_UNSUPPORTED. With rotation, a
-     row whose rotated values pass 65504 stores fp16 inf as kvq.h does, but the NaN scale
-     that follows is encoded 0x7fff by the GPU and 0x7e00 by kvq.h.
+     must not overlap in time (use one stream per cache, or synchronize). With salient
+     tokens and KVQ_SALIENT_ATTENTION, attention writes the cache (the salience of the
+     waiting keys), as kvq_attention does.
+   - tracked salience is not bit-identical: the scores are sums of exp(s - m) / l, and the
+     device's expf, dot products and summation order differ from the CPU's in the last
+     bits (the counts of queries are exact). Where two tokens' normalized scores are that
+     close, the GPU may keep the other one in the side store; the cache is then equally
+     valid but not byte-identical. Without attention calls between appends (prefill) or
+     with KVQ_SALIENT_ERROR, the picks and every byte are the CPU's.
+   - configs: kvq_config_check() decides; every config kvq.h builds is built here.
    - host <-> device copies move kvq.h's documented payload (its serialization image minus
      the header) between host and device in a few large cudaMemcpyAsync calls. The header,
      its version and checksums stay kvq.h's: kvq_cuda_cache_upload() reads the payload out of
@@ -63,9 +81,7 @@
      kvq_cuda_cache_serialize()/_deserialize() go through a temporary host cache (host
      memory of a full cache of that config). So the translation unit that defines
      KVQ_CUDA_IMPLEMENTATION must also hold kvq.h's implementation (KVQ_IMPLEMENTATION,
-     with KVQ_STATIC if another file implements kvq.h as well). While kvq.h refuses
-     KVQ_ROTATE_HADAMARD no CPU cache or image of a rotated config can exist, so those four
-     calls fail for rotated caches (KVQ_ERR_INVALID or KVQ_ERR_UNSUPPORTED).
+     with KVQ_STATIC if another file implements kvq.h as well).
    - the host is assumed little-endian (x86-64, aarch64), as every CUDA host is; create
      returns KVQ_ERR_UNSUPPORTED otherwise.
    - errors from the CUDA runtime map to KVQ_ERR_NOMEM (allocation), KVQ_ERR_INVALID (an
@@ -211,11 +227,20 @@ static __device__ __forceinline__ unsigned kvq__cu_quantize_one(float x, float m
 typedef struct kvq__cuda_view {
     uint16_t *sink_k, *sink_v, *vparams, *ring_k, *ring_v;
     uint8_t *kblocks, *vcodes;
+    uint16_t *ktparams;  /* keys per token (key_axis): records like values', [H][max_vquant] */
+    uint8_t *ktcodes;
+    uint8_t *side;       /* salient side store: [H][max_kblocks][n_salient] entries of side_bytes */
+    float *sal_score;    /* [H][kcap] attention received by waiting keys (salient caches) */
+    uint32_t *sal_seen;  /* [H][kcap] queries that saw them */
     const float *q;
     float *out, *part;
+    float *ring_raw;     /* attention with tracking: raw scores of waiting keys [row][kcap], else NULL */
+    float *row_ml;       /* attention with tracking: merged (max, sum) per row */
     int D, H, S, G, kbits, vbits, ng;
     int n_tokens, nkb, nvq, max_kblocks, max_vquant, kcap, vcap;
     int kblock_bytes, vparam_u16, vcode_bytes;
+    int n_salient, side_bytes, sal_bits, sal_policy;
+    int key_tokens, kt_u16, ktcode_bytes; /* keys per token: flag, record layout (n_ktok = nvq) */
     int n_chunks, chunk;
 } kvq__cuda_view;
 
@@ -224,6 +249,8 @@ typedef struct kvq__cuda_batch {
     int n_q_heads, n_queries, n_slices;
     float scale;
 } kvq__cuda_batch;
+/* a kernel parameter: within the 4 KB every CUDA version takes */
+static_assert(sizeof(kvq__cuda_batch) <= 4096, "kvq__cuda_batch outgrew the kernel parameter space");
 
 /* One append, as the host planned it: tokens [n_old, n_old + n) arrive in k/v. */
 typedef struct kvq__cuda_append {
@@ -254,7 +281,147 @@ __global__ void kvq__cu_check_kernel(const float *k, const float *v, size_t n, i
     }
 }
 
-/* Key blocks [nkb_old, nkb_new) of every head: one thread per (head, block, channel). */
+/* KVQ_ROTATE_HADAMARD: every row of L2 norm <= 65504, so it stays in fp16 range rotated
+   (kvq__rotates_in_fp16). The same double sum in the same order: (double)x * x is exact
+   (24 x 24 significant bits), so a fused multiply-add cannot change it either. */
+__global__ void kvq__cu_norm_check_kernel(const float *k, const float *v, size_t rows, int D, int *bad) {
+    size_t r;
+    for (r = (size_t)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += (size_t)gridDim.x * blockDim.x) {
+        double sk = 0.0, sv = 0.0;
+        int i;
+        for (i = 0; i < D; i++) {
+            double a = (double)k[r * D + i], b = (double)v[r * D + i];
+            sk += a * a;
+            sv += b * b;
+        }
+        if (sk > 65504.0 * 65504.0 || sv > 65504.0 * 65504.0) *bad = 1;
+    }
+}
+
+/* ---------------------------------------------------------------------------
+   Salient tokens (kvq.h's kvq__store_salient, once per key block leaving the window).
+   One thread per (head, block) does kvq.h's operations in kvq.h's order: each token's
+   score (tracked attention / queries that saw it, or the range gain when no query saw
+   any token of the block, or with KVQ_SALIENT_ERROR), the top n_salient (ties to the
+   older token), then each picked token's K and V row into its side-store entry at
+   salient_bits, entries in token order. Runs once per G tokens, so it is kept simple.
+   --------------------------------------------------------------------------- */
+
+static __device__ __forceinline__ uint8_t *kvq__cu_side_entry(const kvq__cuda_view &c, int h, int b, int j) {
+    return c.side + (((size_t)h * c.max_kblocks + b) * c.n_salient + j) * (size_t)c.side_bytes;
+}
+
+/* kvq__range_gain: per channel, the gap a token opens alone at the top or bottom, over the range. */
+static __device__ void kvq__cu_range_gain(const kvq__cuda_append &a, int h, int b, float *gain) {
+    const int D = a.c.D, G = a.c.G;
+    int ch, t;
+    for (t = 0; t < G; t++) gain[t] = 0.0f;
+    for (ch = 0; ch < D; ch++) {
+        float hi = -INFINITY, hi2 = -INFINITY, lo = INFINITY, lo2 = INFINITY;
+        int thi = 0, tlo = 0;
+        for (t = 0; t < G; t++) {
+            float x = kvq__cu_key_at(a, h, b * G + t, ch);
+            if (x > hi) { hi2 = hi; hi = x; thi = t; } else if (x > hi2) hi2 = x;
+            if (x < lo) { lo2 = lo; lo = x; tlo = t; } else if (x < lo2) lo2 = x;
+        }
+        if (hi > lo) {
+            gain[thi] = __fadd_rn(gain[thi], __fdiv_rn(__fsub_rn(hi, hi2), __fsub_rn(hi, lo)));
+            gain[tlo] = __fadd_rn(gain[tlo], __fdiv_rn(__fsub_rn(lo2, lo), __fsub_rn(hi, lo)));
+        }
+    }
+}
+
+/* kvq__select_salient: mask[t] = 1 for the n_salient picked tokens of block b of head h.
+   Tokens of this append count as unseen (kvq.h zeroes a key's counts when it arrives). */
+static __device__ void kvq__cu_select_salient(const kvq__cuda_append &a, int h, int b, uint8_t *mask) {
+    const kvq__cuda_view &c = a.c;
+    const int G = c.G;
+    const size_t slot0 = (size_t)h * c.kcap + (size_t)((b * G) % c.kcap); /* G slots in a row */
+    float score[128];
+    int t, j, seen_any = 0;
+    if (c.sal_policy == KVQ_SALIENT_ATTENTION)
+        for (t = 0; t < G; t++) {
+            uint32_t seen = b * G + t < a.after_old ? c.sal_seen[slot0 + t] : 0u;
+            score[t] = seen ? __fdiv_rn(c.sal_score[slot0 + t], (float)seen) : -1.0f;
+            seen_any |= seen != 0;
+        }
+    if (!seen_any) kvq__cu_range_gain(a, h, b, score);
+    for (t = 0; t < G; t++) mask[t] = 0;
+    for (j = 0; j < c.n_salient; j++) { /* top n, ties to the older token */
+        int best = -1;
+        for (t = 0; t < G; t++)
+            if (!mask[t] && (best < 0 || score[t] > score[best])) best = t;
+        mask[best] = 1;
+    }
+}
+
+/* kvq__side_put: the key (which 0) or value (1) row of token pos into entry e at salient_bits:
+   16 bits, the fp16 row; 8 bits, kvq.h's per-token quantizer over groups of G channels
+   (scale[ng], min[ng] after the u16 index, K's then V's; then K codes[D], V codes[D]). */
+static __device__ void kvq__cu_side_put(const kvq__cuda_append &a, uint8_t *e, int which, int h, int pos) {
+    const kvq__cuda_view &c = a.c;
+    const int D = c.D, G = c.G, ng = c.ng;
+    uint16_t *par = (uint16_t *)(e + 2) + (size_t)which * 2 * ng;
+    uint8_t *codes = e + 2 + 8 * (size_t)ng + (size_t)which * D;
+    int g, i;
+    if (c.sal_bits == 16) {
+        uint16_t *row = (uint16_t *)(e + 2) + (size_t)which * D;
+        for (i = 0; i < D; i++)
+            row[i] = kvq__cu_f2h(which ? kvq__cu_value_at(a, h, pos, i) : kvq__cu_key_at(a, h, pos, i));
+        return;
+    }
+    for (g = 0; g < ng; g++) {
+        const int c0 = g * G, n = D - c0 < G ? D - c0 : G;
+        float x[128], lo, hi, s, m;
+        uint16_t s16, m16;
+        for (i = 0; i < n; i++) x[i] = which ? kvq__cu_value_at(a, h, pos, c0 + i) : kvq__cu_key_at(a, h, pos, c0 + i);
+        lo = hi = x[0];
+        for (i = 1; i < n; i++) {
+            lo = x[i] < lo ? x[i] : lo;
+            hi = x[i] > hi ? x[i] : hi;
+        }
+        kvq__cu_fit(lo, hi, 8, &s16, &m16, &s, &m);
+        par[g] = s16;
+        par[ng + g] = m16;
+        for (i = 0; i < n; i++) codes[c0 + i] = (uint8_t)kvq__cu_quantize_one(x[i], m, s, 8);
+    }
+}
+
+/* Blocks [nkb_old, nkb_new) of every head: picks the salient tokens and fills their entries
+   (u16 token index in the block, little-endian, then K and V). One thread per (head, block). */
+__global__ void kvq__cu_salient_kernel(kvq__cuda_append a) {
+    const kvq__cuda_view &c = a.c;
+    const int nb = a.nkb_new - a.nkb_old;
+    size_t total = (size_t)c.H * nb, idx;
+    for (idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
+        int b = a.nkb_old + (int)(idx % nb), h = (int)(idx / nb), t, j = 0;
+        uint8_t mask[128];
+        kvq__cu_select_salient(a, h, b, mask);
+        for (t = 0; t < c.G; t++) {
+            uint8_t *e;
+            if (!mask[t]) continue;
+            e = kvq__cu_side_entry(c, h, b, j++);
+            e[0] = (uint8_t)t;
+            e[1] = 0;
+            kvq__cu_side_put(a, e, 0, h, b * c.G + t);
+            kvq__cu_side_put(a, e, 1, h, b * c.G + t);
+        }
+    }
+}
+
+/* mask[t] = 1 for the tokens of block b of head h that the side store holds. */
+static __device__ void kvq__cu_block_mask(const kvq__cuda_view &c, int h, int b, uint8_t *mask) {
+    int t, j;
+    for (t = 0; t < c.G; t++) mask[t] = 0;
+    for (j = 0; j < c.n_salient; j++) {
+        const uint8_t *e = kvq__cu_side_entry(c, h, b, j);
+        mask[e[0] | e[1] << 8] = 1;
+    }
+}
+
+/* Key blocks [nkb_old, nkb_new) of every head: one thread per (head, block, channel).
+   Salient caches leave the side store's tokens out (kvq__quantize_key_block_masked): they
+   take no part in the min/max, which starts from +-inf there, and their codes stay 0. */
 __global__ void kvq__cu_key_blocks_kernel(kvq__cuda_append a) {
     const kvq__cuda_view &c = a.c;
     const int D = c.D, G = c.G, bits = c.kbits, nb = a.nkb_new - a.nkb_old;
@@ -264,24 +431,37 @@ __global__ void kvq__cu_key_blocks_kernel(kvq__cuda_append a) {
         uint8_t *blk = c.kblocks + ((size_t)h * c.max_kblocks + b) * c.kblock_bytes;
         float x[128], lo, hi, s, m;
         uint16_t s16, m16;
-        uint8_t row[128];
+        uint8_t row[128], mask[128];
         int t, row_bytes = G * bits / 8;
-        if (bits == 16) {
+        if (bits == 16) { /* salient or not, the block keeps every row as it is */
             uint16_t *rows = (uint16_t *)blk;
             for (t = 0; t < G; t++) rows[(size_t)t * D + ch] = kvq__cu_f2h(kvq__cu_key_at(a, h, b * G + t, ch));
             continue;
         }
         for (t = 0; t < G; t++) x[t] = kvq__cu_key_at(a, h, b * G + t, ch);
-        lo = hi = x[0];
-        for (t = 1; t < G; t++) {
-            lo = x[t] < lo ? x[t] : lo;
-            hi = x[t] > hi ? x[t] : hi;
+        if (c.n_salient) {
+            kvq__cu_block_mask(c, h, b, mask);
+            lo = INFINITY;
+            hi = -INFINITY;
+            for (t = 0; t < G; t++)
+                if (!mask[t]) {
+                    lo = x[t] < lo ? x[t] : lo;
+                    hi = x[t] > hi ? x[t] : hi;
+                }
+        } else {
+            for (t = 0; t < G; t++) mask[t] = 0;
+            lo = hi = x[0];
+            for (t = 1; t < G; t++) {
+                lo = x[t] < lo ? x[t] : lo;
+                hi = x[t] > hi ? x[t] : hi;
+            }
         }
         kvq__cu_fit(lo, hi, bits, &s16, &m16, &s, &m);
         ((uint16_t *)blk)[ch] = s16;
         ((uint16_t *)blk)[D + ch] = m16;
         for (t = 0; t < row_bytes; t++) row[t] = 0;
-        for (t = 0; t < G; t++) kvq__cu_put_code(row, t, bits, kvq__cu_quantize_one(x[t], m, s, bits));
+        for (t = 0; t < G; t++)
+            if (!mask[t]) kvq__cu_put_code(row, t, bits, kvq__cu_quantize_one(x[t], m, s, bits));
         {
             uint8_t *dst = blk + 4 * (size_t)D + (size_t)row_bytes * ch;
             for (t = 0; t < row_bytes; t++) dst[t] = row[t];
@@ -289,34 +469,38 @@ __global__ void kvq__cu_key_blocks_kernel(kvq__cuda_append a) {
     }
 }
 
-/* Values [nvq_old, nvq_new) of every head: one thread per (head, value, channel group).
-   Groups start at multiples of G channels and G*bits/8 is whole bytes (G >= 16; a ragged
-   last group has a multiple of 8 channels), so threads never share a code byte. */
-__global__ void kvq__cu_values_kernel(kvq__cuda_append a) {
+/* Per-token records [nvq_old, nvq_new) of every head: values, or (keys = 1) keys stored per
+   token, which kvq.h quantizes with the value quantizer and which leave with their values.
+   One thread per (head, token, channel group). Groups start at multiples of G channels and
+   G*bits/8 is whole bytes (G >= 16; a ragged last group has a multiple of 8 channels), so
+   threads never share a code byte. */
+__global__ void kvq__cu_records_kernel(kvq__cuda_append a, int keys) {
     const kvq__cuda_view &c = a.c;
-    const int D = c.D, G = c.G, bits = c.vbits, ng = c.ng, nv = a.nvq_new - a.nvq_old;
+    const int D = c.D, G = c.G, bits = keys ? c.kbits : c.vbits, ng = c.ng, nv = a.nvq_new - a.nvq_old;
+    const int par_u16 = keys ? c.kt_u16 : c.vparam_u16, code_bytes = keys ? c.ktcode_bytes : c.vcode_bytes;
+    uint16_t *params = keys ? c.ktparams : c.vparams;
     size_t total = (size_t)c.H * nv * ng, idx;
     for (idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
         int g = (int)(idx % ng), j = a.nvq_old + (int)((idx / ng) % nv), h = (int)(idx / ((size_t)ng * nv));
         int c0 = g * G, n = D - c0 < G ? D - c0 : G, i;
         size_t rec = (size_t)h * c.max_vquant + j;
-        uint8_t *codes = c.vcodes + rec * c.vcode_bytes;
+        uint8_t *codes = (keys ? c.ktcodes : c.vcodes) + rec * code_bytes;
         float x[128], lo, hi, s, m;
         uint16_t s16, m16;
         uint8_t row[128];
+        for (i = 0; i < n; i++) x[i] = keys ? kvq__cu_key_at(a, h, j, c0 + i) : kvq__cu_value_at(a, h, j, c0 + i);
         if (bits == 16) {
-            for (i = 0; i < n; i++) ((uint16_t *)codes)[c0 + i] = kvq__cu_f2h(kvq__cu_value_at(a, h, j, c0 + i));
+            for (i = 0; i < n; i++) ((uint16_t *)codes)[c0 + i] = kvq__cu_f2h(x[i]);
             continue;
         }
-        for (i = 0; i < n; i++) x[i] = kvq__cu_value_at(a, h, j, c0 + i);
         lo = hi = x[0];
         for (i = 1; i < n; i++) {
             lo = x[i] < lo ? x[i] : lo;
             hi = x[i] > hi ? x[i] : hi;
         }
         kvq__cu_fit(lo, hi, bits, &s16, &m16, &s, &m);
-        c.vparams[rec * c.vparam_u16 + g] = s16;
-        c.vparams[rec * c.vparam_u16 + ng + g] = m16;
+        params[rec * par_u16 + g] = s16;
+        params[rec * par_u16 + ng + g] = m16;
         for (i = 0; i < n * bits / 8; i++) row[i] = 0;
         for (i = 0; i < n; i++) kvq__cu_put_code(row, i, bits, kvq__cu_quantize_one(x[i], m, s, bits));
         for (i = 0; i < n * bits / 8; i++) codes[(size_t)c0 * bits / 8 + i] = row[i];
@@ -336,7 +520,12 @@ __global__ void kvq__cu_store_kernel(kvq__cuda_append a) {
             c.sink_v[((size_t)h * S + t) * D + ch] = kvq__cu_f2h(a.v[idx]);
             continue;
         }
-        if (pos >= a.nkb_new * c.G) c.ring_k[((size_t)h * c.kcap + (size_t)(pos % c.kcap)) * D + ch] = kvq__cu_f2h(a.k[idx]);
+        if (pos >= (c.key_tokens ? a.nvq_new : a.nkb_new * c.G))
+            c.ring_k[((size_t)h * c.kcap + (size_t)(pos % c.kcap)) * D + ch] = kvq__cu_f2h(a.k[idx]);
+        if (c.n_salient && ch == 0 && pos >= a.nkb_new * c.G) { /* a new waiting key has received no attention yet */
+            c.sal_score[(size_t)h * c.kcap + (size_t)(pos % c.kcap)] = 0.0f;
+            c.sal_seen[(size_t)h * c.kcap + (size_t)(pos % c.kcap)] = 0u;
+        }
         if (pos >= a.nvq_new) c.ring_v[((size_t)h * c.vcap + (size_t)(pos % c.vcap)) * D + ch] = kvq__cu_f2h(a.v[idx]);
     }
 }
@@ -411,33 +600,98 @@ __global__ void kvq__cu_rotate_kernel(const float *src, float *dst, size_t rows,
    Attention (FlashDecoding). Grid: x = (query, KV head, slice of <= 8 query heads of its
    group), y = token chunk, z = sequence. A block walks its chunk in tiles of 32 tokens:
      scores: lane = token, the 4 warps split the channels in runs of 8; every key is
-             dequantized once (m + s*code, or an fp16 row) and dotted with all the group's
-             query heads (held in shared memory, pre-scaled), partial sums reduced through
-             shared memory;
+             dequantized once (m + s*code from a block or a per-token record, or an fp16
+             row) and dotted with all the group's query heads (held in shared memory,
+             pre-scaled), partial sums reduced through shared memory;
      softmax: per head, running max / sum with rescaling (FlashAttention);
      values: thread = channel(s), dequantize once, accumulate for every head.
    Each block leaves (max, sum, acc[D]) per query head; the merge kernel combines chunks.
+   Salient tokens of quantized blocks (kvq.h's patch-up, done inline): their key comes from
+   the side store (the per-token record loop, taken only by those lanes), and their softmax weight
+   goes to the side-store value, in a pass before the codes pass, which then sees weight 0.
+   Only tiles that hold quantized-block tokens of a salient cache do any of this (a branch
+   uniform per block). With tracking (KVQ_SALIENT_ATTENTION), the raw scores of waiting keys
+   go to a scratch row per query head; after the merge, a small kernel turns them into
+   kvq.h's salience scores.
    --------------------------------------------------------------------------- */
 
-/* Where token t's key lives: an fp16 row, or a quantized block (blk, tt). */
+/* Where token t's key lives: an fp16 row (16-byte aligned), a quantized block (blk, tt), or a
+   per-token record (par, codes at bits: a key stored per token, or a salient token's entry in
+   the side store, sal its index among the block's entries, else -1). */
 typedef struct kvq__cu_keyref {
-    const uint16_t *row;
-    const uint8_t *blk;
-    int tt;
+    const uint16_t *row, *par;
+    const uint8_t *blk, *codes;
+    int tt, sal, bits;
 } kvq__cu_keyref;
+
+/* Index of token tt among the side-store entries of block b of head h, or -1. */
+static __device__ __forceinline__ int kvq__cu_find_salient(const kvq__cuda_view &v, int h, int b, int tt) {
+    int j;
+    for (j = 0; j < v.n_salient; j++) {
+        const uint8_t *e = kvq__cu_side_entry(v, h, b, j);
+        if ((e[0] | e[1] << 8) == tt) return j;
+    }
+    return -1;
+}
+
+/* Channels [c8*8, c8*8 + 8) of a per-token record (kvq.h's kvq__read_token_record): m + s*code
+   with the scale and min of the value group (one group holds all 8: groups start at multiples
+   of G, a multiple of 8); 16 bits: codes is the fp16 row, read per element (a side-store row
+   is only 2-byte aligned). */
+static __device__ __forceinline__ void kvq__cu_record_run(const uint16_t *par, const uint8_t *codes, int bits, int G,
+                                                          int ng, int c8, float *x) {
+    int i;
+    if (bits == 16) {
+        for (i = 0; i < 8; i++) x[i] = kvq__cu_h2f(((const uint16_t *)codes)[c8 * 8 + i]);
+    } else {
+        const int g = c8 * 8 / G;
+        const float s = kvq__cu_h2f(par[g]), m = kvq__cu_h2f(par[ng + g]);
+        for (i = 0; i < 8; i++) x[i] = m + s * (float)kvq__cu_get_code(codes, c8 * 8 + i, bits);
+    }
+}
+
+/* Channel ch of the value of side-store entry e. */
+static __device__ __forceinline__ float kvq__cu_side_value(const kvq__cuda_view &v, const uint8_t *e, int ch) {
+    const uint16_t *u = (const uint16_t *)(e + 2);
+    if (v.sal_bits == 16) return kvq__cu_h2f(u[v.D + ch]);
+    {
+        const int ng = v.ng, g = ch / v.G;
+        return kvq__cu_h2f(u[3 * ng + g]) + kvq__cu_h2f(u[2 * ng + g]) * (float)e[2 + 8 * (size_t)ng + v.D + ch];
+    }
+}
 
 static __device__ __forceinline__ kvq__cu_keyref kvq__cu_key_ref(const kvq__cuda_view &v, int h, int t) {
     kvq__cu_keyref r;
     int pos = t - v.S;
-    r.row = 0;
-    r.blk = 0;
-    r.tt = 0;
+    r.row = r.par = 0;
+    r.blk = r.codes = 0;
+    r.tt = r.bits = 0;
+    r.sal = -1;
     if (t < v.S) {
         r.row = v.sink_k + ((size_t)h * v.S + t) * v.D;
     } else if (pos < v.nkb * v.G) {
         const uint8_t *blk = v.kblocks + ((size_t)h * v.max_kblocks + pos / v.G) * v.kblock_bytes;
-        if (v.kbits == 16) r.row = (const uint16_t *)blk + (size_t)(pos % v.G) * v.D;
-        else { r.blk = blk; r.tt = pos % v.G; }
+        if (v.n_salient) r.sal = kvq__cu_find_salient(v, h, pos / v.G, pos % v.G);
+        if (r.sal >= 0) { /* K part of the entry: params after the u16 index, codes after V's params */
+            const uint8_t *e = kvq__cu_side_entry(v, h, pos / v.G, r.sal);
+            r.par = (const uint16_t *)(e + 2);
+            r.codes = v.sal_bits == 16 ? e + 2 : e + 2 + 8 * (size_t)v.ng;
+            r.bits = v.sal_bits;
+        } else if (v.kbits == 16) {
+            r.row = (const uint16_t *)blk + (size_t)(pos % v.G) * v.D;
+        } else {
+            r.blk = blk;
+            r.tt = pos % v.G;
+        }
+    } else if (v.key_tokens && pos < v.nvq) { /* keys per token leave with their values */
+        const size_t rec = (size_t)h * v.max_vquant + pos;
+        if (v.kbits == 16) {
+            r.row = (const uint16_t *)(v.ktcodes + rec * v.ktcode_bytes);
+        } else {
+            r.par = v.ktparams + rec * v.kt_u16;
+            r.codes = v.ktcodes + rec * v.ktcode_bytes;
+            r.bits = v.kbits;
+        }
     } else {
         r.row = v.ring_k + ((size_t)h * v.kcap + (size_t)(pos % v.kcap)) * v.D;
     }
@@ -478,6 +732,8 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
     __shared__ float part_s[KVQ__CUDA_NT / 32][KVQ__CUDA_HEADS][KVQ__CUDA_TILE];
     __shared__ __align__(16) float p_s[KVQ__CUDA_HEADS][KVQ__CUDA_TILE];
     __shared__ float m_s[KVQ__CUDA_HEADS], l_s[KVQ__CUDA_HEADS], corr_s[KVQ__CUDA_HEADS];
+    __shared__ float psal_s[KVQ__CUDA_HEADS][KVQ__CUDA_TILE]; /* weights of salient tokens */
+    __shared__ int sal_s[KVQ__CUDA_TILE];                    /* index among its block's entries, or -1 */
     const kvq__cuda_view &v = b.v[blockIdx.z];
     const int D = v.D, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int chunk = blockIdx.y, group = b.n_q_heads / v.H;
@@ -506,20 +762,33 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
 
     for (t0 = t_begin; t0 < t_end; t0 += KVQ__CUDA_TILE) {
         const int t = t0 + lane, valid = t < t_end, n8 = D / 8;
+        const int n = t_end - t0 < KVQ__CUDA_TILE ? t_end - t0 : KVQ__CUDA_TILE;
+        const int first_wait = v.S + v.nkb * v.G; /* first key still in the ring */
+        /* uniform per block: the tile holds quantized-block tokens of a salient cache, or
+           waiting keys whose scores are tracked */
+        const int sal_tile = v.n_salient && (t0 > v.S ? t0 : v.S) < (t0 + n < first_wait ? t0 + n : first_wait);
+        const int track_tile = v.ring_raw && t0 + n > first_wait;
         float sc[NH];
-        int c8;
+        int c8, sal = -1;
 #pragma unroll
         for (j = 0; j < NH; j++) sc[j] = 0.0f;
         /* scores: lane = token, warps split the channel runs */
         if (valid) {
             kvq__cu_keyref r = kvq__cu_key_ref(v, h, t);
             const int G = v.G, bits = v.kbits, row_bytes = G * bits / 8;
-            /* two loops, not one with a branch inside, so each unrolls and keeps loads in flight */
+            /* a loop per key form, not one with a branch inside, so each unrolls and keeps loads in flight */
             if (r.row) {
 #pragma unroll 2
                 for (c8 = warp; c8 < n8; c8 += KVQ__CUDA_NT / 32) {
                     float kx[8];
                     kvq__cu_h8(*(const uint4 *)(r.row + c8 * 8), kx);
+                    kvq__cu_dot8<NH>(q_s, D, c8, nh, kx, sc);
+                }
+            } else if (r.codes) { /* a per-token record: a key stored per token, or a salient token */
+                sal = r.sal;
+                for (c8 = warp; c8 < n8; c8 += KVQ__CUDA_NT / 32) {
+                    float kx[8];
+                    kvq__cu_record_run(r.par, r.codes, r.bits, v.G, v.ng, c8, kx);
                     kvq__cu_dot8<NH>(q_s, D, c8, nh, kx, sc);
                 }
             } else {
@@ -539,6 +808,7 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
         }
 #pragma unroll
         for (j = 0; j < NH; j++) part_s[warp][j][lane] = sc[j];
+        if (sal_tile && warp == 0) sal_s[lane] = sal;
         __syncthreads();
         /* softmax: warp w owns heads w, w + 4 */
         for (j = warp; j < nh; j += KVQ__CUDA_NT / 32) {
@@ -554,7 +824,13 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
             p = valid ? expf(s - m_new) : 0.0f;
             sum = p;
             for (o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (sal_tile && sal_s[lane] >= 0) { /* spent on the side-store value below */
+                psal_s[j][lane] = p;
+                p = 0.0f;
+            }
             p_s[j][lane] = p;
+            if (track_tile && valid && t >= first_wait)
+                v.ring_raw[((size_t)i * b.n_q_heads + qh0 + j) * v.kcap + (t - first_wait)] = s;
             if (lane == 0) {
                 float corr = expf(m_s[j] - m_new); /* exp(-inf) = 0 on the first tile */
                 corr_s[j] = corr;
@@ -565,7 +841,6 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
         __syncthreads();
         /* values: thread = channels tid, tid + 128, ... */
         {
-            const int n = t_end - t0 < KVQ__CUDA_TILE ? t_end - t0 : KVQ__CUDA_TILE;
             const int S = v.S, G = v.G, bits = v.vbits, ng = v.ng;
             float corr[NH];
             int tt;
@@ -575,6 +850,22 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
             for (j = 0; j < NH; j++)
 #pragma unroll
                 for (k = 0; k < KCH; k++) acc[j][k] *= corr[j];
+            if (sal_tile) /* salient tokens: their weight on the side-store value */
+                for (tt = 0; tt < n; tt++) {
+                    const uint8_t *e;
+                    if (sal_s[tt] < 0) continue;
+                    e = kvq__cu_side_entry(v, h, (t0 + tt - S) / G, sal_s[tt]);
+#pragma unroll
+                    for (k = 0; k < KCH; k++) {
+                        const int ch = tid + k * KVQ__CUDA_NT;
+                        if (ch < D) {
+                            const float x = kvq__cu_side_value(v, e, ch);
+#pragma unroll
+                            for (j = 0; j < NH; j++)
+                                if (j < nh) acc[j][k] += psal_s[j][tt] * x;
+                        }
+                    }
+                }
             /* four tokens at a time: four independent loads in flight per thread, and one
                float4 of softmax weights per head (tokens past n have weight 0 and value 0) */
             for (tt = 0; tt < n; tt += 4) {
@@ -667,6 +958,46 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_merge_kernel(const __gri
             if (st[c * stride + 1] > 0.0f) o += expf(st[c * stride] - m) * st[c * stride + 2 + ch];
         v.out[row * v.D + ch] = o / l;
     }
+    if (v.row_ml && threadIdx.x == 0) { /* the row's final softmax, for tracking */
+        v.row_ml[2 * row] = m;
+        v.row_ml[2 * row + 1] = l;
+    }
+}
+
+/* ZipCache's score of the keys still waiting (kvq__track_salience): each query that saw
+   waiting key u adds, over the query heads of u's KV group, exp(s - m) / l with s its raw
+   score and (m, l) the merged row's, in kvq.h's order (queries, then runs of up to 8 heads,
+   each run summed first), and counts once. One thread per (KV head, waiting key); y = sequence. */
+__global__ void kvq__cu_track_kernel(const __grid_constant__ kvq__cuda_batch b) {
+    const kvq__cuda_view &v = b.v[blockIdx.y];
+    const int group = b.n_q_heads / v.H, after = v.n_tokens > v.S ? v.n_tokens - v.S : 0;
+    const int waiting = after - v.nkb * v.G, first_wait = v.S + v.nkb * v.G;
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t slot;
+    float score;
+    uint32_t seen;
+    int h, u, i, qh, j;
+    if (!v.ring_raw || waiting < 1 || idx >= (size_t)v.H * waiting) return;
+    h = (int)(idx / waiting);
+    u = (int)(idx % waiting);
+    slot = (size_t)h * v.kcap + (size_t)((v.nkb * v.G + u) % v.kcap);
+    score = v.sal_score[slot];
+    seen = v.sal_seen[slot];
+    for (i = 0; i < b.n_queries; i++) {
+        if (first_wait + u >= v.n_tokens - b.n_queries + i + 1) continue; /* causal: not seen */
+        for (qh = h * group; qh < (h + 1) * group; qh += KVQ__CUDA_HEADS) {
+            const int qe = qh + KVQ__CUDA_HEADS < (h + 1) * group ? qh + KVQ__CUDA_HEADS : (h + 1) * group;
+            float add = 0.0f;
+            for (j = qh; j < qe; j++) {
+                const size_t row = (size_t)i * b.n_q_heads + j;
+                add += expf(v.ring_raw[row * v.kcap + u] - v.row_ml[2 * row]) / v.row_ml[2 * row + 1];
+            }
+            score += add;
+        }
+        seen++;
+    }
+    v.sal_score[slot] = score;
+    v.sal_seen[slot] = seen;
 }
 
 /* ---------------------------------------------------------------------------
@@ -690,14 +1021,10 @@ struct kvq_cuda_cache {
 
 static size_t kvq__cu_align(size_t x) { return (x + KVQ__CUDA_ALIGN - 1) & ~(size_t)(KVQ__CUDA_ALIGN - 1); }
 
-/* The key blocks and values quantized after n tokens: kvq.h's rule (keys leave a block at a
-   time once more than max(R, G - 1) wait, values one at a time once more than R wait). */
-static void kvq__cu_counts(const kvq_config *cfg, int n, int *nkb, int *nvq) {
-    int after = n > cfg->sink_tokens ? n - cfg->sink_tokens : 0, G = cfg->group_size, R = cfg->residual_tokens;
-    int w = R > G - 1 ? R : G - 1;
-    *nkb = after > w ? (after - w + G - 1) / G : 0;
-    *nvq = after > R ? after - R : 0;
-}
+/* The key blocks and values quantized after n tokens: kvq.h's own rule (keys leave a block at
+   a time once more than max(R, G - 1) wait; values one at a time once more than R wait, or
+   with their key block in salient caches; keys per token leave with their values, no blocks). */
+static void kvq__cu_counts(const kvq_config *cfg, int n, int *nkb, int *nvq) { kvq__counts_after(cfg, n, nkb, nvq); }
 
 static kvq_status kvq__cu_err(cudaError_t e) {
     if (e == cudaSuccess) return KVQ_OK;
@@ -716,30 +1043,23 @@ static int kvq__cu_launch_blocks(size_t work, int threads) {
 KVQ_CUDA_API kvq_status kvq_cuda_cache_create(kvq_cuda_cache **out, const kvq_config *cfg) {
     kvq_cuda_cache *c;
     kvq_status st;
-    size_t H, D, S, off[7], end = 0, sz[7];
-    int after, G, R, bits_k, bits_v, a;
+    kvq__layout L;
+    size_t H, D, S, off[12], end = 0, sz[12];
+    int G, bits_k, bits_v, a;
     const uint16_t one = 1;
     uint8_t *base;
     if (!out) return KVQ_ERR_INVALID;
-    {
-        /* rotation is implemented here even while kvq.h's config check still refuses it */
-        kvq_config plain = *cfg;
-        if (plain.rotation == KVQ_ROTATE_HADAMARD) plain.rotation = KVQ_ROTATE_NONE;
-        if ((st = kvq_config_check(&plain)) != KVQ_OK) return st;
-    }
-    /* what kvq.h may accept in later releases but this file does not implement yet */
-    if (cfg->salient_ratio > 0.0f || cfg->key_axis != KVQ_KEYS_PER_CHANNEL) return KVQ_ERR_UNSUPPORTED;
+    if ((st = kvq_config_check(cfg)) != KVQ_OK) return st;
     if (*(const uint8_t *)&one != 1) return KVQ_ERR_UNSUPPORTED; /* big-endian host */
+    if (!kvq__plan(cfg, &L)) return KVQ_ERR_NOMEM;                 /* kvq.h's capacities */
     if (!(c = (kvq_cuda_cache *)calloc(1, sizeof *c))) return KVQ_ERR_NOMEM;
     c->cfg = *cfg;
     H = (size_t)cfg->n_kv_heads;
     D = (size_t)cfg->head_dim;
     S = (size_t)cfg->sink_tokens;
     G = cfg->group_size;
-    R = cfg->residual_tokens;
     bits_k = cfg->key_bits;
     bits_v = cfg->value_bits;
-    after = cfg->max_tokens - cfg->sink_tokens;
     c->v.D = (int)D;
     c->v.H = (int)H;
     c->v.S = (int)S;
@@ -747,21 +1067,31 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_create(kvq_cuda_cache **out, const kvq_co
     c->v.kbits = bits_k;
     c->v.vbits = bits_v;
     c->v.ng = (int)((D + G - 1) / G);
-    /* kvq__plan's capacities */
-    c->v.max_kblocks = after / G;
-    c->v.max_vquant = after > R ? after - R : 0;
-    c->v.kcap = R + G < after ? R + G : (after > 0 ? after : 1);
-    c->v.vcap = R + 1 < after ? R + 1 : (after > 0 ? after : 1);
-    c->v.kblock_bytes = bits_k == 16 ? 2 * G * (int)D : 4 * (int)D + (int)D * (G * bits_k / 8);
+    c->v.max_kblocks = L.max_kblocks;
+    c->v.max_vquant = L.max_vquant;
+    c->v.kcap = L.kcap;
+    c->v.vcap = L.vcap;
+    c->v.kblock_bytes = (int)kvq__key_block_bytes(cfg);
     c->v.vparam_u16 = bits_v == 16 ? 0 : 2 * c->v.ng;
     c->v.vcode_bytes = (int)D * bits_v / 8;
+    c->v.n_salient = kvq__salient_count(cfg);
+    c->v.side_bytes = (int)kvq__side_entry_bytes(cfg);
+    c->v.sal_bits = cfg->salient_bits;
+    c->v.sal_policy = cfg->salient_policy;
+    c->v.key_tokens = cfg->key_axis == KVQ_KEYS_PER_TOKEN;
+    c->v.kt_u16 = bits_k == 16 ? 0 : 2 * c->v.ng;
+    c->v.ktcode_bytes = (int)D * bits_k / 8;
     sz[0] = sz[1] = H * S * D * 2;
     sz[2] = H * (size_t)c->v.max_kblocks * c->v.kblock_bytes;
     sz[3] = H * (size_t)c->v.max_vquant * c->v.vparam_u16 * 2;
     sz[4] = H * (size_t)c->v.max_vquant * c->v.vcode_bytes;
     sz[5] = H * (size_t)c->v.kcap * D * 2;
     sz[6] = H * (size_t)c->v.vcap * D * 2;
-    for (a = 0; a < 7; a++) {
+    sz[7] = H * (size_t)c->v.max_kblocks * c->v.n_salient * c->v.side_bytes; /* side store */
+    sz[8] = sz[9] = c->v.n_salient ? H * (size_t)c->v.kcap * 4 : 0;        /* sal_score, sal_seen */
+    sz[10] = c->v.key_tokens ? H * (size_t)c->v.max_vquant * c->v.kt_u16 * 2 : 0; /* keys per token */
+    sz[11] = c->v.key_tokens ? H * (size_t)c->v.max_vquant * c->v.ktcode_bytes : 0;
+    for (a = 0; a < 12; a++) {
         off[a] = end;
         end = kvq__cu_align(end + sz[a]);
     }
@@ -812,6 +1142,11 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_create(kvq_cuda_cache **out, const kvq_co
     c->v.vcodes = base + off[4];
     c->v.ring_k = (uint16_t *)(base + off[5]);
     c->v.ring_v = (uint16_t *)(base + off[6]);
+    c->v.side = base + off[7];
+    c->v.sal_score = (float *)(base + off[8]);
+    c->v.sal_seen = (uint32_t *)(base + off[9]);
+    c->v.ktparams = (uint16_t *)(base + off[10]);
+    c->v.ktcodes = base + off[11];
     *out = c;
     return KVQ_OK;
 }
@@ -843,18 +1178,24 @@ static kvq__cuda_view kvq__cu_view(const kvq_cuda_cache *c) {
     return v;
 }
 
-KVQ_CUDA_API size_t kvq_cuda_cache_payload_bytes(const kvq_cuda_cache *c) {
+/* Bytes of the tokens stored (as kvq_cache_payload_bytes); image: of the serialization
+   payload, which adds the (score, seen) of each waiting key in salient caches. */
+static size_t kvq__cu_payload_size(const kvq_cuda_cache *c, int image) {
     kvq__cuda_view v;
-    size_t row, after, per_head;
-    if (!c) return 0;
+    size_t row, after, per_head, kq;
     v = kvq__cu_view(c);
     row = 2 * (size_t)v.D;
     after = (size_t)(c->n_tokens > v.S ? c->n_tokens - v.S : 0);
-    per_head = (size_t)(c->n_tokens - (int)after) * 2 * row + (size_t)v.nkb * v.kblock_bytes +
-               (after - (size_t)v.nkb * v.G) * row + (size_t)v.nvq * ((size_t)v.vparam_u16 * 2 + v.vcode_bytes) +
-               (after - (size_t)v.nvq) * row;
+    kq = v.key_tokens ? (size_t)v.nvq : (size_t)v.nkb * v.G; /* keys that left the ring */
+    per_head = (size_t)(c->n_tokens - (int)after) * 2 * row + (size_t)v.nkb * v.kblock_bytes + (after - kq) * row +
+               (size_t)v.nvq * ((size_t)v.vparam_u16 * 2 + v.vcode_bytes) + (after - (size_t)v.nvq) * row;
+    if (v.key_tokens) per_head += (size_t)v.nvq * ((size_t)v.kt_u16 * 2 + v.ktcode_bytes);
+    if (v.n_salient) per_head += (size_t)v.nkb * v.n_salient * v.side_bytes;
+    if (v.n_salient && image) per_head += (after - (size_t)v.nkb * v.G) * 8;
     return per_head * (size_t)v.H;
 }
+
+KVQ_CUDA_API size_t kvq_cuda_cache_payload_bytes(const kvq_cuda_cache *c) { return c ? kvq__cu_payload_size(c, 0) : 0; }
 
 /* Grows the rotation scratch to n floats (cudaFree/cudaMalloc synchronize the device). */
 static kvq_status kvq__cu_rot_scratch(kvq_cuda_cache *c, size_t n) {
@@ -883,6 +1224,11 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_append(kvq_cuda_cache *c, const float *d_
     /* all or nothing, like kvq.h: check every input on the device before storing any */
     if (cudaMemsetAsync(c->d_flag, 0, sizeof(int), stream) != cudaSuccess) return kvq__cu_err(cudaGetLastError());
     kvq__cu_check_kernel<<<kvq__cu_launch_blocks(work, 256), 256, 0, stream>>>(d_k, d_v, work, c->d_flag);
+    if (c->cfg.rotation == KVQ_ROTATE_HADAMARD) {
+        size_t rows = (size_t)n_tokens * c->v.H;
+        kvq__cu_norm_check_kernel<<<kvq__cu_launch_blocks(rows, 128), 128, 0, stream>>>(d_k, d_v, rows, c->v.D,
+                                                                                        c->d_flag);
+    }
     if (cudaMemcpyAsync(c->h_flag, c->d_flag, sizeof(int), cudaMemcpyDeviceToHost, stream) != cudaSuccess ||
         cudaStreamSynchronize(stream) != cudaSuccess)
         return kvq__cu_err(cudaGetLastError());
@@ -908,15 +1254,20 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_append(kvq_cuda_cache *c, const float *d_
     a.nkb_old = a.c.nkb;
     a.nvq_old = a.c.nvq;
     kvq__cu_counts(&c->cfg, c->n_tokens + n_tokens, &a.nkb_new, &a.nvq_new);
-    /* order matters: the quantizers read ring rows of earlier appends before the store
-       kernel may reuse their slots */
+    /* order matters: the quantizers read ring rows (and salience) of earlier appends before
+       the store kernel may reuse their slots; the key blocks read the side store's picks */
+    if (c->v.n_salient && a.nkb_new > a.nkb_old) {
+        size_t n = (size_t)c->v.H * (a.nkb_new - a.nkb_old);
+        kvq__cu_salient_kernel<<<kvq__cu_launch_blocks(n, 64), 64, 0, stream>>>(a);
+    }
     if (a.nkb_new > a.nkb_old) {
         size_t n = (size_t)c->v.H * (a.nkb_new - a.nkb_old) * c->v.D;
         kvq__cu_key_blocks_kernel<<<kvq__cu_launch_blocks(n, 128), 128, 0, stream>>>(a);
     }
     if (a.nvq_new > a.nvq_old) {
         size_t n = (size_t)c->v.H * (a.nvq_new - a.nvq_old) * c->v.ng;
-        kvq__cu_values_kernel<<<kvq__cu_launch_blocks(n, 128), 128, 0, stream>>>(a);
+        if (c->v.key_tokens) kvq__cu_records_kernel<<<kvq__cu_launch_blocks(n, 128), 128, 0, stream>>>(a, 1);
+        kvq__cu_records_kernel<<<kvq__cu_launch_blocks(n, 128), 128, 0, stream>>>(a, 0);
     }
     kvq__cu_store_kernel<<<kvq__cu_launch_blocks(work, 256), 256, 0, stream>>>(a);
     if (cudaGetLastError() != cudaSuccess) return KVQ_ERR_UNSUPPORTED;
@@ -951,6 +1302,7 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
     }
     for (first = 0; first < n; first += KVQ_CUDA_MAX_BATCH) {
         int m = n - first < KVQ_CUDA_MAX_BATCH ? n - first : KVQ_CUDA_MAX_BATCH, max_chunks = 0, max_units = 0, heads = 8;
+        size_t max_track = 0; /* threads of the tracking kernel: (KV head, waiting key) */
         int kch = (caches[first]->cfg.head_dim + KVQ__CUDA_NT - 1) / KVQ__CUDA_NT;
         dim3 grid;
         kvq__cuda_batch b;
@@ -961,8 +1313,9 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
             kvq_cuda_cache *c = caches[first + s];
             int group = p->n_q_heads / c->cfg.n_kv_heads, nh = group > 4 ? 8 : group > 2 ? 4 : group;
             int slices = (group + nh - 1) / nh;
-            size_t units = (size_t)p->n_queries * c->cfg.n_kv_heads * slices, need;
+            size_t units = (size_t)p->n_queries * c->cfg.n_kv_heads * slices, need, rows;
             kvq__cuda_view *v = &b.v[s];
+            int track;
             if (s == 0) {
                 b.n_slices = slices;
                 heads = nh;
@@ -984,7 +1337,11 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
                                                                                              c->d_rot, 0);
                 v->q = c->d_rot_in;
             }
-            need = (size_t)p->n_queries * p->n_q_heads * v->n_chunks * ((size_t)v->D + 2);
+            /* partial states [row][chunk](max, sum, acc[D]); with tracking, then the raw scores
+               of waiting keys [row][kcap] and the merged (max, sum) [row][2] */
+            track = v->n_salient && c->cfg.salient_policy == KVQ_SALIENT_ATTENTION;
+            rows = (size_t)p->n_queries * p->n_q_heads;
+            need = rows * v->n_chunks * ((size_t)v->D + 2) + (track ? rows * ((size_t)v->kcap + 2) : 0);
             if (need > c->part_floats) { /* grow the scratch (cudaFree/cudaMalloc synchronize) */
                 if (c->d_part) cudaFree(c->d_part);
                 c->d_part = NULL;
@@ -996,6 +1353,9 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
                 c->part_floats = need;
             }
             v->part = c->d_part;
+            v->ring_raw = track ? c->d_part + rows * v->n_chunks * ((size_t)v->D + 2) : NULL;
+            v->row_ml = track ? v->ring_raw + rows * v->kcap : NULL;
+            if (track && (size_t)v->H * v->kcap > max_track) max_track = (size_t)v->H * v->kcap;
             if (v->n_chunks > max_chunks) max_chunks = v->n_chunks;
             if ((int)units > max_units) max_units = (int)units;
         }
@@ -1015,6 +1375,8 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
         }
 #undef KVQ__CU_ATTN
         kvq__cu_merge_kernel<<<dim3((unsigned)(p->n_queries * p->n_q_heads), (unsigned)m), KVQ__CUDA_NT, 0, stream>>>(b);
+        if (max_track)
+            kvq__cu_track_kernel<<<dim3((unsigned)kvq__cu_launch_blocks(max_track, 128), (unsigned)m), 128, 0, stream>>>(b);
         for (s = 0; s < m; s++) { /* outputs back to the caller's space */
             kvq_cuda_cache *c = caches[first + s];
             size_t rows = (size_t)p->n_queries * p->n_q_heads;
@@ -1035,9 +1397,10 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention(kvq_cuda_cache *c, const float *d_q, 
 
 /* ---------------------------------------------------------------------------
    Serialization. Between host and device only kvq.h's documented payload moves,
-   in its image order: per KV head sink K rows, sink V rows, key blocks, waiting
-   keys (oldest first), values (params then codes per token), waiting values;
-   u16 as little-endian (the host's own order). The image header, its version and
+   in its image order: per KV head sink K rows, sink V rows, key blocks (or keys per
+   token: params then codes), waiting keys (oldest first), values (params then codes
+   per token), waiting values, then in salient caches the side-store entries and the
+   (score, seen) of each waiting key; u16 as little-endian (the host's own order). The image header, its version and
    checksums stay kvq.h's business: uploads read the payload out of
    kvq_cache_serialize(), downloads hand it to kvq.h's payload reader, and the
    image functions go through a temporary host cache. So kvq_cuda.h never writes a
@@ -1060,12 +1423,52 @@ static cudaError_t kvq__cu_ring_xfer(uint16_t *ring, int cap, int D, int p0, int
     return cudaSuccess;
 }
 
+/* Moves n per-token records of one head between device and image *img (advanced past them):
+   fp16 params[par_u16] then code bytes per token in the image, two arrays on the device, so
+   each array moves in one copy through host scratch tmp and is (de)interleaved on the host.
+   No params (16 bits): the codes are the image's bytes as they are. */
+static cudaError_t kvq__cu_records_xfer(uint16_t *par, int par_u16, uint8_t *codes, int code_bytes, int n,
+                                        uint8_t **img, int to_image, uint8_t *tmp, cudaStream_t stream) {
+    const size_t pb = (size_t)par_u16 * 2, cb = (size_t)code_bytes;
+    uint8_t *pp = tmp, *cp = tmp + (size_t)n * pb, *at = *img;
+    cudaError_t e = cudaSuccess;
+    int j;
+    if (n < 1) return cudaSuccess;
+    if (!par_u16) {
+        e = to_image ? cudaMemcpyAsync(at, codes, (size_t)n * cb, cudaMemcpyDeviceToHost, stream)
+                     : cudaMemcpyAsync(codes, at, (size_t)n * cb, cudaMemcpyHostToDevice, stream);
+        *img += (size_t)n * cb;
+        return e;
+    }
+    if (to_image) {
+        e = cudaMemcpyAsync(pp, par, (size_t)n * pb, cudaMemcpyDeviceToHost, stream);
+        if (e == cudaSuccess) e = cudaMemcpyAsync(cp, codes, (size_t)n * cb, cudaMemcpyDeviceToHost, stream);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+        if (e != cudaSuccess) return e;
+        for (j = 0; j < n; j++, at += pb + cb) {
+            memcpy(at, pp + j * pb, pb);
+            memcpy(at + pb, cp + j * cb, cb);
+        }
+    } else {
+        for (j = 0; j < n; j++, at += pb + cb) {
+            memcpy(pp + j * pb, at, pb);
+            memcpy(cp + j * cb, at + pb, cb);
+        }
+        e = cudaMemcpyAsync(par, pp, (size_t)n * pb, cudaMemcpyHostToDevice, stream);
+        if (e == cudaSuccess) e = cudaMemcpyAsync(codes, cp, (size_t)n * cb, cudaMemcpyHostToDevice, stream);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(stream); /* before tmp is reused */
+    }
+    *img = at;
+    return e;
+}
+
 /* Moves the payload of state v between device and host buffer img, then synchronizes.
-   tmp: host scratch for the value records of one head (nvq * record bytes). */
+   tmp: host scratch for the value or key records of one head (nvq * record bytes) and, in
+   salient caches, for its salience rings (kcap * 8 bytes). */
 static cudaError_t kvq__cu_xfer_payload(const kvq__cuda_view *v, uint8_t *img, int to_image, uint8_t *tmp,
                                         cudaStream_t stream) {
     const int D = v->D, G = v->G, sinks = v->n_tokens < v->S ? v->n_tokens : v->S;
-    const int after = v->n_tokens - sinks;
+    const int after = v->n_tokens - sinks, kq = v->key_tokens ? v->nvq : v->nkb * G; /* keys out of the ring */
     cudaError_t e = cudaSuccess;
     int h;
 #define KVQ__CU_SEG(devp, bytes)                                                                \
@@ -1084,41 +1487,55 @@ static cudaError_t kvq__cu_xfer_payload(const kvq__cuda_view *v, uint8_t *img, i
         KVQ__CU_SEG(v->sink_k + (size_t)h * v->S * D, (size_t)sinks * D * 2);
         KVQ__CU_SEG(v->sink_v + (size_t)h * v->S * D, (size_t)sinks * D * 2);
         KVQ__CU_SEG(v->kblocks + (size_t)h * v->max_kblocks * v->kblock_bytes, (size_t)v->nkb * v->kblock_bytes);
-        e = kvq__cu_ring_xfer(v->ring_k + (size_t)h * v->kcap * D, v->kcap, D, v->nkb * G, after, img, to_image, stream);
+        if (v->key_tokens) { /* keys per token: records like values' */
+            e = kvq__cu_records_xfer(v->ktparams + rec * v->kt_u16, v->kt_u16, v->ktcodes + rec * v->ktcode_bytes,
+                                     v->ktcode_bytes, v->nvq, &img, to_image, tmp, stream);
+            if (e != cudaSuccess) return e;
+        }
+        e = kvq__cu_ring_xfer(v->ring_k + (size_t)h * v->kcap * D, v->kcap, D, kq, after, img, to_image, stream);
         if (e != cudaSuccess) return e;
-        img += (size_t)(after - v->nkb * G) * D * 2;
-        if (v->vbits == 16) {
-            KVQ__CU_SEG(v->vcodes + rec * v->vcode_bytes, (size_t)v->nvq * v->vcode_bytes);
-        } else if (v->nvq) {
-            /* the image interleaves params and codes per token, the device keeps two arrays:
-               move each array in one copy through tmp and (de)interleave on the host */
-            const size_t pb = (size_t)v->vparam_u16 * 2, cb = (size_t)v->vcode_bytes, n = (size_t)v->nvq;
-            uint8_t *pp = tmp, *cp = tmp + n * pb;
+        img += (size_t)(after - kq) * D * 2;
+        e = kvq__cu_records_xfer(v->vparams + rec * v->vparam_u16, v->vparam_u16, v->vcodes + rec * v->vcode_bytes,
+                                 v->vcode_bytes, v->nvq, &img, to_image, tmp, stream);
+        if (e != cudaSuccess) return e;
+        e = kvq__cu_ring_xfer(v->ring_v + (size_t)h * v->vcap * D, v->vcap, D, v->nvq, after, img, to_image, stream);
+        if (e != cudaSuccess) return e;
+        img += (size_t)(after - v->nvq) * D * 2;
+        if (v->n_salient) {
+            /* side-store entries are stored as the image has them (u16 little-endian, then
+               code bytes); (score f32, seen u32) of each waiting key, oldest first, are
+               interleaved there and two ring arrays here: through tmp, on the host */
+            const size_t sb = (size_t)v->n_salient * v->side_bytes, ring = (size_t)h * v->kcap;
+            float *sc = (float *)(void *)tmp;
+            uint32_t *seen = (uint32_t *)(void *)(tmp + 4 * (size_t)v->kcap);
+            KVQ__CU_SEG(v->side + (size_t)h * v->max_kblocks * sb, (size_t)v->nkb * sb);
             if (to_image) {
-                e = cudaMemcpyAsync(pp, v->vparams + rec * v->vparam_u16, n * pb, cudaMemcpyDeviceToHost, stream);
-                if (e == cudaSuccess) e = cudaMemcpyAsync(cp, v->vcodes + rec * cb, n * cb, cudaMemcpyDeviceToHost, stream);
+                e = cudaMemcpyAsync(sc, v->sal_score + ring, 4 * (size_t)v->kcap, cudaMemcpyDeviceToHost, stream);
+                if (e == cudaSuccess)
+                    e = cudaMemcpyAsync(seen, v->sal_seen + ring, 4 * (size_t)v->kcap, cudaMemcpyDeviceToHost, stream);
                 if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
                 if (e != cudaSuccess) return e;
-                for (j = 0; j < v->nvq; j++) {
-                    memcpy(img, pp + j * pb, pb);
-                    memcpy(img + pb, cp + j * cb, cb);
-                    img += pb + cb;
-                }
             } else {
-                for (j = 0; j < v->nvq; j++) {
-                    memcpy(pp + j * pb, img, pb);
-                    memcpy(cp + j * cb, img + pb, cb);
-                    img += pb + cb;
+                memset(tmp, 0, 8 * (size_t)v->kcap);
+            }
+            for (j = v->nkb * G; j < after; j++) {
+                if (to_image) {
+                    memcpy(img, &sc[j % v->kcap], 4);
+                    memcpy(img + 4, &seen[j % v->kcap], 4);
+                } else {
+                    memcpy(&sc[j % v->kcap], img, 4);
+                    memcpy(&seen[j % v->kcap], img + 4, 4);
                 }
-                e = cudaMemcpyAsync(v->vparams + rec * v->vparam_u16, pp, n * pb, cudaMemcpyHostToDevice, stream);
-                if (e == cudaSuccess) e = cudaMemcpyAsync(v->vcodes + rec * cb, cp, n * cb, cudaMemcpyHostToDevice, stream);
+                img += 8;
+            }
+            if (!to_image) {
+                e = cudaMemcpyAsync(v->sal_score + ring, sc, 4 * (size_t)v->kcap, cudaMemcpyHostToDevice, stream);
+                if (e == cudaSuccess)
+                    e = cudaMemcpyAsync(v->sal_seen + ring, seen, 4 * (size_t)v->kcap, cudaMemcpyHostToDevice, stream);
                 if (e == cudaSuccess) e = cudaStreamSynchronize(stream); /* before tmp is reused */
                 if (e != cudaSuccess) return e;
             }
         }
-        e = kvq__cu_ring_xfer(v->ring_v + (size_t)h * v->vcap * D, v->vcap, D, v->nvq, after, img, to_image, stream);
-        if (e != cudaSuccess) return e;
-        img += (size_t)(after - v->nvq) * D * 2;
     }
 #undef KVQ__CU_SEG
     return cudaStreamSynchronize(stream);
@@ -1129,10 +1546,13 @@ static kvq_status kvq__cu_payload(kvq_cuda_cache *c, int tokens, uint8_t *img, i
     kvq_cuda_cache probe = *c;
     kvq__cuda_view v;
     uint8_t *tmp;
+    size_t rec; /* bytes of the larger per-token record */
     cudaError_t e;
     probe.n_tokens = tokens;
     v = kvq__cu_view(&probe);
-    if (!(tmp = (uint8_t *)malloc((size_t)v.nvq * ((size_t)v.vparam_u16 * 2 + v.vcode_bytes) + 1))) return KVQ_ERR_NOMEM;
+    rec = (size_t)v.vparam_u16 * 2 + v.vcode_bytes;
+    if (v.key_tokens && (size_t)v.kt_u16 * 2 + v.ktcode_bytes > rec) rec = (size_t)v.kt_u16 * 2 + v.ktcode_bytes;
+    if (!(tmp = (uint8_t *)malloc((size_t)v.nvq * rec + 8 * (size_t)v.kcap + 8))) return KVQ_ERR_NOMEM;
     e = kvq__cu_xfer_payload(&v, img, to_image, tmp, stream);
     free(tmp);
     return kvq__cu_err(e);
@@ -1159,7 +1579,7 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_upload(kvq_cuda_cache *dst, const kvq_cac
         /* bytes 12..16 of every kvq image give the header size; the rest must be exactly the
            payload this file expects, or the formats have drifted apart */
         hdr = (size_t)img[12] | (size_t)img[13] << 8 | (size_t)img[14] << 16 | (size_t)img[15] << 24;
-        if (hdr > n || n - hdr != kvq_cuda_cache_payload_bytes(&probe)) st = KVQ_ERR_UNSUPPORTED;
+        if (hdr > n || n - hdr != kvq__cu_payload_size(&probe, 1)) st = KVQ_ERR_UNSUPPORTED;
         else st = kvq__cu_payload(dst, tokens, img + hdr, 0, stream);
         if (st == KVQ_OK) dst->n_tokens = tokens;
         else dst->n_tokens = 0; /* a failed copy may have overwritten part of the old state */
@@ -1174,7 +1594,7 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_download(const kvq_cuda_cache *src, kvq_c
     kvq_status st;
     if (!src || !dst) return KVQ_ERR_INVALID;
     if (!kvq__cu_same_config(kvq_cache_config(dst), &src->cfg)) return KVQ_ERR_INVALID;
-    n = kvq_cuda_cache_payload_bytes(src);
+    n = kvq__cu_payload_size(src, 1);
     if (!(img = (uint8_t *)malloc(n + 1))) return KVQ_ERR_NOMEM;
     st = kvq__cu_payload((kvq_cuda_cache *)(uintptr_t)src, src->n_tokens, img, 1, stream);
     if (st == KVQ_OK) {
@@ -1182,6 +1602,7 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_download(const kvq_cuda_cache *src, kvq_c
            where kvq.h keeps it, whatever its internal layout */
         dst->n_tokens = src->n_tokens;
         kvq__counts_after(&dst->cfg, dst->n_tokens, &dst->n_kblocks, &dst->n_vquant);
+        dst->n_ktok = dst->cfg.key_axis == KVQ_KEYS_PER_TOKEN ? dst->n_vquant : 0; /* as kvq_cache_deserialize */
         kvq__xfer_payload(dst, img, 0);
     }
     free(img);
@@ -1189,7 +1610,7 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_download(const kvq_cuda_cache *src, kvq_c
 }
 
 KVQ_CUDA_API size_t kvq_cuda_cache_serialized_bytes(const kvq_cuda_cache *c) {
-    return c ? KVQ__HEADER_BYTES + kvq_cuda_cache_payload_bytes(c) : 0;
+    return c ? KVQ__HEADER_BYTES + kvq__cu_payload_size(c, 1) : 0;
 }
 
 KVQ_CUDA_API kvq_status kvq_cuda_cache_serialize(const kvq_cuda_cache *c, void *buf, size_t buf_bytes,

@@ -1,4 +1,5 @@
-/* Decode attention on the GPU: kvq_cuda.h at 2/4/8/16 bits, head_dim 128, GQA 32 query
+/* Decode attention on the GPU: kvq_cuda.h at 2/4/8/16 bits and 2 bits with 5% salient tokens
+   (8-bit side store, attention policy: each call also tracks salience), head_dim 128, GQA 32 query
    heads over 8 KV heads, N = 4K..128K tokens, batch 1 and 16 sequences (one batched launch).
    Median of timed runs (cudaEvent), GB/s of cache bytes read (payload bytes of every
    sequence) against the device's DRAM bandwidth, both the nominal peak (memory clock x bus
@@ -77,13 +78,16 @@ static double measured_bandwidth(void) {
 
 typedef struct result {
     int bits, batch, n;
+    float sal;
     double us, gbs, bytes;
 } result;
 
 int main(int argc, char **argv) {
-    static const int bits_list[] = {2, 4, 8, 16};
+    /* configs: key/value bits and salient ratio; plain 2-bit first, fp16 (the baseline) last */
+    static const int bits_list[] = {2, 2, 4, 8, 16};
+    static const float sal_list[] = {0.0f, 0.05f, 0.0f, 0.0f, 0.0f};
     static const int ns[] = {4096, 16384, 65536, 131072};
-    enum { NB = 4, NN = 4 };
+    enum { NB = 5, NN = 4 };
     const char *csv_path = NULL;
     result res[2][NB][NN];
     cudaDeviceProp prop;
@@ -128,6 +132,7 @@ int main(int argc, char **argv) {
             kvq_attn_params ap = {HQ, 1, 0.0f};
             int filled = 0;
             cfg.key_bits = cfg.value_bits = bits_list[bi];
+            cfg.salient_ratio = sal_list[bi];
             for (s = 0; s < batch; s++) {
                 kvq_status st = kvq_cuda_cache_create(&caches[s], &cfg);
                 if (st != KVQ_OK) {
@@ -165,6 +170,7 @@ int main(int argc, char **argv) {
                 }
                 qsort(t, REPS, sizeof(float), cmp_float);
                 res[bt][bi][ni].bits = bits_list[bi];
+                res[bt][bi][ni].sal = sal_list[bi];
                 res[bt][bi][ni].batch = batch;
                 res[bt][bi][ni].n = ns[ni];
                 res[bt][bi][ni].us = t[REPS / 2] * 1e3;
@@ -181,7 +187,10 @@ int main(int argc, char **argv) {
         for (ni = 0; ni < NN; ni++)
             for (bi = 0; bi < NB; bi++) {
                 const result *x = &res[bt][bi][ni];
-                printf("%-5d %-5d %-7d %10.1f %10.1f %9.1f %6.1f%% %6.1f%% %8.2fx\n", x->batch, x->bits, x->n, x->us,
+                char label[16];
+                if (x->sal > 0.0f) snprintf(label, sizeof label, "%d+%g%%", x->bits, 100.0 * x->sal);
+                else snprintf(label, sizeof label, "%d", x->bits);
+                printf("%-5d %-5s %-7d %10.1f %10.1f %9.1f %6.1f%% %6.1f%% %8.2fx\n", x->batch, label, x->n, x->us,
                        x->bytes / 1e6, x->gbs, 100.0 * x->gbs * 1e9 / peak, 100.0 * x->gbs * 1e9 / copy_bw,
                        res[bt][NB - 1][ni].us / x->us);
             }
@@ -201,13 +210,14 @@ int main(int argc, char **argv) {
     for (a = 0; a < 2; a++) {
         FILE *f = a ? csv : stdout;
         if (!f) continue;
-        fprintf(f, "device,batch,bits,n_tokens,time_us,bytes_read,gb_per_s,peak_gb_per_s,copy_gb_per_s,speedup_vs_fp16\n");
+        fprintf(f, "device,batch,bits,n_tokens,time_us,bytes_read,gb_per_s,peak_gb_per_s,copy_gb_per_s,speedup_vs_fp16,"
+                   "salient_ratio\n");
         for (bt = 0; bt < 2; bt++)
             for (ni = 0; ni < NN; ni++)
                 for (bi = 0; bi < NB; bi++) {
                     const result *x = &res[bt][bi][ni];
-                    fprintf(f, "\"%s\",%d,%d,%d,%.2f,%.0f,%.1f,%.1f,%.1f,%.3f\n", prop.name, x->batch, x->bits, x->n,
-                            x->us, x->bytes, x->gbs, peak / 1e9, copy_bw / 1e9, res[bt][NB - 1][ni].us / x->us);
+                    fprintf(f, "\"%s\",%d,%d,%d,%.2f,%.0f,%.1f,%.1f,%.1f,%.3f,%g\n", prop.name, x->batch, x->bits, x->n,
+                            x->us, x->bytes, x->gbs, peak / 1e9, copy_bw / 1e9, res[bt][NB - 1][ni].us / x->us, x->sal);
                 }
     }
     if (csv) fclose(csv);

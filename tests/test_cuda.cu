@@ -1,7 +1,10 @@
 /* kvq_cuda.h against kvq.h: identical inputs go to the CPU cache and the GPU cache; the
    GPU cache must serialize to the same bytes, and GPU attention must match CPU attention
-   within a normalized MSE of 1e-6. Without a CUDA device it prints
-   "skipped: no CUDA device", then "0 passed, 0 failed", and exits 0. */
+   within a normalized MSE of 1e-6. Salient caches whose attention scores were tracked are
+   the one exception: the tracked float scores may differ in the last bits (device expf,
+   another summation order), so they are compared within a tolerance and every other byte
+   exactly. Without a CUDA device it prints "skipped: no CUDA device", then
+   "0 passed, 0 failed", and exits 0. */
 #define KVQ_IMPLEMENTATION
 #define KVQ_CUDA_IMPLEMENTATION
 #include "kvq_cuda.h"
@@ -147,31 +150,129 @@ static double attention_nmse(kvq_cache *cpu, kvq_cuda_cache *gpu, int n_q_heads,
     return e;
 }
 
+/* Salient caches after attention with KVQ_SALIENT_ATTENTION: the seen counts of the waiting
+   keys must be equal and their scores (sums of softmax probabilities) agree within 1e-3
+   relative, the accuracy the attention check asks of the outputs (NMSE 1e-6), plus 1e-6 per
+   query that saw the key (a probability below that is noise); then, with the CPU's scores
+   put into a downloaded copy of the GPU cache, every byte must be equal. */
+static int same_tracked(const kvq_cache *cpu, const kvq_cuda_cache *gpu, const char *what) {
+    const kvq_config *cfg = kvq_cache_config(cpu);
+    kvq_cache *back = NULL;
+    int h, i, after = cpu->n_tokens > cfg->sink_tokens ? cpu->n_tokens - cfg->sink_tokens : 0, bad = 0, ok;
+    size_t na, nb;
+    unsigned char *a, *b;
+    if (kvq_cache_create(&back, cfg) != KVQ_OK || kvq_cuda_cache_download(gpu, back, 0) != KVQ_OK) {
+        fprintf(stderr, "  %s: download failed\n", what);
+        kvq_cache_destroy(back);
+        return 0;
+    }
+    if (back->n_kblocks != cpu->n_kblocks) after = 0; /* the image comparison below reports it */
+    for (h = 0; h < cfg->n_kv_heads; h++)
+        for (i = cpu->n_kblocks * cfg->group_size; i < after; i++) {
+            size_t slot = (size_t)h * cpu->kcap + (size_t)(i % cpu->kcap);
+            float c = cpu->sal_score[slot], g = back->sal_score[slot];
+            double tol = 1e-3 * fabs((double)c) + 1e-6 * cpu->sal_seen[slot];
+            if (back->sal_seen[slot] != cpu->sal_seen[slot] || !(fabs((double)g - c) <= tol)) {
+                if (!bad)
+                    fprintf(stderr, "  %s: head %d waiting key %d: score %.9g (cpu) vs %.9g (gpu), seen %u vs %u\n",
+                            what, h, i, c, g, cpu->sal_seen[slot], back->sal_seen[slot]);
+                bad++;
+            }
+            back->sal_score[slot] = c;
+        }
+    a = cpu_image(cpu, &na);
+    b = cpu_image(back, &nb);
+    ok = !bad && a && b && na == nb && memcmp(a, b, na) == 0;
+    if (!bad && !ok) {
+        size_t k, diff = 0, first = 0;
+        if (!a || !b || na != nb) fprintf(stderr, "  %s: images %zu vs %zu bytes\n", what, na, nb);
+        else {
+            for (k = 0; k < na; k++)
+                if (a[k] != b[k]) { if (!diff) first = k; diff++; }
+            fprintf(stderr, "  %s: %zu of %zu bytes differ (scores aside), first at %zu\n", what, diff, na, first);
+        }
+    }
+    free(a);
+    free(b);
+    kvq_cache_destroy(back);
+    return ok;
+}
+
+/* Attention on copies of both caches (through their images), so the originals record no
+   salience: tracking is checked on the copies, while the originals keep choosing salient
+   tokens by the range gain, which is bit-exact. Returns the NMSE. */
+static double attention_on_copies(const kvq_cache *cpu, const kvq_cuda_cache *gpu, int n_q_heads, int n_queries,
+                                  const char *what) {
+    const kvq_config *cfg = kvq_cache_config(cpu);
+    size_t na, nb, bytes = kvq_cache_bytes(cfg);
+    unsigned char *a = cpu_image(cpu, &na), *b = gpu_image(gpu, &nb);
+    void *mem = malloc(bytes);
+    kvq_cache *cc = NULL;
+    kvq_cuda_cache *gc = NULL;
+    double e = 1e30;
+    if (a && b && mem && kvq_cache_deserialize(&cc, a, na, mem, bytes) == KVQ_OK &&
+        kvq_cuda_cache_create(&gc, cfg) == KVQ_OK && kvq_cuda_cache_deserialize(gc, b, nb, 0) == KVQ_OK) {
+        e = attention_nmse(cc, gc, n_q_heads, n_queries);
+        CHECK(same_tracked(cc, gc, what), "%s: tracked salience differs", what);
+    } else {
+        fprintf(stderr, "  %s: copies failed\n", what);
+    }
+    kvq_cuda_cache_destroy(gc);
+    free(mem);
+    free(a);
+    free(b);
+    return e;
+}
+
 /* ---- one config ---------------------------------------------------------------- */
 
 typedef struct test_case {
     int D, H, ratio, kbits, vbits, G, R, S, tokens;
+    int rot;          /* KVQ_ROTATE_* */
+    float sal;        /* salient_ratio; 0 = off */
+    int sal_bits, policy;
+    int key_axis;     /* KVQ_KEYS_PER_CHANNEL or KVQ_KEYS_PER_TOKEN */
 } test_case;
 
 static void describe(char *buf, size_t n, const test_case *tc) {
-    snprintf(buf, n, "D=%d H=%d gqa=%d K%d/V%d G=%d R=%d S=%d N=%d", tc->D, tc->H, tc->ratio, tc->kbits, tc->vbits,
-             tc->G, tc->R, tc->S, tc->tokens);
+    static const char *rots[] = {"", " hadamard", " prerotated"};
+    int k = snprintf(buf, n, "D=%d H=%d gqa=%d K%d/V%d G=%d R=%d S=%d N=%d%s", tc->D, tc->H, tc->ratio, tc->kbits,
+                     tc->vbits, tc->G, tc->R, tc->S, tc->tokens, rots[tc->rot]);
+    if (tc->sal > 0.0f && k > 0 && (size_t)k < n)
+        k += snprintf(buf + k, n - (size_t)k, " salient %g@%d %s", tc->sal, tc->sal_bits,
+                      tc->policy == KVQ_SALIENT_ERROR ? "error" : "attention");
+    if (tc->key_axis == KVQ_KEYS_PER_TOKEN && k > 0 && (size_t)k < n) snprintf(buf + k, n - (size_t)k, " keys per token");
+}
+
+static kvq_config case_config(const test_case *tc, int max_tokens) {
+    kvq_config cfg = kvq_default_config(tc->D, tc->H, max_tokens);
+    cfg.key_bits = tc->kbits;
+    cfg.value_bits = tc->vbits;
+    cfg.group_size = tc->G;
+    cfg.residual_tokens = tc->R;
+    cfg.sink_tokens = tc->S;
+    cfg.rotation = tc->rot;
+    cfg.seed = 777u + (unsigned)tc->D;
+    cfg.salient_ratio = tc->sal;
+    cfg.salient_bits = tc->sal > 0.0f ? tc->sal_bits : 8;
+    cfg.salient_policy = tc->sal > 0.0f ? tc->policy : KVQ_SALIENT_ATTENTION;
+    cfg.key_axis = tc->key_axis;
+    return cfg;
 }
 
 static void run_case(const test_case *tc, int salt) {
-    kvq_config cfg = kvq_default_config(tc->D, tc->H, tc->tokens + 8);
+    kvq_config cfg = case_config(tc, tc->tokens + 8);
     kvq_cache *cpu = NULL, *back = NULL;
     kvq_cuda_cache *gpu = NULL, *up = NULL;
     static const int sched[] = {1, 3, 17, 1, 64, 5, 129, 2, 250, 31, 1, 400};
     char name[160];
     float *k, *v, *d_k, *d_v;
     int done = 0, step = 0, max_chunk = 400;
+    /* salience tracked by attention: attention runs on copies (see attention_on_copies) */
+    const int tracked = tc->sal > 0.0f && tc->policy == KVQ_SALIENT_ATTENTION;
+    /* rotated rows must have an L2 norm <= 65504: no 6e4 values there */
+    const float vbig = tc->rot == KVQ_ROTATE_HADAMARD ? 600.0f : 6.0e4f;
     kvq_status st;
-    cfg.key_bits = tc->kbits;
-    cfg.value_bits = tc->vbits;
-    cfg.group_size = tc->G;
-    cfg.residual_tokens = tc->R;
-    cfg.sink_tokens = tc->S;
     describe(name, sizeof name, tc);
     st = kvq_cache_create(&cpu, &cfg);
     CHECK(st == KVQ_OK, "%s: cpu create %d", name, (int)st);
@@ -187,7 +288,7 @@ static void run_case(const test_case *tc, int salt) {
         kvq_status s1, s2;
         if (n > tc->tokens - done) n = tc->tokens - done;
         fill_kv(k, n, tc->H, tc->D, salt + step, 600.0f);
-        fill_kv(v, n, tc->H, tc->D, salt + step + 5, 6.0e4f);
+        fill_kv(v, n, tc->H, tc->D, salt + step + 5, vbig);
         CUDA_OK(cudaMemcpy(d_k, k, (size_t)n * tc->H * tc->D * sizeof(float), cudaMemcpyHostToDevice));
         CUDA_OK(cudaMemcpy(d_v, v, (size_t)n * tc->H * tc->D * sizeof(float), cudaMemcpyHostToDevice));
         s1 = kvq_cache_append(cpu, k, v, n);
@@ -204,7 +305,11 @@ static void run_case(const test_case *tc, int salt) {
         }
         if (step % 4 == 1 || done == tc->tokens) {
             int nq = done >= 3 ? 1 + (step % 3) : 1;
-            double e = attention_nmse(cpu, gpu, tc->H * tc->ratio, nq);
+            char what[200];
+            double e;
+            snprintf(what, sizeof what, "%s after %d tokens, %d queries", name, done, nq);
+            e = tracked ? attention_on_copies(cpu, gpu, tc->H * tc->ratio, nq, what)
+                        : attention_nmse(cpu, gpu, tc->H * tc->ratio, nq);
             CHECK(e < 1e-6, "%s: attention NMSE %.3g at %d tokens, %d queries", name, e, done, nq);
         }
     }
@@ -227,13 +332,14 @@ static void run_case(const test_case *tc, int salt) {
         int n = 8 < (int)cfg.max_tokens - done ? 8 : (int)cfg.max_tokens - done;
         CHECK(same_bytes(cpu, up, name), "%s: uploaded cache differs", name);
         fill_kv(k, n, tc->H, tc->D, salt + 99, 600.0f);
-        fill_kv(v, n, tc->H, tc->D, salt + 98, 6.0e4f);
+        fill_kv(v, n, tc->H, tc->D, salt + 98, vbig);
         CUDA_OK(cudaMemcpy(d_k, k, (size_t)n * tc->H * tc->D * sizeof(float), cudaMemcpyHostToDevice));
         CUDA_OK(cudaMemcpy(d_v, v, (size_t)n * tc->H * tc->D * sizeof(float), cudaMemcpyHostToDevice));
         CHECK(kvq_cache_append(cpu, k, v, n) == KVQ_OK && kvq_cuda_cache_append(up, d_k, d_v, n, 0) == KVQ_OK,
               "%s: append after upload", name);
         CHECK(same_bytes(cpu, up, name), "%s: cache after upload + append differs", name);
         CHECK(attention_nmse(cpu, up, tc->H * tc->ratio, 2) < 1e-6, "%s: attention after upload", name);
+        if (tracked) CHECK(same_tracked(cpu, up, name), "%s: salience tracked after upload differs", name);
     }
     cudaFree(d_k);
     cudaFree(d_v);
@@ -262,8 +368,29 @@ static void test_errors(void) {
     bad.key_bits = 5;
     CHECK(kvq_cuda_cache_create(&g, &bad) == KVQ_ERR_UNSUPPORTED, "bits 5");
     bad = cfg;
+    bad.key_axis = 2;
+    CHECK(kvq_cuda_cache_create(&g, &bad) == KVQ_ERR_INVALID, "key_axis 2");
+    bad.key_axis = KVQ_KEYS_PER_TOKEN;
     bad.salient_ratio = 0.1f;
-    CHECK(kvq_cuda_cache_create(&g, &bad) == KVQ_ERR_UNSUPPORTED, "salient tokens");
+    CHECK(kvq_cuda_cache_create(&g, &bad) == KVQ_ERR_UNSUPPORTED, "salient tokens with keys per token (as kvq.h)");
+    bad.salient_ratio = 0.0f;
+    CHECK(kvq_cuda_cache_create(&g, &bad) == KVQ_OK, "keys per token");
+    kvq_cuda_cache_destroy(g);
+    g = NULL;
+    bad = cfg;
+    bad.salient_ratio = 0.1f;
+    bad.salient_bits = 4;
+    CHECK(kvq_cuda_cache_create(&g, &bad) == KVQ_ERR_INVALID, "salient_bits 4");
+    bad.salient_bits = 8;
+    bad.salient_policy = 2;
+    CHECK(kvq_cuda_cache_create(&g, &bad) == KVQ_ERR_INVALID, "salient policy 2");
+    bad.salient_policy = KVQ_SALIENT_ERROR;
+    bad.salient_ratio = 1.0f;
+    CHECK(kvq_cuda_cache_create(&g, &bad) == KVQ_ERR_INVALID, "salient ratio 1");
+    bad.salient_ratio = 0.1f;
+    CHECK(kvq_cuda_cache_create(&g, &bad) == KVQ_OK, "salient tokens");
+    kvq_cuda_cache_destroy(g);
+    g = NULL;
     bad = cfg;
     bad.rotation = 7;
     CHECK(kvq_cuda_cache_create(&g, &bad) == KVQ_ERR_INVALID, "rotation 7");
@@ -351,42 +478,68 @@ static void test_errors(void) {
     free(k);
 }
 
-/* Several sequences of different lengths in one batched launch, against the CPU one by one. */
-static void test_batch(void) {
-    enum { NS = 3, D = 64, H = 2, QH = 8, MAXN = 700 };
+/* Several sequences of different lengths in one batched launch, against the CPU one by one.
+   mode 2: keys per token (2, 4 and 3 bits, the last rotated). mode 1 (salient): the three
+   caches keep salient tokens (attention policy at 8 bits, error policy at
+   16 bits with 4-bit keys, attention policy rotated at 3 bits) and the batch runs twice, so
+   tracked salience accumulates; their bytes are compared as same_tracked does. */
+static void test_batch(int mode) {
+    const int salient = mode == 1;
+    enum { NS = 3, D = 64, H = 2, QH = 8, MAXN = 700, NQ = 2 };
     static const int lens[NS] = {700, 33, 300};
     kvq_cache *cpu[NS];
     kvq_cuda_cache *gpu[NS];
     float *k = (float *)malloc((size_t)MAXN * H * D * sizeof(float)), *v = (float *)malloc((size_t)MAXN * H * D * sizeof(float));
-    float *q[NS], *o_cpu = (float *)malloc(QH * D * sizeof(float)), *o_gpu = (float *)malloc(QH * D * sizeof(float));
+    float *q[NS], *o_cpu = (float *)malloc(NQ * QH * D * sizeof(float)), *o_gpu = (float *)malloc(NQ * QH * D * sizeof(float));
     float *d_k, *d_v, *d_q[NS], *d_o[NS];
-    kvq_attn_params ap = {QH, 1, 0.0f};
-    int s;
-    kvq_config cfg = kvq_default_config(D, H, MAXN);
+    kvq_attn_params ap = {QH, salient ? NQ : 1, 0.0f};
+    int s, run;
     CUDA_OK(cudaMalloc((void **)&d_k, (size_t)MAXN * H * D * sizeof(float)));
     CUDA_OK(cudaMalloc((void **)&d_v, (size_t)MAXN * H * D * sizeof(float)));
     for (s = 0; s < NS; s++) {
-        q[s] = (float *)malloc(QH * D * sizeof(float));
-        fill_q(q[s], QH * D);
-        CUDA_OK(cudaMalloc((void **)&d_q[s], QH * D * sizeof(float)));
-        CUDA_OK(cudaMalloc((void **)&d_o[s], QH * D * sizeof(float)));
-        CUDA_OK(cudaMemcpy(d_q[s], q[s], QH * D * sizeof(float), cudaMemcpyHostToDevice));
+        kvq_config cfg = kvq_default_config(D, H, MAXN);
+        if (salient) {
+            cfg.salient_ratio = s == 1 ? 0.25f : 0.1f;
+            cfg.salient_bits = s == 1 ? 16 : 8;
+            cfg.salient_policy = s == 1 ? KVQ_SALIENT_ERROR : KVQ_SALIENT_ATTENTION;
+            cfg.key_bits = s == 1 ? 4 : s == 2 ? 3 : 2;
+            cfg.rotation = s == 2 ? KVQ_ROTATE_HADAMARD : KVQ_ROTATE_NONE;
+        }
+        if (mode == 2) {
+            cfg.key_axis = KVQ_KEYS_PER_TOKEN;
+            cfg.key_bits = s == 1 ? 4 : s == 2 ? 3 : 2;
+            cfg.rotation = s == 2 ? KVQ_ROTATE_HADAMARD : KVQ_ROTATE_NONE;
+        }
+        q[s] = (float *)malloc(NQ * QH * D * sizeof(float));
+        fill_q(q[s], NQ * QH * D);
+        CUDA_OK(cudaMalloc((void **)&d_q[s], NQ * QH * D * sizeof(float)));
+        CUDA_OK(cudaMalloc((void **)&d_o[s], NQ * QH * D * sizeof(float)));
+        CUDA_OK(cudaMemcpy(d_q[s], q[s], NQ * QH * D * sizeof(float), cudaMemcpyHostToDevice));
         fill_kv(k, lens[s], H, D, 10 + s, 600.0f);
-        fill_kv(v, lens[s], H, D, 20 + s, 6.0e4f);
+        fill_kv(v, lens[s], H, D, 20 + s, cfg.rotation == KVQ_ROTATE_HADAMARD ? 600.0f : 6.0e4f);
         CUDA_OK(cudaMemcpy(d_k, k, (size_t)lens[s] * H * D * sizeof(float), cudaMemcpyHostToDevice));
         CUDA_OK(cudaMemcpy(d_v, v, (size_t)lens[s] * H * D * sizeof(float), cudaMemcpyHostToDevice));
         CHECK(kvq_cache_create(&cpu[s], &cfg) == KVQ_OK && kvq_cuda_cache_create(&gpu[s], &cfg) == KVQ_OK, "batch create");
+        if (!cpu[s] || !gpu[s]) exit(2);
         CHECK(kvq_cache_append(cpu[s], k, v, lens[s]) == KVQ_OK, "batch cpu append");
         CHECK(kvq_cuda_cache_append(gpu[s], d_k, d_v, lens[s], 0) == KVQ_OK, "batch gpu append");
     }
-    CHECK(kvq_cuda_attention_batch(gpu, NS, (const float *const *)d_q, d_o, &ap, 0) == KVQ_OK, "batch attention");
-    CUDA_OK(cudaDeviceSynchronize());
+    for (run = 0; run < (salient ? 2 : 1); run++) {
+        CHECK(kvq_cuda_attention_batch(gpu, NS, (const float *const *)d_q, d_o, &ap, 0) == KVQ_OK, "batch attention");
+        CUDA_OK(cudaDeviceSynchronize());
+        for (s = 0; s < NS; s++) {
+            size_t n = (size_t)ap.n_queries * QH * D;
+            double e;
+            char what[96];
+            CHECK(kvq_attention(cpu[s], q[s], o_cpu, &ap) == KVQ_OK, "cpu attention");
+            CUDA_OK(cudaMemcpy(o_gpu, d_o[s], n * sizeof(float), cudaMemcpyDeviceToHost));
+            e = nmse(o_cpu, o_gpu, n);
+            snprintf(what, sizeof what, "batch mode %d sequence %d (N=%d) run %d", mode, s, lens[s], run);
+            CHECK(e < 1e-6, "%s: NMSE %.3g", what, e);
+            if (salient) CHECK(same_tracked(cpu[s], gpu[s], what), "%s: cache differs", what);
+        }
+    }
     for (s = 0; s < NS; s++) {
-        double e;
-        CHECK(kvq_attention(cpu[s], q[s], o_cpu, &ap) == KVQ_OK, "cpu attention");
-        CUDA_OK(cudaMemcpy(o_gpu, d_o[s], QH * D * sizeof(float), cudaMemcpyDeviceToHost));
-        e = nmse(o_cpu, o_gpu, QH * D);
-        CHECK(e < 1e-6, "batch sequence %d (N=%d): NMSE %.3g", s, lens[s], e);
         kvq_cache_destroy(cpu[s]);
         kvq_cuda_cache_destroy(gpu[s]);
         cudaFree(d_q[s]);
@@ -404,7 +557,8 @@ static void test_batch(void) {
 /* 64K tokens, where rounding accumulates: only attention is compared (bytes are by then
    covered by the grid above). */
 static void test_long(int kbits, int vbits) {
-    test_case tc = {128, 2, 4, kbits, vbits, 32, 128, 4, 65536};
+    test_case tc = {128, 2, 4, kbits, vbits, 32, 128, 4, 65536, KVQ_ROTATE_NONE, 0.0f, 8, KVQ_SALIENT_ATTENTION,
+                    KVQ_KEYS_PER_CHANNEL};
     kvq_config cfg = kvq_default_config(tc.D, tc.H, tc.tokens);
     kvq_cache *cpu = NULL;
     kvq_cuda_cache *gpu = NULL;
@@ -444,47 +598,39 @@ static void test_long(int kbits, int vbits) {
     kvq_cuda_cache_destroy(gpu);
 }
 
-/* KVQ_ROTATE_HADAMARD on the GPU against kvq.h with KVQ_ROTATE_PREROTATED fed rows that
-   kvq_hadamard() rotated on the host: the same payload bytes, and after rotating the
-   CPU's output back with kvq_hadamard_inverse(), the same attention. Works while kvq.h's
-   own config check still refuses KVQ_ROTATE_HADAMARD. */
-static void rotate_rows(float *x, size_t rows, int D, unsigned seed, int inverse) {
-    size_t r;
-    for (r = 0; r < rows; r++) {
-        if (inverse) kvq_hadamard_inverse(x + r * D, D, seed);
-        else kvq_hadamard(x + r * D, D, seed);
-    }
-}
-
-static void test_rotation(int D, int bits, int G, int S) {
-    const int H = 2, ratio = 4, N = 400, QH = H * ratio;
-    kvq_config cfg = kvq_default_config(D, H, N), pre;
+/* KVQ_ROTATE_HADAMARD (the cache rotates) and KVQ_ROTATE_PREROTATED (the caller did) against
+   kvq.h's own cache of the same config, over every shape of the rotation plan: one
+   Walsh-Hadamard piece (8, 64, 128, 256), a Paley piece (80, 96, 112, 160) or power-of-two
+   blocks (72). Same bytes after every append, then attention. */
+static void test_rotation(int D, int bits, int G, int S, int rot) {
+    const int H = 2, ratio = 4, N = 400;
+    test_case tc;
+    kvq_config cfg;
     kvq_cache *cpu = NULL;
     kvq_cuda_cache *gpu = NULL;
     float *k = (float *)malloc((size_t)N * H * D * sizeof(float)), *v = (float *)malloc((size_t)N * H * D * sizeof(float));
-    float *q = (float *)malloc((size_t)2 * QH * D * sizeof(float)), *qr = (float *)malloc((size_t)2 * QH * D * sizeof(float));
-    float *o_cpu = (float *)malloc((size_t)2 * QH * D * sizeof(float)), *o_gpu = (float *)malloc((size_t)2 * QH * D * sizeof(float));
-    float *d_k, *d_v, *d_q, *d_o;
-    kvq_attn_params ap = {QH, 2, 0.0f};
-    char name[96];
+    float *d_k, *d_v;
+    char name[160];
     int done = 0, n;
     kvq_status st;
-    cfg.key_bits = cfg.value_bits = bits;
-    cfg.group_size = G;
-    cfg.sink_tokens = S;
-    cfg.rotation = KVQ_ROTATE_HADAMARD;
-    cfg.seed = 12345u + (unsigned)D;
-    pre = cfg;
-    pre.rotation = KVQ_ROTATE_PREROTATED;
-    snprintf(name, sizeof name, "rotation D=%d bits=%d G=%d S=%d", D, bits, G, S);
+    memset(&tc, 0, sizeof tc);
+    tc.D = D;
+    tc.H = H;
+    tc.ratio = ratio;
+    tc.kbits = tc.vbits = bits;
+    tc.G = G;
+    tc.R = 128;
+    tc.S = S;
+    tc.tokens = N;
+    tc.rot = rot;
+    cfg = case_config(&tc, N);
+    describe(name, sizeof name, &tc);
     st = kvq_cuda_cache_create(&gpu, &cfg);
     CHECK(st == KVQ_OK, "%s: create %d", name, (int)st);
-    CHECK(kvq_cache_create(&cpu, &pre) == KVQ_OK, "%s: cpu create", name);
-    if (!gpu || !cpu) { kvq_cuda_cache_destroy(gpu); kvq_cache_destroy(cpu); return; }
+    CHECK(kvq_cache_create(&cpu, &cfg) == KVQ_OK, "%s: cpu create", name);
+    if (!gpu || !cpu) { kvq_cuda_cache_destroy(gpu); kvq_cache_destroy(cpu); free(k); free(v); return; }
     CUDA_OK(cudaMalloc((void **)&d_k, (size_t)N * H * D * sizeof(float)));
     CUDA_OK(cudaMalloc((void **)&d_v, (size_t)N * H * D * sizeof(float)));
-    CUDA_OK(cudaMalloc((void **)&d_q, (size_t)2 * QH * D * sizeof(float)));
-    CUDA_OK(cudaMalloc((void **)&d_o, (size_t)2 * QH * D * sizeof(float)));
     for (n = 1; done < N; n = n * 3 + 1) {
         if (n > N - done) n = N - done;
         fill_kv(k, n, H, D, done, 60.0f); /* rotation spreads a value over sqrt(D) channels: stay in fp16 */
@@ -492,40 +638,229 @@ static void test_rotation(int D, int bits, int G, int S) {
         CUDA_OK(cudaMemcpy(d_k, k, (size_t)n * H * D * sizeof(float), cudaMemcpyHostToDevice));
         CUDA_OK(cudaMemcpy(d_v, v, (size_t)n * H * D * sizeof(float), cudaMemcpyHostToDevice));
         CHECK(kvq_cuda_cache_append(gpu, d_k, d_v, n, 0) == KVQ_OK, "%s: gpu append", name);
-        rotate_rows(k, (size_t)n * H, D, cfg.seed, 0);
-        rotate_rows(v, (size_t)n * H, D, cfg.seed, 0);
         CHECK(kvq_cache_append(cpu, k, v, n) == KVQ_OK, "%s: cpu append", name);
         done += n;
+        CHECK(same_bytes(cpu, gpu, name), "%s: bytes after %d tokens", name, done);
     }
     {
-        size_t ni, hdr, pay = kvq_cuda_cache_payload_bytes(gpu);
-        unsigned char *img = cpu_image(cpu, &ni), *gp = (unsigned char *)malloc(pay + 1);
-        hdr = img ? ((size_t)img[12] | (size_t)img[13] << 8 | (size_t)img[14] << 16 | (size_t)img[15] << 24) : 0;
-        CHECK(img && gp && kvq__cu_payload(gpu, kvq_cuda_cache_tokens(gpu), gp, 1, 0) == KVQ_OK, "%s: payloads", name);
-        CHECK(img && gp && ni - hdr == pay && memcmp(img + hdr, gp, pay) == 0, "%s: rotated payload bytes differ", name);
-        free(img);
-        free(gp);
-    }
-    fill_q(q, (size_t)2 * QH * D);
-    memcpy(qr, q, (size_t)2 * QH * D * sizeof(float));
-    rotate_rows(qr, (size_t)2 * QH, D, cfg.seed, 0);
-    CUDA_OK(cudaMemcpy(d_q, q, (size_t)2 * QH * D * sizeof(float), cudaMemcpyHostToDevice));
-    CHECK(kvq_attention(cpu, qr, o_cpu, &ap) == KVQ_OK, "%s: cpu attention", name);
-    rotate_rows(o_cpu, (size_t)2 * QH, D, cfg.seed, 1);
-    CHECK(kvq_cuda_attention(gpu, d_q, d_o, &ap, 0) == KVQ_OK, "%s: gpu attention", name);
-    CUDA_OK(cudaMemcpy(o_gpu, d_o, (size_t)2 * QH * D * sizeof(float), cudaMemcpyDeviceToHost));
-    {
-        double e = nmse(o_cpu, o_gpu, (size_t)2 * QH * D);
+        double e = attention_nmse(cpu, gpu, H * ratio, 2);
         CHECK(e < 1e-6, "%s: attention NMSE %.3g", name, e);
     }
     cudaFree(d_k);
     cudaFree(d_v);
+    free(k);
+    free(v);
+    kvq_cache_destroy(cpu);
+    kvq_cuda_cache_destroy(gpu);
+}
+
+/* KVQ_ROTATE_HADAMARD takes rows of L2 norm <= 65504 only (every element then stays in fp16
+   range rotated), as kvq.h does: a row of 10000s (norm 80000 at D 64) is refused and leaves
+   the cache as it was; a row of 8000s (norm 64000) goes in, to the CPU's bytes. */
+static void test_rotation_range(void) {
+    enum { D = 64, H = 2, N = 4 };
+    kvq_config cfg = kvq_default_config(D, H, 64);
+    kvq_cache *cpu = NULL;
+    kvq_cuda_cache *gpu = NULL;
+    float k[N * H * D], v[N * H * D], *d_k, *d_v;
+    size_t na, nb;
+    unsigned char *a, *b;
+    int i;
+    cfg.rotation = KVQ_ROTATE_HADAMARD;
+    cfg.group_size = 16;
+    cfg.residual_tokens = 0;
+    if (kvq_cache_create(&cpu, &cfg) != KVQ_OK || kvq_cuda_cache_create(&gpu, &cfg) != KVQ_OK) {
+        CHECK(0, "rotation range: create");
+        return;
+    }
+    CUDA_OK(cudaMalloc((void **)&d_k, sizeof k));
+    CUDA_OK(cudaMalloc((void **)&d_v, sizeof v));
+    fill_kv(k, N, H, D, 1, 60.0f);
+    fill_kv(v, N, H, D, 2, 60.0f);
+    CUDA_OK(cudaMemcpy(d_k, k, sizeof k, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemcpy(d_v, v, sizeof v, cudaMemcpyHostToDevice));
+    CHECK(kvq_cache_append(cpu, k, v, N) == KVQ_OK && kvq_cuda_cache_append(gpu, d_k, d_v, N, 0) == KVQ_OK,
+          "rotation range: append");
+    for (i = 0; i < D; i++) v[(N - 1) * H * D + D + i] = 10000.0f; /* last token, second head */
+    CUDA_OK(cudaMemcpy(d_v, v, sizeof v, cudaMemcpyHostToDevice));
+    a = gpu_image(gpu, &na);
+    CHECK(kvq_cache_append(cpu, k, v, N) == KVQ_ERR_INVALID, "rotation range: cpu takes norm 80000");
+#ifndef KVQ_CUDA_UNCHECKED_APPEND
+    CHECK(kvq_cuda_cache_append(gpu, d_k, d_v, N, 0) == KVQ_ERR_INVALID, "rotation range: gpu takes norm 80000");
+    b = gpu_image(gpu, &nb);
+    CHECK(a && b && na == nb && memcmp(a, b, na) == 0, "rotation range: a refused append changed the cache");
+    free(b);
+#endif
+    free(a);
+    for (i = 0; i < D; i++) v[(N - 1) * H * D + D + i] = 8000.0f;
+    CUDA_OK(cudaMemcpy(d_v, v, sizeof v, cudaMemcpyHostToDevice));
+    CHECK(kvq_cache_append(cpu, k, v, N) == KVQ_OK && kvq_cuda_cache_append(gpu, d_k, d_v, N, 0) == KVQ_OK,
+          "rotation range: norm 64000");
+    CHECK(same_bytes(cpu, gpu, "rotation range"), "rotation range: bytes");
+    cudaFree(d_k);
+    cudaFree(d_v);
+    kvq_cache_destroy(cpu);
+    kvq_cuda_cache_destroy(gpu);
+}
+
+/* Ties in the salient pick go to the older token, on both sides: a block of equal keys (every
+   range gain 0), a block with one outlier token (one gain above 0, the rest tied), and, with
+   the attention policy, a block of which only the first two tokens were seen by a query (the
+   unseen ones tie at -1). */
+static void test_salient_ties(void) {
+    enum { D = 32, H = 2, G = 16, N = 64 };
+    int policy;
+    for (policy = 0; policy < 2; policy++) {
+        kvq_config cfg = kvq_default_config(D, H, N);
+        kvq_cache *cpu = NULL;
+        kvq_cuda_cache *gpu = NULL;
+        float k[N * H * D], v[N * H * D], q[4 * D], o[4 * D], *d_k, *d_v, *d_q, *d_o;
+        kvq_attn_params ap = {4, 1, 0.0f};
+        const char *name = policy == KVQ_SALIENT_ERROR ? "ties, error policy" : "ties, attention policy";
+        int i;
+        cfg.group_size = G;
+        cfg.residual_tokens = 0;
+        cfg.sink_tokens = 0;
+        cfg.salient_ratio = 0.25f; /* 4 of 16 */
+        cfg.salient_policy = policy;
+        if (kvq_cache_create(&cpu, &cfg) != KVQ_OK || kvq_cuda_cache_create(&gpu, &cfg) != KVQ_OK) {
+            CHECK(0, "%s: create", name);
+            kvq_cache_destroy(cpu);
+            return;
+        }
+        fill_kv(k, N, H, D, 4, 600.0f);
+        fill_kv(v, N, H, D, 5, 600.0f);
+        for (i = G * H * D; i < 3 * G * H * D; i++) k[i] = i < 2 * G * H * D ? 0.75f : -2.0f;
+        for (i = 0; i < H * D; i++) k[(2 * G + 9) * H * D + i] = 5.0f; /* block 2, token 9 */
+        fill_q(q, 4 * D);
+        CUDA_OK(cudaMalloc((void **)&d_k, sizeof k));
+        CUDA_OK(cudaMalloc((void **)&d_v, sizeof v));
+        CUDA_OK(cudaMalloc((void **)&d_q, sizeof q));
+        CUDA_OK(cudaMalloc((void **)&d_o, sizeof o));
+        CUDA_OK(cudaMemcpy(d_k, k, sizeof k, cudaMemcpyHostToDevice));
+        CUDA_OK(cudaMemcpy(d_v, v, sizeof v, cudaMemcpyHostToDevice));
+        CUDA_OK(cudaMemcpy(d_q, q, sizeof q, cudaMemcpyHostToDevice));
+        /* two tokens, attention (which the attention policy tracks), then the rest at once */
+        CHECK(kvq_cache_append(cpu, k, v, 2) == KVQ_OK && kvq_cuda_cache_append(gpu, d_k, d_v, 2, 0) == KVQ_OK,
+              "%s: append 2", name);
+        CHECK(kvq_attention(cpu, q, o, &ap) == KVQ_OK && kvq_cuda_attention(gpu, d_q, d_o, &ap, 0) == KVQ_OK,
+              "%s: attention", name);
+        CHECK(kvq_cache_append(cpu, k + 2 * H * D, v + 2 * H * D, N - 2) == KVQ_OK &&
+                  kvq_cuda_cache_append(gpu, d_k + 2 * H * D, d_v + 2 * H * D, N - 2, 0) == KVQ_OK,
+              "%s: append the rest", name);
+        CHECK(same_tracked(cpu, gpu, name), "%s: cache differs", name);
+        for (i = 0; i < 4; i++) {
+            static const int block2[4] = {0, 1, 2, 9};
+            if (policy == KVQ_SALIENT_ATTENTION)
+                CHECK(kvq__side_index(kvq__side_entry(cpu, 1, 0, i)) == i, "%s: block 0 pick %d", name, i);
+            CHECK(kvq__side_index(kvq__side_entry(cpu, 1, 1, i)) == i, "%s: block 1 pick %d", name, i);
+            CHECK(kvq__side_index(kvq__side_entry(cpu, 1, 2, i)) == block2[i], "%s: block 2 pick %d", name, i);
+        }
+        cudaFree(d_k);
+        cudaFree(d_v);
+        cudaFree(d_q);
+        cudaFree(d_o);
+        kvq_cache_destroy(cpu);
+        kvq_cuda_cache_destroy(gpu);
+    }
+}
+
+/* Salient tokens chosen by tracked attention, end to end. In every key block the tokens at
+   offsets 1, 3, ..., 2 n_salient - 1 get keys along a direction the queries share, so they
+   take most of the attention: scaled score about 10 against about N(0, 1.5) for the others, a
+   margin that no last-bit difference in the tracked scores can flip. Attention after every
+   append (so every planted key is seen while it waits); the CPU must pick exactly the planted
+   tokens, and the GPU the same, with every byte but the tracked scores equal. */
+static void test_tracking(int D, int G, float ratio, int sal_bits, int kbits, int rot, int R, int S, int max_step) {
+    enum { H = 2, GQA = 2, QH = H * GQA, N = 300, MAXQ = 3 };
+    kvq_config cfg = kvq_default_config(D, H, N);
+    kvq_cache *cpu = NULL;
+    kvq_cuda_cache *gpu = NULL;
+    float *dir = (float *)malloc((size_t)H * D * sizeof(float));
+    float *k = (float *)malloc((size_t)max_step * H * D * sizeof(float)), *v = (float *)malloc((size_t)max_step * H * D * sizeof(float));
+    float *q = (float *)malloc((size_t)MAXQ * QH * D * sizeof(float)), *o_cpu = (float *)malloc((size_t)MAXQ * QH * D * sizeof(float));
+    float *o_gpu = (float *)malloc((size_t)MAXQ * QH * D * sizeof(float)), *d_k, *d_v, *d_q, *d_o;
+    char name[160];
+    int n_sal, done = 0, step = 0, h, d, i, b, j, wrong = 0;
+    cfg.key_bits = kbits;
+    cfg.group_size = G;
+    cfg.residual_tokens = R;
+    cfg.sink_tokens = S;
+    cfg.rotation = rot;
+    cfg.salient_ratio = ratio;
+    cfg.salient_bits = sal_bits;
+    cfg.salient_policy = KVQ_SALIENT_ATTENTION;
+    n_sal = kvq__salient_count(&cfg);
+    snprintf(name, sizeof name, "tracking D=%d G=%d salient %g@%d K%d rot %d R=%d S=%d", D, G, ratio, sal_bits, kbits,
+             rot, R, S);
+    if (kvq_cache_create(&cpu, &cfg) != KVQ_OK || kvq_cuda_cache_create(&gpu, &cfg) != KVQ_OK) {
+        CHECK(0, "%s: create", name);
+        kvq_cache_destroy(cpu);
+        return;
+    }
+    CUDA_OK(cudaMalloc((void **)&d_k, (size_t)max_step * H * D * sizeof(float)));
+    CUDA_OK(cudaMalloc((void **)&d_v, (size_t)max_step * H * D * sizeof(float)));
+    CUDA_OK(cudaMalloc((void **)&d_q, (size_t)MAXQ * QH * D * sizeof(float)));
+    CUDA_OK(cudaMalloc((void **)&d_o, (size_t)MAXQ * QH * D * sizeof(float)));
+    for (h = 0; h < H; h++) { /* a unit direction per KV head */
+        double nn = 0.0;
+        for (d = 0; d < D; d++) {
+            dir[h * D + d] = gauss();
+            nn += (double)dir[h * D + d] * dir[h * D + d];
+        }
+        for (d = 0; d < D; d++) dir[h * D + d] = (float)(dir[h * D + d] / sqrt(nn));
+    }
+    while (done < N) {
+        int n = 1 + step % max_step, t, nq;
+        kvq_attn_params ap;
+        double e;
+        if (n > N - done) n = N - done;
+        for (t = 0; t < n; t++) {
+            int pos = done + t - S, off = pos >= 0 ? pos % G : -1, planted = off >= 0 && off % 2 == 1 && off < 2 * n_sal;
+            for (h = 0; h < H; h++)
+                for (d = 0; d < D; d++) {
+                    size_t at = ((size_t)t * H + h) * D + d;
+                    k[at] = planted ? 1.25f * sqrtf((float)D) * dir[h * D + d] + 0.5f * gauss() : gauss();
+                    v[at] = gauss();
+                }
+        }
+        CUDA_OK(cudaMemcpy(d_k, k, (size_t)n * H * D * sizeof(float), cudaMemcpyHostToDevice));
+        CUDA_OK(cudaMemcpy(d_v, v, (size_t)n * H * D * sizeof(float), cudaMemcpyHostToDevice));
+        CHECK(kvq_cache_append(cpu, k, v, n) == KVQ_OK && kvq_cuda_cache_append(gpu, d_k, d_v, n, 0) == KVQ_OK,
+              "%s: append", name);
+        done += n;
+        nq = 1 + step % MAXQ < done ? 1 + step % MAXQ : done;
+        for (i = 0; i < nq * QH; i++)
+            for (d = 0; d < D; d++) q[(size_t)i * D + d] = 8.0f * dir[(i % QH) / GQA * D + d] + gauss();
+        ap.n_q_heads = QH;
+        ap.n_queries = nq;
+        ap.scale = 0.0f;
+        CUDA_OK(cudaMemcpy(d_q, q, (size_t)nq * QH * D * sizeof(float), cudaMemcpyHostToDevice));
+        CHECK(kvq_attention(cpu, q, o_cpu, &ap) == KVQ_OK && kvq_cuda_attention(gpu, d_q, d_o, &ap, 0) == KVQ_OK,
+              "%s: attention", name);
+        CUDA_OK(cudaMemcpy(o_gpu, d_o, (size_t)nq * QH * D * sizeof(float), cudaMemcpyDeviceToHost));
+        e = nmse(o_cpu, o_gpu, (size_t)nq * QH * D);
+        CHECK(e < 1e-6, "%s: attention NMSE %.3g at %d tokens", name, e, done);
+        if (step % 5 == 4 || done == N) {
+            char what[200];
+            snprintf(what, sizeof what, "%s after %d tokens", name, done);
+            CHECK(same_tracked(cpu, gpu, what), "%s: cache differs", what);
+        }
+        step++;
+    }
+    for (h = 0; h < H; h++)
+        for (b = 0; b < cpu->n_kblocks; b++)
+            for (j = 0; j < n_sal; j++) wrong += kvq__side_index(kvq__side_entry(cpu, h, b, j)) != 2 * j + 1;
+    CHECK(cpu->n_kblocks > 0 && wrong == 0, "%s: %d picks of %d blocks are not the planted tokens", name, wrong,
+          cpu->n_kblocks);
+    cudaFree(d_k);
+    cudaFree(d_v);
     cudaFree(d_q);
     cudaFree(d_o);
+    free(dir);
     free(k);
     free(v);
     free(q);
-    free(qr);
     free(o_cpu);
     free(o_gpu);
     kvq_cache_destroy(cpu);
@@ -562,14 +897,77 @@ int main(int argc, char **argv) {
         tc.R = (i / 2) % 2 ? 128 : 0;
         tc.S = (i / 4) % 3 == 0 ? 0 : (i % 7) + 1;
         tc.tokens = 200 + (int)(rnd() % 500);
+        tc.rot = i % 8 == 3 ? KVQ_ROTATE_HADAMARD : i % 8 == 6 ? KVQ_ROTATE_PREROTATED : KVQ_ROTATE_NONE;
+        tc.sal = 0.0f;
+        tc.sal_bits = 8;
+        tc.policy = KVQ_SALIENT_ATTENTION;
+        tc.key_axis = KVQ_KEYS_PER_CHANNEL;
         run_case(&tc, i);
     }
+    /* salient tokens: both policies, both side-store widths, every key width, rotation,
+       ragged value groups (D 40, 72, 136 against G 32..128) */
+    for (i = 0; i < (quick ? 12 : 48); i++) {
+        static const int sbits[][2] = {{2, 2}, {3, 4}, {4, 2}, {8, 3}, {16, 2}, {2, 16}};
+        static const int sdims[] = {40, 64, 136, 72, 128, 8, 96};
+        static const float ratios[] = {0.05f, 0.1f, 0.25f};
+        test_case tc;
+        int hh = (i * 5 + i / 6) % 6;
+        tc.D = sdims[i % 7];
+        tc.kbits = sbits[i % 6][0];
+        tc.vbits = sbits[i % 6][1];
+        tc.G = gs[(i / 6 + i) % 4];
+        tc.H = heads[hh][0];
+        tc.ratio = heads[hh][1];
+        tc.R = (i / 3) % 2 ? 128 : 0;
+        tc.S = i % 5;
+        tc.tokens = 150 + (int)(rnd() % 450);
+        tc.rot = i % 4 == 1 ? KVQ_ROTATE_HADAMARD : i % 4 == 3 ? KVQ_ROTATE_PREROTATED : KVQ_ROTATE_NONE;
+        tc.sal = ratios[i % 3];
+        tc.sal_bits = (i / 3) % 4 < 2 ? 8 : 16;
+        tc.policy = (i / 2) % 2 ? KVQ_SALIENT_ERROR : KVQ_SALIENT_ATTENTION;
+        tc.key_axis = KVQ_KEYS_PER_CHANNEL;
+        run_case(&tc, 1000 + i);
+    }
+    /* keys per token (stored like values): every key width, rotated or not, ragged groups */
+    for (i = 0; i < (quick ? 10 : 40); i++) {
+        test_case tc;
+        int hh = (i * 5 + i / 10) % 6;
+        tc.D = dims[(i * 3 + i / 10) % 10];
+        tc.kbits = bits[i % 10][0];
+        tc.vbits = bits[i % 10][1];
+        tc.G = gs[(i / 10 + i) % 4];
+        tc.H = heads[hh][0];
+        tc.ratio = heads[hh][1];
+        tc.R = (i / 2) % 3 == 0 ? 0 : (i / 2) % 3 == 1 ? 128 : 256;
+        tc.S = i % 6;
+        tc.tokens = 150 + (int)(rnd() % 450);
+        tc.rot = i % 3 == 1 ? KVQ_ROTATE_HADAMARD : i % 6 == 2 ? KVQ_ROTATE_PREROTATED : KVQ_ROTATE_NONE;
+        tc.sal = 0.0f;
+        tc.sal_bits = 8;
+        tc.policy = KVQ_SALIENT_ATTENTION;
+        tc.key_axis = KVQ_KEYS_PER_TOKEN;
+        run_case(&tc, 2000 + i);
+    }
     test_errors();
-    test_batch();
+    test_batch(0);
+    test_batch(1);
+    test_batch(2);
     {
         static const int rdims[] = {8, 64, 72, 80, 96, 112, 128, 160, 256};
         for (i = 0; i < (int)(sizeof rdims / sizeof rdims[0]); i++)
-            test_rotation(rdims[i], i % 3 == 2 ? 16 : (i % 2 ? 4 : 2), i % 2 ? 32 : 16, i % 3);
+            test_rotation(rdims[i], i % 3 == 2 ? 16 : (i % 2 ? 4 : 2), i % 2 ? 32 : 16, i % 3,
+                          i % 4 == 3 ? KVQ_ROTATE_PREROTATED : KVQ_ROTATE_HADAMARD);
+    }
+    test_rotation_range();
+    test_salient_ties();
+    /* tracked attention choosing the salient tokens */
+    test_tracking(64, 32, 0.1f, 8, 2, KVQ_ROTATE_NONE, 32, 4, 3);
+    test_tracking(40, 16, 0.25f, 16, 4, KVQ_ROTATE_HADAMARD, 16, 0, 3);
+    test_tracking(128, 64, 0.05f, 8, 3, KVQ_ROTATE_NONE, 0, 1, 1);
+    if (!quick) {
+        test_tracking(136, 32, 0.1f, 16, 8, KVQ_ROTATE_NONE, 64, 2, 3);
+        test_tracking(96, 16, 0.25f, 8, 16, KVQ_ROTATE_HADAMARD, 32, 3, 2);
+        test_tracking(64, 128, 0.05f, 8, 2, KVQ_ROTATE_PREROTATED, 128, 4, 3);
     }
     test_long(2, 2);
     if (!quick) {
