@@ -123,8 +123,8 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_append(kvq_cuda_cache *c, const float *d_
 KVQ_CUDA_API kvq_status kvq_cuda_attention(kvq_cuda_cache *c, const float *d_q, float *d_out,
                                            const kvq_attn_params *p, cudaStream_t stream);
 /* The same for n caches (sequences) at once, sharing p; d_q[i], d_out[i] belong to caches[i].
-   The caches must share head_dim and n_kv_heads (lengths and bit widths may differ);
-   one kernel launch per KVQ_CUDA_MAX_BATCH caches. */
+   The caches must be distinct and share head_dim and n_kv_heads (lengths and bit widths may
+   differ); one kernel launch per KVQ_CUDA_MAX_BATCH caches. */
 KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, int n,
                                                  const float *const *d_q, float *const *d_out,
                                                  const kvq_attn_params *p, cudaStream_t stream);
@@ -1198,17 +1198,22 @@ static size_t kvq__cu_payload_size(const kvq_cuda_cache *c, int image) {
 KVQ_CUDA_API size_t kvq_cuda_cache_payload_bytes(const kvq_cuda_cache *c) { return c ? kvq__cu_payload_size(c, 0) : 0; }
 
 /* Grows the rotation scratch to n floats (cudaFree/cudaMalloc synchronize the device). */
-static kvq_status kvq__cu_rot_scratch(kvq_cuda_cache *c, size_t n) {
-    if (n <= c->rot_floats) return KVQ_OK;
-    if (c->d_rot_in) cudaFree(c->d_rot_in);
-    c->d_rot_in = NULL;
-    c->rot_floats = 0;
-    if (cudaMalloc((void **)&c->d_rot_in, n * sizeof(float)) != cudaSuccess) {
+/* Grows a device scratch *buf of *have floats to n (cudaFree/cudaMalloc synchronize). */
+static kvq_status kvq__cu_grow(float **buf, size_t *have, size_t n) {
+    if (n <= *have) return KVQ_OK;
+    if (*buf) cudaFree(*buf);
+    *buf = NULL;
+    *have = 0;
+    if (cudaMalloc((void **)buf, n * sizeof(float)) != cudaSuccess) {
         (void)cudaGetLastError();
         return KVQ_ERR_NOMEM;
     }
-    c->rot_floats = n;
+    *have = n;
     return KVQ_OK;
+}
+
+static kvq_status kvq__cu_rot_scratch(kvq_cuda_cache *c, size_t n) {
+    return kvq__cu_grow(&c->d_rot_in, &c->rot_floats, n);
 }
 
 KVQ_CUDA_API kvq_status kvq_cuda_cache_append(kvq_cuda_cache *c, const float *d_k, const float *d_v, int n_tokens,
@@ -1288,17 +1293,49 @@ static int kvq__cu_chunk(int n_tokens, size_t units, int n_seqs, int sms) {
     return (int)per;
 }
 
+/* How one sequence of a launch of m splits: query-head slices of <= *nh heads, grid units,
+   token chunks; returns the partial-state scratch it needs, in floats: [row][chunk](max, sum,
+   acc[D]), and with tracking the raw scores of waiting keys [row][kcap] and the merged
+   (max, sum) [row][2]. */
+static size_t kvq__cu_plan(const kvq_cuda_cache *c, const kvq_attn_params *p, int m, int *nh, int *slices,
+                           size_t *units, int *chunk, int *n_chunks) {
+    const int group = p->n_q_heads / c->cfg.n_kv_heads;
+    const size_t rows = (size_t)p->n_queries * p->n_q_heads;
+    const int track = c->v.n_salient && c->cfg.salient_policy == KVQ_SALIENT_ATTENTION;
+    *nh = group > 4 ? 8 : group > 2 ? 4 : group;
+    *slices = (group + *nh - 1) / *nh;
+    *units = (size_t)p->n_queries * c->cfg.n_kv_heads * *slices;
+    *chunk = kvq__cu_chunk(c->n_tokens, *units, m, c->sms);
+    *n_chunks = (c->n_tokens + *chunk - 1) / *chunk;
+    return rows * *n_chunks * ((size_t)c->v.D + 2) + (track ? rows * ((size_t)c->v.kcap + 2) : 0);
+}
+
 KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, int n, const float *const *d_q,
                                                  float *const *d_out, const kvq_attn_params *p, cudaStream_t stream) {
-    int s, first;
+    int s, u, first;
     if (!caches || !d_q || !d_out || !p || n < 1) return KVQ_ERR_INVALID;
-    for (s = 0; s < n; s++) {
+    for (s = 0; s < n; s++) { /* everything checked before the first launch: all or nothing */
         const kvq_cuda_cache *c = caches[s];
         if (!c || !d_q[s] || !d_out[s]) return KVQ_ERR_INVALID;
         if (p->n_q_heads < c->cfg.n_kv_heads || p->n_q_heads % c->cfg.n_kv_heads || p->n_q_heads > 1 << 20)
             return KVQ_ERR_INVALID;
         if (p->n_queries < 1 || p->n_queries > c->n_tokens) return KVQ_ERR_INVALID;
         if (!(p->scale > -3.4e38f && p->scale < 3.4e38f)) return KVQ_ERR_INVALID;
+        if (c->cfg.n_kv_heads != caches[0]->cfg.n_kv_heads || c->cfg.head_dim != caches[0]->cfg.head_dim)
+            return KVQ_ERR_INVALID; /* one launch: one shape */
+        if ((size_t)p->n_queries * p->n_q_heads > 0x7fffffffu) return KVQ_ERR_UNSUPPORTED;
+        for (u = 0; u < s; u++) /* a cache's scratch (and salience) serves one sequence per call */
+            if (caches[u] == c) return KVQ_ERR_INVALID;
+    }
+    for (s = 0; s < n; s++) { /* scratch sized before anything is launched */
+        kvq_cuda_cache *c = caches[s];
+        int first_s = s / KVQ_CUDA_MAX_BATCH * KVQ_CUDA_MAX_BATCH, nh, slices, chunk, n_chunks;
+        int m = n - first_s < KVQ_CUDA_MAX_BATCH ? n - first_s : KVQ_CUDA_MAX_BATCH;
+        size_t units, need = kvq__cu_plan(c, p, m, &nh, &slices, &units, &chunk, &n_chunks);
+        kvq_status st = kvq__cu_grow(&c->d_part, &c->part_floats, need);
+        if (st == KVQ_OK && c->cfg.rotation == KVQ_ROTATE_HADAMARD)
+            st = kvq__cu_rot_scratch(c, (size_t)p->n_queries * p->n_q_heads * c->cfg.head_dim);
+        if (st != KVQ_OK) return st;
     }
     for (first = 0; first < n; first += KVQ_CUDA_MAX_BATCH) {
         int m = n - first < KVQ_CUDA_MAX_BATCH ? n - first : KVQ_CUDA_MAX_BATCH, max_chunks = 0, max_units = 0, heads = 8;
@@ -1311,46 +1348,24 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
         b.n_queries = p->n_queries;
         for (s = 0; s < m; s++) {
             kvq_cuda_cache *c = caches[first + s];
-            int group = p->n_q_heads / c->cfg.n_kv_heads, nh = group > 4 ? 8 : group > 2 ? 4 : group;
-            int slices = (group + nh - 1) / nh;
-            size_t units = (size_t)p->n_queries * c->cfg.n_kv_heads * slices, need, rows;
+            const size_t rows = (size_t)p->n_queries * p->n_q_heads;
+            const int track = c->v.n_salient && c->cfg.salient_policy == KVQ_SALIENT_ATTENTION;
             kvq__cuda_view *v = &b.v[s];
-            int track;
+            int nh, slices;
+            size_t units;
+            *v = kvq__cu_view(c);
+            (void)kvq__cu_plan(c, p, m, &nh, &slices, &units, &v->chunk, &v->n_chunks); /* scratch: sized above */
             if (s == 0) {
                 b.n_slices = slices;
                 heads = nh;
                 b.scale = p->scale != 0.0f ? p->scale : 1.0f / sqrtf((float)c->cfg.head_dim);
-            } else if (c->cfg.n_kv_heads != caches[first]->cfg.n_kv_heads || c->cfg.head_dim != caches[first]->cfg.head_dim) {
-                return KVQ_ERR_INVALID; /* one launch: the same shape */
             }
-            if (units > 0x7fffffffu || (size_t)p->n_queries * p->n_q_heads > 0x7fffffffu) return KVQ_ERR_UNSUPPORTED;
-            *v = kvq__cu_view(c);
-            v->chunk = kvq__cu_chunk(c->n_tokens, units, m, c->sms);
-            v->n_chunks = (c->n_tokens + v->chunk - 1) / v->chunk;
             v->q = d_q[first + s];
             v->out = d_out[first + s];
             if (c->cfg.rotation == KVQ_ROTATE_HADAMARD) { /* queries into the cache's rotated space */
-                size_t rows = (size_t)p->n_queries * p->n_q_heads;
-                kvq_status st = kvq__cu_rot_scratch(c, rows * c->cfg.head_dim);
-                if (st != KVQ_OK) return st;
                 kvq__cu_rotate_kernel<<<kvq__cu_launch_blocks(rows, 128), 128, 0, stream>>>(v->q, c->d_rot_in, rows,
                                                                                              c->d_rot, 0);
                 v->q = c->d_rot_in;
-            }
-            /* partial states [row][chunk](max, sum, acc[D]); with tracking, then the raw scores
-               of waiting keys [row][kcap] and the merged (max, sum) [row][2] */
-            track = v->n_salient && c->cfg.salient_policy == KVQ_SALIENT_ATTENTION;
-            rows = (size_t)p->n_queries * p->n_q_heads;
-            need = rows * v->n_chunks * ((size_t)v->D + 2) + (track ? rows * ((size_t)v->kcap + 2) : 0);
-            if (need > c->part_floats) { /* grow the scratch (cudaFree/cudaMalloc synchronize) */
-                if (c->d_part) cudaFree(c->d_part);
-                c->d_part = NULL;
-                c->part_floats = 0;
-                if (cudaMalloc((void **)&c->d_part, need * sizeof(float)) != cudaSuccess) {
-                    (void)cudaGetLastError();
-                    return KVQ_ERR_NOMEM;
-                }
-                c->part_floats = need;
             }
             v->part = c->d_part;
             v->ring_raw = track ? c->d_part + rows * v->n_chunks * ((size_t)v->D + 2) : NULL;

@@ -483,6 +483,71 @@ static void test_errors(void) {
    caches keep salient tokens (attention policy at 8 bits, error policy at
    16 bits with 4-bit keys, attention policy rotated at 3 bits) and the batch runs twice, so
    tracked salience accumulates; their bytes are compared as same_tracked does. */
+/* A batch that cannot run (the same cache twice; a different shape in a later launch of
+   more than KVQ_CUDA_MAX_BATCH caches) returns KVQ_ERR_INVALID before launching anything:
+   no output written, and no salience recorded in any cache of the earlier launches. */
+static void test_batch_all_or_nothing(void) {
+    enum { NS = KVQ_CUDA_MAX_BATCH + 1, D = 64, H = 2, QH = 4, T = 40 };
+    kvq_cuda_cache *gpu[NS];
+    kvq_cuda_cache *dup[3];
+    float *d_k, *d_v, *d_q[NS], *d_o[NS];
+    float *k = (float *)malloc((size_t)T * H * D * sizeof(float)), *v = (float *)malloc((size_t)T * H * D * sizeof(float));
+    unsigned char *before[NS], *after, *o = (unsigned char *)malloc(QH * D * sizeof(float));
+    kvq_attn_params ap = {QH, 1, 0.0f};
+    size_t n_before[NS], n_after;
+    int s, same = 1, untouched = 1;
+    CUDA_OK(cudaMalloc((void **)&d_k, (size_t)T * H * D * sizeof(float)));
+    CUDA_OK(cudaMalloc((void **)&d_v, (size_t)T * H * D * sizeof(float)));
+    fill_kv(k, T, H, D, 3, 60.0f);
+    fill_kv(v, T, H, D, 4, 60.0f);
+    CUDA_OK(cudaMemcpy(d_k, k, (size_t)T * H * D * sizeof(float), cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemcpy(d_v, v, (size_t)T * H * D * sizeof(float), cudaMemcpyHostToDevice));
+    for (s = 0; s < NS; s++) {
+        kvq_config cfg = kvq_default_config(s == NS - 1 ? D / 2 : D, H, T); /* the last: another shape */
+        float *q = (float *)malloc(QH * D * sizeof(float));
+        cfg.salient_ratio = 0.1f; /* attention policy: a launch that ran would record salience */
+        CHECK(kvq_cuda_cache_create(&gpu[s], &cfg) == KVQ_OK, "create %d", s);
+        if (!gpu[s]) exit(2);
+        CHECK(kvq_cuda_cache_append(gpu[s], d_k, d_v, T, 0) == KVQ_OK, "append %d", s);
+        fill_q(q, QH * D);
+        CUDA_OK(cudaMalloc((void **)&d_q[s], QH * D * sizeof(float)));
+        CUDA_OK(cudaMalloc((void **)&d_o[s], QH * D * sizeof(float)));
+        CUDA_OK(cudaMemcpy(d_q[s], q, QH * D * sizeof(float), cudaMemcpyHostToDevice));
+        CUDA_OK(cudaMemset(d_o[s], 0xab, QH * D * sizeof(float)));
+        before[s] = gpu_image(gpu[s], &n_before[s]);
+        free(q);
+    }
+    CHECK(kvq_cuda_attention_batch(gpu, NS, (const float *const *)d_q, d_o, &ap, 0) == KVQ_ERR_INVALID,
+          "a shape change in the second launch");
+    dup[0] = gpu[0]; dup[1] = gpu[1]; dup[2] = gpu[0];
+    CHECK(kvq_cuda_attention_batch(dup, 3, (const float *const *)d_q, d_o, &ap, 0) == KVQ_ERR_INVALID,
+          "the same cache twice");
+    CUDA_OK(cudaDeviceSynchronize());
+    for (s = 0; s < NS; s++) {
+        int i;
+        after = gpu_image(gpu[s], &n_after);
+        same &= before[s] && after && n_after == n_before[s] && memcmp(before[s], after, n_after) == 0;
+        CUDA_OK(cudaMemcpy(o, d_o[s], QH * D * sizeof(float), cudaMemcpyDeviceToHost));
+        for (i = 0; i < (int)(QH * D * sizeof(float)); i++) untouched &= o[i] == 0xab;
+        free(after);
+        free(before[s]);
+    }
+    CHECK(same, "a refused batch changed a cache");
+    CHECK(untouched, "a refused batch wrote an output");
+    CHECK(kvq_cuda_attention_batch(gpu, NS - 1, (const float *const *)d_q, d_o, &ap, 0) == KVQ_OK,
+          "the first %d alone run", NS - 1);
+    for (s = 0; s < NS; s++) {
+        kvq_cuda_cache_destroy(gpu[s]);
+        cudaFree(d_q[s]);
+        cudaFree(d_o[s]);
+    }
+    cudaFree(d_k);
+    cudaFree(d_v);
+    free(k);
+    free(v);
+    free(o);
+}
+
 static void test_batch(int mode) {
     const int salient = mode == 1;
     enum { NS = 3, D = 64, H = 2, QH = 8, MAXN = 700, NQ = 2 };
@@ -952,6 +1017,7 @@ int main(int argc, char **argv) {
     test_batch(0);
     test_batch(1);
     test_batch(2);
+    test_batch_all_or_nothing();
     {
         static const int rdims[] = {8, 64, 72, 80, 96, 112, 128, 160, 256};
         for (i = 0; i < (int)(sizeof rdims / sizeof rdims[0]); i++)
