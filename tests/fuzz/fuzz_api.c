@@ -1,5 +1,5 @@
 /* libFuzzer target: random sequences of (config, append, attention, read, split,
-   serialize, reset) calls. Invariants: every call returns a known status, a failed
+   serialize, reset) calls, on every config class (salient, rotated, per-token keys). Invariants: every call returns a known status, a failed
    call changes none of the cache's memory, and the token count moves only on success. */
 #define KVQ_IMPLEMENTATION
 #include "../../kvq.h"
@@ -38,6 +38,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     cfg.group_size = groups[next(&r) % 4];
     cfg.residual_tokens = cfg.group_size * (int)(next(&r) % 3);
     cfg.sink_tokens = (int)(next(&r) % 8);
+    {   /* the optional features: salient tokens, rotation, per-token keys (any mix; some refused) */
+        static const float ratios[] = {0.05f, 0.1f, 0.25f, 0.6f};
+        unsigned mode = next(&r);
+        if (mode & 1) {
+            cfg.salient_ratio = ratios[(mode >> 3) & 3];
+            cfg.salient_bits = mode & 32 ? 16 : 8;
+            cfg.salient_policy = mode & 64 ? KVQ_SALIENT_ERROR : KVQ_SALIENT_ATTENTION;
+        }
+        if (mode & 2) cfg.rotation = mode & 128 ? KVQ_ROTATE_PREROTATED : KVQ_ROTATE_HADAMARD;
+        if (mode & 4) cfg.key_axis = KVQ_KEYS_PER_TOKEN;
+    }
     need = kvq_cache_bytes(&cfg);
     if (need == 0) {
         if (kvq_config_check(&cfg) == KVQ_OK) abort();
@@ -82,7 +93,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 if (st == KVQ_OK) (void)kvq_attention_merge(c, &ap, one, 1, o);
                 free(s);
             }
-            if (st == KVQ_OK && memcmp(copy, mem, need) != 0) abort(); /* attention never writes */
+            /* attention never writes, except the salience it records with the attention policy */
+            if (st == KVQ_OK && !(cfg.salient_ratio > 0.0f && cfg.salient_policy == KVQ_SALIENT_ATTENTION) &&
+                memcmp(copy, mem, need) != 0)
+                abort();
+            if (kvq_cache_tokens(c) != before) abort();
             free(q);
             free(o);
         } else if (op == 3) { /* read */
