@@ -1002,6 +1002,17 @@ static uint8_t *kvq__side_entry(const kvq_cache *c, int h, int b, int j) {
 
 static int kvq__side_index(const uint8_t *e) { return e[0] | e[1] << 8; }
 
+/* Byte offsets in an entry of the K (which 0) or V (1) part: after the u16 index, at 8 bits
+   fp16 scale[ng], min[ng] for K, then for V, then K codes[D], V codes[D]; at 16 bits the
+   fp16 K row, then the V row (no params). */
+static size_t kvq__side_params_at(const kvq_cache *c, int which) {
+    return 2 + (size_t)which * 4 * kvq__value_groups(&c->cfg);
+}
+static size_t kvq__side_codes_at(const kvq_cache *c, int which) {
+    const size_t D = (size_t)c->cfg.head_dim;
+    return c->cfg.salient_bits == 16 ? 2 + which * 2 * D : 2 + 8 * (size_t)kvq__value_groups(&c->cfg) + which * D;
+}
+
 /* Channels [c0, c0+nc) of the G fp16 rows of a block as floats, xb[t * nc + i] (SIMD convert;
    the block walks its channels in runs of KVQ__COLS instead of converting one value at a time). */
 #define KVQ__COLS 32
@@ -1064,13 +1075,13 @@ static void kvq__side_put(const kvq_cache *c, uint8_t *e, int which, const uint1
     const int D = c->cfg.head_dim, G = c->cfg.group_size, ng = kvq__value_groups(&c->cfg);
     float x[512];
     int g;
+    uint8_t *codes = e + kvq__side_codes_at(c, which);
     if (c->cfg.salient_bits == 16) {
-        memcpy(e + 2 + (size_t)which * 2 * D, src, (size_t)D * 2);
+        memcpy(codes, src, (size_t)D * 2);
         return;
     }
     {
-        uint16_t *par = (uint16_t *)(void *)(e + 2) + (size_t)which * 2 * ng;
-        uint8_t *codes = e + 2 + 8 * (size_t)ng + (size_t)which * D;
+        uint16_t *par = (uint16_t *)(void *)(e + kvq__side_params_at(c, which));
         kvq__f32_row(x, src, D);
         memset(codes, 0, (size_t)D);
         for (g = 0; g < ng; g++) {
@@ -1084,12 +1095,8 @@ static void kvq__side_put(const kvq_cache *c, uint8_t *e, int which, const uint1
 
 /* Reconstructs the K (which 0) or V (1) row of a side-store entry, in storage space. */
 static void kvq__side_get(const kvq_cache *c, const uint8_t *e, int which, float *x) {
-    const int D = c->cfg.head_dim, ng = kvq__value_groups(&c->cfg);
-    if (c->cfg.salient_bits == 16)
-        kvq__read_token_record(c, NULL, e + 2 + (size_t)which * 2 * D, 16, x);
-    else
-        kvq__read_token_record(c, (const uint16_t *)(const void *)(e + 2) + (size_t)which * 2 * ng,
-                               e + 2 + 8 * (size_t)ng + (size_t)which * D, 8, x);
+    kvq__read_token_record(c, (const uint16_t *)(const void *)(e + kvq__side_params_at(c, which)),
+                           e + kvq__side_codes_at(c, which), c->cfg.salient_bits, x);
 }
 
 /* The side-store entry of token tt of block b of head h, or NULL if it is not salient. */
@@ -1522,18 +1529,18 @@ static void kvq__side_values(const kvq_cache *c, int h, int b, int e0, int ne, c
                              float *const *acc) {
     const int D = c->cfg.head_dim, ng = kvq__value_groups(&c->cfg);
     const uint8_t *first = kvq__side_entry(c, h, b, e0);
+    const size_t codes = kvq__side_codes_at(c, 1), params = kvq__side_params_at(c, 1);
     int i;
     if (c->cfg.salient_bits == 16) {
         const uint16_t *rows[KVQ__TILE];
-        for (i = 0; i < ne; i++) rows[i] = (const uint16_t *)(const void *)(first + (size_t)i * c->side_bytes + 2) + D;
+        for (i = 0; i < ne; i++) rows[i] = (const uint16_t *)(const void *)(first + (size_t)i * c->side_bytes + codes);
         kvq__k_acc_f16(rows, ne, D, w, nh, acc);
     } else { /* params as floats [i][scale[ng], min[ng]] */
         float par[2 * KVQ__WMAX];
         for (i = 0; i < ne; i++)
             kvq__f32_row(par + (size_t)i * 2 * ng,
-                         (const uint16_t *)(const void *)(first + (size_t)i * c->side_bytes + 2) + 2 * ng, 2 * ng);
-        kvq__k_acc_codes(first + 2 + 8 * (size_t)ng + D, c->side_bytes, par, ne, D, c->cfg.group_size, 8, w, nh,
-                         acc);
+                         (const uint16_t *)(const void *)(first + (size_t)i * c->side_bytes + params), 2 * ng);
+        kvq__k_acc_codes(first + codes, c->side_bytes, par, ne, D, c->cfg.group_size, 8, w, nh, acc);
     }
 }
 
@@ -1549,27 +1556,29 @@ static void kvq__record_to_f32(const kvq_cache *c, const uint16_t *par, const ui
     kvq__k_acc_codes(codes, 0, parf, 1, D, c->cfg.group_size, bits, &one, 1, &x);
 }
 
-/* Scores of the tile's salient tokens replaced by q . k from the side store. */
-static void kvq__salient_scores(const kvq_cache *c, int h, int pos, int n, const float *qs, int nh, float *sp) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size, ng = kvq__value_groups(&c->cfg);
+/* Scores of the tile's salient tokens (entries [e0, e1) of its block) replaced by q . k from
+   the side store. */
+static void kvq__salient_scores(const kvq_cache *c, int h, int pos, int e0, int e1, const float *qs, int nh,
+                                float *sp) {
+    const int D = c->cfg.head_dim, G = c->cfg.group_size;
     float k[512];
-    int e0, e1 = kvq__salient_run(c, h, pos, n, &e0), e, j;
+    int e, j;
     for (e = e0; e < e1; e++) {
         const uint8_t *ent = kvq__side_entry(c, h, pos / G, e);
         int t = pos / G * G + kvq__side_index(ent) - pos; /* place in the tile */
-        kvq__record_to_f32(c, (const uint16_t *)(const void *)(ent + 2),
-                           ent + 2 + (c->cfg.salient_bits == 16 ? 0 : 8 * (size_t)ng), c->cfg.salient_bits, k);
+        kvq__record_to_f32(c, (const uint16_t *)(const void *)(ent + kvq__side_params_at(c, 0)),
+                           ent + kvq__side_codes_at(c, 0), c->cfg.salient_bits, k);
         for (j = 0; j < nh; j++) sp[(size_t)j * KVQ__TILE + t] = kvq__dot8(qs + (size_t)j * D, k, D);
     }
 }
 
 /* Their softmax weights are spent on the side-store values and zeroed, so the codes pass adds
    nothing for them. */
-static void kvq__salient_values(const kvq_cache *c, int h, int pos, int n, float *sp, int nh, float *const *acc) {
+static void kvq__salient_values(const kvq_cache *c, int h, int pos, int e0, int e1, float *sp, int nh,
+                                float *const *acc) {
     const int G = c->cfg.group_size;
     float w[KVQ__HEAD_CHUNK * KVQ__TILE];
-    int e0, e1 = kvq__salient_run(c, h, pos, n, &e0), e, j;
-    if (e1 == e0) return;
+    int e, j;
     for (e = e0; e < e1; e++) {
         int t = pos / G * G + kvq__side_index(kvq__side_entry(c, h, pos / G, e)) - pos;
         for (j = 0; j < nh; j++) {
@@ -1613,7 +1622,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
     float qs[KVQ__HEAD_CHUNK * 512], scores[KVQ__HEAD_CHUNK * KVQ__TILE];
     const uint16_t *rows[KVQ__TILE];
     float *acc[KVQ__HEAD_CHUNK];
-    int t0, j, t, ch;
+    int t0, j, t, ch, e0, e1;
     KVQ_ASSERT(nh >= 1 && nh <= KVQ__HEAD_CHUNK && G <= KVQ__TILE && D <= 512);
     for (j = 0; j < nh; j++) {
         for (ch = 0; ch < D; ch++) qs[(size_t)j * D + ch] = q[(size_t)j * D + ch] * scale;
@@ -1641,7 +1650,9 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
                                                 : kvq__ring_k_row(c, h, pos + t);
             kvq__k_scores_f16(rows, n, D, qs, nh, scores);
         }
-        if (c->n_salient && t0 >= S && pos < c->n_kblocks * G) kvq__salient_scores(c, h, pos, n, qs, nh, sp);
+        e0 = e1 = 0; /* the tile's run of side-store entries, if its block has one */
+        if (c->n_salient && t0 >= S && pos < c->n_kblocks * G) e1 = kvq__salient_run(c, h, pos, n, &e0);
+        if (e1 > e0) kvq__salient_scores(c, h, pos, e0, e1, qs, nh, sp);
         if (ring_scores && t0 >= S && pos >= c->n_kblocks * G) /* raw scores, for the salience of waiting keys */
             for (j = 0; j < nh; j++)
                 memcpy(ring_scores + (size_t)j * c->kcap + (pos - c->n_kblocks * G), sp + (size_t)j * KVQ__TILE,
@@ -1662,7 +1673,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
             }
             s->l += kvq__k_exp_sum(sj, n, mx);
         }
-        if (c->n_salient && t0 >= S && pos < c->n_kblocks * G) kvq__salient_values(c, h, pos, n, sp, nh, acc);
+        if (e1 > e0) kvq__salient_values(c, h, pos, e0, e1, sp, nh, acc);
         kvq__values_tile(c, h, t0, n, sp, nh, acc);
         t0 = t1;
     }
