@@ -108,18 +108,6 @@ static int same_bytes(const kvq_cache *cpu, const kvq_cuda_cache *gpu, const cha
     return ok;
 }
 
-static double nmse(const float *ref, const float *x, size_t n) {
-    double num = 0.0, den = 0.0;
-    size_t i;
-    for (i = 0; i < n; i++) {
-        double d = (double)x[i] - (double)ref[i];
-        num += d * d;
-        den += (double)ref[i] * ref[i];
-    }
-    if (!(num == num)) return 1e30; /* NaN */
-    return den > 0.0 ? num / den : num;
-}
-
 /* GPU attention vs CPU attention for the current state; returns the NMSE. */
 static double attention_nmse(kvq_cache *cpu, kvq_cuda_cache *gpu, int n_q_heads, int n_queries) {
     const kvq_config *cfg = kvq_cache_config(cpu);
@@ -140,7 +128,7 @@ static double attention_nmse(kvq_cache *cpu, kvq_cuda_cache *gpu, int n_q_heads,
     s2 = kvq_cuda_attention(gpu, d_q, d_o, &ap, 0);
     CUDA_OK(cudaDeviceSynchronize());
     CUDA_OK(cudaMemcpy(o_gpu, d_o, n * sizeof(float), cudaMemcpyDeviceToHost));
-    e = (s1 == KVQ_OK && s2 == KVQ_OK) ? nmse(o_cpu, o_gpu, n) : 1e30;
+    e = (s1 == KVQ_OK && s2 == KVQ_OK) ? tu_nmse(o_gpu, o_cpu, n) : 1e30;
     if (s1 != KVQ_OK || s2 != KVQ_OK) fprintf(stderr, "  attention status cpu %d gpu %d\n", (int)s1, (int)s2);
     cudaFree(d_q);
     cudaFree(d_o);
@@ -598,7 +586,7 @@ static void test_batch(int mode) {
             char what[96];
             CHECK(kvq_attention(cpu[s], q[s], o_cpu, &ap) == KVQ_OK, "cpu attention");
             CUDA_OK(cudaMemcpy(o_gpu, d_o[s], n * sizeof(float), cudaMemcpyDeviceToHost));
-            e = nmse(o_cpu, o_gpu, n);
+            e = tu_nmse(o_gpu, o_cpu, n);
             snprintf(what, sizeof what, "batch mode %d sequence %d (N=%d) run %d", mode, s, lens[s], run);
             CHECK(e < 1e-6, "%s: NMSE %.3g", what, e);
             if (salient) CHECK(same_tracked(cpu[s], gpu[s], what), "%s: cache differs", what);
@@ -904,7 +892,7 @@ static void test_tracking(int D, int G, float ratio, int sal_bits, int kbits, in
         CHECK(kvq_attention(cpu, q, o_cpu, &ap) == KVQ_OK && kvq_cuda_attention(gpu, d_q, d_o, &ap, 0) == KVQ_OK,
               "%s: attention", name);
         CUDA_OK(cudaMemcpy(o_gpu, d_o, (size_t)nq * QH * D * sizeof(float), cudaMemcpyDeviceToHost));
-        e = nmse(o_cpu, o_gpu, (size_t)nq * QH * D);
+        e = tu_nmse(o_gpu, o_cpu, (size_t)nq * QH * D);
         CHECK(e < 1e-6, "%s: attention NMSE %.3g at %d tokens", name, e, done);
         if (step % 5 == 4 || done == N) {
             char what[200];

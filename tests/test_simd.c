@@ -25,17 +25,6 @@
 static int isas[4], n_isas;
 static double worst_nmse;
 
-static double nmse(const float *a, const float *b, size_t n) {
-    double e = 0.0, r = 0.0;
-    size_t i;
-    for (i = 0; i < n; i++) {
-        double d = (double)a[i] - b[i];
-        e += d * d;
-        r += (double)b[i] * b[i];
-    }
-    return r > 0.0 ? e / r : e;
-}
-
 /* Creates a cache under isa and appends K, V in chunks (exercising the ring). */
 static kvq_cache *build(const kvq_config *cfg, kvq_isa isa, const float *K, const float *V, int T) {
     kvq_cache *c = NULL;
@@ -161,7 +150,7 @@ static void check_shape(const shape *s, int split) {
         CHECK(kvq_cache_read(c, 0, s->T, Kb, Vb) == KVQ_OK && !memcmp(Ka, Kb, n * 4) && !memcmp(Va, Vb, n * 4),
               "%s: kvq_cache_read differs", kvq_isa_name(isa));
         CHECK(attend(base, isa, q, &ap, split, out), "%s attention", kvq_isa_name(isa));
-        e = nmse(out, ref, nout);
+        e = tu_nmse(out, ref, nout);
         if (e > worst_nmse) worst_nmse = e;
         CHECK(e <= NMSE_MAX, "%s: attention NMSE %.3g (k%d v%d G%d D%d H%d x%d nq%d S%d R%d T%d kind%d split%d)",
               kvq_isa_name(isa), e, s->kb, s->vb, s->G, s->D, s->H, s->ratio, s->nq, s->S, s->R, s->T, s->kind,
@@ -431,7 +420,7 @@ static void test_real(void) {
                           kvq_isa_name((kvq_isa)isas[i]));
                     kvq_cache_destroy(c);
                     CHECK(attend(base, (kvq_isa)isas[i], q, &ap, 0, out), "attention");
-                    e = nmse(out, ref, (size_t)nq * QH * D);
+                    e = tu_nmse(out, ref, (size_t)nq * QH * D);
                     if (e > worst_nmse) worst_nmse = e;
                     CHECK(e <= NMSE_MAX, "%s layer %d %d-bit: %s NMSE %.3g", files[f], layer, bits[bi],
                           kvq_isa_name((kvq_isa)isas[i]), e);

@@ -94,6 +94,19 @@ TU_FN double tu_rel_err(const float *a, const double *b, size_t n) {
     return r > 0.0 ? e / r : e;
 }
 
+/* The same for float results: ||x - ref||^2 / ||ref||^2; NaN anywhere gives 1e30. */
+TU_FN double tu_nmse(const float *x, const float *ref, size_t n) {
+    double num = 0.0, den = 0.0;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        double d = (double)x[i] - (double)ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    if (!(num == num)) return 1e30;
+    return den > 0.0 ? num / den : num;
+}
+
 /* Data sets. Random: N(0,1) keys and values (zero-mean values: outputs near
    zero, the hard case for relative error). Structured, like real LLM K/V:
    per-channel key offsets, a few outlier channels 10-20x larger, values with
