@@ -12,7 +12,7 @@ QEMU    ?= qemu-aarch64-static
 TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_simd_dispatch $(B)/test_serialize $(B)/test_rotate $(B)/test_salient \
            $(B)/test_threads $(B)/test_examples $(B)/compile_gcc_c $(B)/compile_gcc_cxx \
            $(B)/compile_clang_c $(B)/compile_clang_cxx
-HDR      = kvq.h tests/test_util.h
+HDR      = kvq.h tests/test_util.h tests/hostile.h
 
 .PHONY: all test example eval bench asan ubsan tsan neon fuzz lint check cuda cuda-emu cuda-emu-asan clean
 all: $(TESTS) $(B)/quickstart $(B)/llama $(B)/kvq_eval
@@ -73,13 +73,19 @@ tsan: $(B)/tsan_threads $(B)/tsan_threads_dispatch
 	tests/run_all.sh $^
 
 # ---- fuzzing (libFuzzer): FUZZ_SECONDS per target, seeds in tests/fuzz ----------
+# fuzz_load builds a cache, mutates its image and uses what loads; it is compiled with
+# KVQ_RUNTIME_DISPATCH so each input also picks the ISA (scalar, AVX2, AVX-512).
+# Its seeds come from tests/fuzz/make_seeds_load.py.
 FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = deserialize api load
 FUZZ_FLAGS = -std=c99 -g -O1 -DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION \
-             -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+             -fsanitize=fuzzer,address,undefined,float-cast-overflow -fno-sanitize-recover=all
+FUZZ_DEFS =
+$(B)/fuzz_load: FUZZ_DEFS = -DKVQ_RUNTIME_DISPATCH
 $(B)/fuzz_%: tests/fuzz/fuzz_%.c kvq.h | $(B)
-	$(CLANG) $(FUZZ_FLAGS) -o $@ $< -lm
-fuzz: $(B)/fuzz_deserialize $(B)/fuzz_api
-	@for t in deserialize api; do \
+	$(CLANG) $(FUZZ_FLAGS) $(FUZZ_DEFS) -o $@ $< -lm
+fuzz: $(addprefix $(B)/fuzz_,$(FUZZ_TARGETS))
+	@for t in $(FUZZ_TARGETS); do \
 	  rm -rf $(B)/corpus_$$t && mkdir -p $(B)/corpus_$$t && cp tests/fuzz/seeds_$$t/* $(B)/corpus_$$t/ && \
 	  echo "fuzz_$$t: $(FUZZ_SECONDS) s" && \
 	  if $(B)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 -artifact_prefix=$(B)/ \

@@ -41,8 +41,18 @@
    Threads: the library creates none. kvq_attention_partial() runs a token
    and/or KV-head range and kvq_attention_merge() combines the partial states,
    so a caller can spread one attention call over its own thread pool.
+   A cache has no lock. Calls that only read it (kvq_cache_read, _tokens, _config,
+   _payload_bytes, _serialize, kvq_attention_partial, kvq_attention_merge, and
+   kvq_attention unless it records salience, see below) may run concurrently on one
+   cache. Calls that write it (kvq_cache_append, _reset, and kvq_attention on a cache with
+   salient_ratio > 0 and KVQ_SALIENT_ATTENTION) need exclusive access: serialize them
+   against every other call on that cache (a mutex or reader-writer lock, or one thread
+   per cache). Distinct caches are independent. tests/test_threads.c runs this under TSan.
    Errors: every public call validates its arguments and returns a kvq_status;
    after any error the cache is exactly as it was (appends are all or nothing).
+   Aliasing: outputs must not overlap inputs or the cache's memory (q and out of
+   attention, states and out of merge, image and memory of a load, ...): such calls
+   return KVQ_ERR_INVALID and write nothing.
    Floating point: built for the default rounding mode (round to nearest even);
    do not compile with -ffast-math, which may change the quantized bytes.
 */
@@ -90,7 +100,11 @@ enum { KVQ_ROTATE_NONE = 0, KVQ_ROTATE_HADAMARD = 1, KVQ_ROTATE_PREROTATED = 2 }
 /* salient_policy: which tokens of a key block stay at salient_bits. ATTENTION: the ones
    attention used most while they sat in the residual window (ZipCache's normalized
    accumulated attention; needs kvq_attention calls). ERROR: the ones whose removal
-   shrinks the block's quantization ranges most (needs no queries: prefill). */
+   shrinks the block's quantization ranges most (needs no queries: prefill).
+   ATTENTION's scores are sums of softmax probabilities from the ISA's attention kernels,
+   which may order sums differently: ISA paths agree on them to rounding only, so where two
+   tokens nearly tie, two paths may keep different ones. ERROR's picks and bytes are the
+   same on every path. */
 enum { KVQ_SALIENT_ATTENTION = 0, KVQ_SALIENT_ERROR = 1 };
 /* key_axis: keys quantized per channel over blocks of G tokens (KIVI), or per token
    over groups of G channels (like values; QuaRot pairs it with rotation). */
@@ -130,7 +144,9 @@ KVQ_API kvq_status kvq_config_check(const kvq_config *cfg); /* KVQ_OK if a cache
 KVQ_API size_t     kvq_cache_bytes(const kvq_config *cfg); /* 0 if cfg is invalid or unsupported */
 KVQ_API kvq_status kvq_cache_init(kvq_cache **out, const kvq_config *cfg, void *mem, size_t mem_bytes);
 KVQ_API kvq_status kvq_cache_create(kvq_cache **out, const kvq_config *cfg); /* uses KVQ_MALLOC */
-KVQ_API void       kvq_cache_destroy(kvq_cache *c); /* no-op for init'ed caches and NULL */
+/* Frees a created cache; a no-op for init'ed caches and NULL. Like free(), destroying a
+   cache twice, or using it after destroy, is undefined behaviour. */
+KVQ_API void       kvq_cache_destroy(kvq_cache *c);
 KVQ_API void       kvq_cache_reset(kvq_cache *c);   /* back to 0 tokens */
 KVQ_API int        kvq_cache_tokens(const kvq_cache *c);
 KVQ_API const kvq_config *kvq_cache_config(const kvq_cache *c);
@@ -147,7 +163,10 @@ KVQ_API kvq_status kvq_cache_read(const kvq_cache *c, int first, int n, float *k
 
 /* q, out: [n_queries][n_q_heads][head_dim]. Single-threaded. Threads: calls on one cache
    may run concurrently (they only read it) unless salient_ratio > 0 with the attention
-   policy, where kvq_attention records the attention each waiting token receives. */
+   policy, where kvq_attention records the attention each waiting token receives.
+   q must be finite with |s| * sum_c |q_c| <= 2^100 for every head's row, s the scale
+   (KVQ_ERR_INVALID otherwise): scores then stay finite on every path. out must not
+   overlap q. */
 KVQ_API kvq_status kvq_attention(kvq_cache *c, const float *q, float *out, const kvq_attn_params *p);
 
 /* Split attention. A state holds, per query and query head, (max, sum, acc[head_dim]):
@@ -227,15 +246,32 @@ KVQ_API const char *kvq_isa_name(kvq_isa isa);
 #define KVQ__HAVE_SIMD (KVQ__HAVE_AVX2 || KVQ__HAVE_AVX512 || KVQ__HAVE_NEON)
 
 /* Serialization (prompt caching): a versioned little-endian image of the config, the
-   token count and the payload, with CRC32C checksums. A cache saved on one machine
-   loads on any other (x86, aarch64) and attends byte-identically.
-   kvq_serialized_config() reads and checks only the header, so the caller can size
-   memory with kvq_cache_bytes() before kvq_cache_deserialize() builds the cache there.
-   Bad bytes give KVQ_ERR_CORRUPT (or KVQ_ERR_UNSUPPORTED for a newer version) and
-   write nothing. */
+   token count and the payload, with CRC32C checksums. A cache saved on one machine loads
+   on any other (x86, aarch64) into the very same bytes: reads and later appends are then
+   identical everywhere; attention outputs are those of the loading machine's ISA path
+   (paths agree within the NMSE of kvq_set_isa's contract, not to the bit).
+   Images are untrusted input. Loading checks the header, the sizes, both checksums and
+   every record (fp16 values finite, scales and mins in the range appending produces,
+   side-store indices in their block and ascending, salience scores finite and >= 0), so
+   an image can only describe a state that appending could have produced; a bad one gives
+   KVQ_ERR_CORRUPT (KVQ_ERR_UNSUPPORTED for a newer version) and writes nothing.
+   The image's max_tokens is a claim, not a size to trust: size memory from the tokens it
+   holds. kvq_serialized_info() reads and checks only the header (config and tokens held);
+   then choose a capacity >= those tokens, size it with kvq_cache_bytes(), and
+   kvq_cache_load() the image into it:
+       kvq_config cfg; int held;
+       if (kvq_serialized_info(img, n, &cfg, &held) != KVQ_OK) return;
+       cfg.max_tokens = held + room;
+       mem = malloc(bytes = kvq_cache_bytes(&cfg));
+       kvq_cache_load(&cache, img, n, cfg.max_tokens, mem, bytes);
+   kvq_cache_load() with max_tokens 0 keeps the image's capacity (kvq_cache_deserialize());
+   a max_tokens below the tokens held gives KVQ_ERR_FULL. mem must not overlap bytes. */
 KVQ_API size_t     kvq_cache_serialized_bytes(const kvq_cache *c);
 KVQ_API kvq_status kvq_cache_serialize(const kvq_cache *c, void *buf, size_t buf_bytes, size_t *written);
+KVQ_API kvq_status kvq_serialized_info(const void *bytes, size_t n_bytes, kvq_config *cfg, int *n_tokens);
 KVQ_API kvq_status kvq_serialized_config(const void *bytes, size_t n_bytes, kvq_config *cfg);
+KVQ_API kvq_status kvq_cache_load(kvq_cache **out, const void *bytes, size_t n_bytes, int max_tokens, void *mem,
+                                  size_t mem_bytes);
 KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, size_t n_bytes, void *mem,
                                          size_t mem_bytes);
 
@@ -778,6 +814,19 @@ static int kvq__plan(const kvq_config *cfg, kvq__layout *L) {
     return ok;
 }
 
+/* Whether byte ranges [a, a+na) and [b, b+nb) overlap (addresses compared as integers). */
+static int kvq__overlap(const void *a, size_t na, const void *b, size_t nb) {
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return na && nb && x < y + nb && y < x + na;
+}
+
+/* Whether [p, p+n) overlaps the memory of cache c: the struct and the arrays after it. */
+static int kvq__overlaps_cache(const kvq_cache *c, const void *p, size_t n) {
+    kvq__layout L;
+    if (!kvq__plan(&c->cfg, &L)) return 0;
+    return kvq__overlap(c, L.total - KVQ__ALIGN, p, n);
+}
+
 KVQ_API size_t kvq_cache_bytes(const kvq_config *cfg) {
     kvq__layout L;
     if (kvq_config_check(cfg) != KVQ_OK || !kvq__plan(cfg, &L)) return 0;
@@ -1309,6 +1358,9 @@ KVQ_API kvq_status kvq_cache_append(kvq_cache *c, const float *k, const float *v
     if (!k || !v) return KVQ_ERR_INVALID;
     if (n_tokens > c->cfg.max_tokens - c->n_tokens) return KVQ_ERR_FULL;
     row = (size_t)c->cfg.n_kv_heads * c->cfg.head_dim;
+    if (kvq__overlaps_cache(c, k, row * n_tokens * sizeof(float)) ||
+        kvq__overlaps_cache(c, v, row * n_tokens * sizeof(float)))
+        return KVQ_ERR_INVALID;
     /* validate everything first: an append is all or nothing */
     if (!kvq__finite_fp16(k, row * n_tokens) || !kvq__finite_fp16(v, row * n_tokens)) return KVQ_ERR_INVALID;
     if (c->cfg.rotation == KVQ_ROTATE_HADAMARD &&
@@ -1363,7 +1415,12 @@ static void kvq__read_value(const kvq_cache *c, int h, int t, float *x) {
 KVQ_API kvq_status kvq_cache_read(const kvq_cache *c, int first, int n, float *k, float *v) {
     const int H = c ? c->cfg.n_kv_heads : 0, D = c ? c->cfg.head_dim : 0;
     int t, h;
+    size_t bytes;
     if (!c || (!k && !v) || first < 0 || n < 0 || n > c->n_tokens - first) return KVQ_ERR_INVALID;
+    bytes = (size_t)n * H * D * sizeof(float);
+    if (kvq__overlap(k, k ? bytes : 0, v, v ? bytes : 0) || kvq__overlaps_cache(c, k, k ? bytes : 0) ||
+        kvq__overlaps_cache(c, v, v ? bytes : 0))
+        return KVQ_ERR_INVALID;
     for (t = 0; t < n; t++)
         for (h = 0; h < H; h++) {
             size_t at = ((size_t)t * H + h) * D;
@@ -1679,24 +1736,43 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
     }
 }
 
+static float kvq__scale(const kvq_cache *c, const kvq_attn_params *p) {
+    return p->scale != 0.0f ? p->scale : 1.0f / sqrtf((float)c->cfg.head_dim);
+}
+
+/* Largest |s| * sum_c |q_c| of a query head's row. Every stored element has |k| <= 2^17
+   (appending keeps |x| <= 65504; loading checks scale and min), and rotation grows a row's
+   L1 norm by at most sqrt(512) < 2^5, so each score and every partial sum of it, on every
+   path, stays below 2^122: finite, as are differences of two scores. */
+#define KVQ__Q_L1_MAX 1267650600228229401496703205376.0 /* 2^100 */
+
+/* The query bytes of a call: [n_queries][n_q_heads][head_dim] floats. */
+static size_t kvq__q_bytes(const kvq_cache *c, const kvq_attn_params *p) {
+    return (size_t)p->n_queries * p->n_q_heads * c->cfg.head_dim * sizeof(float);
+}
+
 static kvq_status kvq__check_attn(const kvq_cache *c, const float *q, const kvq_attn_params *p) {
-    size_t n;
+    size_t rows, r;
+    int D, ch;
+    double s;
     if (!c || !q || !p) return KVQ_ERR_INVALID;
     if (p->n_q_heads < c->cfg.n_kv_heads || p->n_q_heads % c->cfg.n_kv_heads || p->n_q_heads > 1 << 20)
         return KVQ_ERR_INVALID;
     if (p->n_queries < 1 || p->n_queries > c->n_tokens) return KVQ_ERR_INVALID;
     if (!(p->scale > -FLT_MAX && p->scale < FLT_MAX)) return KVQ_ERR_INVALID; /* also NaN */
-    n = (size_t)p->n_queries * p->n_q_heads * c->cfg.head_dim;
-    {
-        size_t i;
-        for (i = 0; i < n; i++)
-            if (!(q[i] > -FLT_MAX && q[i] < FLT_MAX)) return KVQ_ERR_INVALID;
+    D = c->cfg.head_dim;
+    rows = (size_t)p->n_queries * p->n_q_heads;
+    s = fabs((double)kvq__scale(c, p));
+    for (r = 0; r < rows; r++) {
+        const float *qr = q + r * (size_t)D;
+        double l1 = 0.0;
+        for (ch = 0; ch < D; ch++) {
+            if (!(qr[ch] > -FLT_MAX && qr[ch] < FLT_MAX)) return KVQ_ERR_INVALID; /* also NaN */
+            l1 += fabs((double)qr[ch]);
+        }
+        if (l1 * s > KVQ__Q_L1_MAX) return KVQ_ERR_INVALID;
     }
     return KVQ_OK;
-}
-
-static float kvq__scale(const kvq_cache *c, const kvq_attn_params *p) {
-    return p->scale != 0.0f ? p->scale : 1.0f / sqrtf((float)c->cfg.head_dim);
 }
 
 /* Runs query i, query heads [qh0, qh0+nh) of KV head h over tokens [lo, hi) clipped to causality. */
@@ -1743,6 +1819,8 @@ KVQ_API kvq_status kvq_attention(kvq_cache *c, const float *q, float *out, const
     int H, D, group, h, i, qh, j, ch, track;
     if (!out) return KVQ_ERR_INVALID;
     if ((s = kvq__check_attn(c, q, p)) != KVQ_OK) return s;
+    if (kvq__overlap(q, kvq__q_bytes(c, p), out, kvq__q_bytes(c, p)) || kvq__overlaps_cache(c, out, kvq__q_bytes(c, p)))
+        return KVQ_ERR_INVALID;
     H = c->cfg.n_kv_heads;
     D = c->cfg.head_dim;
     group = p->n_q_heads / H;
@@ -1781,6 +1859,10 @@ KVQ_API kvq_status kvq_attention_partial(kvq_cache *c, const float *q, const kvq
     if ((s = kvq__check_attn(c, q, p)) != KVQ_OK) return s;
     if (tok_first < 0 || tok_first > tok_end || tok_end > c->n_tokens) return KVQ_ERR_INVALID;
     if (kv_first < 0 || kv_first >= kv_end || kv_end > c->cfg.n_kv_heads) return KVQ_ERR_INVALID;
+    {
+        size_t sb = kvq_attention_state_floats(c, p) * sizeof(float);
+        if (kvq__overlap(q, kvq__q_bytes(c, p), state, sb) || kvq__overlaps_cache(c, state, sb)) return KVQ_ERR_INVALID;
+    }
     D = c->cfg.head_dim;
     stride = (size_t)D + 2;
     group = p->n_q_heads / c->cfg.n_kv_heads;
@@ -1805,11 +1887,14 @@ KVQ_API kvq_status kvq_attention_merge(const kvq_cache *c, const kvq_attn_params
     int D, k, ch;
     if (!c || !p || !states || !out || n_states < 1) return KVQ_ERR_INVALID;
     if (kvq_attention_state_floats(c, p) == 0 || p->n_q_heads % c->cfg.n_kv_heads) return KVQ_ERR_INVALID;
-    for (k = 0; k < n_states; k++)
-        if (!states[k]) return KVQ_ERR_INVALID;
     D = c->cfg.head_dim;
     stride = (size_t)D + 2;
     rows = (size_t)p->n_queries * p->n_q_heads;
+    if (kvq__overlaps_cache(c, out, rows * D * sizeof(float))) return KVQ_ERR_INVALID;
+    for (k = 0; k < n_states; k++) /* out is written while states are read: no overlap */
+        if (!states[k] || kvq__overlap(states[k], kvq_attention_state_floats(c, p) * sizeof(float), out,
+                                       rows * D * sizeof(float)))
+            return KVQ_ERR_INVALID;
     for (r = 0; r < rows; r++) { /* every row seen by some state, or nothing is written */
         for (k = 0; k < n_states && !(states[k][r * stride + 1] > 0.0f); k++) {}
         if (k == n_states) return KVQ_ERR_INVALID;
@@ -1911,97 +1996,188 @@ static void kvq__counts_after(const kvq_config *cfg, int n, int *nkb, int *nvq) 
     *nvq = kvq__salient_count(cfg) ? k * G : (after > R ? after - R : 0);
 }
 
-/* One pass over the payload in image order. Writing: copies cache -> image. Reading: image -> cache.
-   u16 arrays go through explicit little-endian conversion; code bytes are copied as they are. */
-typedef struct kvq__stream { uint8_t *img; size_t at; int to_image; } kvq__stream;
+/* The payload, per KV head, in image order: runs of records of these kinds. Each record is
+   one to three parts, n elements of 1, 2 or 4 bytes (little-endian in the image); the same
+   list of records serves writing, reading, checking and sizing an image. */
+enum { KVQ__R_SINK_K, KVQ__R_SINK_V, KVQ__R_KEY_BLOCK, KVQ__R_KEY_TOKEN, KVQ__R_RING_K, KVQ__R_VALUE,
+       KVQ__R_RING_V, KVQ__R_SIDE, KVQ__R_SALIENCE, KVQ__R_KINDS };
+enum { KVQ__COUNT, KVQ__TO_IMAGE, KVQ__FROM_IMAGE, KVQ__CHECK };
 
-static void kvq__xfer_u16(kvq__stream *s, uint16_t *a, size_t n) {
-    size_t i;
-    uint8_t *p = s->img + s->at;
-    if (s->to_image)
-        for (i = 0; i < n; i++) { p[2 * i] = (uint8_t)a[i]; p[2 * i + 1] = (uint8_t)(a[i] >> 8); }
-    else
-        for (i = 0; i < n; i++) a[i] = (uint16_t)(p[2 * i] | p[2 * i + 1] << 8);
-    s->at += 2 * n;
-}
-static void kvq__xfer_u32(kvq__stream *s, uint32_t *a, size_t n) {
-    size_t i;
-    for (i = 0; i < n; i++) {
-        if (s->to_image) kvq__put_u32(s->img + s->at, a[i]);
-        else a[i] = kvq__get_u32(s->img + s->at);
-        s->at += 4;
+typedef struct kvq__part { void *p; size_t n; int width; } kvq__part;
+
+/* Records [*first, *end) of a kind, for the counts of c (the same for every head). */
+static void kvq__record_range(const kvq_cache *c, int kind, int *first, int *end) {
+    const int after = kvq__after_sinks(c), waiting_keys = c->n_kblocks * c->cfg.group_size;
+    *first = 0;
+    switch (kind) {
+    case KVQ__R_SINK_K: case KVQ__R_SINK_V: *end = c->n_tokens - after; break;
+    case KVQ__R_KEY_BLOCK: *end = c->n_kblocks; break;
+    case KVQ__R_KEY_TOKEN: *end = c->n_ktok; break;
+    case KVQ__R_RING_K: *first = kvq__keys_quantized(c); *end = after; break;
+    case KVQ__R_VALUE: *end = c->n_vquant; break;
+    case KVQ__R_RING_V: *first = c->n_vquant; *end = after; break;
+    case KVQ__R_SIDE: *end = c->n_kblocks * c->n_salient; break;
+    default: /* attention received by the waiting keys (salient caches) */
+        *first = c->n_salient ? waiting_keys : 0;
+        *end = c->n_salient ? after : 0;
+        break;
     }
 }
-static void kvq__xfer_f32(kvq__stream *s, float *a) {
-    uint32_t u;
-    memcpy(&u, a, 4);
-    kvq__xfer_u32(s, &u, 1);
-    memcpy(a, &u, 4);
+
+/* The parts of record i of head h of a kind. Without locate (a probe cache with no memory)
+   only the sizes are filled: the pointers, never computed, stay NULL. */
+#define KVQ__PART(ptr, count, w) (pt[np].p = locate ? (void *)(ptr) : NULL, pt[np].n = (count), pt[np].width = (w), np++)
+static int kvq__record_parts(const kvq_cache *c, int kind, int h, int i, int locate, kvq__part *pt) {
+    const size_t D = (size_t)c->cfg.head_dim, G = (size_t)c->cfg.group_size;
+    const size_t slot = (size_t)h * c->kcap + (size_t)(i % (c->kcap ? c->kcap : 1));
+    const int kbits = c->cfg.key_bits, vbits = c->cfg.value_bits;
+    size_t n16;
+    int np = 0;
+    switch (kind) {
+    case KVQ__R_SINK_K: KVQ__PART(kvq__sink_row(c, c->sink_k, h, i), D, 2); break;
+    case KVQ__R_SINK_V: KVQ__PART(kvq__sink_row(c, c->sink_v, h, i), D, 2); break;
+    case KVQ__R_RING_K: KVQ__PART(kvq__ring_k_row(c, h, i), D, 2); break;
+    case KVQ__R_RING_V: KVQ__PART(kvq__ring_v_row(c, h, i), D, 2); break;
+    case KVQ__R_KEY_BLOCK: /* fp16 scale[D], min[D], then codes; at 16 bits G fp16 rows */
+        if (kbits == 16) { KVQ__PART(kvq__key_block(c, h, i), G * D, 2); break; }
+        KVQ__PART(kvq__key_block(c, h, i), 2 * D, 2);
+        KVQ__PART(kvq__key_block(c, h, i) + 4 * D, c->kblock_bytes - 4 * D, 1);
+        break;
+    case KVQ__R_KEY_TOKEN: /* params then codes, like values */
+        KVQ__PART(kvq__key_token_params(c, h, i), c->ktparam_bytes / 2, 2);
+        if (kbits == 16) KVQ__PART(kvq__key_token_codes(c, h, i), D, 2);
+        else KVQ__PART(kvq__key_token_codes(c, h, i), c->ktcode_bytes, 1);
+        break;
+    case KVQ__R_VALUE:
+        KVQ__PART(kvq__value_params(c, h, i), c->vparam_bytes / 2, 2);
+        if (vbits == 16) KVQ__PART(kvq__value_codes(c, h, i), D, 2);
+        else KVQ__PART(kvq__value_codes(c, h, i), c->vcode_bytes, 1);
+        break;
+    case KVQ__R_SIDE: /* u16 index and params (or fp16 rows), then codes */
+        n16 = c->cfg.salient_bits == 16 ? 1 + 2 * D : 1 + 4 * (size_t)kvq__value_groups(&c->cfg);
+        KVQ__PART(kvq__side_entry(c, h, i / c->n_salient, i % c->n_salient), n16, 2);
+        KVQ__PART(kvq__side_entry(c, h, i / c->n_salient, i % c->n_salient) + 2 * n16, c->side_bytes - 2 * n16, 1);
+        break;
+    default: /* f32 score, u32 count of queries */
+        KVQ__PART(c->sal_score + slot, 1, 4);
+        KVQ__PART(c->sal_seen + slot, 1, 4);
+        break;
+    }
+    return np;
 }
-static void kvq__xfer_bytes(kvq__stream *s, uint8_t *a, size_t n) {
-    if (s->to_image) memcpy(s->img + s->at, a, n);
-    else memcpy(a, s->img + s->at, n);
-    s->at += n;
+#undef KVQ__PART
+
+/* Copies one part between cache and image, little-endian in the image. */
+static void kvq__xfer_part(const kvq__part *pt, uint8_t *img, int to_image) {
+    uint8_t *a = (uint8_t *)pt->p;
+    size_t i;
+    int b;
+    if (pt->width == 1) {
+        if (to_image) memcpy(img, a, pt->n);
+        else memcpy(a, img, pt->n);
+        return;
+    }
+    for (i = 0; i < pt->n; i++, a += pt->width, img += pt->width) {
+        uint32_t u = 0;
+        if (to_image) {
+            if (pt->width == 2) { uint16_t x; memcpy(&x, a, 2); u = x; } else memcpy(&u, a, 4);
+            for (b = 0; b < pt->width; b++) img[b] = (uint8_t)(u >> 8 * b);
+        } else {
+            for (b = 0; b < pt->width; b++) u |= (uint32_t)img[b] << 8 * b;
+            if (pt->width == 2) { uint16_t x = (uint16_t)u; memcpy(a, &x, 2); } else memcpy(a, &u, 4);
+        }
+    }
 }
 
-/* Streams the payload of cache c; with img == NULL it only counts the bytes. */
-static size_t kvq__xfer_payload(const kvq_cache *c, uint8_t *img, int to_image) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size, S = c->cfg.sink_tokens;
-    const int sinks = c->n_tokens < S ? c->n_tokens : S, after = kvq__after_sinks(c);
-    const int kbits = c->cfg.key_bits, D2 = 2 * D;
-    const size_t kparams = kbits == 16 ? (size_t)G * D : 2 * (size_t)D; /* u16 at the start of a key block */
-    const size_t kcodes = c->kblock_bytes - 2 * kparams;
-    kvq__stream s;
-    int h, i;
-    s.img = img;
-    s.at = 0;
-    s.to_image = to_image;
-    if (!img) {
-        size_t per_head = (size_t)sinks * 2 * D2 + (size_t)c->n_kblocks * c->kblock_bytes +
-                          (size_t)c->n_ktok * (c->ktparam_bytes + c->ktcode_bytes) +
-                          (size_t)(after - kvq__keys_quantized(c)) * D2 +
-                          (size_t)c->n_vquant * (c->vparam_bytes + c->vcode_bytes) +
-                          (size_t)(after - c->n_vquant) * D2 +
-                          (size_t)c->n_kblocks * c->n_salient * c->side_bytes +
-                          (c->n_salient ? (size_t)(after - c->n_kblocks * G) * 8 : 0);
-        return per_head * (size_t)c->cfg.n_kv_heads;
+/* Validation of an image's records: only a state that appending could have produced loads.
+   fp16 rows are finite; a group's fp16 scale is >= 0 and at most what the widest range
+   append accepts gives, (65504 - -65504) / (2^b - 1), its min finite, and min + scale *
+   (2^b - 1) <= 2 * 65504; side-store indices lie in the block and ascend; salience scores
+   are finite and >= 0, and 0 where no query has seen the key. So every dequantized element
+   has |x| <= 2^17, which bounds attention's arithmetic (see kvq__check_attn). */
+static uint16_t kvq__img_u16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static int kvq__f16_finite(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }
+static int kvq__img_rows_ok(const uint8_t *p, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (!kvq__f16_finite(kvq__img_u16(p + 2 * i))) return 0;
+    return 1;
+}
+/* n scales then n mins of b-bit groups */
+static int kvq__img_params_ok(const uint8_t *p, size_t n, int bits) {
+    const float levels = (float)((1 << bits) - 1);
+    const uint16_t top = kvq__f32_to_f16(2.0f * KVQ__FP16_MAX / levels);
+    size_t g;
+    for (g = 0; g < n; g++) {
+        uint16_t s = kvq__img_u16(p + 2 * g), m = kvq__img_u16(p + 2 * (n + g));
+        if (s > top || !kvq__f16_finite(m)) return 0; /* s > top also catches a sign bit, inf, NaN */
+        if ((double)kvq__f16_to_f32(m) + (double)kvq__f16_to_f32(s) * levels > 2.0 * KVQ__FP16_MAX) return 0;
     }
-    for (h = 0; h < c->cfg.n_kv_heads; h++) {
-        if (sinks) {
-            kvq__xfer_u16(&s, kvq__sink_row(c, c->sink_k, h, 0), (size_t)sinks * D);
-            kvq__xfer_u16(&s, kvq__sink_row(c, c->sink_v, h, 0), (size_t)sinks * D);
-        }
-        for (i = 0; i < c->n_kblocks; i++) {
-            uint8_t *blk = kvq__key_block(c, h, i);
-            kvq__xfer_u16(&s, (uint16_t *)(void *)blk, kparams);
-            kvq__xfer_bytes(&s, blk + 2 * kparams, kcodes);
-        }
-        for (i = 0; i < c->n_ktok; i++) { /* keys per token: params then codes, like values */
-            kvq__xfer_u16(&s, kvq__key_token_params(c, h, i), c->ktparam_bytes / 2);
-            if (kbits == 16) kvq__xfer_u16(&s, (uint16_t *)(void *)kvq__key_token_codes(c, h, i), (size_t)D);
-            else kvq__xfer_bytes(&s, kvq__key_token_codes(c, h, i), c->ktcode_bytes);
-        }
-        for (i = kvq__keys_quantized(c); i < after; i++) kvq__xfer_u16(&s, kvq__ring_k_row(c, h, i), (size_t)D);
-        for (i = 0; i < c->n_vquant; i++) {
-            kvq__xfer_u16(&s, kvq__value_params(c, h, i), c->vparam_bytes / 2);
-            if (c->cfg.value_bits == 16) kvq__xfer_u16(&s, (uint16_t *)(void *)kvq__value_codes(c, h, i), (size_t)D);
-            else kvq__xfer_bytes(&s, kvq__value_codes(c, h, i), c->vcode_bytes);
-        }
-        for (i = c->n_vquant; i < after; i++) kvq__xfer_u16(&s, kvq__ring_v_row(c, h, i), (size_t)D);
-        for (i = 0; i < c->n_kblocks * c->n_salient; i++) { /* side store: index and params, then codes */
-            uint8_t *e = kvq__side_entry(c, h, i / c->n_salient, i % c->n_salient);
-            size_t n16 = c->cfg.salient_bits == 16 ? 1 + 2 * (size_t)D : 1 + 4 * (size_t)kvq__value_groups(&c->cfg);
-            kvq__xfer_u16(&s, (uint16_t *)(void *)e, n16);
-            kvq__xfer_bytes(&s, e + 2 * n16, c->side_bytes - 2 * n16);
-        }
-        if (c->n_salient)
-            for (i = c->n_kblocks * G; i < after; i++) { /* attention received by waiting keys */
-                size_t slot = (size_t)h * c->kcap + (size_t)(i % c->kcap);
-                kvq__xfer_f32(&s, &c->sal_score[slot]);
-                kvq__xfer_u32(&s, &c->sal_seen[slot], 1);
+    return 1;
+}
+static int kvq__record_ok(const kvq_cache *c, int kind, int i, const uint8_t *p, int *prev_index) {
+    const size_t D = (size_t)c->cfg.head_dim, G = (size_t)c->cfg.group_size;
+    const size_t ng = (size_t)kvq__value_groups(&c->cfg);
+    const int kbits = c->cfg.key_bits, vbits = c->cfg.value_bits;
+    switch (kind) {
+    case KVQ__R_KEY_BLOCK: return kbits == 16 ? kvq__img_rows_ok(p, G * D) : kvq__img_params_ok(p, D, kbits);
+    case KVQ__R_KEY_TOKEN: return kbits == 16 ? kvq__img_rows_ok(p, D) : kvq__img_params_ok(p, ng, kbits);
+    case KVQ__R_VALUE: return vbits == 16 ? kvq__img_rows_ok(p, D) : kvq__img_params_ok(p, ng, vbits);
+    case KVQ__R_SIDE: {
+        int idx = kvq__img_u16(p);
+        if (idx >= (int)G || (i % c->n_salient && idx <= *prev_index)) return 0;
+        *prev_index = idx;
+        if (c->cfg.salient_bits == 16) return kvq__img_rows_ok(p + 2, 2 * D);
+        return kvq__img_params_ok(p + 2, ng, 8) && kvq__img_params_ok(p + 2 + 4 * ng, ng, 8);
+    }
+    case KVQ__R_SALIENCE: {
+        uint32_t score = kvq__get_u32(p), seen = kvq__get_u32(p + 4);
+        return score < 0x7f800000u && (seen || score == 0); /* finite, no sign bit */
+    }
+    default: return kvq__img_rows_ok(p, D); /* sinks and waiting rows */
+    }
+}
+
+/* Walks the payload of c in image order: copies it to or from img, checks img's records
+   (*ok cleared at the first bad one), or only counts the bytes (mode KVQ__COUNT, img NULL). */
+static size_t kvq__walk_payload(const kvq_cache *c, uint8_t *img, int mode, int *ok) {
+    const int locate = mode == KVQ__TO_IMAGE || mode == KVQ__FROM_IMAGE;
+    kvq__part pt[3];
+    size_t at = 0, bytes;
+    int h, kind, i, k, np, first, end, prev_index = -1;
+    for (h = 0; h < c->cfg.n_kv_heads; h++)
+        for (kind = 0; kind < KVQ__R_KINDS; kind++) {
+            kvq__record_range(c, kind, &first, &end);
+            if (first >= end) continue;
+            np = kvq__record_parts(c, kind, h, first, locate, pt);
+            for (k = 0, bytes = 0; k < np; k++) bytes += pt[k].n * (size_t)pt[k].width;
+            if (mode == KVQ__COUNT) { /* every record of a kind has one size */
+                at += bytes * (size_t)(end - first);
+                continue;
             }
-    }
-    return s.at;
+            for (i = first; i < end; i++) {
+                if (mode == KVQ__CHECK && !kvq__record_ok(c, kind, i, img + at, &prev_index)) {
+                    *ok = 0;
+                    return at;
+                }
+                if (locate) {
+                    np = kvq__record_parts(c, kind, h, i, 1, pt);
+                    for (k = 0; k < np; k++) {
+                        kvq__xfer_part(&pt[k], img + at, mode == KVQ__TO_IMAGE);
+                        at += pt[k].n * (size_t)pt[k].width;
+                    }
+                } else {
+                    at += bytes;
+                }
+            }
+        }
+    return at;
+}
+
+/* Streams the payload of cache c to (to_image) or from an image; with img == NULL it only
+   counts the bytes. */
+static size_t kvq__xfer_payload(const kvq_cache *c, uint8_t *img, int to_image) {
+    return kvq__walk_payload(c, img, !img ? KVQ__COUNT : to_image ? KVQ__TO_IMAGE : KVQ__FROM_IMAGE, NULL);
 }
 
 KVQ_API size_t kvq_cache_serialized_bytes(const kvq_cache *c) {
@@ -2059,6 +2235,7 @@ KVQ_API kvq_status kvq_cache_serialize(const kvq_cache *c, void *buf, size_t buf
     if (!c || !buf) return KVQ_ERR_INVALID;
     need = kvq_cache_serialized_bytes(c);
     if (buf_bytes < need) return KVQ_ERR_NOMEM;
+    if (kvq__overlaps_cache(c, buf, need)) return KVQ_ERR_INVALID;
     payload = need - KVQ__HEADER_BYTES;
     memset(p, 0, KVQ__HEADER_BYTES);
     memcpy(p, KVQ__MAGIC, 8);
@@ -2103,46 +2280,65 @@ static kvq_status kvq__check_header(const uint8_t *p, size_t n, kvq_config *cfg,
     return KVQ_OK;
 }
 
-KVQ_API kvq_status kvq_serialized_config(const void *bytes, size_t n_bytes, kvq_config *cfg) {
+KVQ_API kvq_status kvq_serialized_info(const void *bytes, size_t n_bytes, kvq_config *cfg, int *n_tokens) {
     int tokens;
     kvq_config tmp;
     kvq_status st;
-    if (!bytes || !cfg) return KVQ_ERR_INVALID;
+    if (!bytes || !cfg || !n_tokens) return KVQ_ERR_INVALID;
     if ((st = kvq__check_header((const uint8_t *)bytes, n_bytes, &tmp, &tokens)) != KVQ_OK) return st;
     *cfg = tmp;
+    *n_tokens = tokens;
     return KVQ_OK;
 }
 
-KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, size_t n_bytes, void *mem,
-                                         size_t mem_bytes) {
+KVQ_API kvq_status kvq_serialized_config(const void *bytes, size_t n_bytes, kvq_config *cfg) {
+    int tokens;
+    return kvq_serialized_info(bytes, n_bytes, cfg, &tokens);
+}
+
+/* The sizes and counts of a cache of cfg holding tokens, with no memory: what an image must hold. */
+static void kvq__probe(kvq_cache *probe, const kvq_config *cfg, int tokens) {
+    memset(probe, 0, sizeof *probe);
+    probe->cfg = *cfg;
+    probe->n_tokens = tokens;
+    kvq__counts_after(cfg, tokens, &probe->n_kblocks, &probe->n_vquant);
+    probe->kblock_bytes = kvq__key_block_bytes(cfg);
+    probe->vparam_bytes = kvq__value_param_bytes(cfg);
+    probe->vcode_bytes = kvq__value_code_bytes(cfg);
+    probe->n_salient = kvq__salient_count(cfg);
+    probe->n_ktok = cfg->key_axis == KVQ_KEYS_PER_TOKEN ? probe->n_vquant : 0;
+    probe->ktparam_bytes = kvq__token_param_bytes(cfg, cfg->key_bits);
+    probe->ktcode_bytes = (size_t)cfg->head_dim * (size_t)cfg->key_bits / 8;
+    probe->side_bytes = kvq__side_entry_bytes(cfg);
+}
+
+KVQ_API kvq_status kvq_cache_load(kvq_cache **out, const void *bytes, size_t n_bytes, int max_tokens, void *mem,
+                                  size_t mem_bytes) {
     const uint8_t *p = (const uint8_t *)bytes;
     kvq_config cfg;
     kvq_cache probe, *c;
     kvq_status st;
     size_t payload;
-    int tokens;
-    if (!out || !bytes || !mem) return KVQ_ERR_INVALID;
+    int tokens, ok = 1;
+    if (!out || !bytes || !mem || max_tokens < 0) return KVQ_ERR_INVALID;
+    if (kvq__overlap(bytes, n_bytes, mem, mem_bytes)) return KVQ_ERR_INVALID;
     if ((st = kvq__check_header(p, n_bytes, &cfg, &tokens)) != KVQ_OK) return st;
+    if (max_tokens) { /* the caller's capacity; the layout of the payload does not depend on it */
+        if (max_tokens < tokens) return KVQ_ERR_FULL;
+        cfg.max_tokens = max_tokens;
+        if ((st = kvq_config_check(&cfg)) != KVQ_OK) return st; /* e.g. fewer than sink_tokens */
+    }
     if (mem_bytes < kvq_cache_bytes(&cfg)) return KVQ_ERR_NOMEM;
-    /* the payload size implied by the header must match the one stated, then the checksum */
-    memset(&probe, 0, sizeof probe);
-    probe.cfg = cfg;
-    probe.n_tokens = tokens;
-    kvq__counts_after(&cfg, tokens, &probe.n_kblocks, &probe.n_vquant);
-    probe.kblock_bytes = kvq__key_block_bytes(&cfg);
-    probe.vparam_bytes = kvq__value_param_bytes(&cfg);
-    probe.vcode_bytes = kvq__value_code_bytes(&cfg);
-    probe.n_salient = kvq__salient_count(&cfg);
-    probe.n_ktok = cfg.key_axis == KVQ_KEYS_PER_TOKEN ? probe.n_vquant : 0;
-    probe.ktparam_bytes = kvq__token_param_bytes(&cfg, cfg.key_bits);
-    probe.ktcode_bytes = (size_t)cfg.head_dim * (size_t)cfg.key_bits / 8;
-    probe.side_bytes = kvq__side_entry_bytes(&cfg);
+    /* the payload size implied by the header must match the one stated, then the checksum,
+       then every record's contents */
+    kvq__probe(&probe, &cfg, tokens);
     payload = kvq__xfer_payload(&probe, NULL, 0);
-    if ((uint64_t)payload != kvq__get_u64(p + KVQ__H_PAYLOAD))
-        return KVQ_ERR_CORRUPT;
+    if ((uint64_t)payload != kvq__get_u64(p + KVQ__H_PAYLOAD)) return KVQ_ERR_CORRUPT;
     if (n_bytes - KVQ__HEADER_BYTES < payload) return KVQ_ERR_CORRUPT;
     if (kvq__crc32c(0, p + KVQ__HEADER_BYTES, payload) != kvq__get_u32(p + KVQ__H_PAYLOAD_CRC) && !KVQ__FUZZING)
         return KVQ_ERR_CORRUPT;
+    kvq__walk_payload(&probe, (uint8_t *)(uintptr_t)p + KVQ__HEADER_BYTES, KVQ__CHECK, &ok); /* reads only */
+    if (!ok) return KVQ_ERR_CORRUPT;
     /* only now is the caller's memory written */
     if ((st = kvq_cache_init(&c, &cfg, mem, mem_bytes)) != KVQ_OK) return st;
     c->n_tokens = tokens;
@@ -2152,6 +2348,11 @@ KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, siz
     kvq__xfer_payload(c, (uint8_t *)(uintptr_t)p + KVQ__HEADER_BYTES, 0); /* reads only */
     *out = c;
     return KVQ_OK;
+}
+
+KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, size_t n_bytes, void *mem,
+                                         size_t mem_bytes) {
+    return kvq_cache_load(out, bytes, n_bytes, 0, mem, mem_bytes);
 }
 
 /* ---------------------------------------------------------------------------

@@ -511,6 +511,12 @@ static void test_errors(void) {
     UNCHANGED(kvq_cache_append(c, k, v, 10), KVQ_ERR_INVALID);
     k[5 * 32 + 7] = 70000.0f; /* beyond fp16 */
     UNCHANGED(kvq_cache_append(c, k, v, 10), KVQ_ERR_INVALID);
+    k[5 * 32 + 7] = 65519.0f; /* rounds to 65504 in fp16, but past the largest finite half */
+    UNCHANGED(kvq_cache_append(c, k, v, 10), KVQ_ERR_INVALID);
+    k[5 * 32 + 7] = nextafterf(65504.0f, 1e9f); /* the first float past it */
+    UNCHANGED(kvq_cache_append(c, k, v, 10), KVQ_ERR_INVALID);
+    k[5 * 32 + 7] = -nextafterf(65504.0f, 1e9f);
+    UNCHANGED(kvq_cache_append(c, k, v, 10), KVQ_ERR_INVALID);
     k[5 * 32 + 7] = 0.5f;
     v[9 * 32 + 31] = -INFINITY; /* the last element of the last token */
     UNCHANGED(kvq_cache_append(c, k, v, 10), KVQ_ERR_INVALID);
@@ -519,6 +525,8 @@ static void test_errors(void) {
     UNCHANGED(kvq_cache_read(c, -1, 2, k, v), KVQ_ERR_INVALID);
     UNCHANGED(kvq_cache_read(c, 0, 2, NULL, NULL), KVQ_ERR_INVALID);
     UNCHANGED(kvq_cache_read(NULL, 0, 2, k, v), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_cache_read(c, 0, 2, k, k + 32), KVQ_ERR_INVALID); /* k and v overlap */
+    UNCHANGED(kvq_cache_read(c, 0, 2, (float *)(void *)(mem + bytes / 2), NULL), KVQ_ERR_INVALID); /* into the cache */
     UNCHANGED(kvq_attention(c, q, out, NULL), KVQ_ERR_INVALID);
     UNCHANGED(kvq_attention(c, NULL, out, &ap), KVQ_ERR_INVALID);
     UNCHANGED(kvq_attention(c, q, NULL, &ap), KVQ_ERR_INVALID);
@@ -539,6 +547,42 @@ static void test_errors(void) {
     q[3] = NAN;
     UNCHANGED(kvq_attention(c, q, out, &ap), KVQ_ERR_INVALID);
     q[3] = 1.0f;
+    /* aliasing: outputs never overlap inputs or the cache */
+    {
+        float qcopy[4 * 16 * 2];
+        memcpy(qcopy, q, sizeof q);
+        UNCHANGED(kvq_attention(c, q, q, &ap), KVQ_ERR_INVALID);
+        UNCHANGED(kvq_attention(c, q, q + 63, &ap), KVQ_ERR_INVALID);
+        UNCHANGED(kvq_attention_partial(c, q, &ap, 0, 20, 0, 2, q), KVQ_ERR_INVALID);
+        CHECK(memcmp(qcopy, q, sizeof q) == 0, "a refused aliased call wrote its input");
+        UNCHANGED(kvq_attention(c, q, (float *)(void *)(mem + bytes / 2), &ap), KVQ_ERR_INVALID);
+        UNCHANGED(kvq_attention(c, q, (float *)(void *)mem, &ap), KVQ_ERR_INVALID);
+        CHECK(kvq_attention(c, q, q + 64, &ap) == KVQ_OK, "adjacent q and out");
+        memcpy(q, qcopy, sizeof q);
+        CHECK(kvq_attention_partial(c, q, &ap, 0, 20, 0, 2, st) == KVQ_OK, "partial");
+        sts[0] = st;
+        UNCHANGED(kvq_attention_merge(c, &ap, sts, 1, st), KVQ_ERR_INVALID);
+        UNCHANGED(kvq_attention_merge(c, &ap, sts, 1, st + 70), KVQ_ERR_INVALID);
+        UNCHANGED(kvq_attention_merge(c, &ap, sts, 1, (float *)(void *)(mem + 128)), KVQ_ERR_INVALID);
+        CHECK(kvq_attention_merge(c, &ap, sts, 1, st + 72) == KVQ_OK, "merge into the floats after the state");
+    }
+    /* finite inputs whose scores would overflow are refused: |scale| * sum |q| <= 2^100 */
+    for (i = 0; i < 16; i++) q[i] = 1e10f;
+    ap.scale = 1e30f;
+    UNCHANGED(kvq_attention(c, q, out, &ap), KVQ_ERR_INVALID);
+    UNCHANGED(kvq_attention_partial(c, q, &ap, 0, 20, 0, 2, st), KVQ_ERR_INVALID);
+    for (i = 0; i < 16; i++) q[i] = 0x1p96f * 1.0001f; /* 16 * 2^96 = 2^100, and a bit more */
+    ap.scale = 1.0f;
+    UNCHANGED(kvq_attention(c, q, out, &ap), KVQ_ERR_INVALID);
+    for (i = 0; i < 16; i++) q[i] = 0x1p96f; /* exactly the bound: allowed, and finite */
+    CHECK(kvq_attention(c, q, out, &ap) == KVQ_OK, "a query at the bound");
+    {
+        int finite = 1;
+        for (i = 0; i < 4 * 16; i++) finite &= isfinite(out[i]) != 0;
+        CHECK(finite, "a query at the bound gives a non-finite output");
+    }
+    for (i = 0; i < 4 * 16 * 2; i++) q[i] = tu_normal(&r);
+    ap.scale = 0.0f;
     UNCHANGED(kvq_attention_partial(c, q, &ap, 0, 21, 0, 2, st), KVQ_ERR_INVALID);
     UNCHANGED(kvq_attention_partial(c, q, &ap, 5, 4, 0, 2, st), KVQ_ERR_INVALID);
     UNCHANGED(kvq_attention_partial(c, q, &ap, 0, 20, 1, 1, st), KVQ_ERR_INVALID);
@@ -551,6 +595,8 @@ static void test_errors(void) {
     UNCHANGED(kvq_attention_merge(c, &ap, NULL, 1, out), KVQ_ERR_INVALID);
     CHECK(kvq_cache_tokens(c) == 20, "still 20 tokens");
     /* the cache still works, up to exactly max_tokens */
+    k[3] = 65504.0f; /* the largest half is accepted */
+    v[40] = -65504.0f;
     CHECK(kvq_cache_append(c, k, v, 20) == KVQ_OK, "fill to capacity");
     UNCHANGED(kvq_cache_append(c, k, v, 1), KVQ_ERR_FULL);
     CHECK(kvq_cache_append(c, k, v, 0) == KVQ_OK, "appending nothing is fine");
@@ -574,6 +620,43 @@ static void test_long_context(void) {
     CHECK(a.fused_err < 1e-10, "64K tokens fp16: fused err %g", a.fused_err);
 }
 
+/* Merge takes the largest max over all states, whatever their order: with scores 200 apart,
+   taking the first state's max would give exp(200) = inf, and NaN. */
+static void test_merge_order(void) {
+    enum { D = 16, T = 64 };
+    kvq_config cfg = kvq_default_config(D, 1, T);
+    kvq_cache *c = NULL;
+    float k[T * D], v[T * D], q[D], ref[D], out[D], sa[D + 2], sb[D + 2];
+    const float *order[2];
+    kvq_attn_params ap = {1, 1, 10.0f};
+    tu_rng r = {31};
+    double e = 0, n = 0;
+    int t, ch, o;
+    for (t = 0; t < T; t++)
+        for (ch = 0; ch < D; ch++) {
+            k[t * D + ch] = ch == 0 ? (t < T / 2 ? -1.0f : 1.0f) : 0.0f; /* scores -100 then +100 */
+            v[t * D + ch] = tu_normal(&r);
+        }
+    for (ch = 0; ch < D; ch++) q[ch] = ch == 0 ? 10.0f : 0.0f;
+    cfg.sink_tokens = 0;
+    CHECK(kvq_cache_create(&c, &cfg) == KVQ_OK && kvq_cache_append(c, k, v, T) == KVQ_OK, "build");
+    if (!c) return;
+    CHECK(kvq_attention(c, q, ref, &ap) == KVQ_OK, "attention");
+    CHECK(kvq_attention_partial(c, q, &ap, 0, T / 2, 0, 1, sa) == KVQ_OK, "earlier half");
+    CHECK(kvq_attention_partial(c, q, &ap, T / 2, T, 0, 1, sb) == KVQ_OK, "later half");
+    for (o = 0; o < 2; o++) {
+        order[0] = o ? sb : sa;
+        order[1] = o ? sa : sb;
+        CHECK(kvq_attention_merge(c, &ap, order, 2, out) == KVQ_OK, "merge");
+        for (ch = 0, e = n = 0; ch < D; ch++) {
+            e += (out[ch] - ref[ch]) * (out[ch] - ref[ch]);
+            n += ref[ch] * ref[ch];
+        }
+        CHECK(e <= 1e-12 * n, "merge of [%s] states differs: %g", o ? "later, earlier" : "earlier, later", e / n);
+    }
+    kvq_cache_destroy(c);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "--report") == 0) {
         report();
@@ -584,6 +667,7 @@ int main(int argc, char **argv) {
     test_accounting();
     test_errors();
     test_incremental_and_split();
+    test_merge_order();
     test_accuracy_grid();
     test_shapes();
     test_long_context();

@@ -108,50 +108,142 @@ static void test_outlier_token(void) {
     kvq_cache_destroy(p);
 }
 
-/* Both policies give the same bytes for the same calls. */
+/* Both policies give the same bytes for the same calls, however they are made: in a cache
+   saved and loaded half-way, then continued; and, with the error policy, on the scalar path
+   and on the best ISA compiled in (whose quantize kernels differ in code). The attention
+   policy's scores are sums of softmax probabilities from the ISA's attention kernels, which
+   may reorder sums: they agree across paths only to rounding (tested below, test_scores). */
 static void test_determinism(void) {
     int policy;
     for (policy = 0; policy < 2; policy++) {
         kvq_config cfg = salient_config(32, 0.1f, 8, policy);
-        kvq_cache *a = NULL, *b = NULL;
+        kvq_cache *a = NULL, *b = NULL, *l = NULL;
         const int T = 200;
         float *k = (float *)tu_alloc((size_t)T * 64 * 4), *v = (float *)tu_alloc((size_t)T * 64 * 4);
         float q[4 * 32], o[4 * 32];
         kvq_attn_params ap = {4, 1, 0.0f};
+        kvq_isa best;
         tu_rng r = {12};
-        size_t na, nb;
-        uint8_t *ia, *ib;
-        int t;
+        size_t na, nb, nl;
+        uint8_t *ia, *ib, *il, *mem = (uint8_t *)tu_alloc(kvq_cache_bytes(&cfg));
+        int t, isa;
+        for (isa = KVQ_ISA_SCALAR; isa <= KVQ_ISA_NEON; isa++) kvq_set_isa((kvq_isa)isa);
+        best = kvq_get_isa();
         tu_fill_kv(&r, TU_STRUCTURED, T, 2, 32, k, v);
         tu_fill_q(&r, TU_STRUCTURED, 4 * 32, 32, q);
         kvq_cache_create(&a, &cfg);
         kvq_cache_create(&b, &cfg);
         for (t = 0; t < T; t++) {
+            kvq_set_isa(KVQ_ISA_SCALAR);
             kvq_cache_append(a, k + (size_t)t * 64, v + (size_t)t * 64, 1);
-            kvq_cache_append(b, k + (size_t)t * 64, v + (size_t)t * 64, 1);
             kvq_attention(a, q, o, &ap);
+            kvq_set_isa(best);
+            kvq_cache_append(b, k + (size_t)t * 64, v + (size_t)t * 64, 1);
             kvq_attention(b, q, o, &ap);
+            if (t == T / 2) { /* save b, load it, continue the copy alongside */
+                nl = kvq_cache_serialized_bytes(b);
+                il = (uint8_t *)tu_alloc(nl);
+                kvq_cache_serialize(b, il, nl, NULL);
+                CHECK(kvq_cache_deserialize(&l, il, nl, mem, kvq_cache_bytes(&cfg)) == KVQ_OK, "load half-way");
+                free(il);
+            } else if (l && t > T / 2) {
+                kvq_cache_append(l, k + (size_t)t * 64, v + (size_t)t * 64, 1);
+                kvq_attention(l, q, o, &ap);
+            }
         }
         na = kvq_cache_serialized_bytes(a);
         nb = kvq_cache_serialized_bytes(b);
+        nl = l ? kvq_cache_serialized_bytes(l) : 0;
         ia = (uint8_t *)tu_alloc(na);
         ib = (uint8_t *)tu_alloc(nb);
+        il = (uint8_t *)tu_alloc(nl + 1);
         kvq_cache_serialize(a, ia, na, NULL);
         kvq_cache_serialize(b, ib, nb, NULL);
-        CHECK(na == nb && memcmp(ia, ib, na) == 0, "policy %d is not deterministic", policy);
+        if (l) kvq_cache_serialize(l, il, nl, NULL);
+        if (policy == KVQ_SALIENT_ERROR)
+            CHECK(na == nb && memcmp(ia, ib, na) == 0, "policy %d: scalar and %s caches differ", policy,
+                  kvq_isa_name(best));
+        CHECK(nl == nb && memcmp(il, ib, nb) == 0, "policy %d: the cache loaded half-way went on differently", policy);
         kvq_cache_destroy(a);
         kvq_cache_destroy(b);
-        free(ia); free(ib); free(k); free(v);
+        free(ia); free(ib); free(il); free(k); free(v); free(mem);
     }
+}
+
+/* Equal importance goes to the older token: two tokens of a block that each alone stretch one
+   channel's range by the same share tie under the error policy, and the first is kept. */
+static void test_ties(void) {
+    kvq_config cfg = salient_config(16, 0.03f, 8, KVQ_SALIENT_ERROR); /* one salient token of 32 */
+    kvq_cache *c = NULL;
+    float k[64 * 2 * 16], v[64 * 2 * 16];
+    int t, ch, h;
+    cfg.group_size = 32;
+    for (t = 0; t < 64; t++)
+        for (h = 0; h < 2; h++)
+            for (ch = 0; ch < 16; ch++) {
+                float x = 0.0f;
+                if (t == 9 && ch == 0) x = 10.0f; /* gain (10 - 0) / 10 = 1 in channel 0 */
+                if (t == 3 && ch == 1) x = 10.0f; /* and the same in channel 1 */
+                k[(t * 2 + h) * 16 + ch] = x;
+                v[(t * 2 + h) * 16 + ch] = 0.5f;
+            }
+    CHECK(kvq_cache_create(&c, &cfg) == KVQ_OK && kvq_cache_append(c, k, v, 64) == KVQ_OK, "build");
+    if (!c) return;
+    CHECK(c->n_kblocks >= 1 && c->n_salient == 1, "one block, one salient token");
+    for (h = 0; h < 2; h++)
+        CHECK(kvq__side_index(kvq__side_entry(c, h, 0, 0)) == 3, "head %d kept token %d of a tie, not the older 3", h,
+              kvq__side_index(kvq__side_entry(c, h, 0, 0)));
+    kvq_cache_destroy(c);
+}
+
+/* A partial call whose token range starts inside a salient block, with fp16 keys (scores of
+   the tile then start at the tile, not the block): merged, it equals kvq_attention. */
+static void test_partial_inside_block(void) {
+    kvq_config cfg = salient_config(32, 0.2f, 16, KVQ_SALIENT_ERROR);
+    const int T = 200, NQH = 4;
+    kvq_cache *c = NULL;
+    float *k = (float *)tu_alloc((size_t)T * 64 * 4), *v = (float *)tu_alloc((size_t)T * 64 * 4);
+    float q[4 * 32], ref[4 * 32], out[4 * 32], *sa, *sb;
+    const float *st[2];
+    kvq_attn_params ap = {NQH, 1, 0.0f};
+    tu_rng r = {77};
+    size_t sf;
+    int cut, i;
+    cfg.key_bits = 16;
+    cfg.group_size = 16;
+    cfg.residual_tokens = 16;
+    tu_fill_kv(&r, TU_STRUCTURED, T, 2, 32, k, v);
+    tu_fill_q(&r, TU_STRUCTURED, 4 * 32, 32, q);
+    CHECK(kvq_cache_create(&c, &cfg) == KVQ_OK && kvq_cache_append(c, k, v, T) == KVQ_OK, "build");
+    if (!c) return;
+    CHECK(kvq_attention(c, q, ref, &ap) == KVQ_OK, "attention");
+    sf = kvq_attention_state_floats(c, &ap);
+    sa = (float *)tu_alloc(sf * 4);
+    sb = (float *)tu_alloc(sf * 4);
+    for (cut = 1; cut < 60; cut += 7) { /* inside blocks 0 to 3 */
+        double e = 0, n = 0;
+        CHECK(kvq_attention_partial(c, q, &ap, 0, cut, 0, 2, sa) == KVQ_OK, "partial [0, %d)", cut);
+        CHECK(kvq_attention_partial(c, q, &ap, cut, T, 0, 2, sb) == KVQ_OK, "partial [%d, T)", cut);
+        st[0] = sa;
+        st[1] = sb;
+        CHECK(kvq_attention_merge(c, &ap, st, 2, out) == KVQ_OK, "merge");
+        for (i = 0; i < 4 * 32; i++) {
+            e += (out[i] - ref[i]) * (out[i] - ref[i]);
+            n += ref[i] * ref[i];
+        }
+        CHECK(e <= 1e-10 * n, "split at %d: %g", cut, e / n);
+    }
+    kvq_cache_destroy(c);
+    free(k); free(v); free(sa); free(sb);
 }
 
 /* Scores: with GQA and several queries, each query adds the probability its heads gave
    a waiting token, and counts once. Checked against the exact softmax. */
-static void test_scores(void) {
-    const int D = 16, H = 2, NQH = 6, NQ = 3, T = 40;
+static void test_scores(int NQH) {
+    const int D = 16, H = 2, NQ = 3, T = 40;
     kvq_config cfg = kvq_default_config(D, H, 256);
     kvq_cache *c = NULL;
-    float k[40 * 2 * 16], v[40 * 2 * 16], q[3 * 6 * 16], o[3 * 6 * 16];
+    float k[40 * 2 * 16], v[40 * 2 * 16], q[3 * 24 * 16], o[3 * 24 * 16];
     double expect[2][40], seen[40];
     kvq_attn_params ap = {NQH, NQ, 0.0f};
     tu_rng r = {21};
@@ -160,7 +252,7 @@ static void test_scores(void) {
     cfg.residual_tokens = 64;
     cfg.sink_tokens = 0;
     for (i = 0; i < 40 * 2 * 16; i++) { k[i] = tu_normal(&r); v[i] = tu_normal(&r); }
-    for (i = 0; i < 3 * 6 * 16; i++) q[i] = tu_normal(&r);
+    for (i = 0; i < NQ * NQH * D; i++) q[i] = tu_normal(&r);
     CHECK(kvq_cache_create(&c, &cfg) == KVQ_OK, "create");
     if (!c) return;
     kvq_cache_append(c, k, v, T);
@@ -190,7 +282,7 @@ static void test_scores(void) {
             size_t slot = (size_t)h * c->kcap + (size_t)t;
             if (c->sal_seen[slot] != (uint32_t)seen[t] || fabs(c->sal_score[slot] - expect[h][t]) > 1e-5) bad++;
         }
-    CHECK(bad == 0, "%d waiting tokens with a wrong score or count", bad);
+    CHECK(bad == 0, "%d waiting tokens with a wrong score or count (%d query heads)", bad, NQH);
     kvq_cache_destroy(c);
 }
 
@@ -279,7 +371,10 @@ int main(void) {
     test_reconstruction();
     test_outlier_token();
     test_determinism();
-    test_scores();
+    test_ties();
+    test_partial_inside_block();
+    test_scores(6);
+    test_scores(24); /* a GQA group of 12: two chunks of query heads, each query counted once */
     test_accounting();
     test_fused_matches_read();
     return tu_finish("test_salient");

@@ -4,6 +4,7 @@
 #define KVQ_IMPLEMENTATION
 #include "../kvq.h"
 #include "test_util.h"
+#include "hostile.h"
 
 typedef struct built {
     kvq_cache *c;
@@ -229,6 +230,165 @@ static void test_corruption(void) {
     free(mem);
 }
 
+/* Hostile images (tests/hostile.h): each edit, sealed with valid checksums, is refused with
+   KVQ_ERR_CORRUPT on every ISA path, by both loaders, and writes nothing. The unedited
+   image, sealed the same way, loads: the refusals come from the content checks. */
+static void test_hostile(void) {
+    int variant, i, isa, applied[HOSTILE_CASES], missing = 0;
+    memset(applied, 0, sizeof applied);
+    for (variant = 0; variant < HOSTILE_VARIANTS; variant++) {
+        kvq_cache *base = hostile_base(variant), *c = NULL;
+        kvq_config cfg = *kvq_cache_config(base);
+        size_t n = kvq_cache_serialized_bytes(base), need = kvq_cache_bytes(&cfg), j, changed;
+        uint8_t *img = (uint8_t *)tu_alloc(n), *bad = (uint8_t *)tu_alloc(n), *mem = (uint8_t *)tu_alloc(need);
+        CHECK(kvq_cache_serialize(base, img, n, NULL) == KVQ_OK, "serialize");
+        hostile_reseal(img);
+        CHECK(kvq_cache_deserialize(&c, img, n, mem, need) == KVQ_OK, "variant %d: the resealed base image", variant);
+        for (i = 0; i < HOSTILE_CASES; i++) {
+            const char *name = hostile_make(i, img, n, bad);
+            if (!name) continue;
+            applied[i]++;
+            CHECK(memcmp(bad, img, n) != 0, "case %s changed nothing", name);
+            for (isa = 0; isa <= KVQ_ISA_NEON; isa++) {
+                kvq_status a, b;
+                if (kvq_set_isa((kvq_isa)isa) != KVQ_OK) continue;
+                memset(mem, 0xa5, need);
+                c = NULL;
+                a = kvq_cache_deserialize(&c, bad, n, mem, need);
+                b = kvq_cache_load(&c, bad, n, HOSTILE_TOKENS + 7, mem, need);
+                for (j = 0, changed = 0; j < need; j++) changed += mem[j] != 0xa5;
+                CHECK(a == KVQ_ERR_CORRUPT && b == KVQ_ERR_CORRUPT && c == NULL && changed == 0,
+                      "variant %d, %s, %s: statuses %d %d, %zu bytes written", variant, name,
+                      kvq_isa_name((kvq_isa)isa), (int)a, (int)b, changed);
+            }
+            kvq_set_isa(KVQ_ISA_SCALAR);
+            while (kvq_set_isa((kvq_isa)(kvq_get_isa() + 1)) == KVQ_OK) {} /* back to the best */
+        }
+        kvq_cache_destroy(base);
+        free(img); free(bad); free(mem);
+    }
+    for (i = 0; i < HOSTILE_CASES; i++) missing += applied[i] == 0;
+    CHECK(missing == 0, "%d hostile cases applied to no variant", missing);
+}
+
+/* An image holding max_tokens + 1 tokens whose counts, payload size and checksums all agree:
+   only the capacity check can refuse it. */
+static void test_tokens_past_capacity(void) {
+    kvq_config cfg = kvq_default_config(16, 2, 61), got;
+    built b;
+    kvq_cache *c = NULL;
+    uint8_t *mem;
+    size_t need;
+    int held;
+    cfg.residual_tokens = 32;
+    cfg.group_size = 16;
+    b = build_cache(&cfg, 61, 3);
+    kvq__put_u32(b.img + KVQ__H_CONFIG + 8, 60);
+    hostile_reseal(b.img);
+    cfg.max_tokens = 60;
+    need = kvq_cache_bytes(&cfg) + 4096;
+    mem = (uint8_t *)tu_alloc(need);
+    CHECK(kvq_serialized_info(b.img, b.n, &got, &held) == KVQ_ERR_CORRUPT, "info of 61 tokens in 60");
+    CHECK(kvq_cache_deserialize(&c, b.img, b.n, mem, need) == KVQ_ERR_CORRUPT && !c, "61 tokens in 60");
+    CHECK(kvq_cache_load(&c, b.img, b.n, 100, mem, need) == KVQ_ERR_CORRUPT && !c, "61 tokens in 60, loaded into 100");
+    kvq__put_u32(b.img + KVQ__H_CONFIG + 8, 61);
+    hostile_reseal(b.img);
+    CHECK(kvq_cache_deserialize(&c, b.img, b.n, mem, need) == KVQ_OK, "61 tokens in 61");
+    kvq_cache_destroy(b.c);
+    free(b.img);
+    free(mem);
+}
+
+/* Loading into a capacity the caller chooses: learn the tokens held, size for them, go on
+   appending exactly as the saved cache would. */
+static void test_load_capacity(void) {
+    kvq_config cfg = kvq_default_config(32, 2, 200), got;
+    built b, c2;
+    kvq_cache *c = NULL;
+    uint8_t *mem, *tiny;
+    size_t need, j, changed;
+    int held;
+    float k[64 * 64], v[64 * 64];
+    cfg.salient_ratio = 0.1f;
+    cfg.residual_tokens = 32;
+    b = build_cache(&cfg, 150, 4);
+    CHECK(kvq_serialized_info(b.img, b.n, &got, &held) == KVQ_OK && held == 150 && got.max_tokens == 200, "info");
+    got.max_tokens = 500;
+    need = kvq_cache_bytes(&got);
+    mem = (uint8_t *)tu_alloc(need);
+    CHECK(kvq_cache_load(&c, b.img, b.n, 500, mem, need - 1) == KVQ_ERR_NOMEM, "memory one byte short");
+    CHECK(kvq_cache_load(&c, b.img, b.n, 500, mem, need) == KVQ_OK && kvq_cache_config(c)->max_tokens == 500, "grow");
+    if (c) {
+        CHECK(same_cache(b.c, c), "the grown cache reads and attends differently");
+        for (j = 0; j < 64 * 64; j++) { k[j] = (float)(j % 29) * 0.3f - 4.0f; v[j] = (float)(j % 11) - 5.0f; }
+        CHECK(kvq_cache_append(c, k, v, 40) == KVQ_OK && kvq_cache_append(b.c, k, v, 40) == KVQ_OK, "append 40");
+        CHECK(same_cache(b.c, c), "the grown cache goes on differently");
+        CHECK(kvq_cache_append(c, k, v, 60) == KVQ_OK, "the grown cache takes more than the old capacity");
+    }
+    /* exactly the tokens held: full at once */
+    got.max_tokens = 150;
+    CHECK(kvq_cache_load(&c, b.img, b.n, 150, mem, kvq_cache_bytes(&got)) == KVQ_OK && c, "capacity = tokens held");
+    if (c) CHECK(kvq_cache_append(c, k, v, 1) == KVQ_ERR_FULL, "a load at exact capacity is full");
+    /* too small: refused, nothing written */
+    memset(mem, 0x3c, need);
+    c = NULL;
+    CHECK(kvq_cache_load(&c, b.img, b.n, 149, mem, need) == KVQ_ERR_FULL && !c, "capacity below the tokens held");
+    CHECK(kvq_cache_load(&c, b.img, b.n, -1, mem, need) == KVQ_ERR_INVALID && !c, "negative capacity");
+    for (j = 0, changed = 0; j < need; j++) changed += mem[j] != 0x3c;
+    CHECK(changed == 0, "a refused load wrote %zu bytes", changed);
+    /* fewer slots than sink tokens: an impossible config */
+    cfg = kvq_default_config(32, 2, 200);
+    c2 = build_cache(&cfg, 1, 5);
+    CHECK(kvq_cache_load(&c, c2.img, c2.n, 2, mem, need) == KVQ_ERR_INVALID, "capacity below the sinks");
+    /* a 128-byte image claiming a capacity of terabytes loads into the few tokens it holds */
+    cfg.head_dim = 512;
+    kvq_cache_destroy(c2.c);
+    free(c2.img);
+    c2 = build_cache(&cfg, 0, 6);
+    kvq__put_u32(c2.img + KVQ__H_CONFIG + 4, 64);      /* n_kv_heads */
+    kvq__put_u32(c2.img + KVQ__H_CONFIG + 8, 1u << 30); /* max_tokens */
+    hostile_reseal(c2.img);
+    CHECK(c2.n == KVQ__HEADER_BYTES, "an empty image is its header");
+    CHECK(kvq_serialized_info(c2.img, c2.n, &got, &held) == KVQ_OK && held == 0, "info of the huge claim");
+    CHECK(kvq_cache_bytes(&got) > ((size_t)1 << 40) || kvq_cache_bytes(&got) == 0, "it claims over a terabyte");
+    got.max_tokens = 32;
+    need = kvq_cache_bytes(&got);
+    tiny = (uint8_t *)tu_alloc(need);
+    CHECK(need < (8u << 20), "32 tokens fit in %zu bytes", need);
+    CHECK(kvq_cache_load(&c, c2.img, c2.n, 32, tiny, need) == KVQ_OK && kvq_cache_tokens(c) == 0, "load the claim small");
+    kvq_cache_destroy(c2.c);
+    free(c2.img);
+    free(tiny);
+    kvq_cache_destroy(b.c);
+    free(b.img);
+    free(mem);
+}
+
+/* A load whose memory overlaps its image is refused before anything is written. */
+static void test_load_aliasing(void) {
+    kvq_config cfg = kvq_default_config(16, 1, 100);
+    built b = build_cache(&cfg, 40, 8);
+    size_t need = kvq_cache_bytes(&cfg);
+    uint8_t *buf = (uint8_t *)tu_alloc(need + b.n), *copy = (uint8_t *)tu_alloc(need + b.n);
+    kvq_cache *c = NULL;
+    memcpy(buf, b.img, b.n);
+    memcpy(copy, buf, need + b.n);
+    CHECK(kvq_cache_deserialize(&c, buf, b.n, buf, need + b.n) == KVQ_ERR_INVALID && !c, "mem == bytes");
+    CHECK(kvq_cache_deserialize(&c, buf, b.n, buf + b.n - 1, need) == KVQ_ERR_INVALID && !c, "mem overlaps the end");
+    CHECK(memcmp(buf, copy, need + b.n) == 0, "a refused aliased load wrote");
+    CHECK(kvq_cache_deserialize(&c, buf, b.n, buf + b.n, need) == KVQ_OK && c, "adjacent, not overlapping");
+    if (c) {
+        /* serializing into the cache's own memory would corrupt it */
+        CHECK(kvq_cache_serialize(c, (uint8_t *)c + 64, kvq_cache_serialized_bytes(c), NULL) == KVQ_ERR_INVALID,
+              "serialize into the cache");
+        CHECK(same_cache(b.c, c), "the cache after a refused serialize");
+    }
+    kvq_cache_destroy(b.c);
+    free(b.img);
+    free(buf);
+    free(copy);
+}
+
 /* Cross-platform: one machine writes an image and what it reads back; another checks. */
 static kvq_config xplat_config(void) {
     kvq_config cfg = kvq_default_config(64, 2, 1024);
@@ -318,6 +478,10 @@ int main(int argc, char **argv) {
     test_sizes();
     test_round_trips();
     test_corruption();
+    test_hostile();
+    test_tokens_past_capacity();
+    test_load_capacity();
+    test_load_aliasing();
     if (argc == 3 && strcmp(argv[1], "--check") == 0) xplat(argv[2], 0);
     return tu_finish("test_serialize");
 }

@@ -1,7 +1,9 @@
-/* Thread safety: concurrent kvq_attention calls on one cache, and split attention
-   spread over threads (disjoint KV-head rows of one state, token ranges in
-   separate states), give the single-threaded results. `make tsan` runs it
-   under ThreadSanitizer. */
+/* Thread safety, as kvq.h promises it: concurrent kvq_attention calls on one cache, and
+   split attention spread over threads (disjoint KV-head rows of one state, token ranges in
+   separate states), give the single-threaded results; appends (and attention that records
+   salience) under a reader-writer lock, as the header asks, race with nothing and build
+   the cache a single thread would. `make tsan` runs it under ThreadSanitizer. */
+#define _POSIX_C_SOURCE 200809L /* pthread_rwlock_t under -std=c99 */
 #define KVQ_IMPLEMENTATION
 #include "../kvq.h"
 #include "test_util.h"
@@ -30,6 +32,88 @@ static void *run_partial(void *arg) {
     kvq_attn_params ap = {NQH, NQ, 0.0f};
     j->st = kvq_attention_partial(j->c, j->q, &ap, j->tok_first, j->tok_end, j->kv_first, j->kv_end, j->state);
     return NULL;
+}
+
+/* One appender and two attention threads on one cache, through a reader-writer lock: appends
+   (and, with recorded salience, attention too) hold it exclusively, other calls share it. */
+typedef struct shared_cache {
+    pthread_rwlock_t lock;
+    kvq_cache *c;
+    const float *k, *v, *q;
+    int n, writes_attend, bad;
+} shared_cache;
+
+static void *appender(void *arg) {
+    shared_cache *s = (shared_cache *)arg;
+    int t;
+    for (t = 0; t < s->n; t++) {
+        pthread_rwlock_wrlock(&s->lock);
+        if (kvq_cache_append(s->c, s->k + (size_t)t * H * D, s->v + (size_t)t * H * D, 1) != KVQ_OK) s->bad++;
+        pthread_rwlock_unlock(&s->lock);
+    }
+    return NULL;
+}
+
+static void *attender(void *arg) {
+    shared_cache *s = (shared_cache *)arg;
+    kvq_attn_params ap = {NQH, 1, 0.0f};
+    float out[NQH * D];
+    int i, j, bad = 0;
+    for (i = 0; i < 200; i++) {
+        kvq_status st;
+        if (s->writes_attend) pthread_rwlock_wrlock(&s->lock);
+        else pthread_rwlock_rdlock(&s->lock);
+        st = kvq_cache_tokens(s->c) > 0 ? kvq_attention(s->c, s->q, out, &ap) : KVQ_OK;
+        if (st == KVQ_OK && kvq_cache_tokens(s->c) > 0)
+            for (j = 0; j < NQH * D; j++) bad += !isfinite(out[j]);
+        pthread_rwlock_unlock(&s->lock);
+        bad += st != KVQ_OK;
+    }
+    pthread_rwlock_wrlock(&s->lock);
+    s->bad += bad;
+    pthread_rwlock_unlock(&s->lock);
+    return NULL;
+}
+
+static void test_locked_appends(const float *k, const float *v, const float *q) {
+    int salient;
+    for (salient = 0; salient < 2; salient++) {
+        kvq_config cfg = kvq_default_config(D, H, 400);
+        shared_cache s;
+        kvq_cache *serial = NULL;
+        pthread_t th[3];
+        size_t na, nb;
+        uint8_t *ia, *ib;
+        int t;
+        cfg.salient_ratio = salient ? 0.1f : 0.0f;
+        memset(&s, 0, sizeof s);
+        pthread_rwlock_init(&s.lock, NULL);
+        s.k = k;
+        s.v = v;
+        s.q = q;
+        s.n = 400;
+        s.writes_attend = salient; /* attention records salience: it writes */
+        CHECK(kvq_cache_create(&s.c, &cfg) == KVQ_OK, "create");
+        pthread_create(&th[0], NULL, appender, &s);
+        for (t = 1; t < 3; t++) pthread_create(&th[t], NULL, attender, &s);
+        for (t = 0; t < 3; t++) pthread_join(th[t], NULL);
+        CHECK(s.bad == 0 && kvq_cache_tokens(s.c) == 400, "salient %d: %d failed calls", salient, s.bad);
+        if (!salient) { /* attention only read: the cache is the one a single thread builds */
+            kvq_cache_create(&serial, &cfg);
+            kvq_cache_append(serial, k, v, 400);
+            na = kvq_cache_serialized_bytes(s.c);
+            nb = kvq_cache_serialized_bytes(serial);
+            ia = (uint8_t *)tu_alloc(na);
+            ib = (uint8_t *)tu_alloc(nb);
+            kvq_cache_serialize(s.c, ia, na, NULL);
+            kvq_cache_serialize(serial, ib, nb, NULL);
+            CHECK(na == nb && memcmp(ia, ib, na) == 0, "appends among attention calls built another cache");
+            free(ia); free(ib);
+            kvq_cache_destroy(serial);
+        }
+        kvq_cache_destroy(s.c);
+        pthread_rwlock_destroy(&s.lock);
+    }
 }
 
 int main(void) {
@@ -94,6 +178,7 @@ int main(void) {
     }
     CHECK(e / rr < 1e-10, "threaded split differs: %g", e / rr);
     kvq_cache_destroy(c);
+    test_locked_appends(k, v, q);
     free(k); free(v); free(q); free(serial); free(outs); free(st[0]); free(st[1]);
     return tu_finish("test_threads");
 }
