@@ -125,6 +125,9 @@ typedef struct kvq_config {
     int salient_bits;    /* 8 or 16 */
     int salient_policy;  /* KVQ_SALIENT_ATTENTION (default) or KVQ_SALIENT_ERROR */
     int key_axis;        /* KVQ_KEYS_PER_CHANNEL (default, KIVI) or KVQ_KEYS_PER_TOKEN */
+    int range_search;    /* 2-8 (default 4): the range of each 2-bit key group and 2- or 3-bit value
+                            group is the best of n clipped ranges a side (least squared error; keys
+                            weighted by recorded attention); 0 or 1: min/max ranges (KIVI) */
 } kvq_config;
 
 typedef struct kvq_cache kvq_cache;
@@ -319,9 +322,20 @@ extern "C" {
    straddle two bytes at 3 bits) and the byte size of every record.
    --------------------------------------------------------------------------- */
 
+/* A float's bits and back (memcpy into a fresh local: no aliasing, and analyzers follow it). */
+static uint32_t kvq__f32_bits(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return b;
+}
+static float kvq__bits_f32(uint32_t b) {
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
 static uint16_t kvq__f32_to_f16(float f) {
-    uint32_t x, ax, sign;
-    memcpy(&x, &f, 4);
+    uint32_t x = kvq__f32_bits(f), ax, sign;
     sign = (x >> 16) & 0x8000u;
     ax = x & 0x7fffffffu;
     if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);        /* NaN */
@@ -329,12 +343,7 @@ static uint16_t kvq__f32_to_f16(float f) {
     if (ax < 0x38800000u) {
         /* below 2^-14: a subnormal half counts units of 2^-24. Adding 0.5 (whose
            ulp is 2^-24) rounds to that unit, to nearest even, in one fp add. */
-        float a, r;
-        uint32_t rb;
-        memcpy(&a, &ax, 4);
-        r = a + 0.5f;
-        memcpy(&rb, &r, 4);
-        return (uint16_t)(sign | (rb - 0x3f000000u));
+        return (uint16_t)(sign | (kvq__f32_bits(kvq__bits_f32(ax) + 0.5f) - 0x3f000000u));
     }
     /* normal: rebias the exponent (127 -> 15) and round 23 -> 10 mantissa bits */
     ax += 0xc8000fffu + ((ax >> 13) & 1u);
@@ -343,19 +352,10 @@ static uint16_t kvq__f32_to_f16(float f) {
 
 static float kvq__f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu, x;
-    float f;
-    if (e == 0) {
-        f = (float)m * (1.0f / 16777216.0f); /* m * 2^-24, exact */
-        memcpy(&x, &f, 4);
-        x |= sign;
-    } else if (e == 31) {
-        x = sign | 0x7f800000u | (m << 13);
-    } else {
-        x = sign | ((e + 112u) << 23) | (m << 13);
-    }
-    memcpy(&f, &x, 4);
-    return f;
+    uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0) return kvq__bits_f32(kvq__f32_bits((float)m * (1.0f / 16777216.0f)) | sign); /* m * 2^-24, exact */
+    if (e == 31) return kvq__bits_f32(sign | 0x7f800000u | (m << 13));
+    return kvq__bits_f32(sign | ((e + 112u) << 23) | (m << 13));
 }
 
 /* Code i of a packed row occupies bits [i*bits, (i+1)*bits). */
@@ -415,10 +415,12 @@ static size_t kvq__side_entry_bytes(const kvq_config *cfg) {
 KVQ_API double kvq_config_bits_per_element(const kvq_config *cfg) {
     double kb, vb, side;
     if (kvq_config_check(cfg) != KVQ_OK) return 0.0;
-    kb = cfg->key_axis == KVQ_KEYS_PER_TOKEN
-             ? 8.0 * (double)(kvq__token_param_bytes(cfg, cfg->key_bits) + (size_t)cfg->head_dim * cfg->key_bits / 8) /
-                   cfg->head_dim
-             : 8.0 * (double)kvq__key_block_bytes(cfg) / ((double)cfg->group_size * cfg->head_dim);
+    {
+        const size_t token_key_bytes = kvq__token_param_bytes(cfg, cfg->key_bits) + (size_t)cfg->head_dim * cfg->key_bits / 8;
+        kb = cfg->key_axis == KVQ_KEYS_PER_TOKEN
+                 ? 8.0 * (double)token_key_bytes / cfg->head_dim
+                 : 8.0 * (double)kvq__key_block_bytes(cfg) / ((double)cfg->group_size * cfg->head_dim);
+    }
     vb = 8.0 * (double)(kvq__value_param_bytes(cfg) + kvq__value_code_bytes(cfg)) / cfg->head_dim;
     side = 8.0 * (double)kvq__salient_count(cfg) * (double)kvq__side_entry_bytes(cfg) /
            (2.0 * cfg->group_size * cfg->head_dim);
@@ -455,9 +457,140 @@ static unsigned kvq__quantize_one(float x, float m, float s, int bits) {
     return (unsigned)code;
 }
 
-/* Quantizes n values x[i*stride] into codes i of a packed row (zeroed first by the caller). */
+/* Range search (clipping). At 2 and 3 bits the min/max range spends levels on a group's
+   extremes; a narrower range rounds the bulk finer and clips a few values. Of the grid x grid
+   ranges (lo + range * f_i, hi - range * f_j), f_i = i * step, at most 3/8 of the range off
+   each side at 2 bits and 3/16 at 3 (step = that / (grid - 1), rounded to 1/256), keep the one
+   with the least weighted squared error s^2 * sum_t w_t d_t^2, d = u - code, u = (x - m) / s;
+   ties keep the earlier candidate, so (min, max) stays unless beaten. The sides are searched
+   one after the other (2 * grid - 1 candidates): the bottom's grid steps with the top at max,
+   then the top's with the best bottom. Errors use float m and s; the winner is then rounded to
+   fp16 params like any range.
+   Determinism: d is rounded to 9 significant bits and w is an integer 1..31, so every w * d * d
+   is exact in float and FMA contraction cannot change a sum; the sums run in a fixed order.
+   The search is the same C on every ISA path (and its CUDA twin), so the bytes are too. */
+/* Which groups search, measured on the three real dumps (README, "Range search"): keys at 2
+   bits, values at 2 and 3. At 3 bits searched keys lowered K's MSE but raised attention error
+   on one dump; at 4 bits the search raised it on two. The rest keep min/max. */
+#define KVQ__SEARCH_KEY_BITS 2
+#define KVQ__SEARCH_VALUE_BITS 3
+
+/* The search's steps per side for a group of keys (is_key) or values at bits: 1 = min/max. */
+static int kvq__search_grid(int grid, int bits, int is_key) {
+    return bits <= (is_key ? KVQ__SEARCH_KEY_BITS : KVQ__SEARCH_VALUE_BITS) && grid > 1 ? grid : 1;
+}
+
+/* Candidate (i, j): the range with i steps off the bottom and j off the top, as m, 1/s (0: no
+   range left) and s^2 in float; only the winner is rounded to fp16 params. */
+typedef struct kvq__cand { float lo, hi, m, r, s2; } kvq__cand;
+static double kvq__search_step(int bits, int steps) { return rint(96.0 / (1 << (bits - 2)) / (steps - 1)) / 256.0; }
+static kvq__cand kvq__search_candidate(float lo, float hi, int bits, double step, int i, int j) {
+    const double range = (double)hi - (double)lo;
+    kvq__cand c;
+    float s;
+    /* range * (i * step) is exact in double: step is a multiple of 1/256, i < 8 */
+    c.lo = i ? (float)((double)lo + range * (i * step)) : lo; /* (0, 0) is min/max exactly, signed zeros too */
+    c.hi = j ? (float)((double)hi - range * (j * step)) : hi;
+    s = (c.hi - c.lo) / (float)((1 << bits) - 1);
+    c.m = c.lo;
+    c.r = s > 0.0f ? 1.0f / s : 0.0f;
+    c.s2 = s * s;
+    return c;
+}
+
+/* The squared rounding error of x, in units of s^2, with d kept to 9 significant bits (0 below
+   2^-40): d * d and 31 * d * d are then exact in float. Branch-free, so loops over it vectorize. */
+static float kvq__search_term(float x, float m, float r, float top) {
+    float u = (x - m) * r, c = u < 0.0f ? 0.0f : u, d;
+    uint32_t b;
+    c = c > top ? top : c;
+    c = (c + 12582912.0f) - 12582912.0f; /* 1.5 * 2^23: rounds 0 <= c < 2^22 to nearest even */
+    b = ((kvq__f32_bits(u - c) & 0x7fffffffu) + 0x2000u) & 0x7fffc000u;
+    d = kvq__bits_f32(b < 0x2b800000u ? 0u : b); /* |d| < 2^-40: 0 */
+    return d * d;
+}
+
+/* Candidate k of the side-by-side search: the bottom first (k < steps: (k, 0)), then the top
+   from the best bottom i_best ((i_best, k - steps + 1)); 2 * steps - 1 candidates in all. */
+static void kvq__search_ij(int k, int steps, int i_best, int *i, int *j) {
+    *i = k < steps ? k : i_best;
+    *j = k < steps ? 0 : k - steps + 1;
+}
+
+/* The search over one group x[0..n) (n a multiple of 8), unweighted: values, keys per token.
+   Each side's candidates are scored in one pass over x (one load, independent sums). */
+static kvq__qparams kvq__search_group(const float *x, int n, int bits, int steps, float lo, float hi) {
+    const float top = (float)((1 << bits) - 1);
+    const double step = kvq__search_step(bits, steps);
+    kvq__cand c[8];
+    float best_err = 0.0f, best_lo = lo, best_hi = hi;
+    int side, k, nk, i_best = 0, t, l;
+    for (side = 0; side < 2; side++) { /* the bottom from the full range, then the top */
+        float acc[8][8];
+        nk = side ? steps - 1 : steps;
+        for (k = 0; k < nk; k++) {
+            c[k] = kvq__search_candidate(lo, hi, bits, step, side ? i_best : k, side ? k + 1 : 0);
+            for (l = 0; l < 8; l++) acc[k][l] = 0.0f;
+        }
+        for (t = 0; t < n; t += 8) /* eight lanes per candidate, combined in a fixed order */
+            for (k = 0; k < nk; k++)
+                for (l = 0; l < 8; l++) acc[k][l] += kvq__search_term(x[t + l], c[k].m, c[k].r, top);
+        for (k = 0; k < nk; k++) {
+            const float *a = acc[k];
+            float e = (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) * c[k].s2;
+            if (c[k].r == 0.0f) continue; /* no range left (a constant group: min/max stays) */
+            if ((side | k) == 0 || e < best_err) {
+                best_err = e;
+                best_lo = c[k].lo;
+                best_hi = c[k].hi;
+                if (!side) i_best = k;
+            }
+        }
+    }
+    return kvq__fit_range(best_lo, best_hi, bits);
+}
+
+/* The search over the channels of a key block, KVQ__COLS at once (a constant trip count, so
+   compilers vectorize it): xb[t * KVQ__COLS + ch] for G tokens, token t weighted by w[t] in
+   0..31 (0: left out); lo, hi: each channel's range over the tokens kept. */
+#define KVQ__COLS 32
+static void kvq__search_columns(const float *xb, int G, const uint8_t *w, int bits, int steps, const float *lo,
+                                const float *hi, kvq__qparams *best) {
+    const float top = (float)((1 << bits) - 1);
+    const double step = kvq__search_step(bits, steps);
+    kvq__cand c[KVQ__COLS], win[KVQ__COLS];
+    float m[KVQ__COLS], r[KVQ__COLS], acc[KVQ__COLS], best_err[KVQ__COLS];
+    int i_best[KVQ__COLS], i[KVQ__COLS], j, k, t, ch;
+    for (ch = 0; ch < KVQ__COLS; ch++) i_best[ch] = 0;
+    for (k = 0; k < 2 * steps - 1; k++) {
+        for (ch = 0; ch < KVQ__COLS; ch++) {
+            kvq__search_ij(k, steps, i_best[ch], &i[ch], &j);
+            c[ch] = kvq__search_candidate(lo[ch], hi[ch], bits, step, i[ch], j);
+            m[ch] = c[ch].m;
+            r[ch] = c[ch].r;
+            acc[ch] = 0.0f;
+        }
+        for (t = 0; t < G; t++) {
+            const float *xt = xb + (size_t)t * KVQ__COLS, wt = (float)w[t];
+            if (w[t])
+                for (ch = 0; ch < KVQ__COLS; ch++) acc[ch] += wt * kvq__search_term(xt[ch], m[ch], r[ch], top);
+        }
+        for (ch = 0; ch < KVQ__COLS; ch++) {
+            float e = acc[ch] * c[ch].s2;
+            if (k == 0 || (r[ch] != 0.0f && e < best_err[ch])) {
+                best_err[ch] = e;
+                win[ch] = c[ch];
+                i_best[ch] = i[ch];
+            }
+        }
+    }
+    for (ch = 0; ch < KVQ__COLS; ch++) best[ch] = kvq__fit_range(win[ch].lo, win[ch].hi, bits);
+}
+
+/* Quantizes n values x[i*stride] into codes i of a packed row (zeroed first by the caller),
+   on the min/max range or the best of a grid x grid range search (grid 1: min/max). */
 static kvq__qparams kvq__quantize_group(const float *x, int n, int stride, int bits, uint8_t *codes,
-                                        int first_code) {
+                                        int first_code, int grid) {
     float lo = x[0], hi = x[0], m, s;
     kvq__qparams qp;
     int i;
@@ -466,7 +599,7 @@ static kvq__qparams kvq__quantize_group(const float *x, int n, int stride, int b
         lo = v < lo ? v : lo;
         hi = v > hi ? v : hi;
     }
-    qp = kvq__fit_range(lo, hi, bits);
+    qp = grid > 1 && stride == 1 ? kvq__search_group(x, n, bits, grid, lo, hi) : kvq__fit_range(lo, hi, bits);
     m = kvq__f16_to_f32(qp.min);
     s = kvq__f16_to_f32(qp.scale);
     for (i = 0; i < n; i++)
@@ -576,8 +709,11 @@ static void kvq__wht(float *x, int n, int stride) {
     int len, i, j;
     if (stride == 1) { /* contiguous: the wide levels run on the ISA's vectors */
         for (len = 1; len < n; len *= 2) {
+#if KVQ__HAVE_SIMD
             if (len >= 8) kvq__dispatch_butterflies(x, n, len);
-            else kvq__butterflies_scalar(x, n, len);
+            else
+#endif
+                kvq__butterflies_scalar(x, n, len);
         }
         return;
     }
@@ -711,6 +847,7 @@ KVQ_API kvq_config kvq_default_config(int head_dim, int n_kv_heads, int max_toke
     c.salient_bits = 8;
     c.salient_policy = KVQ_SALIENT_ATTENTION;
     c.key_axis = KVQ_KEYS_PER_CHANNEL;
+    c.range_search = 4; /* measured: README, "Range search" */
     return c;
 }
 
@@ -739,6 +876,7 @@ KVQ_API kvq_status kvq_config_check(const kvq_config *cfg) {
     if (cfg->salient_policy != KVQ_SALIENT_ATTENTION && cfg->salient_policy != KVQ_SALIENT_ERROR)
         return KVQ_ERR_INVALID;
     if (cfg->key_axis != KVQ_KEYS_PER_CHANNEL && cfg->key_axis != KVQ_KEYS_PER_TOKEN) return KVQ_ERR_INVALID;
+    if (cfg->range_search < 0 || cfg->range_search > 8) return KVQ_ERR_INVALID;
     if (cfg->key_axis == KVQ_KEYS_PER_TOKEN && cfg->salient_ratio > 0.0f) return KVQ_ERR_UNSUPPORTED;
     if (!(cfg->salient_ratio >= 0.0f && cfg->salient_ratio < 1.0f)) return KVQ_ERR_INVALID;
     if (cfg->rotation < KVQ_ROTATE_NONE || cfg->rotation > KVQ_ROTATE_PREROTATED) return KVQ_ERR_INVALID;
@@ -969,7 +1107,9 @@ static void kvq__to_f32_scalar(float *dst, const uint16_t *src, int n) {
     for (i = 0; i < n; i++) dst[i] = kvq__f16_to_f32(src[i]);
 }
 
-static void kvq__quantize_keys_scalar(const uint16_t *rows, int D, int G, int bits, uint8_t *blk) {
+/* Key block kernels: per channel, fp16 scale[D], min[D] (from min/max, or kept as the caller
+   set them: keep_params, the range search's), then the codes of the G tokens. */
+static void kvq__quantize_keys_scalar(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
     uint8_t *codes = blk + 4 * (size_t)D;
     size_t row_bytes = (size_t)G * bits / 8;
@@ -979,31 +1119,44 @@ static void kvq__quantize_keys_scalar(const uint16_t *rows, int D, int G, int bi
     for (ch = 0; ch < D; ch++) {
         kvq__qparams qp;
         for (t = 0; t < G; t++) x[t] = kvq__f16_to_f32(rows[(size_t)t * D + ch]);
-        qp = kvq__quantize_group(x, G, 1, bits, codes + row_bytes * ch, 0);
+        if (keep_params) {
+            const float m = kvq__f16_to_f32(mins[ch]), s = kvq__f16_to_f32(scale[ch]);
+            for (t = 0; t < G; t++) kvq__put_code(codes + row_bytes * ch, t, bits, kvq__quantize_one(x[t], m, s, bits));
+            continue;
+        }
+        qp = kvq__quantize_group(x, G, 1, bits, codes + row_bytes * ch, 0, 1);
         scale[ch] = qp.scale;
         mins[ch] = qp.min;
     }
 }
 
-static void kvq__quantize_value_scalar(const uint16_t *row, int D, int G, int bits, uint16_t *par,
-                                       uint8_t *codes) {
+static void kvq__f32_row(float *dst, const uint16_t *src, int n); /* the ISA's conversion, in "Cache" below */
+
+/* One per-token record (a value, or a key per token): fp16 scale[ng], min[ng], codes. */
+static void kvq__quantize_record(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
+                                 uint8_t *codes) {
     int ng = (D + G - 1) / G, g;
     float x[512];
-    kvq__to_f32_scalar(x, row, D);
+    if (grid > 1) kvq__f32_row(x, row, D); /* the ISA's conversion (exact on every path) */
+    else kvq__to_f32_scalar(x, row, D);
     memset(codes, 0, (size_t)D * bits / 8);
     for (g = 0; g < ng; g++) {
         int c0 = g * G, n = D - c0 < G ? D - c0 : G;
-        kvq__qparams qp = kvq__quantize_group(x + c0, n, 1, bits, codes, c0);
+        kvq__qparams qp = kvq__quantize_group(x + c0, n, 1, bits, codes, c0, grid);
         par[g] = qp.scale;
         par[ng + g] = qp.min;
     }
+}
+static void kvq__quantize_value_scalar(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
+                                       uint8_t *codes) {
+    kvq__quantize_record(row, D, G, bits, grid, par, codes);
 }
 
 #if KVQ__HAVE_SIMD
 static void kvq__dispatch_to_f16(uint16_t *dst, const float *src, int n);
 static void kvq__dispatch_to_f32(float *dst, const uint16_t *src, int n);
-static void kvq__dispatch_quantize_keys(const uint16_t *rows, int D, int G, int bits, uint8_t *blk);
-static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int bits, uint16_t *par,
+static void kvq__dispatch_quantize_keys(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params);
+static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
                                          uint8_t *codes);
 #else /* scalar only: direct calls */
 #define kvq__dispatch_to_f16 kvq__to_f16_scalar
@@ -1064,7 +1217,6 @@ static size_t kvq__side_codes_at(const kvq_cache *c, int which) {
 
 /* Channels [c0, c0+nc) of the G fp16 rows of a block as floats, xb[t * nc + i] (SIMD convert;
    the block walks its channels in runs of KVQ__COLS instead of converting one value at a time). */
-#define KVQ__COLS 32
 static void kvq__block_columns(const uint16_t *rows, int D, int G, int c0, int nc, float *xb) {
     int t;
     for (t = 0; t < G; t++) kvq__f32_row(xb + (size_t)t * nc, rows + (size_t)t * D + c0, nc);
@@ -1135,7 +1287,7 @@ static void kvq__side_put(const kvq_cache *c, uint8_t *e, int which, const uint1
         memset(codes, 0, (size_t)D);
         for (g = 0; g < ng; g++) {
             int c0 = g * G, len = D - c0 < G ? D - c0 : G;
-            kvq__qparams qp = kvq__quantize_group(x + c0, len, 1, 8, codes, c0);
+            kvq__qparams qp = kvq__quantize_group(x + c0, len, 1, 8, codes, c0, 1);
             par[g] = qp.scale;
             par[ng + g] = qp.min;
         }
@@ -1158,49 +1310,118 @@ static const uint8_t *kvq__find_salient(const kvq_cache *c, int h, int b, int tt
     return NULL;
 }
 
-/* Quantizes key block b of head h leaving out the masked (salient) tokens: their codes stay 0
-   and they take no part in a channel's min/max. Scalar on every path: salient caches only. */
+/* Range-search weights of block b of head h: in caches that record attention (salient tokens,
+   attention policy), a waiting key's normalized score plus 0.1x the block's mean, scaled to
+   1..31 (5 bits keep the search's sums exact); 0 where nothing was recorded. */
+static int kvq__key_weights(const kvq_cache *c, int h, int b, uint8_t *w) {
+    const int G = c->cfg.group_size;
+    const size_t slot0 = (size_t)h * c->kcap + (size_t)((b * G) % c->kcap);
+    float s[128], mean = 0.0f, top = 0.0f;
+    int t;
+    if (!c->n_salient || c->cfg.salient_policy != KVQ_SALIENT_ATTENTION) return 0;
+    for (t = 0; t < G; t++) {
+        uint32_t seen = c->sal_seen[slot0 + t];
+        if (!seen) return 0; /* prefill: no queries yet */
+        s[t] = c->sal_score[slot0 + t] / (float)seen;
+        mean += s[t];
+    }
+    mean = 0.1f * mean / (float)G;
+    for (t = 0; t < G; t++) top = s[t] + mean > top ? s[t] + mean : top;
+    if (!(top > 0.0f)) return 0;
+    for (t = 0; t < G; t++) {
+        float q = rintf(31.0f * ((s[t] + mean) / top));
+        w[t] = (uint8_t)(q < 1.0f ? 1.0f : q);
+    }
+    return 1;
+}
+
+/* Columns [c0, c0+nc) of a block's G fp16 rows as floats, xb[t * KVQ__COLS + i]; lanes past nc
+   repeat the last column, so the range search always runs KVQ__COLS lanes. */
+static void kvq__block_columns_padded(const uint16_t *rows, int D, int G, int c0, int nc, float *xb) {
+    int t, i;
+    for (t = 0; t < G; t++) {
+        float *xt = xb + (size_t)t * KVQ__COLS;
+        kvq__f32_row(xt, rows + (size_t)t * D + c0, nc);
+        for (i = nc; i < KVQ__COLS; i++) xt[i] = xt[nc - 1];
+    }
+}
+
+/* The fp16 params of the KVQ__COLS channels of xb over the tokens with w[t] > 0: min/max (the
+   scan keeps the first of equal values, as every quantize kernel does), or the search's pick. */
+static void kvq__columns_params(const float *xb, int G, const uint8_t *w, int bits, int grid, kvq__qparams *qp) {
+    float lo[KVQ__COLS], hi[KVQ__COLS];
+    int i, t;
+    for (i = 0; i < KVQ__COLS; i++) {
+        lo[i] = INFINITY;
+        hi[i] = -INFINITY;
+    }
+    for (t = 0; t < G; t++)
+        if (w[t])
+            for (i = 0; i < KVQ__COLS; i++) {
+                const float x = xb[(size_t)t * KVQ__COLS + i];
+                lo[i] = x < lo[i] ? x : lo[i];
+                hi[i] = x > hi[i] ? x : hi[i];
+            }
+    if (grid > 1) kvq__search_columns(xb, G, w, bits, grid, lo, hi, qp);
+    else
+        for (i = 0; i < KVQ__COLS; i++) qp[i] = kvq__fit_range(lo[i], hi[i], bits);
+}
+
+/* Key-block params (scale[D] then min[D] at the start of blk) of the G rows, tokens weighted by w. */
+static void kvq__key_block_params(const uint16_t *rows, int D, int G, int bits, int grid, const uint8_t *w,
+                                  uint8_t *blk, float *xb) {
+    uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
+    kvq__qparams qp[KVQ__COLS];
+    int c0, i;
+    for (c0 = 0; c0 < D; c0 += KVQ__COLS) {
+        const int nc = D - c0 < KVQ__COLS ? D - c0 : KVQ__COLS;
+        kvq__block_columns_padded(rows, D, G, c0, nc, xb);
+        kvq__columns_params(xb, G, w, bits, grid, qp);
+        for (i = 0; i < nc; i++) {
+            scale[c0 + i] = qp[i].scale;
+            mins[c0 + i] = qp[i].min;
+        }
+    }
+}
+
+/* Quantizes key block b of head h per channel, leaving out the masked (salient) tokens: their
+   codes stay 0 and they take no part in a channel's range. With a range search, tokens are
+   weighted by the attention they received where the cache records it. Scalar on every path
+   (salient caches only), so the bytes are the same on all of them. */
 static void kvq__quantize_key_block_masked(kvq_cache *c, int h, int b, const uint8_t *mask) {
     const int D = c->cfg.head_dim, G = c->cfg.group_size, bits = c->cfg.key_bits;
+    const int grid = kvq__search_grid(c->cfg.range_search, bits, 1);
     uint8_t *blk = kvq__key_block(c, h, b);
     const uint16_t *rows = kvq__ring_k_row(c, h, b * G);
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
-    uint8_t *codes = blk + 4 * (size_t)D;
+    uint8_t *codes = blk + 4 * (size_t)D, w[128];
     size_t row_bytes = (size_t)G * bits / 8;
     float xb[128 * KVQ__COLS];
-    int c0, i, t;
+    int c0, i, t, weighted;
     if (bits == 16) { /* nothing to stretch: the block keeps every token as it is */
         memcpy(blk, rows, (size_t)G * D * 2);
         return;
     }
+    weighted = grid > 1 && kvq__key_weights(c, h, b, w);
+    for (t = 0; t < G; t++) w[t] = mask[t] ? 0 : weighted ? w[t] : 1;
     memset(codes, 0, row_bytes * D);
     for (c0 = 0; c0 < D; c0 += KVQ__COLS) {
         const int nc = D - c0 < KVQ__COLS ? D - c0 : KVQ__COLS;
-        float lo[KVQ__COLS], hi[KVQ__COLS], m[KVQ__COLS], sc[KVQ__COLS];
-        kvq__block_columns(rows, D, G, c0, nc, xb);
+        float m[KVQ__COLS], sc[KVQ__COLS];
+        kvq__qparams qp[KVQ__COLS];
+        kvq__block_columns_padded(rows, D, G, c0, nc, xb);
+        kvq__columns_params(xb, G, w, bits, grid, qp);
         for (i = 0; i < nc; i++) {
-            lo[i] = INFINITY;
-            hi[i] = -INFINITY;
-        }
-        for (t = 0; t < G; t++)
-            if (!mask[t])
-                for (i = 0; i < nc; i++) {
-                    const float x = xb[(size_t)t * nc + i];
-                    lo[i] = x < lo[i] ? x : lo[i];
-                    hi[i] = x > hi[i] ? x : hi[i];
-                }
-        for (i = 0; i < nc; i++) {
-            kvq__qparams qp = kvq__fit_range(lo[i], hi[i], bits);
-            scale[c0 + i] = qp.scale;
-            mins[c0 + i] = qp.min;
-            m[i] = kvq__f16_to_f32(qp.min);
-            sc[i] = kvq__f16_to_f32(qp.scale);
+            scale[c0 + i] = qp[i].scale;
+            mins[c0 + i] = qp[i].min;
+            m[i] = kvq__f16_to_f32(qp[i].min);
+            sc[i] = kvq__f16_to_f32(qp[i].scale);
         }
         for (t = 0; t < G; t++)
             if (!mask[t])
                 for (i = 0; i < nc; i++)
                     kvq__put_code(codes + row_bytes * (c0 + i), t, bits,
-                                  kvq__quantize_one(xb[(size_t)t * nc + i], m[i], sc[i], bits));
+                                  kvq__quantize_one(xb[(size_t)t * KVQ__COLS + i], m[i], sc[i], bits));
     }
 }
 
@@ -1224,14 +1445,25 @@ static void kvq__quantize_key_token(kvq_cache *c, int h, int j) {
     const uint16_t *row = kvq__ring_k_row(c, h, j);
     uint8_t *codes = kvq__key_token_codes(c, h, j);
     if (bits == 16) memcpy(codes, row, (size_t)D * 2);
-    else kvq__dispatch_quantize_value(row, D, G, bits, kvq__key_token_params(c, h, j), codes);
+    else kvq__dispatch_quantize_value(row, D, G, bits, kvq__search_grid(c->cfg.range_search, bits, 1),
+                                      kvq__key_token_params(c, h, j), codes);
 }
 static void kvq__quantize_key_block(kvq_cache *c, int h, int b) {
     const int D = c->cfg.head_dim, G = c->cfg.group_size, bits = c->cfg.key_bits;
+    const int grid = kvq__search_grid(c->cfg.range_search, bits, 1);
     uint8_t *blk = kvq__key_block(c, h, b);
     const uint16_t *rows = kvq__ring_k_row(c, h, b * G); /* G contiguous rows: kcap % G == 0 or no wrap */
-    if (bits == 16) memcpy(blk, rows, (size_t)G * D * 2);
-    else kvq__dispatch_quantize_keys(rows, D, G, bits, blk);
+    if (bits == 16) {
+        memcpy(blk, rows, (size_t)G * D * 2);
+    } else if (grid > 1) { /* the search sets the params, the ISA's kernel the codes */
+        uint8_t all[128];
+        float xb[128 * KVQ__COLS];
+        memset(all, 1, sizeof all); /* every token, weight 1 */
+        kvq__key_block_params(rows, D, G, bits, grid, all, blk, xb);
+        kvq__dispatch_quantize_keys(rows, D, G, bits, blk, 1);
+    } else {
+        kvq__dispatch_quantize_keys(rows, D, G, bits, blk, 0);
+    }
 }
 
 /* Quantizes the oldest waiting value of head h (value index j) per group of G channels. */
@@ -1240,7 +1472,8 @@ static void kvq__quantize_value(kvq_cache *c, int h, int j) {
     const uint16_t *row = kvq__ring_v_row(c, h, j);
     uint8_t *codes = kvq__value_codes(c, h, j);
     if (bits == 16) memcpy(codes, row, (size_t)D * 2);
-    else kvq__dispatch_quantize_value(row, D, G, bits, kvq__value_params(c, h, j), codes);
+    else kvq__dispatch_quantize_value(row, D, G, bits, kvq__search_grid(c->cfg.range_search, bits, 0),
+                                      kvq__value_params(c, h, j), codes);
 }
 
 /* Stores one caller row as fp16, rotated first when the cache rotates. */
@@ -1263,8 +1496,8 @@ static int kvq__rotates_in_fp16(const float *x, size_t n, int D) {
     for (r = 0; r < n; r += (size_t)D) {
         double ss = 0.0;
         int i;
-        for (i = 0; i < D; i++) ss += (double)x[r + i] * x[r + i];
-        if (ss > (double)KVQ__FP16_MAX * KVQ__FP16_MAX) return 0;
+        for (i = 0; i < D; i++) ss += (double)x[r + i] * (double)x[r + i];
+        if (ss > (double)KVQ__FP16_MAX * (double)KVQ__FP16_MAX) return 0;
     }
     return 1;
 }
@@ -1939,7 +2172,8 @@ KVQ_API kvq_status kvq_attention_state_init(const kvq_cache *c, const kvq_attn_p
      12  u32      header bytes (128)
      16  i32[16]  config: head_dim, n_kv_heads, max_tokens, key_bits, value_bits,
                   group_size, residual_tokens, sink_tokens, rotation, seed,
-                  salient_ratio (f32 bits), salient_bits, salient_policy, key_axis, 0, 0
+                  salient_ratio (f32 bits), salient_bits, salient_policy, key_axis,
+                  range_search (0 in images written before it existed: min/max), 0
      80  i32      tokens stored
      84  i32      quantized key blocks per head, 88 i32 quantized values per head
      92  u32      0
@@ -1954,7 +2188,7 @@ KVQ_API kvq_status kvq_attention_state_init(const kvq_cache *c, const kvq_attn_p
    image can only describe a state that appending could have produced.
    --------------------------------------------------------------------------- */
 
-#define KVQ__MAGIC "KVQCACHE"
+static const uint8_t kvq__magic[8] = {'K', 'V', 'Q', 'C', 'A', 'C', 'H', 'E'}; /* no NUL: 8 bytes */
 /* Fuzzing builds skip the checksums, so the fuzzer reaches the checks behind them. */
 #ifdef FUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION
 #define KVQ__FUZZING 1
@@ -2067,23 +2301,24 @@ static int kvq__record_parts(const kvq_cache *c, int kind, int h, int i, int loc
 }
 #undef KVQ__PART
 
-/* Copies one part between cache and image, little-endian in the image. */
-static void kvq__xfer_part(const kvq__part *pt, uint8_t *img, int to_image) {
+/* Copies one part from the cache into an image, or (out NULL) from image in into the cache;
+   little-endian in the image. */
+static void kvq__xfer_part(const kvq__part *pt, uint8_t *out, const uint8_t *in) {
     uint8_t *a = (uint8_t *)pt->p;
     size_t i;
     int b;
     if (pt->width == 1) {
-        if (to_image) memcpy(img, a, pt->n);
-        else memcpy(a, img, pt->n);
+        if (out) memcpy(out, a, pt->n);
+        else memcpy(a, in, pt->n);
         return;
     }
-    for (i = 0; i < pt->n; i++, a += pt->width, img += pt->width) {
+    for (i = 0; i < pt->n; i++, a += pt->width) {
         uint32_t u = 0;
-        if (to_image) {
+        if (out) {
             if (pt->width == 2) { uint16_t x; memcpy(&x, a, 2); u = x; } else memcpy(&u, a, 4);
-            for (b = 0; b < pt->width; b++) img[b] = (uint8_t)(u >> 8 * b);
+            for (b = 0; b < pt->width; b++) out[i * pt->width + b] = (uint8_t)(u >> 8 * b);
         } else {
-            for (b = 0; b < pt->width; b++) u |= (uint32_t)img[b] << 8 * b;
+            for (b = 0; b < pt->width; b++) u |= (uint32_t)in[i * pt->width + b] << 8 * b;
             if (pt->width == 2) { uint16_t x = (uint16_t)u; memcpy(a, &x, 2); } else memcpy(a, &u, 4);
         }
     }
@@ -2111,7 +2346,8 @@ static int kvq__img_params_ok(const uint8_t *p, size_t n, int bits) {
     for (g = 0; g < n; g++) {
         uint16_t s = kvq__img_u16(p + 2 * g), m = kvq__img_u16(p + 2 * (n + g));
         if (s > top || !kvq__f16_finite(m)) return 0; /* s > top also catches a sign bit, inf, NaN */
-        if ((double)kvq__f16_to_f32(m) + (double)kvq__f16_to_f32(s) * levels > 2.0 * KVQ__FP16_MAX) return 0;
+        if ((double)kvq__f16_to_f32(m) + (double)kvq__f16_to_f32(s) * (double)levels > 2.0 * (double)KVQ__FP16_MAX)
+            return 0;
     }
     return 1;
 }
@@ -2138,9 +2374,10 @@ static int kvq__record_ok(const kvq_cache *c, int kind, int i, const uint8_t *p,
     }
 }
 
-/* Walks the payload of c in image order: copies it to or from img, checks img's records
-   (*ok cleared at the first bad one), or only counts the bytes (mode KVQ__COUNT, img NULL). */
-static size_t kvq__walk_payload(const kvq_cache *c, uint8_t *img, int mode, int *ok) {
+/* Walks the payload of c in image order: copies it into out (KVQ__TO_IMAGE) or from in
+   (KVQ__FROM_IMAGE), checks in's records (KVQ__CHECK: *ok cleared at the first bad one), or
+   only counts the bytes (KVQ__COUNT). */
+static size_t kvq__walk_payload(const kvq_cache *c, uint8_t *out, const uint8_t *in, int mode, int *ok) {
     const int locate = mode == KVQ__TO_IMAGE || mode == KVQ__FROM_IMAGE;
     kvq__part pt[3];
     size_t at = 0, bytes;
@@ -2156,14 +2393,14 @@ static size_t kvq__walk_payload(const kvq_cache *c, uint8_t *img, int mode, int 
                 continue;
             }
             for (i = first; i < end; i++) {
-                if (mode == KVQ__CHECK && !kvq__record_ok(c, kind, i, img + at, &prev_index)) {
+                if (mode == KVQ__CHECK && !kvq__record_ok(c, kind, i, in + at, &prev_index)) {
                     *ok = 0;
                     return at;
                 }
                 if (locate) {
                     np = kvq__record_parts(c, kind, h, i, 1, pt);
                     for (k = 0; k < np; k++) {
-                        kvq__xfer_part(&pt[k], img + at, mode == KVQ__TO_IMAGE);
+                        kvq__xfer_part(&pt[k], out ? out + at : NULL, in ? in + at : NULL);
                         at += pt[k].n * (size_t)pt[k].width;
                     }
                 } else {
@@ -2177,7 +2414,9 @@ static size_t kvq__walk_payload(const kvq_cache *c, uint8_t *img, int mode, int 
 /* Streams the payload of cache c to (to_image) or from an image; with img == NULL it only
    counts the bytes. */
 static size_t kvq__xfer_payload(const kvq_cache *c, uint8_t *img, int to_image) {
-    return kvq__walk_payload(c, img, !img ? KVQ__COUNT : to_image ? KVQ__TO_IMAGE : KVQ__FROM_IMAGE, NULL);
+    if (!img) return kvq__walk_payload(c, NULL, NULL, KVQ__COUNT, NULL);
+    return to_image ? kvq__walk_payload(c, img, NULL, KVQ__TO_IMAGE, NULL)
+                    : kvq__walk_payload(c, NULL, img, KVQ__FROM_IMAGE, NULL);
 }
 
 KVQ_API size_t kvq_cache_serialized_bytes(const kvq_cache *c) {
@@ -2201,6 +2440,7 @@ static void kvq__put_config(uint8_t *p, const kvq_config *cfg) {
     kvq__put_u32(p + 44, (uint32_t)cfg->salient_bits);
     kvq__put_u32(p + 48, (uint32_t)cfg->salient_policy);
     kvq__put_u32(p + 52, (uint32_t)cfg->key_axis);
+    kvq__put_u32(p + 56, (uint32_t)cfg->range_search);
 }
 
 static int kvq__i32(const uint8_t *p) {
@@ -2226,6 +2466,7 @@ static kvq_config kvq__get_config(const uint8_t *p) {
     cfg.salient_bits = kvq__i32(p + 44);
     cfg.salient_policy = kvq__i32(p + 48);
     cfg.key_axis = kvq__i32(p + 52);
+    cfg.range_search = kvq__i32(p + 56); /* 0 in images from before the search: min/max */
     return cfg;
 }
 
@@ -2238,7 +2479,7 @@ KVQ_API kvq_status kvq_cache_serialize(const kvq_cache *c, void *buf, size_t buf
     if (kvq__overlaps_cache(c, buf, need)) return KVQ_ERR_INVALID;
     payload = need - KVQ__HEADER_BYTES;
     memset(p, 0, KVQ__HEADER_BYTES);
-    memcpy(p, KVQ__MAGIC, 8);
+    memcpy(p, kvq__magic, 8);
     kvq__put_u32(p + 8, KVQ__FORMAT_VERSION);
     kvq__put_u32(p + 12, KVQ__HEADER_BYTES);
     kvq__put_config(p + KVQ__H_CONFIG, &c->cfg);
@@ -2259,14 +2500,14 @@ static kvq_status kvq__check_header(const uint8_t *p, size_t n, kvq_config *cfg,
     int nkb, nvq, i;
     uint64_t payload;
     kvq_status st;
-    if (n < KVQ__HEADER_BYTES || memcmp(p, KVQ__MAGIC, 8) != 0) return KVQ_ERR_CORRUPT;
+    if (n < KVQ__HEADER_BYTES || memcmp(p, kvq__magic, 8) != 0) return KVQ_ERR_CORRUPT;
     if (kvq__crc32c(0, p, KVQ__H_CRC) != kvq__get_u32(p + KVQ__H_CRC) && !KVQ__FUZZING) return KVQ_ERR_CORRUPT;
     if (kvq__get_u32(p + 8) > KVQ__FORMAT_VERSION) return KVQ_ERR_UNSUPPORTED; /* from a newer kvq */
     if (kvq__get_u32(p + 8) != KVQ__FORMAT_VERSION || kvq__get_u32(p + 12) != KVQ__HEADER_BYTES)
         return KVQ_ERR_CORRUPT;
     for (i = 92; i < KVQ__H_CRC; i += 4)
         if ((i == 92 || i >= KVQ__H_PAYLOAD_CRC + 4) && kvq__get_u32(p + i) != 0) return KVQ_ERR_CORRUPT;
-    if (kvq__get_u32(p + KVQ__H_CONFIG + 56) || kvq__get_u32(p + KVQ__H_CONFIG + 60)) return KVQ_ERR_CORRUPT;
+    if (kvq__get_u32(p + KVQ__H_CONFIG + 60)) return KVQ_ERR_CORRUPT;
     *cfg = kvq__get_config(p + KVQ__H_CONFIG);
     st = kvq_config_check(cfg);
     if (st == KVQ_ERR_INVALID) return KVQ_ERR_CORRUPT;
@@ -2337,7 +2578,7 @@ KVQ_API kvq_status kvq_cache_load(kvq_cache **out, const void *bytes, size_t n_b
     if (n_bytes - KVQ__HEADER_BYTES < payload) return KVQ_ERR_CORRUPT;
     if (kvq__crc32c(0, p + KVQ__HEADER_BYTES, payload) != kvq__get_u32(p + KVQ__H_PAYLOAD_CRC) && !KVQ__FUZZING)
         return KVQ_ERR_CORRUPT;
-    kvq__walk_payload(&probe, (uint8_t *)(uintptr_t)p + KVQ__HEADER_BYTES, KVQ__CHECK, &ok); /* reads only */
+    kvq__walk_payload(&probe, NULL, p + KVQ__HEADER_BYTES, KVQ__CHECK, &ok);
     if (!ok) return KVQ_ERR_CORRUPT;
     /* only now is the caller's memory written */
     if ((st = kvq_cache_init(&c, &cfg, mem, mem_bytes)) != KVQ_OK) return st;
@@ -2345,7 +2586,7 @@ KVQ_API kvq_status kvq_cache_load(kvq_cache **out, const void *bytes, size_t n_b
     c->n_kblocks = probe.n_kblocks;
     c->n_ktok = probe.n_ktok;
     c->n_vquant = probe.n_vquant;
-    kvq__xfer_payload(c, (uint8_t *)(uintptr_t)p + KVQ__HEADER_BYTES, 0); /* reads only */
+    kvq__walk_payload(c, NULL, p + KVQ__HEADER_BYTES, KVQ__FROM_IMAGE, NULL);
     *out = c;
     return KVQ_OK;
 }
@@ -2367,7 +2608,7 @@ KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, siz
    multiples of 8. The shared scalar tails below do what SIMD does not pay for.
    AVX-512 uses the AVX2 quantize and conversion kernels (append is not the
    bottleneck; one copy to keep bit-exact). Float arithmetic throughout: an
-   int8 query with vpdpbusd (DESIGN.md's prototype: squared relative error
+   int8 query with vpdpbusd (a prototype measured squared relative error
    1.7e-3 on zero-mean values with one int8 byte, 1e-7 with a high/low split)
    would need the 1e-4 integer contract; it is not here (see the Dispatch note).
    --------------------------------------------------------------------------- */
@@ -2439,7 +2680,8 @@ static float kvq__first_zero(const float *x, int n, float v) {
 }
 
 /* Value quantize for SIMD paths: minmax and codes come from the ISA, the rest is shared. */
-static void kvq__quantize_value_simd(const uint16_t *row, int D, int G, int bits, uint16_t *par, uint8_t *codes,
+static void kvq__quantize_value_simd(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
+                                     uint8_t *codes,
                                      void (*to_f32)(float *, const uint16_t *, int),
                                      void (*minmax)(const float *, int, float *, float *),
                                      void (*code_run)(const float *, int, float, float, int, uint8_t *)) {
@@ -2452,7 +2694,9 @@ static void kvq__quantize_value_simd(const uint16_t *row, int D, int G, int bits
         float lo, hi;
         kvq__qparams qp;
         minmax(x + g * G, n, &lo, &hi);
-        qp = kvq__fit_range(kvq__first_zero(x + g * G, n, lo), kvq__first_zero(x + g * G, n, hi), bits);
+        lo = kvq__first_zero(x + g * G, n, lo);
+        hi = kvq__first_zero(x + g * G, n, hi);
+        qp = grid > 1 ? kvq__search_group(x + g * G, n, bits, grid, lo, hi) : kvq__fit_range(lo, hi, bits);
         par[g] = qp.scale;
         par[ng + g] = qp.min;
         code_run(x + g * G, n, kvq__f16_to_f32(qp.min), kvq__f16_to_f32(qp.scale), bits, cb + g * G);
@@ -2545,15 +2789,16 @@ KVQ__AVX2_FN void kvq__code_run_avx2(const float *x, int n, float m, float s, in
     int i;
     for (i = 0; i < n; i += 8) kvq__store_codes8_avx2(out + i, kvq__code_avx2(_mm256_loadu_ps(x + i), vm, vs, top, sz));
 }
-KVQ__AVX2_FN void kvq__quantize_value_avx2(const uint16_t *row, int D, int G, int bits, uint16_t *par,
+KVQ__AVX2_FN void kvq__quantize_value_avx2(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
                                            uint8_t *codes) {
-    kvq__quantize_value_simd(row, D, G, bits, par, codes, kvq__to_f32_avx2, kvq__minmax_avx2, kvq__code_run_avx2);
+    kvq__quantize_value_simd(row, D, G, bits, grid, par, codes, kvq__to_f32_avx2, kvq__minmax_avx2,
+                             kvq__code_run_avx2);
 }
 
 /* Vectors over 8 channels, scans over the G tokens. At 2, 4 and 8 bits a channel's codes fill
    32-bit words (32/bits tokens each), built in the lanes and stored per channel; at 3 bits the
    codes go through cb[t][lane] to the shared packer. */
-KVQ__AVX2_FN void kvq__quantize_keys_avx2(const uint16_t *rows, int D, int G, int bits, uint8_t *blk) {
+KVQ__AVX2_FN void kvq__quantize_keys_avx2(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
     uint8_t *codes = blk + 4 * (size_t)D, cb[KVQ__TILE * 8];
     const size_t rb = (size_t)G * bits / 8;
@@ -2564,15 +2809,20 @@ KVQ__AVX2_FN void kvq__quantize_keys_avx2(const uint16_t *rows, int D, int G, in
         __m256 lo = kvq__f16x8_avx2(rows + cc), hi = lo, m, s, sz;
         __m256i word = _mm256_setzero_si256();
         __m128i mh, sh;
-        for (t = 1; t < G; t++) {
-            __m256 x = kvq__f16x8_avx2(rows + (size_t)t * D + cc);
-            lo = _mm256_min_ps(x, lo);
-            hi = _mm256_max_ps(x, hi);
+        if (keep_params) {
+            mh = _mm_loadu_si128((const __m128i *)(const void *)(mins + cc));
+            sh = _mm_loadu_si128((const __m128i *)(const void *)(scale + cc));
+        } else {
+            for (t = 1; t < G; t++) {
+                __m256 x = kvq__f16x8_avx2(rows + (size_t)t * D + cc);
+                lo = _mm256_min_ps(x, lo);
+                hi = _mm256_max_ps(x, hi);
+            }
+            mh = _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT);
+            sh = _mm256_cvtps_ph(_mm256_div_ps(_mm256_sub_ps(hi, lo), top), _MM_FROUND_TO_NEAREST_INT);
+            _mm_storeu_si128((__m128i *)(void *)(mins + cc), mh);
+            _mm_storeu_si128((__m128i *)(void *)(scale + cc), sh);
         }
-        mh = _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT);
-        sh = _mm256_cvtps_ph(_mm256_div_ps(_mm256_sub_ps(hi, lo), top), _MM_FROUND_TO_NEAREST_INT);
-        _mm_storeu_si128((__m128i *)(void *)(mins + cc), mh);
-        _mm_storeu_si128((__m128i *)(void *)(scale + cc), sh);
         m = _mm256_cvtph_ps(mh);
         s = _mm256_cvtph_ps(sh);
         sz = _mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_EQ_OQ);
@@ -2655,7 +2905,8 @@ KVQ__AVX2_FN void kvq__prefetch_rows_avx2(const uint16_t *const *rows, int n, in
     for (t = 0; t < n; t++) { /* the next tile, where rows run on contiguously (prefetches never fault;
                                  the address is formed as an integer: it may lie past the array) */
         uintptr_t next = (uintptr_t)(const void *)rows[t] + (uintptr_t)n * (uintptr_t)D * 2u;
-        for (c = 0; c < D; c += 32) _mm_prefetch((const char *)(next + (uintptr_t)c * 2u), _MM_HINT_T0);
+        for (c = 0; c < D; c += 32)
+            _mm_prefetch((const char *)(next + (uintptr_t)c * 2u), _MM_HINT_T0); /* NOLINT(performance-no-int-to-ptr) */
     }
 }
 /* Four sums at once: [sum a0, sum a1, sum a2, sum a3]. */
@@ -3063,7 +3314,7 @@ KVQ__AVX512_INLINE void kvq__acc_pass_avx512(const uint8_t *codes, size_t stride
             if (nj > 3) b3 = _mm512_loadu_ps(acc[3] + cc + 16);
         }
         for (t = 0; t < n; t++, cp += stride, pt += 2 * ng) {
-            __m512 v, u = one, tab = one; /* this token's dequantized values: by table below 8 bits */
+            __m512 v, u, tab = one; /* this token's dequantized values: by table below 8 bits */
             if (bits == 8) {
                 v = _mm512_fmadd_ps(_mm512_set1_ps(pt[0]), kvq__codes16_avx512(cp, 8, half, sh, one),
                                     _mm512_set1_ps(pt[ng]));
@@ -3130,7 +3381,7 @@ KVQ__AVX512_INLINE void kvq__acc_f16_128_avx512(const uint16_t *const *rows, int
         const __m512 wa = _mm512_set1_ps(pa[t]), wb = two ? _mm512_set1_ps(pb[t]) : wa;
         __m512 v;
 #define KVQ__ACC_CHUNK(i)                                                                   \
-        v = kvq__cvtph_avx512(_mm256_loadu_si256((const __m256i *)(const void *)(r + 16 * i))); \
+        v = kvq__cvtph_avx512(_mm256_loadu_si256((const __m256i *)(const void *)(r + 16 * (i)))); \
         a##i = _mm512_fmadd_ps(wa, v, a##i);                                                \
         if (two) b##i = _mm512_fmadd_ps(wb, v, b##i);
         KVQ__ACC_CHUNK(0) KVQ__ACC_CHUNK(1) KVQ__ACC_CHUNK(2) KVQ__ACC_CHUNK(3)
@@ -3277,11 +3528,13 @@ static void kvq__code_run_neon(const float *x, int n, float m, float s, int bits
     int i;
     for (i = 0; i < n; i += 4) kvq__store_codes4_neon(out + i, kvq__code_neon(vld1q_f32(x + i), vm, vs, top, sz));
 }
-static void kvq__quantize_value_neon(const uint16_t *row, int D, int G, int bits, uint16_t *par, uint8_t *codes) {
-    kvq__quantize_value_simd(row, D, G, bits, par, codes, kvq__to_f32_neon, kvq__minmax_neon, kvq__code_run_neon);
+static void kvq__quantize_value_neon(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
+                                     uint8_t *codes) {
+    kvq__quantize_value_simd(row, D, G, bits, grid, par, codes, kvq__to_f32_neon, kvq__minmax_neon,
+                             kvq__code_run_neon);
 }
 
-static void kvq__quantize_keys_neon(const uint16_t *rows, int D, int G, int bits, uint8_t *blk) {
+static void kvq__quantize_keys_neon(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
     uint8_t *codes = blk + 4 * (size_t)D, cb[KVQ__TILE * 4];
     const size_t rb = (size_t)G * bits / 8;
@@ -3291,15 +3544,20 @@ static void kvq__quantize_keys_neon(const uint16_t *rows, int D, int G, int bits
         float32x4_t lo = kvq__f16x4_neon(rows + cc), hi = lo, m, s;
         float16x4_t mh, sh;
         uint32x4_t sz;
-        for (t = 1; t < G; t++) {
-            float32x4_t x = kvq__f16x4_neon(rows + (size_t)t * D + cc);
-            lo = kvq__min_neon(x, lo);
-            hi = kvq__max_neon(x, hi);
+        if (keep_params) {
+            mh = vreinterpret_f16_u16(vld1_u16(mins + cc));
+            sh = vreinterpret_f16_u16(vld1_u16(scale + cc));
+        } else {
+            for (t = 1; t < G; t++) {
+                float32x4_t x = kvq__f16x4_neon(rows + (size_t)t * D + cc);
+                lo = kvq__min_neon(x, lo);
+                hi = kvq__max_neon(x, hi);
+            }
+            mh = vcvt_f16_f32(lo);
+            sh = vcvt_f16_f32(vdivq_f32(vsubq_f32(hi, lo), top));
+            vst1_u16(mins + cc, vreinterpret_u16_f16(mh));
+            vst1_u16(scale + cc, vreinterpret_u16_f16(sh));
         }
-        mh = vcvt_f16_f32(lo);
-        sh = vcvt_f16_f32(vdivq_f32(vsubq_f32(hi, lo), top));
-        vst1_u16(mins + cc, vreinterpret_u16_f16(mh));
-        vst1_u16(scale + cc, vreinterpret_u16_f16(sh));
         m = vcvt_f32_f16(mh);
         s = vcvt_f32_f16(sh);
         sz = vceqq_f32(s, vdupq_n_f32(0.0f));
@@ -3565,17 +3823,17 @@ static int kvq__kern(void) {
 
 #if KVQ__HAVE_SIMD
 static void kvq__dispatch_to_f16(uint16_t *dst, const float *src, int n) {
-    KVQ__DISPATCH(, kvq__to_f16, (dst, src, n))
+    KVQ__DISPATCH(, kvq__to_f16, (dst, src, n)) /* NOLINT(bugprone-branch-clone): AVX-512 runs AVX2's */
 }
 static void kvq__dispatch_to_f32(float *dst, const uint16_t *src, int n) {
-    KVQ__DISPATCH(, kvq__to_f32, (dst, src, n))
+    KVQ__DISPATCH(, kvq__to_f32, (dst, src, n)) /* NOLINT(bugprone-branch-clone): AVX-512 runs AVX2's */
 }
-static void kvq__dispatch_quantize_keys(const uint16_t *rows, int D, int G, int bits, uint8_t *blk) {
-    KVQ__DISPATCH(, kvq__quantize_keys, (rows, D, G, bits, blk))
+static void kvq__dispatch_quantize_keys(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
+    KVQ__DISPATCH(, kvq__quantize_keys, (rows, D, G, bits, blk, keep_params)) /* NOLINT(bugprone-branch-clone): AVX-512 runs AVX2's */
 }
-static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int bits, uint16_t *par,
+static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
                                          uint8_t *codes) {
-    KVQ__DISPATCH(, kvq__quantize_value, (row, D, G, bits, par, codes))
+    KVQ__DISPATCH(, kvq__quantize_value, (row, D, G, bits, grid, par, codes)) /* NOLINT(bugprone-branch-clone): AVX-512 runs AVX2's */
 }
 static void kvq__dispatch_butterflies(float *x, int n, int len) { KVQ__DISPATCH(, kvq__butterflies, (x, n, len)) }
 static void kvq__k_scores_codes(const uint8_t *blk, int D, int G, int bits, const float *q, int nh, float *scores) {

@@ -10,10 +10,12 @@
 
        kvq_config cfg = kvq_default_config(128, 8, 65536);
        kvq_cuda_cache *gc;
-       if (kvq_cuda_cache_create(&gc, &cfg) != KVQ_OK) return 1;
+       if (kvq_cuda_cache_create(&gc, &cfg) != KVQ_OK) return 1; // allocates all it will use
        kvq_cuda_cache_append(gc, d_k, d_v, 1, stream);   // device [n][n_kv_heads][head_dim]
        kvq_attn_params ap = { 32, 1, 0.0f };
-       kvq_cuda_attention(gc, d_q, d_out, &ap, stream);  // device [n_queries][n_q_heads][head_dim]
+       kvq_cuda_attention(gc, d_q, d_out, &ap, stream);  // device [n_queries][n_q_heads][head_dim];
+                                                         // n_queries * n_q_heads <= KVQ_CUDA_ATTN_ROWS
+                                                         // (or create_ex's max_attn_rows)
        kvq_cuda_cache_destroy(gc);
 
    Configuration macros
@@ -61,12 +63,12 @@
      append, after which a bad input returns KVQ_ERR_INVALID with the cache untouched.
      Define KVQ_CUDA_UNCHECKED_APPEND to skip the check and the sync (append is then fully
      asynchronous; bad inputs give meaningless codes but never a memory error).
-   - attention does not check the queries for NaN/Inf (a bad query gives NaN output rows).
-     It keeps a partial-state scratch per cache that grows on demand (cudaMalloc, which
-     synchronizes the device, the first time a larger call is made); calls on one cache
-     must not overlap in time (use one stream per cache, or synchronize). With salient
-     tokens and KVQ_SALIENT_ATTENTION, attention writes the cache (the salience of the
-     waiting keys), as kvq_attention does.
+   - attention does not check the queries: a NaN/Inf query, or one kvq.h would refuse
+     (|scale| * sum_c |q_c| > 2^100 in a head row), gives undefined output rows (NaN or
+     garbage), never a memory error. Checking would need a stream sync, which attention
+     must not do. With salient tokens and KVQ_SALIENT_ATTENTION, attention writes the cache
+     (the salience of the waiting keys), as kvq_attention does; such a query may then leave
+     meaningless salience scores too (a later salient pick may differ, nothing worse).
    - tracked salience is not bit-identical: the scores are sums of exp(s - m) / l, and the
      device's expf, dot products and summation order differ from the CPU's in the last
      bits (the counts of queries are exact). Where two tokens' normalized scores are that
@@ -78,15 +80,81 @@
      the header) between host and device in a few large cudaMemcpyAsync calls. The header,
      its version and checksums stay kvq.h's: kvq_cuda_cache_upload() reads the payload out of
      kvq_cache_serialize(); kvq_cuda_cache_download() hands it to kvq.h's own payload reader;
-     kvq_cuda_cache_serialize()/_deserialize() go through a temporary host cache (host
-     memory of a full cache of that config). So the translation unit that defines
-     KVQ_CUDA_IMPLEMENTATION must also hold kvq.h's implementation (KVQ_IMPLEMENTATION,
-     with KVQ_STATIC if another file implements kvq.h as well).
+     kvq_cuda_cache_serialize() goes through a temporary host cache (host memory of a full
+     cache of that config), kvq_cuda_cache_deserialize() through one sized for the tokens
+     the image holds (its max_tokens is a claim, not a size to trust), loaded and checked
+     by kvq_cache_load(): images reach the GPU through kvq.h's own validation. So the
+     translation unit that defines KVQ_CUDA_IMPLEMENTATION must also hold kvq.h's
+     implementation (KVQ_IMPLEMENTATION, with KVQ_STATIC if another file implements kvq.h).
    - the host is assumed little-endian (x86-64, aarch64), as every CUDA host is; create
      returns KVQ_ERR_UNSUPPORTED otherwise.
    - errors from the CUDA runtime map to KVQ_ERR_NOMEM (allocation), KVQ_ERR_INVALID (an
-     invalid value, e.g. a host pointer where a device one belongs) or KVQ_ERR_UNSUPPORTED
-     (no device, a failed launch): kvq_status has no closer word.
+     invalid value) or KVQ_ERR_UNSUPPORTED (no device, a failed launch, a device fault, an
+     error pending before the call): kvq_status has no closer word. See "Errors" below.
+
+   Streams: what may overlap
+   -------------------------
+   A cache's device state and its scratch are used by the work of each call on it, and its
+   token count (on the host) changes when an append is called, not when it runs. So:
+   - calls on one cache are made one at a time (one host thread, or the caller's lock), and
+     their device work must be ordered: the same stream, or the caller's events
+     (cudaEventRecord after one call, cudaStreamWaitEvent before the next on another
+     stream). This holds for every pair, reads included: two attention calls on one cache
+     share its attention scratch, and an attention call reads what an append writes.
+   - distinct caches share nothing (no global buffers, flags or scratch): calls on distinct
+     caches may run on any streams at once, from any host threads. A batch uses each of its
+     caches as attention on it would, so each must be ordered before the batch's stream.
+   - append and attention have separate scratch (append: rotated K/V of one round and the
+     check's flag; attention: rotated queries and partial states): between the two kinds
+     of call only the cache's own arrays need the ordering above, never a scratch buffer.
+   - destroy a cache only once the work queued on it has finished or is ordered before
+     the destroy (its cudaFree calls synchronize the device, but not the caller's streams
+     against later use of the pointer).
+
+   Scratch, allocation and CUDA graphs
+   -----------------------------------
+   Everything is allocated by create: the cache's arrays, the append scratch and the
+   attention scratch. append and attention never allocate or free (so they never
+   synchronize the device that way). kvq_cuda_cache_create_ex() takes the bounds:
+   - max_attn_rows (default KVQ_CUDA_ATTN_ROWS): the most n_queries * n_q_heads one
+     attention call may have; larger calls return KVQ_ERR_INVALID with nothing launched.
+     The scratch is (max_attn_rows + 32 * SMs) * (head_dim + 2) floats of partial states
+     (tokens split into chunks for about 4 blocks per SM: rows * chunks stays below
+     rows + 32 * SMs whatever the length), plus max_attn_rows * (kcap + 2) in salient
+     caches with KVQ_SALIENT_ATTENTION and max_attn_rows * head_dim with
+     KVQ_ROTATE_HADAMARD. About 2.2 MB at head_dim 128 on 132 SMs with the default.
+   - append_chunk (default KVQ_CUDA_APPEND_CHUNK): tokens per round of append kernels.
+     KVQ_ROTATE_HADAMARD caches keep rotated K and V of one round (2 * append_chunk *
+     n_kv_heads * head_dim floats); longer appends run in rounds, after one check of the
+     whole input, with the same bytes as one round (kvq.h's result does not depend on how
+     tokens are split into appends).
+   attention is thus capturable into a CUDA graph: it makes no allocation, no
+   synchronization and no copy, only host-side queries (cudaPeekAtLastError,
+   cudaPointerGetAttributes, cudaGetLastError) and kernel launches on stream. So is append
+   with KVQ_CUDA_UNCHECKED_APPEND (the checked append synchronizes once). The token counts
+   are kernel parameters: a captured call replays the state it was captured in, so
+   capture per step or update the graph (cudaGraphExecUpdate) after each append.
+
+   Pointers
+   --------
+   d_k, d_v, d_q and d_out must be device memory of the cache's device, or managed memory:
+   each is checked with cudaPointerGetAttributes before anything is launched, and a host
+   pointer (pageable or pinned) returns KVQ_ERR_INVALID with nothing changed, instead of a
+   kernel fault that would leave the context unusable. Only the kind of memory is checked,
+   not that the allocation is large enough.
+
+   Errors
+   ------
+   kvq reports only errors its own calls cause. A call that uses the device first reads
+   cudaPeekAtLastError(): an error already pending (the caller's failed launch, or a sticky
+   error from an earlier fault) belongs to someone else, so the call does nothing, returns
+   KVQ_ERR_UNSUPPORTED and leaves the error pending for its owner to read. Otherwise each
+   runtime call and launch is checked right after it (cudaGetLastError then returns and
+   clears that call's own error, so kvq leaves no error of its own pending). A launch or
+   copy can fail after earlier work of the same call ran only on a device fault (every
+   size and pointer is checked before the first): append then stops with the cache's
+   memory partly written, and upload/deserialize reset the cache to 0 tokens (a mix of old
+   and new state is no state); reset or reload it (the context is usually unusable then).
 */
 #ifndef KVQ_CUDA_H_INCLUDED
 #define KVQ_CUDA_H_INCLUDED
@@ -107,7 +175,24 @@ typedef struct kvq_cuda_cache kvq_cuda_cache;
 /* Most sequences one kvq_cuda_attention_batch launch covers; more are split into launches. */
 #define KVQ_CUDA_MAX_BATCH 16
 
-KVQ_CUDA_API kvq_status kvq_cuda_cache_create(kvq_cuda_cache **out, const kvq_config *cfg);
+/* Defaults of kvq_cuda_limits (see "Scratch, allocation and CUDA graphs" above). */
+#define KVQ_CUDA_ATTN_ROWS 256
+#define KVQ_CUDA_APPEND_CHUNK 256
+
+/* What create sizes the scratch for; a field of 0 takes its default. */
+typedef struct kvq_cuda_limits {
+    int max_attn_rows; /* most n_queries * n_q_heads of one attention call */
+    int append_chunk;  /* tokens per round of append kernels (rotated caches keep one round) */
+} kvq_cuda_limits;
+
+KVQ_CUDA_API kvq_status kvq_cuda_cache_create(kvq_cuda_cache **out, const kvq_config *cfg); /* default limits */
+/* lim NULL: the defaults. KVQ_ERR_INVALID for a negative field, max_attn_rows above 2^26 or
+   append_chunk above 2^20. */
+KVQ_CUDA_API kvq_status kvq_cuda_cache_create_ex(kvq_cuda_cache **out, const kvq_config *cfg,
+                                                 const kvq_cuda_limits *lim);
+KVQ_CUDA_API const kvq_cuda_limits *kvq_cuda_cache_limits(const kvq_cuda_cache *c); /* with defaults filled in */
+/* Device bytes create allocated for append and attention scratch (beyond the cache's arrays). */
+KVQ_CUDA_API size_t     kvq_cuda_cache_scratch_bytes(const kvq_cuda_cache *c);
 KVQ_CUDA_API void       kvq_cuda_cache_destroy(kvq_cuda_cache *c); /* NULL is a no-op */
 KVQ_CUDA_API void       kvq_cuda_cache_reset(kvq_cuda_cache *c);   /* back to 0 tokens */
 KVQ_CUDA_API int        kvq_cuda_cache_tokens(const kvq_cuda_cache *c);
@@ -115,11 +200,14 @@ KVQ_CUDA_API const kvq_config *kvq_cuda_cache_config(const kvq_cuda_cache *c);
 /* Device bytes holding the tokens now stored (as kvq_cache_payload_bytes). */
 KVQ_CUDA_API size_t     kvq_cuda_cache_payload_bytes(const kvq_cuda_cache *c);
 
-/* d_k, d_v: device [n_tokens][n_kv_heads][head_dim] floats. Work is queued on stream. */
+/* d_k, d_v: device [n_tokens][n_kv_heads][head_dim] floats. Work is queued on stream; the
+   check of the input synchronizes it once (none with KVQ_CUDA_UNCHECKED_APPEND). */
 KVQ_CUDA_API kvq_status kvq_cuda_cache_append(kvq_cuda_cache *c, const float *d_k, const float *d_v,
                                               int n_tokens, cudaStream_t stream);
 
-/* d_q, d_out: device [n_queries][n_q_heads][head_dim]. Asynchronous on stream. */
+/* d_q, d_out: device [n_queries][n_q_heads][head_dim]. Asynchronous on stream: no allocation,
+   no synchronization (capturable into a CUDA graph). n_queries * n_q_heads at most the
+   cache's max_attn_rows. */
 KVQ_CUDA_API kvq_status kvq_cuda_attention(kvq_cuda_cache *c, const float *d_q, float *d_out,
                                            const kvq_attn_params *p, cudaStream_t stream);
 /* The same for n caches (sequences) at once, sharing p; d_q[i], d_out[i] belong to caches[i].
@@ -130,15 +218,19 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
                                                  const kvq_attn_params *p, cudaStream_t stream);
 
 /* kvq.h's serialization image of the device cache (kvq_cache_serialized_bytes() of the same
-   state). serialize synchronizes stream; deserialize requires the image's config to equal
-   the cache's and leaves the cache untouched on any error. */
+   state). serialize synchronizes stream. deserialize validates the image with kvq.h's own
+   checks into a temporary host cache first, then copies; it requires the image's config to
+   equal the cache's but for max_tokens (the tokens it holds must fit the cache's, else
+   KVQ_ERR_FULL) and leaves the cache untouched on any error but a device fault (see
+   "Errors"); a bad image gives KVQ_ERR_CORRUPT, as kvq_cache_load() does. */
 KVQ_CUDA_API size_t     kvq_cuda_cache_serialized_bytes(const kvq_cuda_cache *c);
 KVQ_CUDA_API kvq_status kvq_cuda_cache_serialize(const kvq_cuda_cache *c, void *buf, size_t buf_bytes,
                                                  size_t *written, cudaStream_t stream);
 KVQ_CUDA_API kvq_status kvq_cuda_cache_deserialize(kvq_cuda_cache *c, const void *bytes, size_t n_bytes,
                                                    cudaStream_t stream);
 
-/* Copies between a CPU cache and a GPU cache with equal configs. Both synchronize stream. */
+/* Copies between a CPU cache and a GPU cache with equal configs. Both synchronize stream.
+   upload leaves dst untouched on any error but a device fault (see "Errors"). */
 KVQ_CUDA_API kvq_status kvq_cuda_cache_upload(kvq_cuda_cache *dst, const kvq_cache *src, cudaStream_t stream);
 KVQ_CUDA_API kvq_status kvq_cuda_cache_download(const kvq_cuda_cache *src, kvq_cache *dst, cudaStream_t stream);
 
@@ -223,6 +315,94 @@ static __device__ __forceinline__ unsigned kvq__cu_quantize_one(float x, float m
     return (unsigned)code;
 }
 
+/* kvq.h's range search (its Quantize section), operation for operation: each float and double
+   operation an explicit IEEE-rounded intrinsic, in kvq.h's order, so the sums and the picks
+   are kvq.h's. Candidate (i, j): the range with i steps of the min/max range off the bottom
+   and j off the top; m, 1/s (0: no range left) and s^2 in float. */
+typedef struct kvq__cu_cand { float lo, hi, m, r, s2; } kvq__cu_cand;
+
+static __device__ __forceinline__ double kvq__cu_search_step(int bits, int steps) {
+    return rint(__ddiv_rn(__ddiv_rn(96.0, (double)(1 << (bits - 2))), (double)(steps - 1))) / 256.0;
+}
+
+static __device__ kvq__cu_cand kvq__cu_search_candidate(float lo, float hi, int bits, double step, int i, int j) {
+    const double range = __dsub_rn((double)hi, (double)lo);
+    kvq__cu_cand c;
+    float s;
+    c.lo = i ? __double2float_rn(__dadd_rn((double)lo, __dmul_rn(range, __dmul_rn((double)i, step)))) : lo;
+    c.hi = j ? __double2float_rn(__dsub_rn((double)hi, __dmul_rn(range, __dmul_rn((double)j, step)))) : hi;
+    s = __fdiv_rn(__fsub_rn(c.hi, c.lo), (float)((1 << bits) - 1));
+    c.m = c.lo;
+    c.r = s > 0.0f ? __fdiv_rn(1.0f, s) : 0.0f;
+    c.s2 = __fmul_rn(s, s);
+    return c;
+}
+
+/* kvq__search_term: the squared rounding error of x in units of s^2, d kept to 9 bits. */
+static __device__ __forceinline__ float kvq__cu_search_term(float x, float m, float r, float top) {
+    float u = __fmul_rn(__fsub_rn(x, m), r), c = u < 0.0f ? 0.0f : u, d;
+    unsigned b;
+    c = c > top ? top : c;
+    c = __fsub_rn(__fadd_rn(c, 12582912.0f), 12582912.0f);
+    d = __fsub_rn(u, c);
+    b = ((__float_as_uint(d) & 0x7fffffffu) + 0x2000u) & 0x7fffc000u;
+    b = b < 0x2b800000u ? 0u : b;
+    d = __uint_as_float(b);
+    return __fmul_rn(d, d);
+}
+
+/* kvq__search_group: one group x[0..n) (n a multiple of 8), eight lanes combined in a fixed
+   order; the bottom side first, then the top from the best bottom. Sets *lo, *hi. */
+static __device__ void kvq__cu_search_group(const float *x, int n, int bits, int steps, float *lo, float *hi) {
+    const float top = (float)((1 << bits) - 1);
+    const double step = kvq__cu_search_step(bits, steps);
+    const float lo0 = *lo, hi0 = *hi;
+    float best_err = 0.0f;
+    int side, k, i_best = 0, t, l;
+    for (side = 0; side < 2; side++)
+        for (k = 0; k < (side ? steps - 1 : steps); k++) {
+            const kvq__cu_cand c = kvq__cu_search_candidate(lo0, hi0, bits, step, side ? i_best : k, side ? k + 1 : 0);
+            float a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, e;
+            if (c.r == 0.0f) continue;
+            for (t = 0; t < n; t += 8)
+                for (l = 0; l < 8; l++) a[l] = __fadd_rn(a[l], kvq__cu_search_term(x[t + l], c.m, c.r, top));
+            e = __fmul_rn(__fadd_rn(__fadd_rn(__fadd_rn(a[0], a[4]), __fadd_rn(a[1], a[5])),
+                                    __fadd_rn(__fadd_rn(a[2], a[6]), __fadd_rn(a[3], a[7]))),
+                          c.s2);
+            if ((side | k) == 0 || e < best_err) {
+                best_err = e;
+                *lo = c.lo;
+                *hi = c.hi;
+                if (!side) i_best = k;
+            }
+        }
+}
+
+/* kvq__search_columns for one channel: x[t] of G tokens weighted by w[t] (0: left out), one
+   sum in token order. */
+static __device__ void kvq__cu_search_channel(const float *x, int G, const uint8_t *w, int bits, int steps,
+                                              float *lo, float *hi) {
+    const float top = (float)((1 << bits) - 1);
+    const double step = kvq__cu_search_step(bits, steps);
+    const float lo0 = *lo, hi0 = *hi;
+    float best_err = 0.0f;
+    int k, i_best = 0, t;
+    for (k = 0; k < 2 * steps - 1; k++) {
+        const int i = k < steps ? k : i_best, j = k < steps ? 0 : k - steps + 1;
+        const kvq__cu_cand c = kvq__cu_search_candidate(lo0, hi0, bits, step, i, j);
+        float acc = 0.0f, e;
+        for (t = 0; t < G; t++)
+            if (w[t]) acc = __fadd_rn(acc, __fmul_rn((float)w[t], kvq__cu_search_term(x[t], c.m, c.r, top)));
+        e = __fmul_rn(acc, c.s2);
+        if (k == 0 || (c.r != 0.0f && e < best_err)) {
+            best_err = e;
+            *lo = c.lo;
+            *hi = c.hi;
+            i_best = i;
+        }
+    }
+}
+
 /* What the device kernels need to know about one cache. */
 typedef struct kvq__cuda_view {
     uint16_t *sink_k, *sink_v, *vparams, *ring_k, *ring_v;
@@ -241,6 +421,7 @@ typedef struct kvq__cuda_view {
     int kblock_bytes, vparam_u16, vcode_bytes;
     int n_salient, side_bytes, sal_bits, sal_policy;
     int key_tokens, kt_u16, ktcode_bytes; /* keys per token: flag, record layout (n_ktok = nvq) */
+    int kgrid, vgrid;    /* range search steps a side for key and value groups (1: min/max), as kvq.h's */
     int n_chunks, chunk;
 } kvq__cuda_view;
 
@@ -422,6 +603,31 @@ static __device__ void kvq__cu_block_mask(const kvq__cuda_view &c, int h, int b,
 /* Key blocks [nkb_old, nkb_new) of every head: one thread per (head, block, channel).
    Salient caches leave the side store's tokens out (kvq__quantize_key_block_masked): they
    take no part in the min/max, which starts from +-inf there, and their codes stay 0. */
+/* kvq__key_weights: in caches that record attention, each key's normalized score plus 0.1x the
+   block's mean, scaled to 1..31; 0 if a token has no queries yet (this append's count as none). */
+static __device__ int kvq__cu_key_weights(const kvq__cuda_append &a, int h, int b, uint8_t *w) {
+    const kvq__cuda_view &c = a.c;
+    const int G = c.G;
+    const size_t slot0 = (size_t)h * c.kcap + (size_t)((b * G) % c.kcap);
+    float s[128], mean = 0.0f, top = 0.0f;
+    int t;
+    if (!c.n_salient || c.sal_policy != KVQ_SALIENT_ATTENTION) return 0;
+    for (t = 0; t < G; t++) {
+        const uint32_t seen = b * G + t < a.after_old ? c.sal_seen[slot0 + t] : 0u;
+        if (!seen) return 0;
+        s[t] = __fdiv_rn(c.sal_score[slot0 + t], (float)seen);
+        mean = __fadd_rn(mean, s[t]);
+    }
+    mean = __fdiv_rn(__fmul_rn(0.1f, mean), (float)G);
+    for (t = 0; t < G; t++) top = __fadd_rn(s[t], mean) > top ? __fadd_rn(s[t], mean) : top;
+    if (!(top > 0.0f)) return 0;
+    for (t = 0; t < G; t++) {
+        const float q = rintf(__fmul_rn(31.0f, __fdiv_rn(__fadd_rn(s[t], mean), top)));
+        w[t] = (uint8_t)(q < 1.0f ? 1.0f : q);
+    }
+    return 1;
+}
+
 __global__ void kvq__cu_key_blocks_kernel(kvq__cuda_append a) {
     const kvq__cuda_view &c = a.c;
     const int D = c.D, G = c.G, bits = c.kbits, nb = a.nkb_new - a.nkb_old;
@@ -455,6 +661,12 @@ __global__ void kvq__cu_key_blocks_kernel(kvq__cuda_append a) {
                 lo = x[t] < lo ? x[t] : lo;
                 hi = x[t] > hi ? x[t] : hi;
             }
+        }
+        if (c.kgrid > 1) { /* kvq__quantize_key_block_masked: weights where attention was recorded */
+            uint8_t w[128];
+            const int weighted = kvq__cu_key_weights(a, h, b, w);
+            for (t = 0; t < G; t++) w[t] = mask[t] ? 0 : weighted ? w[t] : 1;
+            kvq__cu_search_channel(x, G, w, bits, c.kgrid, &lo, &hi);
         }
         kvq__cu_fit(lo, hi, bits, &s16, &m16, &s, &m);
         ((uint16_t *)blk)[ch] = s16;
@@ -498,6 +710,7 @@ __global__ void kvq__cu_records_kernel(kvq__cuda_append a, int keys) {
             lo = x[i] < lo ? x[i] : lo;
             hi = x[i] > hi ? x[i] : hi;
         }
+        if ((keys ? c.kgrid : c.vgrid) > 1) kvq__cu_search_group(x, n, bits, keys ? c.kgrid : c.vgrid, &lo, &hi);
         kvq__cu_fit(lo, hi, bits, &s16, &m16, &s, &m);
         params[rec * par_u16 + g] = s16;
         params[rec * par_u16 + ng + g] = m16;
@@ -1007,16 +1220,19 @@ __global__ void kvq__cu_track_kernel(const __grid_constant__ kvq__cuda_batch b) 
 
 struct kvq_cuda_cache {
     kvq_config cfg;
-    kvq__cuda_view v; /* device pointers and sizes; counts filled per call */
+    kvq_cuda_limits lim; /* defaults filled in */
+    kvq__cuda_view v;    /* device pointers and sizes; counts filled per call */
     int n_tokens;
-    void *d_mem;
-    float *d_part;
-    size_t part_floats;
-    int *h_flag, *d_flag; /* the append check's result */
-    int sms;              /* multiprocessors of the device the cache lives on */
-    kvq__cu_rot *d_rot;   /* KVQ_ROTATE_HADAMARD: the plan, in device memory */
-    float *d_rot_in;      /* rotated K and V of an append, or rotated queries */
-    size_t rot_floats;
+    int device;          /* the device the cache lives on (pointer checks) */
+    int sms;             /* its multiprocessors (attention chunks) */
+    void *d_mem;         /* the cache's arrays */
+    kvq__cu_rot *d_rot;  /* KVQ_ROTATE_HADAMARD: the plan, in device memory */
+    /* append's scratch: the check's result, rotated K and V of one round */
+    int *h_flag, *d_flag;
+    float *d_app_rot;
+    /* attention's scratch: rotated queries [max_attn_rows][D], then partial states */
+    float *d_attn;
+    size_t attn_floats, part_floats;
 };
 
 static size_t kvq__cu_align(size_t x) { return (x + KVQ__CUDA_ALIGN - 1) & ~(size_t)(KVQ__CUDA_ALIGN - 1); }
@@ -1026,12 +1242,34 @@ static size_t kvq__cu_align(size_t x) { return (x + KVQ__CUDA_ALIGN - 1) & ~(siz
    with their key block in salient caches; keys per token leave with their values, no blocks). */
 static void kvq__cu_counts(const kvq_config *cfg, int n, int *nkb, int *nvq) { kvq__counts_after(cfg, n, nkb, nvq); }
 
+/* e, an error of kvq's own last runtime call or launch, as a status; clears it (kvq__cu_enter
+   made sure no one else's error was pending, so this clears only kvq's). */
 static kvq_status kvq__cu_err(cudaError_t e) {
     if (e == cudaSuccess) return KVQ_OK;
-    (void)cudaGetLastError(); /* clear a non-sticky error so later calls start clean */
+    (void)cudaGetLastError();
     if (e == cudaErrorMemoryAllocation) return KVQ_ERR_NOMEM;
     if (e == cudaErrorInvalidValue) return KVQ_ERR_INVALID;
     return KVQ_ERR_UNSUPPORTED; /* no device, launch failure, ...: kvq_status has no better word */
+}
+
+/* Before a call touches the device: an error already pending is someone else's (or a
+   sticky fault). Reading it with cudaGetLastError would clear it and later checks would
+   blame kvq's launches for it, so the call does nothing and leaves it pending. */
+static kvq_status kvq__cu_enter(void) { return cudaPeekAtLastError() == cudaSuccess ? KVQ_OK : KVQ_ERR_UNSUPPORTED; }
+
+/* Right after a launch: its own configuration error, or a fault of the device since. */
+static kvq_status kvq__cu_launched(void) { return kvq__cu_err(cudaGetLastError()); }
+
+/* 1 when kernels on the cache's device may read p: its device memory, or managed memory.
+   A host pointer, pageable or pinned, would fault there and leave the context unusable. */
+static int kvq__cu_device_ptr(const kvq_cuda_cache *c, const void *p) {
+    cudaPointerAttributes at;
+    if (!p) return 0;
+    if (cudaPointerGetAttributes(&at, p) != cudaSuccess) { /* older runtimes: unknown host memory */
+        (void)cudaGetLastError();
+        return 0;
+    }
+    return at.type == cudaMemoryTypeManaged || (at.type == cudaMemoryTypeDevice && at.device == c->device);
 }
 
 static int kvq__cu_launch_blocks(size_t work, int threads) {
@@ -1040,126 +1278,184 @@ static int kvq__cu_launch_blocks(size_t work, int threads) {
     return b > 65536 ? 65536 : (int)b; /* grid-stride loops cover the rest */
 }
 
-KVQ_CUDA_API kvq_status kvq_cuda_cache_create(kvq_cuda_cache **out, const kvq_config *cfg) {
-    kvq_cuda_cache *c;
-    kvq_status st;
-    kvq__layout L;
-    size_t H, D, S, off[12], end = 0, sz[12];
-    int G, bits_k, bits_v, a;
-    const uint16_t one = 1;
+/* The view's sizes for cfg (kvq.h's capacities L); device pointers are set later. */
+static void kvq__cu_shape(kvq__cuda_view *v, const kvq_config *cfg, const kvq__layout *L) {
+    const int D = cfg->head_dim, G = cfg->group_size, bits_k = cfg->key_bits, bits_v = cfg->value_bits;
+    v->D = D;
+    v->H = cfg->n_kv_heads;
+    v->S = cfg->sink_tokens;
+    v->G = G;
+    v->kbits = bits_k;
+    v->vbits = bits_v;
+    v->ng = (D + G - 1) / G;
+    v->max_kblocks = L->max_kblocks;
+    v->max_vquant = L->max_vquant;
+    v->kcap = L->kcap;
+    v->vcap = L->vcap;
+    v->kblock_bytes = (int)kvq__key_block_bytes(cfg);
+    v->vparam_u16 = bits_v == 16 ? 0 : 2 * v->ng;
+    v->vcode_bytes = D * bits_v / 8;
+    v->n_salient = kvq__salient_count(cfg);
+    v->side_bytes = (int)kvq__side_entry_bytes(cfg);
+    v->sal_bits = cfg->salient_bits;
+    v->sal_policy = cfg->salient_policy;
+    v->key_tokens = cfg->key_axis == KVQ_KEYS_PER_TOKEN;
+    v->kgrid = kvq__search_grid(cfg->range_search, bits_k, 1);
+    v->vgrid = kvq__search_grid(cfg->range_search, bits_v, 0);
+    v->kt_u16 = bits_k == 16 ? 0 : 2 * v->ng;
+    v->ktcode_bytes = D * bits_k / 8;
+}
+
+/* One device allocation for every array of the view, each 256-byte aligned. */
+static kvq_status kvq__cu_arrays(kvq_cuda_cache *c) {
+    kvq__cuda_view *v = &c->v;
+    const size_t H = (size_t)v->H, D = (size_t)v->D;
+    size_t off[12], sz[12], end = 0;
     uint8_t *base;
-    if (!out) return KVQ_ERR_INVALID;
-    if ((st = kvq_config_check(cfg)) != KVQ_OK) return st;
-    if (*(const uint8_t *)&one != 1) return KVQ_ERR_UNSUPPORTED; /* big-endian host */
-    if (!kvq__plan(cfg, &L)) return KVQ_ERR_NOMEM;                 /* kvq.h's capacities */
-    if (!(c = (kvq_cuda_cache *)calloc(1, sizeof *c))) return KVQ_ERR_NOMEM;
-    c->cfg = *cfg;
-    H = (size_t)cfg->n_kv_heads;
-    D = (size_t)cfg->head_dim;
-    S = (size_t)cfg->sink_tokens;
-    G = cfg->group_size;
-    bits_k = cfg->key_bits;
-    bits_v = cfg->value_bits;
-    c->v.D = (int)D;
-    c->v.H = (int)H;
-    c->v.S = (int)S;
-    c->v.G = G;
-    c->v.kbits = bits_k;
-    c->v.vbits = bits_v;
-    c->v.ng = (int)((D + G - 1) / G);
-    c->v.max_kblocks = L.max_kblocks;
-    c->v.max_vquant = L.max_vquant;
-    c->v.kcap = L.kcap;
-    c->v.vcap = L.vcap;
-    c->v.kblock_bytes = (int)kvq__key_block_bytes(cfg);
-    c->v.vparam_u16 = bits_v == 16 ? 0 : 2 * c->v.ng;
-    c->v.vcode_bytes = (int)D * bits_v / 8;
-    c->v.n_salient = kvq__salient_count(cfg);
-    c->v.side_bytes = (int)kvq__side_entry_bytes(cfg);
-    c->v.sal_bits = cfg->salient_bits;
-    c->v.sal_policy = cfg->salient_policy;
-    c->v.key_tokens = cfg->key_axis == KVQ_KEYS_PER_TOKEN;
-    c->v.kt_u16 = bits_k == 16 ? 0 : 2 * c->v.ng;
-    c->v.ktcode_bytes = (int)D * bits_k / 8;
-    sz[0] = sz[1] = H * S * D * 2;
-    sz[2] = H * (size_t)c->v.max_kblocks * c->v.kblock_bytes;
-    sz[3] = H * (size_t)c->v.max_vquant * c->v.vparam_u16 * 2;
-    sz[4] = H * (size_t)c->v.max_vquant * c->v.vcode_bytes;
-    sz[5] = H * (size_t)c->v.kcap * D * 2;
-    sz[6] = H * (size_t)c->v.vcap * D * 2;
-    sz[7] = H * (size_t)c->v.max_kblocks * c->v.n_salient * c->v.side_bytes; /* side store */
-    sz[8] = sz[9] = c->v.n_salient ? H * (size_t)c->v.kcap * 4 : 0;        /* sal_score, sal_seen */
-    sz[10] = c->v.key_tokens ? H * (size_t)c->v.max_vquant * c->v.kt_u16 * 2 : 0; /* keys per token */
-    sz[11] = c->v.key_tokens ? H * (size_t)c->v.max_vquant * c->v.ktcode_bytes : 0;
+    int a;
+    sz[0] = sz[1] = H * v->S * D * 2;
+    sz[2] = H * (size_t)v->max_kblocks * v->kblock_bytes;
+    sz[3] = H * (size_t)v->max_vquant * v->vparam_u16 * 2;
+    sz[4] = H * (size_t)v->max_vquant * v->vcode_bytes;
+    sz[5] = H * (size_t)v->kcap * D * 2;
+    sz[6] = H * (size_t)v->vcap * D * 2;
+    sz[7] = H * (size_t)v->max_kblocks * v->n_salient * v->side_bytes;  /* side store */
+    sz[8] = sz[9] = v->n_salient ? H * (size_t)v->kcap * 4 : 0;        /* sal_score, sal_seen */
+    sz[10] = v->key_tokens ? H * (size_t)v->max_vquant * v->kt_u16 * 2 : 0; /* keys per token */
+    sz[11] = v->key_tokens ? H * (size_t)v->max_vquant * v->ktcode_bytes : 0;
     for (a = 0; a < 12; a++) {
         off[a] = end;
         end = kvq__cu_align(end + sz[a]);
     }
-    if (cudaMalloc(&c->d_mem, end ? end : 1) != cudaSuccess ||
-        cudaHostAlloc((void **)&c->h_flag, sizeof(int), cudaHostAllocDefault) != cudaSuccess ||
-        cudaMalloc((void **)&c->d_flag, sizeof(int)) != cudaSuccess) {
-        (void)cudaGetLastError();
-        kvq_cuda_cache_destroy(c);
-        return KVQ_ERR_NOMEM;
-    }
-    {
-        int dev = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || c->sms < 1)
-            c->sms = 100;
-        (void)cudaGetLastError();
-    }
-    if (cfg->rotation == KVQ_ROTATE_HADAMARD) {
-        kvq__cu_rot hr;
-        kvq__rotation r;
-        int k, i, j;
-        static const int orders[3] = {12, 20, 28};
-        memset(&hr, 0, sizeof hr);
-        kvq__rotation_init(&r, cfg->head_dim, cfg->seed);
-        hr.n = r.n;
-        hr.n_pieces = r.n_pieces;
-        for (k = 0; k < 10; k++) {
-            hr.off[k] = r.off[k];
-            hr.pow2[k] = r.pow2[k];
-            hr.m[k] = r.m[k];
-        }
-        for (i = 0; i < cfg->head_dim; i++) hr.sign[i] = r.sign[i];
-        for (k = 0; k < 3; k++)
-            for (i = 0; i < orders[k]; i++)
-                for (j = 0; j < orders[k]; j++) hr.paley[k][i * orders[k] + j] = (signed char)kvq__paley(orders[k], i, j);
-        if (cudaMalloc((void **)&c->d_rot, sizeof hr) != cudaSuccess ||
-            cudaMemcpy(c->d_rot, &hr, sizeof hr, cudaMemcpyHostToDevice) != cudaSuccess) {
-            (void)cudaGetLastError();
-            kvq_cuda_cache_destroy(c);
-            return KVQ_ERR_NOMEM;
-        }
-    }
+    if (cudaMalloc(&c->d_mem, end ? end : 1) != cudaSuccess) return kvq__cu_err(cudaErrorMemoryAllocation);
     base = (uint8_t *)c->d_mem;
-    c->v.sink_k = (uint16_t *)(base + off[0]);
-    c->v.sink_v = (uint16_t *)(base + off[1]);
-    c->v.kblocks = base + off[2];
-    c->v.vparams = (uint16_t *)(base + off[3]);
-    c->v.vcodes = base + off[4];
-    c->v.ring_k = (uint16_t *)(base + off[5]);
-    c->v.ring_v = (uint16_t *)(base + off[6]);
-    c->v.side = base + off[7];
-    c->v.sal_score = (float *)(base + off[8]);
-    c->v.sal_seen = (uint32_t *)(base + off[9]);
-    c->v.ktparams = (uint16_t *)(base + off[10]);
-    c->v.ktcodes = base + off[11];
+    v->sink_k = (uint16_t *)(base + off[0]);
+    v->sink_v = (uint16_t *)(base + off[1]);
+    v->kblocks = base + off[2];
+    v->vparams = (uint16_t *)(base + off[3]);
+    v->vcodes = base + off[4];
+    v->ring_k = (uint16_t *)(base + off[5]);
+    v->ring_v = (uint16_t *)(base + off[6]);
+    v->side = base + off[7];
+    v->sal_score = (float *)(base + off[8]);
+    v->sal_seen = (uint32_t *)(base + off[9]);
+    v->ktparams = (uint16_t *)(base + off[10]);
+    v->ktcodes = base + off[11];
+    return KVQ_OK;
+}
+
+/* KVQ_ROTATE_HADAMARD: kvq.h's rotation plan, copied into device memory. */
+static kvq_status kvq__cu_rot_plan(kvq_cuda_cache *c) {
+    static const int orders[3] = {12, 20, 28};
+    kvq__cu_rot hr;
+    kvq__rotation r;
+    int k, i, j;
+    memset(&hr, 0, sizeof hr);
+    kvq__rotation_init(&r, c->cfg.head_dim, c->cfg.seed);
+    hr.n = r.n;
+    hr.n_pieces = r.n_pieces;
+    for (k = 0; k < 10; k++) {
+        hr.off[k] = r.off[k];
+        hr.pow2[k] = r.pow2[k];
+        hr.m[k] = r.m[k];
+    }
+    for (i = 0; i < c->cfg.head_dim; i++) hr.sign[i] = r.sign[i];
+    for (k = 0; k < 3; k++)
+        for (i = 0; i < orders[k]; i++)
+            for (j = 0; j < orders[k]; j++) hr.paley[k][i * orders[k] + j] = (signed char)kvq__paley(orders[k], i, j);
+    if (cudaMalloc((void **)&c->d_rot, sizeof hr) != cudaSuccess) return kvq__cu_err(cudaErrorMemoryAllocation);
+    return kvq__cu_err(cudaMemcpy(c->d_rot, &hr, sizeof hr, cudaMemcpyHostToDevice));
+}
+
+/* Attention scratch, in floats: partial states for the most rows a call may have; see
+   kvq__cu_plan for why (rows + 32 SMs) rows of chunk states always suffice. */
+static size_t kvq__cu_part_floats(const kvq_cuda_cache *c) {
+    const size_t rows = (size_t)c->lim.max_attn_rows;
+    const int track = c->v.n_salient && c->cfg.salient_policy == KVQ_SALIENT_ATTENTION;
+    return (rows + 32 * (size_t)c->sms) * ((size_t)c->v.D + 2) + (track ? rows * ((size_t)c->v.kcap + 2) : 0);
+}
+
+/* Every scratch append and attention use, so that neither allocates. */
+static kvq_status kvq__cu_scratch(kvq_cuda_cache *c) {
+    const int rot = c->cfg.rotation == KVQ_ROTATE_HADAMARD;
+    const size_t round = (size_t)c->lim.append_chunk * c->v.H * c->v.D;
+    if (cudaHostAlloc((void **)&c->h_flag, sizeof(int), cudaHostAllocDefault) != cudaSuccess ||
+        cudaMalloc((void **)&c->d_flag, sizeof(int)) != cudaSuccess ||
+        (rot && cudaMalloc((void **)&c->d_app_rot, 2 * round * sizeof(float)) != cudaSuccess))
+        return kvq__cu_err(cudaErrorMemoryAllocation);
+    c->part_floats = kvq__cu_part_floats(c);
+    c->attn_floats = (rot ? (size_t)c->lim.max_attn_rows * c->v.D : 0) + c->part_floats;
+    if (cudaMalloc((void **)&c->d_attn, c->attn_floats * sizeof(float)) != cudaSuccess)
+        return kvq__cu_err(cudaErrorMemoryAllocation);
+    return KVQ_OK;
+}
+
+/* The limits with defaults filled in; 0 when a field is out of range. */
+static int kvq__cu_limits(const kvq_cuda_limits *in, kvq_cuda_limits *out) {
+    kvq_cuda_limits l = {0, 0};
+    if (in) l = *in;
+    if (l.max_attn_rows < 0 || l.max_attn_rows > 1 << 26 || l.append_chunk < 0 || l.append_chunk > 1 << 20) return 0;
+    if (!l.max_attn_rows) l.max_attn_rows = KVQ_CUDA_ATTN_ROWS;
+    if (!l.append_chunk) l.append_chunk = KVQ_CUDA_APPEND_CHUNK;
+    *out = l;
+    return 1;
+}
+
+KVQ_CUDA_API kvq_status kvq_cuda_cache_create_ex(kvq_cuda_cache **out, const kvq_config *cfg,
+                                                 const kvq_cuda_limits *lim) {
+    kvq_cuda_cache *c;
+    kvq_status st;
+    kvq__layout L;
+    kvq_cuda_limits l;
+    const uint16_t one = 1;
+    if (!out || !kvq__cu_limits(lim, &l)) return KVQ_ERR_INVALID;
+    if ((st = kvq_config_check(cfg)) != KVQ_OK) return st;
+    if (*(const uint8_t *)&one != 1) return KVQ_ERR_UNSUPPORTED; /* big-endian host */
+    if (!kvq__plan(cfg, &L)) return KVQ_ERR_NOMEM;                 /* kvq.h's capacities */
+    if ((st = kvq__cu_enter()) != KVQ_OK) return st;
+    if (!(c = (kvq_cuda_cache *)calloc(1, sizeof *c))) return KVQ_ERR_NOMEM;
+    c->cfg = *cfg;
+    c->lim = l;
+    kvq__cu_shape(&c->v, cfg, &L);
+    if (cudaGetDevice(&c->device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, c->device) != cudaSuccess || c->sms < 1) {
+        kvq_cuda_cache_destroy(c);
+        return kvq__cu_err(cudaErrorNoDevice); /* no usable device */
+    }
+    st = kvq__cu_arrays(c);
+    if (st == KVQ_OK && cfg->rotation == KVQ_ROTATE_HADAMARD) st = kvq__cu_rot_plan(c);
+    if (st == KVQ_OK) st = kvq__cu_scratch(c);
+    if (st != KVQ_OK) {
+        kvq_cuda_cache_destroy(c);
+        return st;
+    }
     *out = c;
     return KVQ_OK;
 }
 
+KVQ_CUDA_API kvq_status kvq_cuda_cache_create(kvq_cuda_cache **out, const kvq_config *cfg) {
+    return kvq_cuda_cache_create_ex(out, cfg, NULL);
+}
+
 KVQ_CUDA_API void kvq_cuda_cache_destroy(kvq_cuda_cache *c) {
     if (!c) return;
+    /* errors of these (a sticky fault) are left pending: destroy returns nothing to say so */
     if (c->d_mem) cudaFree(c->d_mem);
-    if (c->d_part) cudaFree(c->d_part);
+    if (c->d_rot) cudaFree(c->d_rot);
     if (c->d_flag) cudaFree(c->d_flag);
     if (c->h_flag) cudaFreeHost(c->h_flag);
-    if (c->d_rot) cudaFree(c->d_rot);
-    if (c->d_rot_in) cudaFree(c->d_rot_in);
+    if (c->d_app_rot) cudaFree(c->d_app_rot);
+    if (c->d_attn) cudaFree(c->d_attn);
     free(c);
+}
+
+KVQ_CUDA_API const kvq_cuda_limits *kvq_cuda_cache_limits(const kvq_cuda_cache *c) { return c ? &c->lim : NULL; }
+
+KVQ_CUDA_API size_t kvq_cuda_cache_scratch_bytes(const kvq_cuda_cache *c) {
+    size_t app;
+    if (!c) return 0;
+    app = c->d_app_rot ? 2 * (size_t)c->lim.append_chunk * c->v.H * c->v.D * sizeof(float) : 0;
+    return app + sizeof(int) + c->attn_floats * sizeof(float);
 }
 
 KVQ_CUDA_API void kvq_cuda_cache_reset(kvq_cuda_cache *c) {
@@ -1197,86 +1493,103 @@ static size_t kvq__cu_payload_size(const kvq_cuda_cache *c, int image) {
 
 KVQ_CUDA_API size_t kvq_cuda_cache_payload_bytes(const kvq_cuda_cache *c) { return c ? kvq__cu_payload_size(c, 0) : 0; }
 
-/* Grows the rotation scratch to n floats (cudaFree/cudaMalloc synchronize the device). */
-/* Grows a device scratch *buf of *have floats to n (cudaFree/cudaMalloc synchronize). */
-static kvq_status kvq__cu_grow(float **buf, size_t *have, size_t n) {
-    if (n <= *have) return KVQ_OK;
-    if (*buf) cudaFree(*buf);
-    *buf = NULL;
-    *have = 0;
-    if (cudaMalloc((void **)buf, n * sizeof(float)) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return KVQ_ERR_NOMEM;
-    }
-    *have = n;
-    return KVQ_OK;
-}
-
-static kvq_status kvq__cu_rot_scratch(kvq_cuda_cache *c, size_t n) {
-    return kvq__cu_grow(&c->d_rot_in, &c->rot_floats, n);
-}
-
-KVQ_CUDA_API kvq_status kvq_cuda_cache_append(kvq_cuda_cache *c, const float *d_k, const float *d_v, int n_tokens,
-                                              cudaStream_t stream) {
-    kvq__cuda_append a;
-    size_t work;
-    if (!c || n_tokens < 0) return KVQ_ERR_INVALID;
-    if (n_tokens == 0) return KVQ_OK;
-    if (!d_k || !d_v) return KVQ_ERR_INVALID;
-    if (n_tokens > c->cfg.max_tokens - c->n_tokens) return KVQ_ERR_FULL;
-    work = (size_t)n_tokens * c->v.H * c->v.D;
 #ifndef KVQ_CUDA_UNCHECKED_APPEND
-    /* all or nothing, like kvq.h: check every input on the device before storing any */
-    if (cudaMemsetAsync(c->d_flag, 0, sizeof(int), stream) != cudaSuccess) return kvq__cu_err(cudaGetLastError());
+/* All or nothing, like kvq.h: every input checked on the device before any is stored.
+   KVQ_ERR_INVALID for a bad value; the one synchronization of a checked append. */
+static kvq_status kvq__cu_check(kvq_cuda_cache *c, const float *d_k, const float *d_v, int n, cudaStream_t stream) {
+    const size_t work = (size_t)n * c->v.H * c->v.D, rows = (size_t)n * c->v.H;
+    kvq_status st;
+    if ((st = kvq__cu_err(cudaMemsetAsync(c->d_flag, 0, sizeof(int), stream))) != KVQ_OK) return st;
     kvq__cu_check_kernel<<<kvq__cu_launch_blocks(work, 256), 256, 0, stream>>>(d_k, d_v, work, c->d_flag);
+    if ((st = kvq__cu_launched()) != KVQ_OK) return st;
     if (c->cfg.rotation == KVQ_ROTATE_HADAMARD) {
-        size_t rows = (size_t)n_tokens * c->v.H;
         kvq__cu_norm_check_kernel<<<kvq__cu_launch_blocks(rows, 128), 128, 0, stream>>>(d_k, d_v, rows, c->v.D,
                                                                                         c->d_flag);
+        if ((st = kvq__cu_launched()) != KVQ_OK) return st;
     }
-    if (cudaMemcpyAsync(c->h_flag, c->d_flag, sizeof(int), cudaMemcpyDeviceToHost, stream) != cudaSuccess ||
-        cudaStreamSynchronize(stream) != cudaSuccess)
-        return kvq__cu_err(cudaGetLastError());
-    if (*c->h_flag) return KVQ_ERR_INVALID;
+    if ((st = kvq__cu_err(cudaMemcpyAsync(c->h_flag, c->d_flag, sizeof(int), cudaMemcpyDeviceToHost, stream))) !=
+            KVQ_OK ||
+        (st = kvq__cu_err(cudaStreamSynchronize(stream))) != KVQ_OK)
+        return st;
+    return *c->h_flag ? KVQ_ERR_INVALID : KVQ_OK;
+}
 #endif
+
+/* One round: n tokens (checked) of d_k, d_v into the cache, kernels queued on stream.
+   KVQ_ROTATE_HADAMARD caches store rotated rows, as kvq.h does, rotated first into the
+   append scratch; stream order keeps the next round's rotation after this round's reads. */
+static kvq_status kvq__cu_append_round(kvq_cuda_cache *c, const float *d_k, const float *d_v, int n,
+                                       cudaStream_t stream) {
+    const size_t work = (size_t)n * c->v.H * c->v.D, rows = (size_t)n * c->v.H;
+    kvq__cuda_append a;
+    kvq_status st;
     if (c->cfg.rotation == KVQ_ROTATE_HADAMARD) {
-        /* store rotated rows, as kvq.h does: rotate K and V into the scratch first */
-        size_t rows = (size_t)n_tokens * c->v.H;
-        kvq_status st = kvq__cu_rot_scratch(c, 2 * work);
-        if (st != KVQ_OK) return st;
-        kvq__cu_rotate_kernel<<<kvq__cu_launch_blocks(rows, 128), 128, 0, stream>>>(d_k, c->d_rot_in, rows, c->d_rot, 0);
-        kvq__cu_rotate_kernel<<<kvq__cu_launch_blocks(rows, 128), 128, 0, stream>>>(d_v, c->d_rot_in + work, rows, c->d_rot, 0);
-        d_k = c->d_rot_in;
-        d_v = c->d_rot_in + work;
+        float *rk = c->d_app_rot, *rv = c->d_app_rot + (size_t)c->lim.append_chunk * c->v.H * c->v.D;
+        kvq__cu_rotate_kernel<<<kvq__cu_launch_blocks(rows, 128), 128, 0, stream>>>(d_k, rk, rows, c->d_rot, 0);
+        if ((st = kvq__cu_launched()) != KVQ_OK) return st;
+        kvq__cu_rotate_kernel<<<kvq__cu_launch_blocks(rows, 128), 128, 0, stream>>>(d_v, rv, rows, c->d_rot, 0);
+        if ((st = kvq__cu_launched()) != KVQ_OK) return st;
+        d_k = rk;
+        d_v = rv;
     }
     memset(&a, 0, sizeof a);
     a.c = kvq__cu_view(c);
     a.k = d_k;
     a.v = d_v;
-    a.n = n_tokens;
+    a.n = n;
     a.n_old = c->n_tokens;
     a.after_old = c->n_tokens > c->v.S ? c->n_tokens - c->v.S : 0;
     a.nkb_old = a.c.nkb;
     a.nvq_old = a.c.nvq;
-    kvq__cu_counts(&c->cfg, c->n_tokens + n_tokens, &a.nkb_new, &a.nvq_new);
+    kvq__cu_counts(&c->cfg, c->n_tokens + n, &a.nkb_new, &a.nvq_new);
     /* order matters: the quantizers read ring rows (and salience) of earlier appends before
        the store kernel may reuse their slots; the key blocks read the side store's picks */
     if (c->v.n_salient && a.nkb_new > a.nkb_old) {
-        size_t n = (size_t)c->v.H * (a.nkb_new - a.nkb_old);
-        kvq__cu_salient_kernel<<<kvq__cu_launch_blocks(n, 64), 64, 0, stream>>>(a);
+        size_t m = (size_t)c->v.H * (a.nkb_new - a.nkb_old);
+        kvq__cu_salient_kernel<<<kvq__cu_launch_blocks(m, 64), 64, 0, stream>>>(a);
+        if ((st = kvq__cu_launched()) != KVQ_OK) return st;
     }
     if (a.nkb_new > a.nkb_old) {
-        size_t n = (size_t)c->v.H * (a.nkb_new - a.nkb_old) * c->v.D;
-        kvq__cu_key_blocks_kernel<<<kvq__cu_launch_blocks(n, 128), 128, 0, stream>>>(a);
+        size_t m = (size_t)c->v.H * (a.nkb_new - a.nkb_old) * c->v.D;
+        kvq__cu_key_blocks_kernel<<<kvq__cu_launch_blocks(m, 128), 128, 0, stream>>>(a);
+        if ((st = kvq__cu_launched()) != KVQ_OK) return st;
     }
     if (a.nvq_new > a.nvq_old) {
-        size_t n = (size_t)c->v.H * (a.nvq_new - a.nvq_old) * c->v.ng;
-        if (c->v.key_tokens) kvq__cu_records_kernel<<<kvq__cu_launch_blocks(n, 128), 128, 0, stream>>>(a, 1);
-        kvq__cu_records_kernel<<<kvq__cu_launch_blocks(n, 128), 128, 0, stream>>>(a, 0);
+        size_t m = (size_t)c->v.H * (a.nvq_new - a.nvq_old) * c->v.ng;
+        if (c->v.key_tokens) {
+            kvq__cu_records_kernel<<<kvq__cu_launch_blocks(m, 128), 128, 0, stream>>>(a, 1);
+            if ((st = kvq__cu_launched()) != KVQ_OK) return st;
+        }
+        kvq__cu_records_kernel<<<kvq__cu_launch_blocks(m, 128), 128, 0, stream>>>(a, 0);
+        if ((st = kvq__cu_launched()) != KVQ_OK) return st;
     }
     kvq__cu_store_kernel<<<kvq__cu_launch_blocks(work, 256), 256, 0, stream>>>(a);
-    if (cudaGetLastError() != cudaSuccess) return KVQ_ERR_UNSUPPORTED;
-    c->n_tokens += n_tokens;
+    if ((st = kvq__cu_launched()) != KVQ_OK) return st;
+    c->n_tokens += n;
+    return KVQ_OK;
+}
+
+KVQ_CUDA_API kvq_status kvq_cuda_cache_append(kvq_cuda_cache *c, const float *d_k, const float *d_v, int n_tokens,
+                                              cudaStream_t stream) {
+    size_t row;
+    kvq_status st;
+    int done, n;
+    if (!c || n_tokens < 0) return KVQ_ERR_INVALID;
+    if (n_tokens == 0) return KVQ_OK;
+    if (!d_k || !d_v) return KVQ_ERR_INVALID;
+    if (n_tokens > c->cfg.max_tokens - c->n_tokens) return KVQ_ERR_FULL;
+    if ((st = kvq__cu_enter()) != KVQ_OK) return st;
+    if (!kvq__cu_device_ptr(c, d_k) || !kvq__cu_device_ptr(c, d_v)) return KVQ_ERR_INVALID;
+#ifndef KVQ_CUDA_UNCHECKED_APPEND
+    if ((st = kvq__cu_check(c, d_k, d_v, n_tokens, stream)) != KVQ_OK) return st;
+#endif
+    /* rounds of append_chunk tokens: the bytes are those of one append (kvq.h's result does
+       not depend on how tokens are split into appends); a failed launch is a device fault */
+    row = (size_t)c->v.H * c->v.D;
+    for (done = 0; done < n_tokens; done += n) {
+        n = n_tokens - done < c->lim.append_chunk ? n_tokens - done : c->lim.append_chunk;
+        if ((st = kvq__cu_append_round(c, d_k + done * row, d_v + done * row, n, stream)) != KVQ_OK) return st;
+    }
     return KVQ_OK;
 }
 
@@ -1296,7 +1609,10 @@ static int kvq__cu_chunk(int n_tokens, size_t units, int n_seqs, int sms) {
 /* How one sequence of a launch of m splits: query-head slices of <= *nh heads, grid units,
    token chunks; returns the partial-state scratch it needs, in floats: [row][chunk](max, sum,
    acc[D]), and with tracking the raw scores of waiting keys [row][kcap] and the merged
-   (max, sum) [row][2]. */
+   (max, sum) [row][2]. The chunk states fit (rows + 32 SMs) rows, whatever the tokens:
+   n_chunks <= want = max(1, ceil(4 SMs / units)) (each chunk holds >= n_tokens / want tokens),
+   and rows / units = group / slices <= 8, so rows * n_chunks < rows + 32 SMs; create
+   sizes the scratch so (kvq__cu_part_floats). */
 static size_t kvq__cu_plan(const kvq_cuda_cache *c, const kvq_attn_params *p, int m, int *nh, int *slices,
                            size_t *units, int *chunk, int *n_chunks) {
     const int group = p->n_q_heads / c->cfg.n_kv_heads;
@@ -1313,6 +1629,7 @@ static size_t kvq__cu_plan(const kvq_cuda_cache *c, const kvq_attn_params *p, in
 KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, int n, const float *const *d_q,
                                                  float *const *d_out, const kvq_attn_params *p, cudaStream_t stream) {
     int s, u, first;
+    kvq_status st;
     if (!caches || !d_q || !d_out || !p || n < 1) return KVQ_ERR_INVALID;
     for (s = 0; s < n; s++) { /* everything checked before the first launch: all or nothing */
         const kvq_cuda_cache *c = caches[s];
@@ -1327,16 +1644,18 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
         for (u = 0; u < s; u++) /* a cache's scratch (and salience) serves one sequence per call */
             if (caches[u] == c) return KVQ_ERR_INVALID;
     }
-    for (s = 0; s < n; s++) { /* scratch sized before anything is launched */
-        kvq_cuda_cache *c = caches[s];
+    for (s = 0; s < n; s++) { /* the scratch create sized must hold this call: no allocation here */
+        const kvq_cuda_cache *c = caches[s];
         int first_s = s / KVQ_CUDA_MAX_BATCH * KVQ_CUDA_MAX_BATCH, nh, slices, chunk, n_chunks;
         int m = n - first_s < KVQ_CUDA_MAX_BATCH ? n - first_s : KVQ_CUDA_MAX_BATCH;
-        size_t units, need = kvq__cu_plan(c, p, m, &nh, &slices, &units, &chunk, &n_chunks);
-        kvq_status st = kvq__cu_grow(&c->d_part, &c->part_floats, need);
-        if (st == KVQ_OK && c->cfg.rotation == KVQ_ROTATE_HADAMARD)
-            st = kvq__cu_rot_scratch(c, (size_t)p->n_queries * p->n_q_heads * c->cfg.head_dim);
-        if (st != KVQ_OK) return st;
+        size_t units;
+        if ((size_t)p->n_queries * p->n_q_heads > (size_t)c->lim.max_attn_rows) return KVQ_ERR_INVALID;
+        if (kvq__cu_plan(c, p, m, &nh, &slices, &units, &chunk, &n_chunks) > c->part_floats)
+            return KVQ_ERR_INVALID; /* cannot happen: see kvq__cu_plan */
     }
+    if ((st = kvq__cu_enter()) != KVQ_OK) return st;
+    for (s = 0; s < n; s++) /* host memory in a kernel would fault and spoil the context */
+        if (!kvq__cu_device_ptr(caches[s], d_q[s]) || !kvq__cu_device_ptr(caches[s], d_out[s])) return KVQ_ERR_INVALID;
     for (first = 0; first < n; first += KVQ_CUDA_MAX_BATCH) {
         int m = n - first < KVQ_CUDA_MAX_BATCH ? n - first : KVQ_CUDA_MAX_BATCH, max_chunks = 0, max_units = 0, heads = 8;
         size_t max_track = 0; /* threads of the tracking kernel: (KV head, waiting key) */
@@ -1362,13 +1681,15 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
             }
             v->q = d_q[first + s];
             v->out = d_out[first + s];
+            v->part = c->d_attn;
             if (c->cfg.rotation == KVQ_ROTATE_HADAMARD) { /* queries into the cache's rotated space */
-                kvq__cu_rotate_kernel<<<kvq__cu_launch_blocks(rows, 128), 128, 0, stream>>>(v->q, c->d_rot_in, rows,
+                kvq__cu_rotate_kernel<<<kvq__cu_launch_blocks(rows, 128), 128, 0, stream>>>(v->q, c->d_attn, rows,
                                                                                              c->d_rot, 0);
-                v->q = c->d_rot_in;
+                if ((st = kvq__cu_launched()) != KVQ_OK) return st;
+                v->q = c->d_attn;
+                v->part = c->d_attn + (size_t)c->lim.max_attn_rows * c->v.D;
             }
-            v->part = c->d_part;
-            v->ring_raw = track ? c->d_part + rows * v->n_chunks * ((size_t)v->D + 2) : NULL;
+            v->ring_raw = track ? v->part + rows * v->n_chunks * ((size_t)v->D + 2) : NULL;
             v->row_ml = track ? v->ring_raw + rows * v->kcap : NULL;
             if (track && (size_t)v->H * v->kcap > max_track) max_track = (size_t)v->H * v->kcap;
             if (v->n_chunks > max_chunks) max_chunks = v->n_chunks;
@@ -1389,17 +1710,21 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
         default: KVQ__CU_ATTN(8) break;
         }
 #undef KVQ__CU_ATTN
+        if ((st = kvq__cu_launched()) != KVQ_OK) return st;
         kvq__cu_merge_kernel<<<dim3((unsigned)(p->n_queries * p->n_q_heads), (unsigned)m), KVQ__CUDA_NT, 0, stream>>>(b);
-        if (max_track)
+        if ((st = kvq__cu_launched()) != KVQ_OK) return st;
+        if (max_track) {
             kvq__cu_track_kernel<<<dim3((unsigned)kvq__cu_launch_blocks(max_track, 128), (unsigned)m), 128, 0, stream>>>(b);
+            if ((st = kvq__cu_launched()) != KVQ_OK) return st;
+        }
         for (s = 0; s < m; s++) { /* outputs back to the caller's space */
             kvq_cuda_cache *c = caches[first + s];
             size_t rows = (size_t)p->n_queries * p->n_q_heads;
-            if (c->cfg.rotation == KVQ_ROTATE_HADAMARD)
-                kvq__cu_rotate_kernel<<<kvq__cu_launch_blocks(rows, 128), 128, 0, stream>>>(b.v[s].out, b.v[s].out, rows,
-                                                                                             c->d_rot, 1);
+            if (c->cfg.rotation != KVQ_ROTATE_HADAMARD) continue;
+            kvq__cu_rotate_kernel<<<kvq__cu_launch_blocks(rows, 128), 128, 0, stream>>>(b.v[s].out, b.v[s].out, rows,
+                                                                                         c->d_rot, 1);
+            if ((st = kvq__cu_launched()) != KVQ_OK) return st;
         }
-        if (cudaGetLastError() != cudaSuccess) return KVQ_ERR_UNSUPPORTED;
     }
     return KVQ_OK;
 }
@@ -1556,8 +1881,11 @@ static cudaError_t kvq__cu_xfer_payload(const kvq__cuda_view *v, uint8_t *img, i
     return cudaStreamSynchronize(stream);
 }
 
-/* Moves the payload of c as it would hold `tokens` tokens between device and host. */
-static kvq_status kvq__cu_payload(kvq_cuda_cache *c, int tokens, uint8_t *img, int to_image, cudaStream_t stream) {
+/* Moves the payload of c as it would hold `tokens` tokens between device and host. Host
+   scratch is allocated before the first copy: *copying (may be NULL) tells whether a
+   failure came from a copy (to the device: the cache then holds a mix of states). */
+static kvq_status kvq__cu_payload(kvq_cuda_cache *c, int tokens, uint8_t *img, int to_image, cudaStream_t stream,
+                                  int *copying) {
     kvq_cuda_cache probe = *c;
     kvq__cuda_view v;
     uint8_t *tmp;
@@ -1568,6 +1896,7 @@ static kvq_status kvq__cu_payload(kvq_cuda_cache *c, int tokens, uint8_t *img, i
     rec = (size_t)v.vparam_u16 * 2 + v.vcode_bytes;
     if (v.key_tokens && (size_t)v.kt_u16 * 2 + v.ktcode_bytes > rec) rec = (size_t)v.kt_u16 * 2 + v.ktcode_bytes;
     if (!(tmp = (uint8_t *)malloc((size_t)v.nvq * rec + 8 * (size_t)v.kcap + 8))) return KVQ_ERR_NOMEM;
+    if (copying) *copying = 1;
     e = kvq__cu_xfer_payload(&v, img, to_image, tmp, stream);
     free(tmp);
     return kvq__cu_err(e);
@@ -1577,30 +1906,45 @@ static int kvq__cu_same_config(const kvq_config *a, const kvq_config *b) {
     return memcmp(a, b, sizeof *a) == 0; /* ints, unsigned and a float: no padding */
 }
 
-KVQ_CUDA_API kvq_status kvq_cuda_cache_upload(kvq_cuda_cache *dst, const kvq_cache *src, cudaStream_t stream) {
-    size_t n, hdr;
+/* Equal but for the capacity. */
+static int kvq__cu_same_shape(const kvq_config *a, const kvq_config *b) {
+    kvq_config t = *a;
+    t.max_tokens = b->max_tokens;
+    return kvq__cu_same_config(&t, b);
+}
+
+/* src's state into dst: configs equal but for max_tokens, src's tokens within dst's. Every
+   check and host allocation comes before the first copy into dst, so any error but a failed
+   copy (a device fault) leaves dst untouched; after a failed copy dst is reset to 0 tokens. */
+static kvq_status kvq__cu_upload(kvq_cuda_cache *dst, const kvq_cache *src, cudaStream_t stream) {
+    const int tokens = kvq_cache_tokens(src);
+    kvq_cuda_cache probe = *dst;
+    size_t n = kvq_cache_serialized_bytes(src), hdr;
     uint8_t *img;
     kvq_status st;
-    int tokens;
-    if (!dst || !src) return KVQ_ERR_INVALID;
-    if (!kvq__cu_same_config(kvq_cache_config(src), &dst->cfg)) return KVQ_ERR_INVALID;
-    tokens = kvq_cache_tokens(src);
-    n = kvq_cache_serialized_bytes(src);
+    int copying = 0;
+    if (!kvq__cu_same_shape(kvq_cache_config(src), &dst->cfg) || tokens > dst->cfg.max_tokens) return KVQ_ERR_INVALID;
+    if ((st = kvq__cu_enter()) != KVQ_OK) return st;
     if (!(img = (uint8_t *)malloc(n))) return KVQ_ERR_NOMEM;
     st = kvq_cache_serialize(src, img, n, NULL);
+    /* bytes 12..16 of every kvq image give the header size; the rest must be exactly the
+       payload this file expects, or the formats have drifted apart */
+    probe.n_tokens = tokens;
     if (st == KVQ_OK) {
-        kvq_cuda_cache probe = *dst;
-        probe.n_tokens = tokens;
-        /* bytes 12..16 of every kvq image give the header size; the rest must be exactly the
-           payload this file expects, or the formats have drifted apart */
         hdr = (size_t)img[12] | (size_t)img[13] << 8 | (size_t)img[14] << 16 | (size_t)img[15] << 24;
         if (hdr > n || n - hdr != kvq__cu_payload_size(&probe, 1)) st = KVQ_ERR_UNSUPPORTED;
-        else st = kvq__cu_payload(dst, tokens, img + hdr, 0, stream);
-        if (st == KVQ_OK) dst->n_tokens = tokens;
-        else dst->n_tokens = 0; /* a failed copy may have overwritten part of the old state */
+        else st = kvq__cu_payload(dst, tokens, img + hdr, 0, stream, &copying);
     }
+    if (st == KVQ_OK) dst->n_tokens = tokens;
+    else if (copying) dst->n_tokens = 0; /* a mix of the old and the new state is no state */
     free(img);
     return st;
+}
+
+KVQ_CUDA_API kvq_status kvq_cuda_cache_upload(kvq_cuda_cache *dst, const kvq_cache *src, cudaStream_t stream) {
+    if (!dst || !src) return KVQ_ERR_INVALID;
+    if (!kvq__cu_same_config(kvq_cache_config(src), &dst->cfg)) return KVQ_ERR_INVALID;
+    return kvq__cu_upload(dst, src, stream);
 }
 
 KVQ_CUDA_API kvq_status kvq_cuda_cache_download(const kvq_cuda_cache *src, kvq_cache *dst, cudaStream_t stream) {
@@ -1609,9 +1953,10 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_download(const kvq_cuda_cache *src, kvq_c
     kvq_status st;
     if (!src || !dst) return KVQ_ERR_INVALID;
     if (!kvq__cu_same_config(kvq_cache_config(dst), &src->cfg)) return KVQ_ERR_INVALID;
+    if ((st = kvq__cu_enter()) != KVQ_OK) return st;
     n = kvq__cu_payload_size(src, 1);
     if (!(img = (uint8_t *)malloc(n + 1))) return KVQ_ERR_NOMEM;
-    st = kvq__cu_payload((kvq_cuda_cache *)(uintptr_t)src, src->n_tokens, img, 1, stream);
+    st = kvq__cu_payload((kvq_cuda_cache *)(uintptr_t)src, src->n_tokens, img, 1, stream, NULL);
     if (st == KVQ_OK) {
         /* kvq.h's own payload reader (the one kvq_cache_deserialize uses) puts each record
            where kvq.h keeps it, whatever its internal layout */
@@ -1648,13 +1993,19 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_deserialize(kvq_cuda_cache *c, const void
     kvq_status st;
     size_t need;
     void *mem;
+    int held;
     if (!c || !bytes) return KVQ_ERR_INVALID;
-    if ((st = kvq_serialized_config(bytes, n_bytes, &cfg)) != KVQ_OK) return st;
-    if (!kvq__cu_same_config(&cfg, &c->cfg)) return KVQ_ERR_INVALID;
-    /* kvq.h validates every byte (counts, sizes, checksums) into a host cache first */
+    if ((st = kvq_serialized_info(bytes, n_bytes, &cfg, &held)) != KVQ_OK) return st;
+    if (!kvq__cu_same_shape(&cfg, &c->cfg)) return KVQ_ERR_INVALID;
+    if (held > c->cfg.max_tokens) return KVQ_ERR_FULL;
+    /* the image's max_tokens is a claim: host memory for the tokens it holds, no more (the
+       payload's layout does not depend on the capacity) */
+    cfg.max_tokens = held > cfg.sink_tokens ? held : cfg.sink_tokens > 0 ? cfg.sink_tokens : 1;
     if (!(need = kvq_cache_bytes(&cfg)) || !(mem = malloc(need))) return KVQ_ERR_NOMEM;
-    st = kvq_cache_deserialize(&tmp, bytes, n_bytes, mem, need);
-    if (st == KVQ_OK) st = kvq_cuda_cache_upload(c, tmp, stream);
+    /* kvq.h validates every byte (header, sizes, checksums, each record's contents) into
+       that host cache, writing nothing of c; then one upload, checked before it copies */
+    st = kvq_cache_load(&tmp, bytes, n_bytes, cfg.max_tokens, mem, need);
+    if (st == KVQ_OK) st = kvq__cu_upload(c, tmp, stream);
     free(mem);
     return st;
 }

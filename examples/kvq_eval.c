@@ -45,7 +45,7 @@
 #define MAX_CONFIGS 64
 #define MAX_DUMPS 16
 
-static const char *const default_configs[] = { "k16v16", "k8v8", "k4v4", "k3v3", "k2v2", "k2v2g64", "k2v2r0" };
+static const char *const default_configs[] = { "k16v16", "k8v8", "k4v4", "k3v3", "k2v2", "k2v2c0", "k2v2s0c0", "k2v2g64", "k2v2r0" };
 
 typedef struct acc {
     double k_err, k_norm, v_err, v_norm;

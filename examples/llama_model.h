@@ -33,6 +33,7 @@ extern "C" {
           | 'x' N                        salient tokens: N percent of each key block at 8 bits
           | 'e'                          salient tokens chosen by quantization error, not attention
           | 't'                          keys quantized per token (like values), not per channel
+          | 'c' N                        range search: N x N clipped ranges per 2-4-bit group (0 = min/max)
    Unnamed fields keep kvq_default_config(head_dim, n_kv_heads, max_tokens);
    when g is given without r, the default residual is rounded up to a
    multiple of g. "fp16" is k16v16; "fp32" selects the exact float path. */
@@ -141,8 +142,8 @@ int llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tok
         char key = low[i++];
         long v = -1;
         if (key != 'k' && key != 'v' && key != 'g' && key != 'r' && key != 's' && key != 'h' && key != 'x' &&
-            key != 'e' && key != 't')
-            return llm__fail(err, err_size, -1, "config '%s': unknown field '%c' (want k v g r s h x e t)", spec, key);
+            key != 'e' && key != 't' && key != 'c')
+            return llm__fail(err, err_size, -1, "config '%s': unknown field '%c' (want k v g r s h x e t c)", spec, key);
         if (seen[(unsigned char)key]++)
             return llm__fail(err, err_size, -1, "config '%s': field '%c' given twice", spec, key);
         if (i < n && isdigit((unsigned char)low[i])) {
@@ -167,6 +168,7 @@ int llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tok
         case 'r': c.residual_tokens = (int)v; break;
         case 's': c.sink_tokens = (int)v; break;
         case 'x': c.salient_ratio = (float)v / 100.0f; break;
+        case 'c': c.range_search = (int)v; break;
         default: break;
         }
     }

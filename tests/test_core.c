@@ -46,7 +46,7 @@ static void test_fp16(void) {
     }
 }
 
-/* ---- storage rules, replicated from DESIGN.md to derive error bounds -------- */
+/* ---- storage rules, replicated from kvq.h's Cache section to derive error bounds */
 
 typedef struct rules { int after, nkb, nvq, nkq; } rules; /* nkq: keys quantized past the sinks */
 
@@ -75,16 +75,21 @@ static double step_bound(double lo, double hi, int bits, double x) {
     return 0.5 * s * (1.0 + EPS16) + EPS16 * (fabs(lo) + (hi - lo)) + EPS16 * fabs(x) + 1e-7;
 }
 
-/* The bound for element xv of a group of n inputs x[i * stride] (stored as fp16 first). */
-static double group_bound(const float *x, size_t stride, int n, int bits, double xv) {
-    double lo = 1e30, hi = -1e30;
+/* The bound for element xv of a group of n inputs x[i * stride] (stored as fp16 first). With
+   the range search (2 and 3 bits) the range may be clipped by up to 3/8 (2 bits) or 3/16
+   (3 bits) of the min/max range on each side, and a finer step never hurts the bulk: so add
+   the clip to the bound. */
+static double group_bound(const float *x, size_t stride, int n, int bits, int search, double xv) {
+    /* search: 0 off, else the groups it covers: keys at 2 bits, values at 2 and 3 */
+    double lo = 1e30, hi = -1e30, clip;
     int i;
     for (i = 0; i < n; i++) {
         double v = to_f16(x[(size_t)i * stride]);
         lo = v < lo ? v : lo;
         hi = v > hi ? v : hi;
     }
-    return step_bound(lo, hi, bits, xv);
+    clip = search > 1 && bits <= 3 ? 0.375 / (1 << (bits - 2)) * (hi - lo) * (1.0 + EPS16) : 0.0;
+    return step_bound(lo, hi, bits, xv) + clip;
 }
 
 /* Per-element error bounds of everything the cache stores for T tokens of K, V. */
@@ -102,12 +107,12 @@ static void element_bounds(const kvq_config *cfg, int T, const float *K, const f
                 int c0 = c / G * G, c1 = c0 + G < D ? c0 + G : D; /* the token's channel group */
                 const float *krow = K + ((size_t)t * H + h) * D, *vrow = V + ((size_t)t * H + h) * D;
                 if (t >= S && pos < r.nkq && cfg->key_bits < 16 && cfg->key_axis == KVQ_KEYS_PER_TOKEN)
-                    ek[at] = group_bound(krow + c0, 1, c1 - c0, cfg->key_bits, K[at]);
+                    ek[at] = group_bound(krow + c0, 1, c1 - c0, cfg->key_bits, cfg->key_bits <= 2 ? cfg->range_search : 0, K[at]);
                 else if (t >= S && pos < r.nkb * G && cfg->key_bits < 16) /* the channel over its block */
                     ek[at] = group_bound(K + ((size_t)(S + pos / G * G) * H + h) * D + c, (size_t)H * D, G,
-                                         cfg->key_bits, K[at]);
+                                         cfg->key_bits, cfg->key_bits <= 2 ? cfg->range_search : 0, K[at]);
                 if (t >= S && pos < r.nvq && cfg->value_bits < 16)
-                    ev[at] = group_bound(vrow + c0, 1, c1 - c0, cfg->value_bits, V[at]);
+                    ev[at] = group_bound(vrow + c0, 1, c1 - c0, cfg->value_bits, cfg->range_search, V[at]);
             }
 }
 
@@ -266,44 +271,53 @@ static void report(void) {
 
 /* ---- golden vectors: a fixed input and its packed bytes ------------------- */
 
-/* Input: D 8, 1 head, G 16, no residual, 16 tokens, 2-bit keys and 3-bit values (formulas below).
-   The expected bytes were computed independently of kvq.h by tests/golden.py. */
+/* Input: D 8, 1 head, G 16, no residual, 16 tokens, 2-bit keys and 3-bit values (formulas below),
+   with min/max ranges (range_search 0) and with the default range search (4). The expected bytes
+   were computed independently of kvq.h by tests/golden.py. */
 static const uint8_t golden_k2[] = {
 #include "golden_k2.inc"
 };
 static const uint8_t golden_v3[] = {
 #include "golden_v3.inc"
 };
+static const uint8_t golden_k2c4[] = {
+#include "golden_k2c4.inc"
+};
+static const uint8_t golden_v3c4[] = {
+#include "golden_v3c4.inc"
+};
 
 static void test_golden(void) {
-    kvq_config cfg = kvq_default_config(8, 1, 16);
-    kvq_cache *c = NULL;
     float k[16 * 8], v[16 * 8];
-    int t, ch;
+    int t, ch, search;
     for (t = 0; t < 16; t++)
         for (ch = 0; ch < 8; ch++) {
             k[t * 8 + ch] = (float)((t * 7 + ch * 3) % 13 - 6) * 0.375f * (float)(ch + 1);
             v[t * 8 + ch] = (float)((t * 5 + ch * 11) % 9 - 4) * 0.5f + (float)ch * 0.1f;
         }
-    cfg.group_size = 16;
-    cfg.residual_tokens = 0;
-    cfg.sink_tokens = 0;
-    cfg.key_bits = 2;
-    cfg.value_bits = 3;
-    if (kvq_cache_create(&c, &cfg) != KVQ_OK) { CHECK(0, "create"); return; }
-    kvq_cache_append(c, k, v, 16);
-    CHECK(c->n_kblocks == 1 && c->n_vquant == 16, "all quantized");
-    CHECK(c->kblock_bytes == sizeof golden_k2, "key block size %zu", c->kblock_bytes);
-    CHECK(memcmp(c->kblocks, golden_k2, sizeof golden_k2) == 0, "key block bytes differ from golden");
-    {
-        /* value records: per token fp16 scale, fp16 min (one group of 8 channels), 3 bytes of codes */
-        uint8_t got[16 * 7];
+    CHECK(kvq_default_config(8, 1, 16).range_search == 4, "the default searches 4 steps a side");
+    for (search = 0; search <= 4; search += 4) {
+        kvq_config cfg = kvq_default_config(8, 1, 16);
+        const uint8_t *gk = search ? golden_k2c4 : golden_k2, *gv = search ? golden_v3c4 : golden_v3;
+        kvq_cache *c = NULL;
+        uint8_t got[16 * 7]; /* value records: fp16 scale, fp16 min (one group of 8 channels), 3 code bytes */
+        cfg.group_size = 16;
+        cfg.residual_tokens = 0;
+        cfg.sink_tokens = 0;
+        cfg.key_bits = 2;
+        cfg.value_bits = 3;
+        cfg.range_search = search;
+        if (kvq_cache_create(&c, &cfg) != KVQ_OK) { CHECK(0, "create"); return; }
+        kvq_cache_append(c, k, v, 16);
+        CHECK(c->n_kblocks == 1 && c->n_vquant == 16, "all quantized");
+        CHECK(c->kblock_bytes == sizeof golden_k2, "key block size %zu", c->kblock_bytes);
+        CHECK(memcmp(c->kblocks, gk, sizeof golden_k2) == 0, "key block bytes differ from golden (search %d)", search);
         for (t = 0; t < 16; t++) {
             memcpy(got + t * 7, kvq__value_params(c, 0, t), 4);
             memcpy(got + t * 7 + 4, kvq__value_codes(c, 0, t), 3);
         }
-        CHECK(sizeof golden_v3 == sizeof got && memcmp(got, golden_v3, sizeof got) == 0,
-              "value bytes differ from golden");
+        CHECK(sizeof golden_v3 == sizeof got && memcmp(got, gv, sizeof got) == 0,
+              "value bytes differ from golden (search %d)", search);
         if (getenv("KVQ_PRINT_GOLDEN")) {
             size_t i;
             for (i = 0; i < c->kblock_bytes; i++) printf("%u,%s", c->kblocks[i], i % 16 == 15 ? "\n" : "");
@@ -311,8 +325,8 @@ static void test_golden(void) {
             for (i = 0; i < sizeof got; i++) printf("%u,%s", got[i], i % 16 == 15 ? "\n" : "");
             printf("\n");
         }
+        kvq_cache_destroy(c);
     }
-    kvq_cache_destroy(c);
 }
 
 /* ---- incremental vs bulk append, split vs single ----------------------- */
@@ -657,6 +671,76 @@ static void test_merge_order(void) {
     kvq_cache_destroy(c);
 }
 
+/* The range search: it keeps min/max where that is exact, lowers the squared error where an
+   outlier stretches a group, takes only 0-8, and touches only 2-bit keys and 2-3-bit values. */
+static void test_range_search(void) {
+    enum { D = 32, H = 1, T = 200 };
+    float k[T * D], v[T * D], ka[T * D], va[T * D], kb[T * D], vb[T * D];
+    kvq_cache *a = NULL, *b = NULL;
+    kvq_config cfg = kvq_default_config(D, H, T), bad;
+    tu_rng r = {88};
+    double ea = 0, eb = 0;
+    int i, bits;
+    cfg.residual_tokens = 0;
+    cfg.sink_tokens = 0;
+    /* levels 0..3 exactly: min/max is exact, so the search must keep it (same bytes) */
+    for (i = 0; i < T * D; i++) { k[i] = (float)(i % 4); v[i] = (float)((i / 3) % 4) * 0.5f; }
+    cfg.range_search = 4;
+    CHECK(kvq_cache_create(&a, &cfg) == KVQ_OK && kvq_cache_append(a, k, v, T) == KVQ_OK, "searched");
+    cfg.range_search = 0;
+    CHECK(kvq_cache_create(&b, &cfg) == KVQ_OK && kvq_cache_append(b, k, v, T) == KVQ_OK, "min/max");
+    if (a && b) {
+        size_t n = kvq_cache_serialized_bytes(a);
+        uint8_t *ia = (uint8_t *)tu_alloc(n), *ib = (uint8_t *)tu_alloc(n);
+        kvq_cache_serialize(a, ia, n, NULL);
+        kvq_cache_serialize(b, ib, n, NULL);
+        CHECK(memcmp(ia + 128, ib + 128, n - 128) == 0, "an exact min/max grid was replaced");
+        free(ia); free(ib);
+    }
+    kvq_cache_destroy(a);
+    kvq_cache_destroy(b);
+    /* Gaussian data with rare outliers: the search lowers the error of both K and V */
+    for (i = 0; i < T * D; i++) {
+        k[i] = tu_normal(&r) + (i % 97 == 0 ? 8.0f : 0.0f);
+        v[i] = tu_normal(&r) + (i % 89 == 0 ? -7.0f : 0.0f);
+    }
+    for (bits = 2; bits <= 4; bits++) {
+        double eka = 0, ekb = 0, eva = 0, evb = 0;
+        a = b = NULL;
+        cfg.key_bits = cfg.value_bits = bits;
+        cfg.range_search = 4;
+        kvq_cache_create(&a, &cfg);
+        kvq_cache_append(a, k, v, T);
+        cfg.range_search = 0;
+        kvq_cache_create(&b, &cfg);
+        kvq_cache_append(b, k, v, T);
+        kvq_cache_read(a, 0, T, ka, va);
+        kvq_cache_read(b, 0, T, kb, vb);
+        for (i = 0; i < T * D; i++) {
+            eka += (ka[i] - k[i]) * (ka[i] - k[i]);
+            ekb += (kb[i] - k[i]) * (kb[i] - k[i]);
+            eva += (va[i] - v[i]) * (va[i] - v[i]);
+            evb += (vb[i] - v[i]) * (vb[i] - v[i]);
+        }
+        if (bits == 2) CHECK(eka < 0.9 * ekb, "2-bit keys: search %g vs min/max %g", eka, ekb);
+        else CHECK(eka == ekb, "%d-bit keys must keep min/max", bits);
+        if (bits <= 3) CHECK(eva < 0.9 * evb, "%d-bit values: search %g vs min/max %g", bits, eva, evb);
+        else CHECK(eva == evb, "4-bit values must keep min/max");
+        ea += eka;
+        eb += ekb;
+        kvq_cache_destroy(a);
+        kvq_cache_destroy(b);
+    }
+    CHECK(ea < eb, "search never helped");
+    bad = cfg;
+    bad.range_search = -1;
+    CHECK(kvq_config_check(&bad) == KVQ_ERR_INVALID, "range_search -1");
+    bad.range_search = 9;
+    CHECK(kvq_config_check(&bad) == KVQ_ERR_INVALID, "range_search 9");
+    bad.range_search = 8;
+    CHECK(kvq_config_check(&bad) == KVQ_OK, "range_search 8");
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "--report") == 0) {
         report();
@@ -668,6 +752,7 @@ int main(int argc, char **argv) {
     test_errors();
     test_incremental_and_split();
     test_merge_order();
+    test_range_search();
     test_accuracy_grid();
     test_shapes();
     test_long_context();

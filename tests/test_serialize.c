@@ -73,7 +73,7 @@ static int same_config(const kvq_config *a, const kvq_config *b) {
            a->residual_tokens == b->residual_tokens && a->sink_tokens == b->sink_tokens &&
            a->rotation == b->rotation && a->seed == b->seed && a->salient_ratio == b->salient_ratio &&
            a->salient_bits == b->salient_bits && a->salient_policy == b->salient_policy &&
-           a->key_axis == b->key_axis;
+           a->key_axis == b->key_axis && a->range_search == b->range_search;
 }
 
 static void test_round_trips(void) {
@@ -93,6 +93,7 @@ static void test_round_trips(void) {
         cfg.group_size = i % 3 ? 32 : 16;
         cfg.residual_tokens = i % 2 ? 0 : 2 * cfg.group_size;
         cfg.key_axis = i % 3 == 1 ? KVQ_KEYS_PER_TOKEN : KVQ_KEYS_PER_CHANNEL;
+        cfg.range_search = i % 2 ? 4 : 0;
         b = build_cache(&cfg, tokens[i], (unsigned)i);
         memset(&got, 0, sizeof got);
         CHECK(kvq_serialized_config(b.img, b.n, &got) == KVQ_OK && same_config(&got, &cfg), "config");
@@ -311,6 +312,7 @@ static void test_load_capacity(void) {
     float k[64 * 64], v[64 * 64];
     cfg.salient_ratio = 0.1f;
     cfg.residual_tokens = 32;
+    for (j = 0; j < 64 * 64; j++) { k[j] = (float)(j % 29) * 0.3f - 4.0f; v[j] = (float)(j % 11) - 5.0f; }
     b = build_cache(&cfg, 150, 4);
     CHECK(kvq_serialized_info(b.img, b.n, &got, &held) == KVQ_OK && held == 150 && got.max_tokens == 200, "info");
     got.max_tokens = 500;
@@ -320,7 +322,6 @@ static void test_load_capacity(void) {
     CHECK(kvq_cache_load(&c, b.img, b.n, 500, mem, need) == KVQ_OK && kvq_cache_config(c)->max_tokens == 500, "grow");
     if (c) {
         CHECK(same_cache(b.c, c), "the grown cache reads and attends differently");
-        for (j = 0; j < 64 * 64; j++) { k[j] = (float)(j % 29) * 0.3f - 4.0f; v[j] = (float)(j % 11) - 5.0f; }
         CHECK(kvq_cache_append(c, k, v, 40) == KVQ_OK && kvq_cache_append(b.c, k, v, 40) == KVQ_OK, "append 40");
         CHECK(same_cache(b.c, c), "the grown cache goes on differently");
         CHECK(kvq_cache_append(c, k, v, 60) == KVQ_OK, "the grown cache takes more than the old capacity");
@@ -395,6 +396,7 @@ static kvq_config xplat_config(void) {
     cfg.key_bits = 2;
     cfg.value_bits = 3;
     cfg.sink_tokens = 4;
+    cfg.range_search = 4; /* the search's float sums must agree across machines too */
     return cfg;
 }
 

@@ -102,7 +102,7 @@ static int attend(kvq_cache *c, kvq_isa isa, const float *q, const kvq_attn_para
 }
 
 typedef struct shape {
-    int kb, vb, G, D, H, ratio, nq, S, R, T, kind, rot, salient_pct, per_token_keys;
+    int kb, vb, G, D, H, ratio, nq, S, R, T, kind, rot, salient_pct, per_token_keys, search;
 } shape;
 
 static void check_shape(const shape *s, int split) {
@@ -124,6 +124,7 @@ static void check_shape(const shape *s, int split) {
     cfg.rotation = s->rot;
     cfg.salient_ratio = (float)s->salient_pct / 100.0f;
     cfg.key_axis = s->per_token_keys ? KVQ_KEYS_PER_TOKEN : KVQ_KEYS_PER_CHANNEL;
+    cfg.range_search = s->search;
     ap.n_q_heads = s->H * s->ratio;
     ap.n_queries = s->nq;
     ap.scale = 0.0f;
@@ -145,8 +146,8 @@ static void check_shape(const shape *s, int split) {
         c = build(&cfg, isa, K, V, s->T);
         CHECK(c != NULL, "%s cache", kvq_isa_name(isa));
         if (!c) continue;
-        CHECK(same_bytes(base, c), "%s: packed bytes differ (k%d v%d G%d D%d S%d R%d T%d)", kvq_isa_name(isa),
-              s->kb, s->vb, s->G, s->D, s->S, s->R, s->T);
+        CHECK(same_bytes(base, c), "%s: packed bytes differ (k%d v%d G%d D%d S%d R%d T%d search %d)",
+              kvq_isa_name(isa), s->kb, s->vb, s->G, s->D, s->S, s->R, s->T, s->search);
         CHECK(kvq_cache_read(c, 0, s->T, Kb, Vb) == KVQ_OK && !memcmp(Ka, Kb, n * 4) && !memcmp(Va, Vb, n * 4),
               "%s: kvq_cache_read differs", kvq_isa_name(isa));
         CHECK(attend(base, isa, q, &ap, split, out), "%s attention", kvq_isa_name(isa));
@@ -168,7 +169,8 @@ done:
    huge ranges (subnormal fp16 scales, 65504). */
 static void test_edges(void) {
     static const float pool[] = {0.0f, -0.0f, 1.0f, -1.0f, 0.5f, 2.5f, 1e-7f, -3e-8f, 65504.0f, -65504.0f, 0.25f};
-    int bits, G, kind;
+    int bits, G, kind, search;
+    for (search = 0; search <= 4; search += 4)
     for (kind = 0; kind < 3; kind++)
         for (bits = 2; bits <= 8; bits = bits == 4 ? 8 : bits + 1)
             for (G = 16; G <= 64; G *= 4) {
@@ -196,12 +198,13 @@ static void test_edges(void) {
                 cfg.key_bits = cfg.value_bits = bits;
                 cfg.group_size = G;
                 cfg.residual_tokens = 0;
+                cfg.range_search = search;
                 base = build(&cfg, KVQ_ISA_SCALAR, K, V, T);
                 CHECK(base != NULL, "edge cache");
                 for (k = 0; base && k < n_isas; k++) {
                     c = build(&cfg, (kvq_isa)isas[k], K, V, T);
-                    CHECK(c && same_bytes(base, c), "%s: edge-case bytes differ (kind %d, %d-bit, G%d)",
-                          kvq_isa_name((kvq_isa)isas[k]), kind, bits, G);
+                    CHECK(c && same_bytes(base, c), "%s: edge-case bytes differ (kind %d, %d-bit, G%d, search %d)",
+                          kvq_isa_name((kvq_isa)isas[k]), kind, bits, G, search);
                     kvq_cache_destroy(c);
                 }
                 kvq_set_isa(KVQ_ISA_SCALAR);
@@ -311,6 +314,15 @@ static void test_grid(void) {
         s.kind = TU_STRUCTURED; s.rot = d % 2 ? KVQ_ROTATE_HADAMARD : KVQ_ROTATE_NONE; s.per_token_keys = 1;
         check_shape(&s, 0);
         check_shape(&s, 1);
+    }
+    for (d = 0; d < 8; d++) { /* the range search: every shape of group, salient, per-token keys, rotation */
+        static const int dims8[] = {8, 40, 72, 128, 16, 96, 64, 128}, g8[] = {16, 32, 16, 32, 128, 64, 32, 32};
+        shape s = {0};
+        s.kb = d % 3 == 1 ? 3 : 2; s.vb = d % 3 == 2 ? 3 : 2; s.G = g8[d]; s.D = dims8[d]; s.H = 2;
+        s.ratio = 1 + d % 4; s.nq = 1 + d % 2; s.S = d % 2 ? 4 : 0; s.R = d == 4 ? 0 : 128; s.T = 3 * s.G + 200 + d;
+        s.kind = d % 2; s.rot = d == 6 ? KVQ_ROTATE_HADAMARD : KVQ_ROTATE_NONE;
+        s.salient_pct = d == 5 ? 10 : 0; s.per_token_keys = d == 7; s.search = 2 + d % 7;
+        check_shape(&s, d % 2);
     }
     printf("grid: worst attention NMSE vs scalar %.3g\n", worst_nmse);
 }

@@ -94,11 +94,24 @@ struct cudaDeviceProp {
     int regsPerBlock, warpSize, maxThreadsPerBlock, maxThreadsDim[3], maxGridSize[3];
     int major, minor, multiProcessorCount, memoryClockRate, memoryBusWidth, l2CacheSize;
 };
+enum cudaMemoryType { /* the runtime's numbers */
+    cudaMemoryTypeUnregistered = 0,
+    cudaMemoryTypeHost = 1,
+    cudaMemoryTypeDevice = 2,
+    cudaMemoryTypeManaged = 3,
+};
+struct cudaPointerAttributes {
+    cudaMemoryType type;
+    int device;
+    void *devicePointer, *hostPointer;
+};
 typedef struct CUstream_st *cudaStream_t; /* work runs synchronously, at the call */
 typedef struct CUevent_st *cudaEvent_t;
 #define cudaHostAllocDefault 0u
 #define cudaStreamNonBlocking 1u
 #define cudaEventDefault 0u
+#define cudaEventDisableTiming 2u
+#define cudaMemAttachGlobal 1u
 
 /* ---- the runtime API (emu.cpp) ---------------------------------------------------------- */
 cudaError_t cudaGetDeviceCount(int *n);
@@ -118,7 +131,8 @@ const char *cudaGetErrorName(cudaError_t e);
    one live cudaMalloc/cudaHostAlloc block; the host side cannot be checked, so a host
    pointer passed where a device one belongs in a kernel argument just works here. */
 cudaError_t cudaMalloc(void **p, size_t n);
-cudaError_t cudaFree(void *p);
+cudaError_t cudaMallocManaged(void **p, size_t n, unsigned flags = cudaMemAttachGlobal);
+cudaError_t cudaFree(void *p); /* device or managed memory */
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags);
 cudaError_t cudaMallocHost(void **p, size_t n);
 cudaError_t cudaFreeHost(void *p);
@@ -127,6 +141,13 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind
 cudaError_t cudaMemset(void *dst, int value, size_t n);
 cudaError_t cudaMemsetAsync(void *dst, int value, size_t n, cudaStream_t s = 0);
 template <class T> cudaError_t cudaMalloc(T **p, size_t n) { return cudaMalloc((void **)p, n); }
+template <class T> cudaError_t cudaMallocManaged(T **p, size_t n, unsigned flags = cudaMemAttachGlobal) {
+    return cudaMallocManaged((void **)p, n, flags);
+}
+/* What the emulator knows of p, as CUDA 11 and later tell it: device (cudaMalloc), managed
+   (cudaMallocManaged) or host (cudaHostAlloc/cudaMallocHost) memory, device 0, when p lies
+   inside such a live block; any other pointer is cudaMemoryTypeUnregistered (success). */
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes *attr, const void *p);
 template <class T> cudaError_t cudaHostAlloc(T **p, size_t n, unsigned flags) { return cudaHostAlloc((void **)p, n, flags); }
 template <class T> cudaError_t cudaMallocHost(T **p, size_t n) { return cudaMallocHost((void **)p, n); }
 
@@ -138,8 +159,21 @@ cudaError_t cudaEventCreate(cudaEvent_t *e);
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags);
 cudaError_t cudaEventDestroy(cudaEvent_t e);
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0);
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags = 0); /* all done already */
 cudaError_t cudaEventSynchronize(cudaEvent_t e);
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end);
+
+/* ---- what tests may ask the emulator (not CUDA): counts of runtime calls since the start,
+   so a test can tell that a call allocated, freed or synchronized nothing -------------------- */
+namespace kvq_emu {
+struct api_counts {
+    unsigned long long allocs; /* cudaMalloc, cudaMallocManaged, cudaHostAlloc, cudaMallocHost */
+    unsigned long long frees;  /* cudaFree, cudaFreeHost */
+    unsigned long long syncs;  /* cudaDeviceSynchronize, cudaStreamSynchronize, cudaEventSynchronize,
+                                  and the synchronous cudaMemcpy and cudaMemset */
+};
+api_counts counts(void);
+} // namespace kvq_emu
 
 /* ---- what kernels see -------------------------------------------------------------------- */
 namespace kvq_emu {
@@ -227,6 +261,11 @@ inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }
 inline float __fsqrt_rn(float a) { return sqrtf(a); }
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline float __double2float_rn(double x) { return (float)x; } /* the default mode: to nearest even */
 /* cvt.rni.s32.f32: ties to even, saturating, NaN -> 0 */
 inline int __float2int_rn(float x) {
     if (x != x) return 0;

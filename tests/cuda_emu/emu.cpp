@@ -20,6 +20,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <deque>
 #include <map>
@@ -323,7 +324,8 @@ void thread_exit(int tid) {
 /* ---- device memory ------------------------------------------------------------------- */
 
 std::mutex mem_mu, launch_mu;
-std::map<uintptr_t, size_t> device_blocks, host_blocks; /* start -> bytes */
+std::map<uintptr_t, size_t> device_blocks, host_blocks, managed_blocks; /* start -> bytes */
+std::atomic<unsigned long long> n_allocs, n_frees, n_syncs; /* kvq_emu::counts() */
 cudaError_t last_error = cudaSuccess;
 
 cudaError_t set_error(cudaError_t e) {
@@ -333,6 +335,7 @@ cudaError_t set_error(cudaError_t e) {
 
 void *alloc(std::map<uintptr_t, size_t> &blocks, size_t n) {
     void *p = nullptr;
+    n_allocs++;
     if (posix_memalign(&p, 256, n ? n : 1)) return nullptr; /* cudaMalloc aligns to 256 */
     memset(p, 0xcd, n ? n : 1);
     std::lock_guard<std::mutex> lk(mem_mu);
@@ -341,6 +344,7 @@ void *alloc(std::map<uintptr_t, size_t> &blocks, size_t n) {
 }
 
 cudaError_t release_block(std::map<uintptr_t, size_t> &blocks, void *p) {
+    n_frees++;
     if (!p) return cudaSuccess;
     {
         std::lock_guard<std::mutex> lk(mem_mu);
@@ -350,16 +354,18 @@ cudaError_t release_block(std::map<uintptr_t, size_t> &blocks, void *p) {
     return cudaSuccess;
 }
 
-/* 1 when [p, p + n) lies inside one live block of device (or pinned host) memory */
+/* 1 when [p, p + n) lies inside one live block of blocks (mem_mu held) */
+bool inside(const std::map<uintptr_t, size_t> &blocks, const void *p, size_t n) {
+    auto it = blocks.upper_bound((uintptr_t)p);
+    if (it == blocks.begin()) return false;
+    --it;
+    return (uintptr_t)p - it->first <= it->second && n <= it->second - ((uintptr_t)p - it->first);
+}
+
+/* 1 when [p, p + n) lies inside one live block of device, managed or pinned host memory */
 bool device_range(const void *p, size_t n) {
     std::lock_guard<std::mutex> lk(mem_mu);
-    for (auto *blocks : {&device_blocks, &host_blocks}) {
-        auto it = blocks->upper_bound((uintptr_t)p);
-        if (it == blocks->begin()) continue;
-        --it;
-        if ((uintptr_t)p - it->first <= it->second && n <= it->second - ((uintptr_t)p - it->first)) return true;
-    }
-    return false;
+    return inside(device_blocks, p, n) || inside(managed_blocks, p, n) || inside(host_blocks, p, n);
 }
 
 cudaError_t copy(void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
@@ -581,7 +587,7 @@ cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int dev) {
     }
     return cudaSuccess;
 }
-cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; } /* everything already ran */
+cudaError_t cudaDeviceSynchronize(void) { n_syncs++; return cudaSuccess; } /* everything already ran */
 cudaError_t cudaDeviceReset(void) { last_error = cudaSuccess; return cudaSuccess; }
 cudaError_t cudaGetLastError(void) {
     cudaError_t e = last_error;
@@ -612,7 +618,37 @@ cudaError_t cudaMalloc(void **p, size_t n) {
     *p = alloc(device_blocks, n);
     return *p ? cudaSuccess : set_error(cudaErrorMemoryAllocation);
 }
-cudaError_t cudaFree(void *p) { return release_block(device_blocks, p); }
+cudaError_t cudaMallocManaged(void **p, size_t n, unsigned flags) {
+    (void)flags;
+    *p = alloc(managed_blocks, n);
+    return *p ? cudaSuccess : set_error(cudaErrorMemoryAllocation);
+}
+cudaError_t cudaFree(void *p) {
+    bool managed;
+    {
+        std::lock_guard<std::mutex> lk(mem_mu);
+        managed = managed_blocks.count((uintptr_t)p) != 0;
+    }
+    return release_block(managed ? managed_blocks : device_blocks, p);
+}
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes *attr, const void *p) {
+    if (!attr) return set_error(cudaErrorInvalidValue);
+    std::lock_guard<std::mutex> lk(mem_mu);
+    memset(attr, 0, sizeof *attr);
+    attr->device = -2; /* what CUDA reports for unregistered memory */
+    if (inside(device_blocks, p, 1)) attr->type = cudaMemoryTypeDevice;
+    else if (inside(managed_blocks, p, 1)) attr->type = cudaMemoryTypeManaged;
+    else if (inside(host_blocks, p, 1)) attr->type = cudaMemoryTypeHost;
+    else attr->type = cudaMemoryTypeUnregistered;
+    if (attr->type != cudaMemoryTypeUnregistered) {
+        attr->device = 0;
+        attr->devicePointer = const_cast<void *>(p);
+        attr->hostPointer = attr->type == cudaMemoryTypeDevice ? nullptr : const_cast<void *>(p);
+    } else {
+        attr->hostPointer = const_cast<void *>(p);
+    }
+    return cudaSuccess;
+}
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags) {
     (void)flags;
     *p = alloc(host_blocks, n);
@@ -620,24 +656,31 @@ cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags) {
 }
 cudaError_t cudaMallocHost(void **p, size_t n) { return cudaHostAlloc(p, n, 0); }
 cudaError_t cudaFreeHost(void *p) { return release_block(host_blocks, p); }
-cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind) { return copy(dst, src, n, kind); }
+cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
+    n_syncs++;
+    return copy(dst, src, n, kind);
+}
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind kind, cudaStream_t) {
     return copy(dst, src, n, kind);
 }
-cudaError_t cudaMemset(void *dst, int value, size_t n) {
+static cudaError_t set_memory(void *dst, int value, size_t n) {
     if (!n) return cudaSuccess;
     if (!device_range(dst, n)) return set_error(cudaErrorInvalidValue);
     memset(dst, value, n);
     return cudaSuccess;
 }
-cudaError_t cudaMemsetAsync(void *dst, int value, size_t n, cudaStream_t) { return cudaMemset(dst, value, n); }
+cudaError_t cudaMemset(void *dst, int value, size_t n) {
+    n_syncs++;
+    return set_memory(dst, value, n);
+}
+cudaError_t cudaMemsetAsync(void *dst, int value, size_t n, cudaStream_t) { return set_memory(dst, value, n); }
 
 struct CUstream_st { int unused; };
 struct CUevent_st { double ms; };
 cudaError_t cudaStreamCreate(cudaStream_t *s) { *s = new CUstream_st(); return cudaSuccess; }
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned) { return cudaStreamCreate(s); }
 cudaError_t cudaStreamDestroy(cudaStream_t s) { delete s; return cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) { n_syncs++; return cudaSuccess; }
 cudaError_t cudaEventCreate(cudaEvent_t *e) { *e = new CUevent_st(); return cudaSuccess; }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) { return cudaEventCreate(e); }
 cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
@@ -645,7 +688,10 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) { /* work is done at th
     e->ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
     return cudaSuccess;
 }
-cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventSynchronize(cudaEvent_t) { n_syncs++; return cudaSuccess; }
+cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
+
+kvq_emu::api_counts kvq_emu::counts(void) { return {n_allocs.load(), n_frees.load(), n_syncs.load()}; }
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
     *ms = (float)(end->ms - start->ms);
     return cudaSuccess;

@@ -325,6 +325,37 @@ static void run_read_exited_lane(void) { read_exited_lane<<<1, 32>>>(dev<float>(
 static void run_wild_write(void) { wild_write<<<1, 64>>>((int *)16); }
 static void run_write_past(void) { write_past<<<1, 32>>>(dev<int>(100), 100); }
 
+/* cudaPointerGetAttributes knows the emulator's blocks (their first and last byte, not one
+   past); managed memory copies like device memory; the counters see allocations, frees and
+   synchronizations, and nothing else. */
+static void test_pointers_and_counts(void) {
+    kvq_emu::api_counts c0 = kvq_emu::counts(), c1, c2;
+    cudaPointerAttributes at;
+    int *d, *h, *m, stack = 0, back = 0;
+    CHECK(cudaMalloc((void **)&d, 64) == cudaSuccess && cudaMallocHost((void **)&h, 64) == cudaSuccess &&
+              cudaMallocManaged((void **)&m, 64) == cudaSuccess,
+          "allocations");
+    c1 = kvq_emu::counts();
+    CHECK(c1.allocs == c0.allocs + 3 && c1.frees == c0.frees && c1.syncs == c0.syncs, "3 allocations counted");
+    CHECK(cudaPointerGetAttributes(&at, d + 15) == cudaSuccess && at.type == cudaMemoryTypeDevice && at.device == 0,
+          "device memory");
+    CHECK(cudaPointerGetAttributes(&at, d + 16) == cudaSuccess && at.type != cudaMemoryTypeDevice, "one past the end");
+    CHECK(cudaPointerGetAttributes(&at, h) == cudaSuccess && at.type == cudaMemoryTypeHost, "pinned host memory");
+    CHECK(cudaPointerGetAttributes(&at, m + 3) == cudaSuccess && at.type == cudaMemoryTypeManaged, "managed memory");
+    CHECK(cudaPointerGetAttributes(&at, &stack) == cudaSuccess && at.type == cudaMemoryTypeUnregistered,
+          "unregistered host memory");
+    CHECK(cudaMemcpyAsync(m, &stack, sizeof stack, cudaMemcpyHostToDevice, 0) == cudaSuccess &&
+              cudaMemcpyAsync(&back, m, sizeof back, cudaMemcpyDeviceToHost, 0) == cudaSuccess && back == 0,
+          "managed memory copies as device memory");
+    CHECK(kvq_emu::counts().syncs == c1.syncs, "asynchronous copies are not synchronizations");
+    CHECK(cudaStreamSynchronize(0) == cudaSuccess && cudaMemset(d, 0, 4) == cudaSuccess, "sync and memset");
+    CHECK(cudaFree(d) == cudaSuccess && cudaFreeHost(h) == cudaSuccess && cudaFree(m) == cudaSuccess, "frees");
+    c2 = kvq_emu::counts();
+    CHECK(c2.allocs == c1.allocs && c2.frees == c1.frees + 3 && c2.syncs == c1.syncs + 2, "frees and syncs counted");
+    CHECK(cudaPointerGetAttributes(&at, m) == cudaSuccess && at.type == cudaMemoryTypeUnregistered, "freed memory");
+    CHECK(cudaGetLastError() == cudaSuccess, "no error left");
+}
+
 int main(void) {
     static const char *const orders[] = {"reverse", "random", "forward"};
     int o;
@@ -336,6 +367,7 @@ int main(void) {
         test_indexing();
     }
     test_memory_and_launches();
+    test_pointers_and_counts();
     test_fp16();
     /* forward order (set last above): thread 0 runs first, which the messages below name */
     expect_report("half the block at __syncthreads", run_half_sync, "kernel half_sync (launched at");

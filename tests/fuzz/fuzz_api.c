@@ -48,6 +48,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
         if (mode & 2) cfg.rotation = mode & 128 ? KVQ_ROTATE_PREROTATED : KVQ_ROTATE_HADAMARD;
         if (mode & 4) cfg.key_axis = KVQ_KEYS_PER_TOKEN;
+        if (mode & 16) cfg.range_search = mode & 8 ? 0 : 8; /* min/max or the widest search; else the default */
     }
     need = kvq_cache_bytes(&cfg);
     if (need == 0) {
