@@ -14,7 +14,7 @@ TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_simd_dispatch $(B)/test_seria
            $(B)/compile_clang_c $(B)/compile_clang_cxx $(B)/compile_gcc_strict $(B)/compile_clang_strict
 HDR      = kvq.h tests/test_util.h tests/hostile.h
 
-.PHONY: all test example eval bench asan ubsan tsan neon fuzz lint check cuda cuda-emu cuda-emu-asan clean
+.PHONY: all test example eval bench asan ubsan tsan neon fuzz lint check cuda cuda-emu cuda-emu-asan install package clean
 all: $(TESTS) $(B)/quickstart $(B)/llama $(B)/kvq_eval
 
 $(B):
@@ -25,9 +25,10 @@ $(B)/test_core: tests/test_core.c tests/golden_*.inc $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_core.c $(LDLIBS)
 $(B)/test_simd: tests/test_simd.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_simd.c $(LDLIBS)
-# no -march: AVX2 and AVX-512 compiled with target attributes, picked by cpuid on first use
+# a plain build, no -march and no macro: AVX2 and AVX-512 compiled with target attributes and
+# picked by cpuid on first use (the default), which test_runtime_pick checks
 $(B)/test_simd_dispatch: tests/test_simd.c $(HDR) | $(B)
-	$(CC) $(WARN) -O2 -DKVQ_RUNTIME_DISPATCH -o $@ tests/test_simd.c $(LDLIBS)
+	$(CC) $(WARN) -O2 -o $@ tests/test_simd.c $(LDLIBS)
 $(B)/test_serialize: tests/test_serialize.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_serialize.c $(LDLIBS)
 $(B)/test_rotate: tests/test_rotate.c $(HDR) | $(B)
@@ -57,8 +58,12 @@ $(B)/compile_gcc_strict: $(COMPILE_SRC) kvq.h | $(B)
 $(B)/compile_clang_strict: $(COMPILE_SRC) kvq.h | $(B)
 	$(CLANG) $(STRICT) -o $@ $(COMPILE_SRC) -lm
 
-test: $(TESTS)
-	tests/run_all.sh $(TESTS)
+# the plain build (runtime dispatch) loads the image the -march build saved: the same bytes
+$(B)/test_serialize_plain: tests/test_serialize.c $(HDR) | $(B)
+	$(CC) $(WARN) -O2 -o $@ tests/test_serialize.c $(LDLIBS)
+test: $(TESTS) $(B)/test_serialize_plain
+	mkdir -p $(B)/xplat && $(B)/test_serialize --write $(B)/xplat >/dev/null
+	tests/run_all.sh $(TESTS) "$(B)/test_serialize_plain --check $(B)/xplat"
 
 # ---- sanitizers: the unit tests under ASan (gcc) and UBSan (clang), SIMD paths included
 SAN_TESTS = core simd serialize rotate salient examples
@@ -139,7 +144,7 @@ lint:
 	exit $$st
 
 # ---- everything that fits in CI's time ------------------------------------------
-check: test asan ubsan tsan neon lint fuzz cuda-emu cuda-emu-asan
+check: test asan ubsan tsan neon lint fuzz cuda-emu cuda-emu-asan package
 
 # ---- NEON: cross-compiled, run under qemu -----------------------------------
 NEON_TESTS = core simd serialize rotate salient
@@ -212,6 +217,20 @@ eval: $(B)/kvq_eval
 	else echo "skipped: $(SHARED) not found (the KV dumps live in ../shared/data)"; fi
 bench: $(B)/bench
 	$(B)/bench --csv $(B)/bench.csv --svg $(B)/bench.svg
+
+# ---- install: the headers, pkg-config and CMake package files under PREFIX ------
+PREFIX  ?= /usr/local
+VERSION  = $(shell sed -n 's/^\#define KVQ_VERSION_STRING "\([0-9.]*\)".*/\1/p' kvq.h)
+install:
+	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/share/pkgconfig $(DESTDIR)$(PREFIX)/share/cmake/kvq
+	install -m 644 kvq.h kvq_cuda.h $(DESTDIR)$(PREFIX)/include/
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' kvq.pc.in > $(DESTDIR)$(PREFIX)/share/pkgconfig/kvq.pc
+	install -m 644 cmake/kvqConfig.cmake $(DESTDIR)$(PREFIX)/share/cmake/kvq/
+	sed -e 's|@VERSION@|$(VERSION)|' -e 's|@VERSION_MINOR@|$(word 2,$(subst ., ,$(VERSION)))|' \
+	  cmake/kvqConfigVersion.cmake.in > $(DESTDIR)$(PREFIX)/share/cmake/kvq/kvqConfigVersion.cmake
+# a consumer of each kind, built against a fresh install and against the source tree
+package: | $(B)
+	tests/test_package.sh $(B)/package
 
 clean:
 	rm -rf $(B)

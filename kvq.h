@@ -34,7 +34,10 @@
    | KVQ_MALLOC(n)/KVQ_FREE(p) | malloc / free  | used by kvq_cache_create only; both or neither |
    | KVQ_NO_SIMD           | (undefined)        | compile only the scalar kernels          |
    | KVQ_SIMD              | from -m flags      | force one ISA: 0 scalar, 1 AVX2, 2 AVX-512 (+AVX2), 3 NEON |
-   | KVQ_RUNTIME_DISPATCH  | (undefined)        | x86 gcc/clang: compile AVX2 and AVX-512, pick by cpuid |
+   | KVQ_RUNTIME_DISPATCH  | (undefined)        | x86 gcc/clang: compile AVX2 and AVX-512, pick by cpuid,  |
+   |                       |                    | even where the flags target AVX2; the default when they  |
+   |                       |                    | do not (a plain `cc -O2` build)                          |
+   | KVQ_NO_RUNTIME_DISPATCH | (undefined)      | a build without AVX2 flags stays scalar (no cpuid)       |
 
    Memory: kvq_cache_bytes() + kvq_cache_init() place a cache in caller memory;
    kvq_cache_create() is a thin convenience over them. Kernels never allocate.
@@ -60,10 +63,11 @@
 #define KVQ_H_INCLUDED
 
 #define KVQ_VERSION_MAJOR 0
-#define KVQ_VERSION_MINOR 1
+#define KVQ_VERSION_MINOR 2
 #define KVQ_VERSION_PATCH 0
 #define KVQ_VERSION_NUMBER \
     (KVQ_VERSION_MAJOR * 10000 + KVQ_VERSION_MINOR * 100 + KVQ_VERSION_PATCH)
+#define KVQ_VERSION_STRING "0.2.0" /* MAJOR.MINOR.PATCH; CHANGELOG.md says what each changed */
 
 #include <stddef.h>
 #include <stdint.h>
@@ -208,45 +212,6 @@ KVQ_API kvq_status  kvq_set_isa(kvq_isa isa);
 KVQ_API kvq_isa     kvq_get_isa(void);
 KVQ_API const char *kvq_isa_name(kvq_isa isa);
 
-/* Which ISA kernels the implementation compiles (KVQ_NO_SIMD, KVQ_SIMD, KVQ_RUNTIME_DISPATCH). */
-#define KVQ__HAVE_AVX2 0
-#define KVQ__HAVE_AVX512 0
-#define KVQ__HAVE_NEON 0
-#define KVQ__RUNTIME 0
-#if !defined(KVQ_NO_SIMD)
-#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
-#if defined(KVQ_SIMD)
-#if KVQ_SIMD == 1 || KVQ_SIMD == 2
-#undef KVQ__HAVE_AVX2
-#define KVQ__HAVE_AVX2 1
-#endif
-#if KVQ_SIMD == 2
-#undef KVQ__HAVE_AVX512
-#define KVQ__HAVE_AVX512 1
-#endif
-#elif defined(KVQ_RUNTIME_DISPATCH) && (defined(__GNUC__) || defined(__clang__))
-#undef KVQ__HAVE_AVX2
-#undef KVQ__HAVE_AVX512
-#undef KVQ__RUNTIME
-#define KVQ__HAVE_AVX2 1
-#define KVQ__HAVE_AVX512 1
-#define KVQ__RUNTIME 1
-#else
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#undef KVQ__HAVE_AVX2
-#define KVQ__HAVE_AVX2 1
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#undef KVQ__HAVE_AVX512
-#define KVQ__HAVE_AVX512 1
-#endif
-#endif
-#endif
-#elif (defined(__aarch64__) || defined(_M_ARM64)) && (!defined(KVQ_SIMD) || KVQ_SIMD == 3)
-#undef KVQ__HAVE_NEON
-#define KVQ__HAVE_NEON 1
-#endif
-#endif /* !KVQ_NO_SIMD */
-#define KVQ__HAVE_SIMD (KVQ__HAVE_AVX2 || KVQ__HAVE_AVX512 || KVQ__HAVE_NEON)
 
 /* Serialization (prompt caching): a versioned little-endian image of the config, the
    token count and the payload, with CRC32C checksums. A cache saved on one machine loads
@@ -310,6 +275,57 @@ KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, siz
 extern "C" {
 #endif
 
+/* Which ISA kernels the implementation compiles: KVQ_NO_SIMD, KVQ_SIMD (one, forced), the
+   compiler's target flags, or (gcc/clang on x86 without AVX2 flags, or KVQ_RUNTIME_DISPATCH)
+   all x86 kernels picked at run time; KVQ_NO_RUNTIME_DISPATCH keeps a baseline build scalar. */
+#define KVQ__HAVE_AVX2 0
+#define KVQ__HAVE_AVX512 0
+#define KVQ__HAVE_NEON 0
+#define KVQ__RUNTIME 0
+#if !defined(KVQ_NO_SIMD)
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
+#if defined(KVQ_SIMD)
+#if KVQ_SIMD == 1 || KVQ_SIMD == 2
+#undef KVQ__HAVE_AVX2
+#define KVQ__HAVE_AVX2 1
+#endif
+#if KVQ_SIMD == 2
+#undef KVQ__HAVE_AVX512
+#define KVQ__HAVE_AVX512 1
+#endif
+#elif defined(__AVX2__) && ((defined(__FMA__) && defined(__F16C__)) || defined(_MSC_VER)) && \
+    !defined(KVQ_RUNTIME_DISPATCH)
+/* the compiler targets AVX2 (MSVC's /arch:AVX2 defines no __FMA__, but every AVX2 CPU has FMA
+   and F16C): compile-time kernels, AVX-512 too where the flags allow it */
+#undef KVQ__HAVE_AVX2
+#define KVQ__HAVE_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#undef KVQ__HAVE_AVX512
+#define KVQ__HAVE_AVX512 1
+#endif
+#elif (defined(__GNUC__) || defined(__clang__)) && !defined(KVQ_NO_RUNTIME_DISPATCH)
+/* a baseline build (no -mavx2): the AVX2 and AVX-512 kernels are compiled with target
+   attributes and picked by cpuid on first use, so `cc -O2` runs them without -march */
+#undef KVQ__HAVE_AVX2
+#undef KVQ__HAVE_AVX512
+#undef KVQ__RUNTIME
+#define KVQ__HAVE_AVX2 1
+#define KVQ__HAVE_AVX512 1
+#define KVQ__RUNTIME 1
+#endif
+#elif (defined(__aarch64__) || defined(_M_ARM64)) && (!defined(KVQ_SIMD) || KVQ_SIMD == 3)
+#undef KVQ__HAVE_NEON
+#define KVQ__HAVE_NEON 1
+#endif
+#endif /* !KVQ_NO_SIMD */
+#define KVQ__HAVE_SIMD (KVQ__HAVE_AVX2 || KVQ__HAVE_AVX512 || KVQ__HAVE_NEON)
+
+#if defined(__GNUC__) || defined(__clang__)
+#define KVQ__INLINE inline __attribute__((always_inline)) /* constant bits / head count fold away; ISA copies */
+#else
+#define KVQ__INLINE
+#endif
+
 #define KVQ__FP16_MAX 65504.0f
 #define KVQ__MAX_TOKENS (1 << 30)
 #define KVQ__MAX_HEADS 4096
@@ -323,12 +339,12 @@ extern "C" {
    --------------------------------------------------------------------------- */
 
 /* A float's bits and back (memcpy into a fresh local: no aliasing, and analyzers follow it). */
-static uint32_t kvq__f32_bits(float f) {
+static KVQ__INLINE uint32_t kvq__f32_bits(float f) {
     uint32_t b;
     memcpy(&b, &f, 4);
     return b;
 }
-static float kvq__bits_f32(uint32_t b) {
+static KVQ__INLINE float kvq__bits_f32(uint32_t b) {
     float f;
     memcpy(&f, &b, 4);
     return f;
@@ -484,7 +500,7 @@ static int kvq__search_grid(int grid, int bits, int is_key) {
    range left) and s^2 in float; only the winner is rounded to fp16 params. */
 typedef struct kvq__cand { float lo, hi, m, r, s2; } kvq__cand;
 static double kvq__search_step(int bits, int steps) { return rint(96.0 / (1 << (bits - 2)) / (steps - 1)) / 256.0; }
-static kvq__cand kvq__search_candidate(float lo, float hi, int bits, double step, int i, int j) {
+static KVQ__INLINE kvq__cand kvq__search_candidate(float lo, float hi, int bits, double step, int i, int j) {
     const double range = (double)hi - (double)lo;
     kvq__cand c;
     float s;
@@ -500,7 +516,7 @@ static kvq__cand kvq__search_candidate(float lo, float hi, int bits, double step
 
 /* The squared rounding error of x, in units of s^2, with d kept to 9 significant bits (0 below
    2^-40): d * d and 31 * d * d are then exact in float. Branch-free, so loops over it vectorize. */
-static float kvq__search_term(float x, float m, float r, float top) {
+static KVQ__INLINE float kvq__search_term(float x, float m, float r, float top) {
     float u = (x - m) * r, c = u < 0.0f ? 0.0f : u, d;
     uint32_t b;
     c = c > top ? top : c;
@@ -519,7 +535,8 @@ static void kvq__search_ij(int k, int steps, int i_best, int *i, int *j) {
 
 /* The search over one group x[0..n) (n a multiple of 8), unweighted: values, keys per token.
    Each side's candidates are scored in one pass over x (one load, independent sums). */
-static kvq__qparams kvq__search_group(const float *x, int n, int bits, int steps, float lo, float hi) {
+static KVQ__INLINE kvq__qparams kvq__search_group_body(const float *x, int n, int bits, int steps, float lo,
+                                                        float hi) {
     const float top = (float)((1 << bits) - 1);
     const double step = kvq__search_step(bits, steps);
     kvq__cand c[8];
@@ -554,8 +571,8 @@ static kvq__qparams kvq__search_group(const float *x, int n, int bits, int steps
    compilers vectorize it): xb[t * KVQ__COLS + ch] for G tokens, token t weighted by w[t] in
    0..31 (0: left out); lo, hi: each channel's range over the tokens kept. */
 #define KVQ__COLS 32
-static void kvq__search_columns(const float *xb, int G, const uint8_t *w, int bits, int steps, const float *lo,
-                                const float *hi, kvq__qparams *best) {
+static KVQ__INLINE void kvq__search_columns_body(const float *xb, int G, const uint8_t *w, int bits, int steps,
+                                                 const float *lo, const float *hi, kvq__qparams *best) {
     const float top = (float)((1 << bits) - 1);
     const double step = kvq__search_step(bits, steps);
     kvq__cand c[KVQ__COLS], win[KVQ__COLS];
@@ -587,6 +604,24 @@ static void kvq__search_columns(const float *xb, int G, const uint8_t *w, int bi
     for (ch = 0; ch < KVQ__COLS; ch++) best[ch] = kvq__fit_range(win[ch].lo, win[ch].hi, bits);
 }
 
+/* The search is the same C everywhere; the ISA copies ("ISA kernels") only let a baseline
+   build (runtime dispatch) run it on wide vectors. */
+static kvq__qparams kvq__search_group_scalar(const float *x, int n, int bits, int steps, float lo, float hi) {
+    return kvq__search_group_body(x, n, bits, steps, lo, hi);
+}
+static void kvq__search_columns_scalar(const float *xb, int G, const uint8_t *w, int bits, int steps, const float *lo,
+                                       const float *hi, kvq__qparams *best) {
+    kvq__search_columns_body(xb, G, w, bits, steps, lo, hi, best);
+}
+#if KVQ__HAVE_SIMD
+static kvq__qparams kvq__dispatch_search_group(const float *x, int n, int bits, int steps, float lo, float hi);
+static void kvq__dispatch_search_columns(const float *xb, int G, const uint8_t *w, int bits, int steps,
+                                         const float *lo, const float *hi, kvq__qparams *best);
+#else
+#define kvq__dispatch_search_group kvq__search_group_scalar
+#define kvq__dispatch_search_columns kvq__search_columns_scalar
+#endif
+
 /* Quantizes n values x[i*stride] into codes i of a packed row (zeroed first by the caller),
    on the min/max range or the best of a grid x grid range search (grid 1: min/max). */
 static kvq__qparams kvq__quantize_group(const float *x, int n, int stride, int bits, uint8_t *codes,
@@ -599,7 +634,7 @@ static kvq__qparams kvq__quantize_group(const float *x, int n, int stride, int b
         lo = v < lo ? v : lo;
         hi = v > hi ? v : hi;
     }
-    qp = grid > 1 && stride == 1 ? kvq__search_group(x, n, bits, grid, lo, hi) : kvq__fit_range(lo, hi, bits);
+    qp = grid > 1 && stride == 1 ? kvq__dispatch_search_group(x, n, bits, grid, lo, hi) : kvq__fit_range(lo, hi, bits);
     m = kvq__f16_to_f32(qp.min);
     s = kvq__f16_to_f32(qp.scale);
     for (i = 0; i < n; i++)
@@ -1362,7 +1397,7 @@ static void kvq__columns_params(const float *xb, int G, const uint8_t *w, int bi
                 lo[i] = x < lo[i] ? x : lo[i];
                 hi[i] = x > hi[i] ? x : hi[i];
             }
-    if (grid > 1) kvq__search_columns(xb, G, w, bits, grid, lo, hi, qp);
+    if (grid > 1) kvq__dispatch_search_columns(xb, G, w, bits, grid, lo, hi, qp);
     else
         for (i = 0; i < KVQ__COLS; i++) qp[i] = kvq__fit_range(lo[i], hi[i], bits);
 }
@@ -2613,12 +2648,6 @@ KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, siz
    would need the 1e-4 integer contract; it is not here (see the Dispatch note).
    --------------------------------------------------------------------------- */
 
-
-#if defined(__GNUC__) || defined(__clang__)
-#define KVQ__INLINE inline __attribute__((always_inline)) /* constant bits / head count fold away */
-#else
-#define KVQ__INLINE
-#endif
 #if KVQ__HAVE_AVX2 || KVQ__HAVE_AVX512
 #include <immintrin.h>
 #if defined(__GNUC__) || defined(__clang__)
@@ -2696,7 +2725,7 @@ static void kvq__quantize_value_simd(const uint16_t *row, int D, int G, int bits
         minmax(x + g * G, n, &lo, &hi);
         lo = kvq__first_zero(x + g * G, n, lo);
         hi = kvq__first_zero(x + g * G, n, hi);
-        qp = grid > 1 ? kvq__search_group(x + g * G, n, bits, grid, lo, hi) : kvq__fit_range(lo, hi, bits);
+        qp = grid > 1 ? kvq__dispatch_search_group(x + g * G, n, bits, grid, lo, hi) : kvq__fit_range(lo, hi, bits);
         par[g] = qp.scale;
         par[ng + g] = qp.min;
         code_run(x + g * G, n, kvq__f16_to_f32(qp.min), kvq__f16_to_f32(qp.scale), bits, cb + g * G);
@@ -2788,6 +2817,13 @@ KVQ__AVX2_FN void kvq__code_run_avx2(const float *x, int n, float m, float s, in
     const __m256 sz = _mm256_cmp_ps(vs, _mm256_setzero_ps(), _CMP_EQ_OQ);
     int i;
     for (i = 0; i < n; i += 8) kvq__store_codes8_avx2(out + i, kvq__code_avx2(_mm256_loadu_ps(x + i), vm, vs, top, sz));
+}
+KVQ__AVX2_FN kvq__qparams kvq__search_group_avx2(const float *x, int n, int bits, int steps, float lo, float hi) {
+    return kvq__search_group_body(x, n, bits, steps, lo, hi);
+}
+KVQ__AVX2_FN void kvq__search_columns_avx2(const float *xb, int G, const uint8_t *w, int bits, int steps,
+                                           const float *lo, const float *hi, kvq__qparams *best) {
+    kvq__search_columns_body(xb, G, w, bits, steps, lo, hi, best);
 }
 KVQ__AVX2_FN void kvq__quantize_value_avx2(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
                                            uint8_t *codes) {
@@ -3439,6 +3475,14 @@ KVQ__AVX512_FN void kvq__acc_f16_avx512(const uint16_t *const *rows, int n, int 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
+KVQ__AVX512_FN kvq__qparams kvq__search_group_avx512(const float *x, int n, int bits, int steps, float lo,
+                                                     float hi) {
+    return kvq__search_group_body(x, n, bits, steps, lo, hi);
+}
+KVQ__AVX512_FN void kvq__search_columns_avx512(const float *xb, int G, const uint8_t *w, int bits, int steps,
+                                               const float *lo, const float *hi, kvq__qparams *best) {
+    kvq__search_columns_body(xb, G, w, bits, steps, lo, hi, best);
+}
 /* AVX-512 shares the AVX2 conversions and quantizers */
 #define kvq__to_f16_avx512 kvq__to_f16_avx2
 #define kvq__to_f32_avx512 kvq__to_f32_avx2
@@ -3463,6 +3507,8 @@ KVQ__AVX512_FN void kvq__butterflies_avx512(float *x, int n, int len) {
 /* ---- NEON (aarch64): 4 lanes, two vectors per step of 8 --------------------------- */
 #if KVQ__HAVE_NEON
 typedef struct kvq__f32x8 { float32x4_t lo, hi; } kvq__f32x8;
+#define kvq__search_group_neon kvq__search_group_scalar /* aarch64's baseline has NEON already */
+#define kvq__search_columns_neon kvq__search_columns_scalar
 
 static kvq__f32x8 kvq__codes8_neon(const uint8_t *p, int bits, int32x4_t sh_lo, int32x4_t sh_hi, uint32x4_t mask) {
     kvq__f32x8 r;
@@ -3738,7 +3784,8 @@ static void kvq__butterflies_neon(float *x, int n, int len) {
 /* ---------------------------------------------------------------------------
    Dispatch. The active kernel set is one static enum, the library's only
    mutable state: chosen at compile time (the best ISA the compiler targets),
-   or with KVQ_RUNTIME_DISPATCH on first use from cpuid + xgetbv (the OS must
+   or, in a baseline x86 build (gcc/clang without AVX2 flags, the default) or with
+   KVQ_RUNTIME_DISPATCH, on first use from cpuid + xgetbv (the OS must
    save the wide registers). kvq_set_isa() switches it, for tests and
    benchmarks; it is not thread-safe: call it when no other kvq call runs.
    With KVQ_RUNTIME_DISPATCH the first kvq call detects the CPU and stores
@@ -3836,6 +3883,13 @@ static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int 
     KVQ__DISPATCH(, kvq__quantize_value, (row, D, G, bits, grid, par, codes)) /* NOLINT(bugprone-branch-clone): AVX-512 runs AVX2's */
 }
 static void kvq__dispatch_butterflies(float *x, int n, int len) { KVQ__DISPATCH(, kvq__butterflies, (x, n, len)) }
+static kvq__qparams kvq__dispatch_search_group(const float *x, int n, int bits, int steps, float lo, float hi) {
+    KVQ__DISPATCH(return, kvq__search_group, (x, n, bits, steps, lo, hi))
+}
+static void kvq__dispatch_search_columns(const float *xb, int G, const uint8_t *w, int bits, int steps,
+                                         const float *lo, const float *hi, kvq__qparams *best) {
+    KVQ__DISPATCH(, kvq__search_columns, (xb, G, w, bits, steps, lo, hi, best))
+}
 static void kvq__k_scores_codes(const uint8_t *blk, int D, int G, int bits, const float *q, int nh, float *scores) {
     KVQ__DISPATCH(, kvq__scores_codes, (blk, D, G, bits, q, nh, scores))
 }

@@ -217,7 +217,7 @@ static void test_edges(void) {
 /* KVQ_RUNTIME_DISPATCH: the first call picks the best ISA the CPU has, judged here by the
    compiler's own cpuid reader rather than kvq.h's. Must run before anything sets the ISA. */
 static void test_runtime_pick(void) {
-#if defined(KVQ_RUNTIME_DISPATCH) && (defined(__x86_64__) || defined(__i386__))
+#if KVQ__RUNTIME && (defined(__x86_64__) || defined(__i386__))
     kvq_isa want = KVQ_ISA_SCALAR;
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) want = KVQ_ISA_AVX2;
