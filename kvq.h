@@ -176,6 +176,15 @@ KVQ_API kvq_status kvq_cache_read(const kvq_cache *c, int first, int n, float *k
    overlap q. */
 KVQ_API kvq_status kvq_attention(kvq_cache *c, const float *q, float *out, const kvq_attn_params *p);
 
+/* Chunked prefill: appends n_tokens tokens (k, v as for append) and attends their queries
+   (p->n_queries == n_tokens): query i sees every token stored before the chunk, as stored,
+   and the chunk's tokens 0..i at full precision (fp32), so prefill into an empty cache is
+   exact attention. All or nothing: on any error nothing is appended and out is not written.
+   out must not overlap q, k, v or the cache. It records no salience. Single-threaded; the
+   stored part runs on the ISA's kernels, the chunk part in fp32 C. */
+KVQ_API kvq_status kvq_attention_prefill(kvq_cache *c, const float *k, const float *v, int n_tokens,
+                                         const float *q, float *out, const kvq_attn_params *p);
+
 /* Split attention. A state holds, per query and query head, (max, sum, acc[head_dim]):
    kvq_attention_state_floats() floats. kvq_attention_partial() fills the rows of the query
    heads that read KV heads [kv_first, kv_end), over tokens [tok_first, tok_end) (each query
@@ -1618,23 +1627,29 @@ static void kvq__append_token(kvq_cache *c, const float *k, const float *v) {
     }
 }
 
-KVQ_API kvq_status kvq_cache_append(kvq_cache *c, const float *k, const float *v, int n_tokens) {
-    size_t row;
-    int i;
-    if (!c || n_tokens < 0) return KVQ_ERR_INVALID;
-    if (n_tokens == 0) return KVQ_OK;
+/* Everything an append of n_tokens >= 1 checks before it stores anything (all or nothing). */
+static kvq_status kvq__check_append(const kvq_cache *c, const float *k, const float *v, int n_tokens) {
+    const size_t row = (size_t)c->cfg.n_kv_heads * c->cfg.head_dim;
     if (!k || !v) return KVQ_ERR_INVALID;
     if (n_tokens > c->cfg.max_tokens - c->n_tokens) return KVQ_ERR_FULL;
-    row = (size_t)c->cfg.n_kv_heads * c->cfg.head_dim;
     if (kvq__overlaps_cache(c, k, row * n_tokens * sizeof(float)) ||
         kvq__overlaps_cache(c, v, row * n_tokens * sizeof(float)))
         return KVQ_ERR_INVALID;
-    /* validate everything first: an append is all or nothing */
     if (!kvq__finite_fp16(k, row * n_tokens) || !kvq__finite_fp16(v, row * n_tokens)) return KVQ_ERR_INVALID;
     if (c->cfg.rotation == KVQ_ROTATE_HADAMARD &&
         (!kvq__rotates_in_fp16(k, row * n_tokens, c->cfg.head_dim) ||
          !kvq__rotates_in_fp16(v, row * n_tokens, c->cfg.head_dim)))
         return KVQ_ERR_INVALID;
+    return KVQ_OK;
+}
+
+KVQ_API kvq_status kvq_cache_append(kvq_cache *c, const float *k, const float *v, int n_tokens) {
+    const size_t row = c ? (size_t)c->cfg.n_kv_heads * c->cfg.head_dim : 0;
+    kvq_status st;
+    int i;
+    if (!c || n_tokens < 0) return KVQ_ERR_INVALID;
+    if (n_tokens == 0) return KVQ_OK;
+    if ((st = kvq__check_append(c, k, v, n_tokens)) != KVQ_OK) return st;
     for (i = 0; i < n_tokens; i++) kvq__append_token(c, k + row * i, v + row * i);
     return KVQ_OK;
 }
@@ -2019,14 +2034,16 @@ static size_t kvq__q_bytes(const kvq_cache *c, const kvq_attn_params *p) {
     return (size_t)p->n_queries * p->n_q_heads * c->cfg.head_dim * sizeof(float);
 }
 
-static kvq_status kvq__check_attn(const kvq_cache *c, const float *q, const kvq_attn_params *p) {
+/* The params and queries of an attention call of 1..max_queries queries (the count is checked
+   before a query is read). */
+static kvq_status kvq__check_queries(const kvq_cache *c, const float *q, const kvq_attn_params *p, int max_queries) {
     size_t rows, r;
     int D, ch;
     double s;
     if (!c || !q || !p) return KVQ_ERR_INVALID;
     if (p->n_q_heads < c->cfg.n_kv_heads || p->n_q_heads % c->cfg.n_kv_heads || p->n_q_heads > 1 << 20)
         return KVQ_ERR_INVALID;
-    if (p->n_queries < 1 || p->n_queries > c->n_tokens) return KVQ_ERR_INVALID;
+    if (p->n_queries < 1 || p->n_queries > max_queries) return KVQ_ERR_INVALID;
     if (!(p->scale > -FLT_MAX && p->scale < FLT_MAX)) return KVQ_ERR_INVALID; /* also NaN */
     D = c->cfg.head_dim;
     rows = (size_t)p->n_queries * p->n_q_heads;
@@ -2041,6 +2058,10 @@ static kvq_status kvq__check_attn(const kvq_cache *c, const float *q, const kvq_
         if (l1 * s > KVQ__Q_L1_MAX) return KVQ_ERR_INVALID;
     }
     return KVQ_OK;
+}
+
+static kvq_status kvq__check_attn(const kvq_cache *c, const float *q, const kvq_attn_params *p) {
+    return c ? kvq__check_queries(c, q, p, c->n_tokens) : KVQ_ERR_INVALID;
 }
 
 /* Runs query i, query heads [qh0, qh0+nh) of KV head h over tokens [lo, hi) clipped to causality. */
@@ -2107,6 +2128,77 @@ KVQ_API kvq_status kvq_attention(kvq_cache *c, const float *q, float *out, const
                 if (track) kvq__track_salience(c, h, limit, c->sal_ring, nh, st, qh == h * group);
             }
     kvq__unrotate_rows(c, out, (size_t)p->n_queries * p->n_q_heads);
+    return KVQ_OK;
+}
+
+/* Chunked prefill. Query i of the chunk sees the stored tokens (all of them: they come before
+   the chunk) through the fused kernels, then the chunk's tokens 0..i at full precision (fp32,
+   in the caller's space); the two online-softmax states merge, and only then is the chunk
+   appended. So early queries never see their neighbours quantized (KIVI computes prefill
+   attention at full precision for the same reason), and into an empty cache prefill is
+   exact attention. Salience is not recorded (as for split attention). */
+static void kvq__prefill_chunk_part(const kvq_cache *c, const float *k, const float *v, int i, int h,
+                                    const float *qrow, float scale, kvq__head_state *st) {
+    const int D = c->cfg.head_dim;
+    const size_t row = (size_t)c->cfg.n_kv_heads * D;
+    float qs[512];
+    int j, ch;
+    for (ch = 0; ch < D; ch++) qs[ch] = qrow[ch] * scale;
+    for (j = 0; j <= i; j++) { /* one token at a time, the online softmax as in the tile loop */
+        const float *kj = k + row * j + (size_t)h * D, *vj = v + row * j + (size_t)h * D;
+        const float s = kvq__dot8(qs, kj, D);
+        float p;
+        if (s > st->m) {
+            const float corr = expf(st->m - s); /* exp(-inf) = 0 when nothing came before */
+            st->l *= corr;
+            for (ch = 0; ch < D; ch++) st->acc[ch] *= corr;
+            st->m = s;
+        }
+        p = expf(s - st->m);
+        st->l += p;
+        for (ch = 0; ch < D; ch++) st->acc[ch] += p * vj[ch];
+    }
+}
+
+KVQ_API kvq_status kvq_attention_prefill(kvq_cache *c, const float *k, const float *v, int n_tokens, const float *q,
+                                         float *out, const kvq_attn_params *p) {
+    kvq__head_state st[KVQ__HEAD_CHUNK];
+    size_t qbytes;
+    kvq_status s;
+    int H, D, group, h, i, qh, j, ch, T;
+    if (!out || !p || n_tokens < 1 || p->n_queries != n_tokens) return KVQ_ERR_INVALID;
+    if ((s = kvq__check_queries(c, q, p, n_tokens)) != KVQ_OK) return s;
+    if ((s = kvq__check_append(c, k, v, n_tokens)) != KVQ_OK) return s;
+    qbytes = kvq__q_bytes(c, p);
+    if (kvq__overlap(q, qbytes, out, qbytes) || kvq__overlaps_cache(c, out, qbytes) ||
+        kvq__overlap(k, (size_t)n_tokens * c->cfg.n_kv_heads * c->cfg.head_dim * sizeof(float), out, qbytes) ||
+        kvq__overlap(v, (size_t)n_tokens * c->cfg.n_kv_heads * c->cfg.head_dim * sizeof(float), out, qbytes))
+        return KVQ_ERR_INVALID;
+    H = c->cfg.n_kv_heads;
+    D = c->cfg.head_dim;
+    T = c->n_tokens;
+    group = p->n_q_heads / H;
+    for (h = 0; h < H; h++)
+        for (i = 0; i < n_tokens; i++)
+            for (qh = h * group; qh < (h + 1) * group; qh += KVQ__HEAD_CHUNK) {
+                const int nh = (h + 1) * group - qh < KVQ__HEAD_CHUNK ? (h + 1) * group - qh : KVQ__HEAD_CHUNK;
+                const float *q0 = q + ((size_t)i * p->n_q_heads + qh) * D;
+                for (j = 0; j < nh; j++) {
+                    st[j].m = -INFINITY;
+                    st[j].l = 0.0f;
+                    st[j].acc = out + ((size_t)i * p->n_q_heads + qh + j) * D;
+                    memset(st[j].acc, 0, (size_t)D * sizeof(float));
+                }
+                if (T > 0) { /* the stored tokens, fused; back to the caller's space */
+                    kvq__attend_range(c, h, q0, nh, kvq__scale(c, p), 0, T, st, NULL);
+                    kvq__unrotate_rows(c, st[0].acc, (size_t)nh);
+                }
+                for (j = 0; j < nh; j++) {
+                    kvq__prefill_chunk_part(c, k, v, i, h, q0 + (size_t)j * D, kvq__scale(c, p), &st[j]);
+                    for (ch = 0; ch < D; ch++) st[j].acc[ch] /= st[j].l;
+                }
+            }
+    kvq_cache_append(c, k, v, n_tokens); /* checked above: it cannot fail */
     return KVQ_OK;
 }
 

@@ -741,6 +741,101 @@ static void test_range_search(void) {
     CHECK(kvq_config_check(&bad) == KVQ_OK, "range_search 8");
 }
 
+/* Chunked prefill: into an empty cache it is exact attention; a later chunk is at least as
+   accurate as appending and attending token by token; on every ISA path; all or nothing. */
+static void test_prefill(void) {
+    enum { D = 64, H = 2, NQH = 8, T0 = 300, N = 40 };
+    const size_t row = (size_t)H * D, qrow = (size_t)NQH * D;
+    float *K = (float *)tu_alloc((T0 + N) * row * 4), *V = (float *)tu_alloc((T0 + N) * row * 4);
+    float *q = (float *)tu_alloc((T0 + N) * qrow * 4), *out = (float *)tu_alloc(N * qrow * 4);
+    float *tok = (float *)tu_alloc(N * qrow * 4);
+    double *ref = (double *)tu_alloc((size_t)N * qrow * 8);
+    kvq_attn_params ap = {NQH, N, 0.0f}, ap1 = {NQH, 1, 0.0f};
+    tu_rng r = {4242};
+    int rot, isa, i;
+    tu_fill_kv(&r, TU_STRUCTURED, T0 + N, H, D, K, V);
+    tu_fill_q(&r, TU_STRUCTURED, (size_t)(T0 + N) * qrow, D, q);
+    for (rot = 0; rot <= KVQ_ROTATE_HADAMARD; rot++) {
+        kvq_config cfg = kvq_default_config(D, H, T0 + N + 8);
+        cfg.rotation = rot;
+        /* an empty cache: exact attention over the chunk (fp32 against the double reference) */
+        tu_ref_attention(K, V, N, H, D, q, N, NQH, 1.0f / sqrtf((float)D), ref);
+        for (isa = KVQ_ISA_SCALAR; isa <= KVQ_ISA_NEON; isa++) {
+            kvq_cache *c = NULL;
+            if (kvq_set_isa((kvq_isa)isa) != KVQ_OK) continue;
+            CHECK(kvq_cache_create(&c, &cfg) == KVQ_OK, "create");
+            CHECK(kvq_attention_prefill(c, K, V, N, q, out, &ap) == KVQ_OK && kvq_cache_tokens(c) == N, "prefill");
+            CHECK(tu_rel_err(out, ref, (size_t)N * qrow) <= 1e-6, "%s rot %d: prefill into an empty cache %g",
+                  kvq_isa_name((kvq_isa)isa), rot, tu_rel_err(out, ref, (size_t)N * qrow));
+            kvq_cache_destroy(c);
+        }
+        kvq_set_isa(KVQ_ISA_SCALAR);
+        /* after T0 stored tokens: a chunk of N against token by token, both against exact attention */
+        tu_ref_attention(K, V, T0 + N, H, D, q + (size_t)T0 * qrow, N, NQH, 1.0f / sqrtf((float)D), ref);
+        {
+            kvq_cache *a = NULL, *b = NULL;
+            double ea, eb;
+            size_t na, nb;
+            uint8_t *ia, *ib;
+            kvq_cache_create(&a, &cfg);
+            kvq_cache_create(&b, &cfg);
+            kvq_cache_append(a, K, V, T0);
+            kvq_cache_append(b, K, V, T0);
+            CHECK(kvq_attention_prefill(a, K + T0 * row, V + T0 * row, N, q + (size_t)T0 * qrow, out, &ap) == KVQ_OK,
+                  "prefill a chunk");
+            for (i = 0; i < N; i++) {
+                kvq_cache_append(b, K + (T0 + i) * row, V + (T0 + i) * row, 1);
+                kvq_attention(b, q + (size_t)(T0 + i) * qrow, tok + (size_t)i * qrow, &ap1);
+            }
+            ea = tu_rel_err(out, ref, (size_t)N * qrow);
+            eb = tu_rel_err(tok, ref, (size_t)N * qrow);
+            CHECK(ea <= eb, "rot %d: a prefilled chunk %g is less accurate than token by token %g", rot, ea, eb);
+            printf("prefill, rotation %d: chunk of %d after %d tokens, error %.3g (token by token %.3g)\n", rot, N, T0,
+                   ea, eb);
+            /* and the chunk was appended exactly as append would */
+            na = kvq_cache_serialized_bytes(a);
+            nb = kvq_cache_serialized_bytes(b);
+            ia = (uint8_t *)tu_alloc(na);
+            ib = (uint8_t *)tu_alloc(nb);
+            kvq_cache_serialize(a, ia, na, NULL);
+            kvq_cache_serialize(b, ib, nb, NULL);
+            CHECK(na == nb && memcmp(ia, ib, na) == 0, "prefill appended other bytes than append");
+            free(ia); free(ib);
+            kvq_cache_destroy(a);
+            kvq_cache_destroy(b);
+        }
+    }
+    { /* refusals change nothing: neither the cache nor out */
+        kvq_config cfg = kvq_default_config(D, H, T0 + N - 1);
+        kvq_cache *c = NULL;
+        float keep;
+        kvq_cache_create(&c, &cfg);
+        kvq_cache_append(c, K, V, T0);
+        memset(out, 0x5a, N * qrow * 4);
+        CHECK(kvq_attention_prefill(c, K, V, N, q, out, &ap) == KVQ_ERR_FULL, "past capacity");
+        ap.n_queries = N - 1;
+        CHECK(kvq_attention_prefill(c, K, V, N - 1, q, out, &ap) == KVQ_OK, "fills to capacity");
+        kvq_cache_reset(c);
+        ap.n_queries = N;
+        CHECK(kvq_attention_prefill(c, K, V, N - 1, q, out, &ap) == KVQ_ERR_INVALID, "n_queries != n_tokens");
+        keep = K[5];
+        K[5] = NAN;
+        memset(out, 0x5a, N * qrow * 4);
+        CHECK(kvq_attention_prefill(c, K, V, N, q, out, &ap) == KVQ_ERR_INVALID && kvq_cache_tokens(c) == 0, "NaN key");
+        K[5] = keep;
+        CHECK(kvq_attention_prefill(c, K, V, N, q, q, &ap) == KVQ_ERR_INVALID, "out == q");
+        CHECK(kvq_attention_prefill(c, K, V, N, q, K, &ap) == KVQ_ERR_INVALID, "out over k");
+        CHECK(kvq_attention_prefill(NULL, K, V, N, q, out, &ap) == KVQ_ERR_INVALID, "NULL cache");
+        {
+            size_t b, changed = 0;
+            for (b = 0; b < N * qrow * 4; b++) changed += ((unsigned char *)out)[b] != 0x5a;
+            CHECK(changed == 0 && kvq_cache_tokens(c) == 0, "a refused prefill wrote %zu bytes of out", changed);
+        }
+        kvq_cache_destroy(c);
+    }
+    free(K); free(V); free(q); free(out); free(tok); free(ref);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "--report") == 0) {
         report();
@@ -753,6 +848,7 @@ int main(int argc, char **argv) {
     test_incremental_and_split();
     test_merge_order();
     test_range_search();
+    test_prefill();
     test_accuracy_grid();
     test_shapes();
     test_long_context();
