@@ -584,10 +584,15 @@ static KVQ__INLINE void kvq__search_columns_body(const float *xb, int G, const u
                                                  const float *lo, const float *hi, kvq__qparams *best) {
     const float top = (float)((1 << bits) - 1);
     const double step = kvq__search_step(bits, steps);
-    kvq__cand c[KVQ__COLS], win[KVQ__COLS];
-    float m[KVQ__COLS], r[KVQ__COLS], acc[KVQ__COLS], best_err[KVQ__COLS];
+    kvq__cand c[KVQ__COLS];
+    float m[KVQ__COLS], r[KVQ__COLS], acc[KVQ__COLS], best_err[KVQ__COLS], win_lo[KVQ__COLS], win_hi[KVQ__COLS];
     int i_best[KVQ__COLS], i[KVQ__COLS], j, k, t, ch;
-    for (ch = 0; ch < KVQ__COLS; ch++) i_best[ch] = 0;
+    for (ch = 0; ch < KVQ__COLS; ch++) { /* candidate (0, 0), min/max, wins unless beaten */
+        i_best[ch] = 0;
+        best_err[ch] = 0.0f;
+        win_lo[ch] = lo[ch];
+        win_hi[ch] = hi[ch];
+    }
     for (k = 0; k < 2 * steps - 1; k++) {
         for (ch = 0; ch < KVQ__COLS; ch++) {
             kvq__search_ij(k, steps, i_best[ch], &i[ch], &j);
@@ -605,12 +610,13 @@ static KVQ__INLINE void kvq__search_columns_body(const float *xb, int G, const u
             float e = acc[ch] * c[ch].s2;
             if (k == 0 || (r[ch] != 0.0f && e < best_err[ch])) {
                 best_err[ch] = e;
-                win[ch] = c[ch];
+                win_lo[ch] = c[ch].lo;
+                win_hi[ch] = c[ch].hi;
                 i_best[ch] = i[ch];
             }
         }
     }
-    for (ch = 0; ch < KVQ__COLS; ch++) best[ch] = kvq__fit_range(win[ch].lo, win[ch].hi, bits);
+    for (ch = 0; ch < KVQ__COLS; ch++) best[ch] = kvq__fit_range(win_lo[ch], win_hi[ch], bits);
 }
 
 /* The search is the same C everywhere; the ISA copies ("ISA kernels") only let a baseline
@@ -669,6 +675,7 @@ typedef struct kvq__rotation {
     int n_pieces;              /* blocks on the diagonal */
     int off[10], pow2[10], m[10];
     float sign[512];
+    signed char paley[28 * 28]; /* H_m's entries, when one Kronecker piece has m > 1 */
 } kvq__rotation;
 
 /* Legendre symbol (a / q) for an odd prime q: 0, 1 or -1. */
@@ -714,9 +721,12 @@ static void kvq__rotation_init(kvq__rotation *r, int n, unsigned seed) {
     }
     for (k = 0; k < 3; k++) /* one Kronecker piece when n = 2^a * m */
         if (n % ms[k] == 0 && ((n / ms[k]) & (n / ms[k] - 1)) == 0) {
+            int a, b;
             r->n_pieces = 1;
             r->pow2[0] = n / ms[k];
             r->m[0] = ms[k];
+            for (a = 0; a < ms[k]; a++) /* once, not per element of every rotation */
+                for (b = 0; b < ms[k]; b++) r->paley[a * ms[k] + b] = (signed char)kvq__paley(ms[k], a, b);
             return;
         }
     while (rest) { /* power-of-two blocks, largest first */
@@ -770,15 +780,15 @@ static void kvq__wht(float *x, int n, int stride) {
             }
 }
 
-/* x (viewed as [pow2][m]) <- H_m (or H_m^T) applied to each row of m. */
-static void kvq__paley_rows(float *x, int pow2, int m, int transpose) {
+/* x (viewed as [pow2][m]) <- H_m (or H_m^T) applied to each row of m; h: H_m's m x m entries. */
+static void kvq__paley_rows(float *x, int pow2, int m, const signed char *h, int transpose) {
     float y[28];
     int r, i, j;
     for (r = 0; r < pow2; r++) {
         float *row = x + (size_t)r * m;
         for (i = 0; i < m; i++) {
             float acc = 0.0f;
-            for (j = 0; j < m; j++) acc += (float)(transpose ? kvq__paley(m, j, i) : kvq__paley(m, i, j)) * row[j];
+            for (j = 0; j < m; j++) acc += (float)(transpose ? h[j * m + i] : h[i * m + j]) * row[j];
             y[i] = acc;
         }
         memcpy(row, y, (size_t)m * sizeof(float));
@@ -794,7 +804,7 @@ static void kvq__rotate(const kvq__rotation *r, float *x, int inverse) {
         float *xp = x + r->off[p];
         int m = r->m[p], len = r->pow2[p] * m, c;
         float norm = 1.0f / sqrtf((float)len);
-        if (m > 1) kvq__paley_rows(xp, r->pow2[p], m, inverse);
+        if (m > 1) kvq__paley_rows(xp, r->pow2[p], m, r->paley, inverse);
         for (c = 0; c < m; c++) kvq__wht(xp + c, r->pow2[p], m); /* H_2^a along the other axis */
         for (i = 0; i < len; i++) xp[i] *= norm;
     }
@@ -3976,11 +3986,11 @@ static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int 
 }
 static void kvq__dispatch_butterflies(float *x, int n, int len) { KVQ__DISPATCH(, kvq__butterflies, (x, n, len)) }
 static kvq__qparams kvq__dispatch_search_group(const float *x, int n, int bits, int steps, float lo, float hi) {
-    KVQ__DISPATCH(return, kvq__search_group, (x, n, bits, steps, lo, hi))
+    KVQ__DISPATCH(return, kvq__search_group, (x, n, bits, steps, lo, hi)) /* NOLINT(bugprone-branch-clone): NEON runs the scalar C */
 }
 static void kvq__dispatch_search_columns(const float *xb, int G, const uint8_t *w, int bits, int steps,
                                          const float *lo, const float *hi, kvq__qparams *best) {
-    KVQ__DISPATCH(, kvq__search_columns, (xb, G, w, bits, steps, lo, hi, best))
+    KVQ__DISPATCH(, kvq__search_columns, (xb, G, w, bits, steps, lo, hi, best)) /* NOLINT(bugprone-branch-clone): NEON runs the scalar C */
 }
 static void kvq__k_scores_codes(const uint8_t *blk, int D, int G, int bits, const float *q, int nh, float *scores) {
     KVQ__DISPATCH(, kvq__scores_codes, (blk, D, G, bits, q, nh, scores))
