@@ -131,11 +131,11 @@ lint:
 	step $(LINT_CPPCHECK) $(LINT_DEF_AVX2) tests/compile_b.c; \
 	step $(LINT_CPPCHECK) $(LINT_DEF_512) tests/compile_b.c; \
 	step $(LINT_CPPCHECK) -D__GNUC__ -D__aarch64__ tests/compile_b.c; \
-	step $(LINT_TIDY) tests/compile_b.c tests/test_serialize.c -- -std=c99 -I.; \
+	step $(LINT_TIDY) tests/compile_b.c tests/test_serialize.c -- -std=c99 -I. -DKVQ_NO_RUNTIME_DISPATCH; \
 	step $(LINT_TIDY) tests/compile_b.c -- -std=c99 -I. -DKVQ_RUNTIME_DISPATCH; \
 	step $(LINT_TIDY) tests/compile_b.c -- -std=c99 -I. $(LINT_AVX2); \
 	step $(LINT_TIDY) tests/compile_b.c -- -std=c99 -I. $(LINT_AVX512); \
-	step gcc -std=c99 -fanalyzer -Werror -c -o /dev/null tests/compile_b.c; \
+	step gcc -std=c99 -fanalyzer -Werror -DKVQ_NO_RUNTIME_DISPATCH -c -o /dev/null tests/compile_b.c; \
 	step gcc -std=c99 -fanalyzer -Werror -DKVQ_RUNTIME_DISPATCH -c -o /dev/null tests/compile_b.c; \
 	if command -v $(AARCH64_CC) >/dev/null; then \
 	  step $(LINT_TIDY) tests/compile_b.c -- -std=c99 -I. --target=aarch64-linux-gnu; \
