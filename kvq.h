@@ -93,8 +93,10 @@ typedef enum kvq_status {
     KVQ_ERR_INVALID = -1,     /* a bad argument or config: NULL, out of range, inconsistent */
     KVQ_ERR_UNSUPPORTED = -2, /* valid but not supported here (e.g. bits = 5) */
     KVQ_ERR_FULL = -3,        /* appending would pass max_tokens; nothing was appended */
-    KVQ_ERR_NOMEM = -4,       /* caller's buffer too small, or allocation failed */
-    KVQ_ERR_CORRUPT = -5      /* serialized bytes failed validation */
+    KVQ_ERR_NOMEM = -4,       /* allocation failed, or a size does not fit size_t */
+    KVQ_ERR_CORRUPT = -5,     /* serialized bytes failed validation */
+    KVQ_ERR_BUFFER = -6       /* the caller's buffer is too small: size it with kvq_cache_bytes() or
+                                 kvq_cache_serialized_bytes() (before 0.2: KVQ_ERR_NOMEM) */
 } kvq_status;
 
 /* rotation: NONE; HADAMARD (the cache rotates K, V and queries itself); or PREROTATED
@@ -149,6 +151,8 @@ KVQ_API kvq_config kvq_default_config(int head_dim, int n_kv_heads, int max_toke
 KVQ_API kvq_status kvq_config_check(const kvq_config *cfg); /* KVQ_OK if a cache can be built */
 
 KVQ_API size_t     kvq_cache_bytes(const kvq_config *cfg); /* 0 if cfg is invalid or unsupported */
+/* Places a cache in mem, which may have any alignment (kvq_cache_bytes() includes the slack to
+   align it inside); mem_bytes below kvq_cache_bytes() gives KVQ_ERR_BUFFER. */
 KVQ_API kvq_status kvq_cache_init(kvq_cache **out, const kvq_config *cfg, void *mem, size_t mem_bytes);
 KVQ_API kvq_status kvq_cache_create(kvq_cache **out, const kvq_config *cfg); /* uses KVQ_MALLOC */
 /* Frees a created cache; a no-op for init'ed caches and NULL. Like free(), destroying a
@@ -878,6 +882,7 @@ KVQ_API const char *kvq_status_string(kvq_status s) {
     case KVQ_ERR_FULL: return "cache full";
     case KVQ_ERR_NOMEM: return "out of memory";
     case KVQ_ERR_CORRUPT: return "corrupt data";
+    case KVQ_ERR_BUFFER: return "caller's buffer too small";
     }
     return "unknown status";
 }
@@ -1033,7 +1038,7 @@ KVQ_API kvq_status kvq_cache_init(kvq_cache **out, const kvq_config *cfg, void *
     if (!out || !mem) return KVQ_ERR_INVALID;
     if ((st = kvq_config_check(cfg)) != KVQ_OK) return st;
     if (!kvq__plan(cfg, &L)) return KVQ_ERR_NOMEM;
-    if (mem_bytes < L.total) return KVQ_ERR_NOMEM;
+    if (mem_bytes < L.total) return KVQ_ERR_BUFFER;
     base = (uint8_t *)mem + ((KVQ__ALIGN - ((uintptr_t)mem & (KVQ__ALIGN - 1))) & (KVQ__ALIGN - 1));
     c = (kvq_cache *)(void *)base;
     memset(c, 0, sizeof *c);
@@ -2612,7 +2617,7 @@ KVQ_API kvq_status kvq_cache_serialize(const kvq_cache *c, void *buf, size_t buf
     size_t need, payload;
     if (!c || !buf) return KVQ_ERR_INVALID;
     need = kvq_cache_serialized_bytes(c);
-    if (buf_bytes < need) return KVQ_ERR_NOMEM;
+    if (buf_bytes < need) return KVQ_ERR_BUFFER;
     if (kvq__overlaps_cache(c, buf, need)) return KVQ_ERR_INVALID;
     payload = need - KVQ__HEADER_BYTES;
     memset(p, 0, KVQ__HEADER_BYTES);
@@ -2706,7 +2711,7 @@ KVQ_API kvq_status kvq_cache_load(kvq_cache **out, const void *bytes, size_t n_b
         cfg.max_tokens = max_tokens;
         if ((st = kvq_config_check(&cfg)) != KVQ_OK) return st; /* e.g. fewer than sink_tokens */
     }
-    if (mem_bytes < kvq_cache_bytes(&cfg)) return KVQ_ERR_NOMEM;
+    if (mem_bytes < kvq_cache_bytes(&cfg)) return KVQ_ERR_BUFFER;
     /* the payload size implied by the header must match the one stated, then the checksum,
        then every record's contents */
     kvq__probe(&probe, &cfg, tokens);

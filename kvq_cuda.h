@@ -1978,7 +1978,7 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_serialize(const kvq_cuda_cache *c, void *
     kvq_cache *tmp;
     kvq_status st;
     if (!c || !buf) return KVQ_ERR_INVALID;
-    if (buf_bytes < kvq_cuda_cache_serialized_bytes(c)) return KVQ_ERR_NOMEM;
+    if (buf_bytes < kvq_cuda_cache_serialized_bytes(c)) return KVQ_ERR_BUFFER;
     if ((st = kvq_cache_create(&tmp, &c->cfg)) != KVQ_OK) return st;
     st = kvq_cuda_cache_download(c, tmp, stream);
     if (st == KVQ_OK) st = kvq_cache_serialize(tmp, buf, buf_bytes, written);

@@ -500,10 +500,10 @@ static void test_errors(void) {
     CHECK(kvq_cache_create(NULL, &cfg) == KVQ_ERR_INVALID, "NULL out");
 
     /* init */
-    CHECK(kvq_cache_init(&c, &cfg, mem, bytes - 1) == KVQ_ERR_NOMEM, "buffer one byte short");
+    CHECK(kvq_cache_init(&c, &cfg, mem, bytes - 1) == KVQ_ERR_BUFFER, "buffer one byte short");
     CHECK(kvq_cache_init(&c, &cfg, NULL, bytes) == KVQ_ERR_INVALID, "NULL memory");
     CHECK(kvq_cache_init(NULL, &cfg, mem, bytes) == KVQ_ERR_INVALID, "NULL out");
-    CHECK(kvq_cache_init(&c, &cfg, mem + 3, bytes - 3) == KVQ_ERR_NOMEM, "misaligned, short");
+    CHECK(kvq_cache_init(&c, &cfg, mem + 3, bytes - 3) == KVQ_ERR_BUFFER, "misaligned, short");
     CHECK(kvq_cache_init(&c, &cfg, mem, bytes) == KVQ_OK, "init");
     CHECK(kvq_cache_append(c, k, v, 20) == KVQ_OK, "append 20");
 
@@ -620,6 +620,9 @@ static void test_errors(void) {
     kvq_cache_reset(NULL);
     CHECK(kvq_cache_tokens(NULL) == 0 && kvq_cache_payload_bytes(NULL) == 0, "NULL queries");
     CHECK(strcmp(kvq_status_string(KVQ_ERR_FULL), "cache full") == 0, "status string");
+    CHECK(strcmp(kvq_status_string(KVQ_ERR_BUFFER), "caller's buffer too small") == 0 &&
+              strcmp(kvq_status_string(KVQ_ERR_NOMEM), kvq_status_string(KVQ_ERR_BUFFER)) != 0,
+          "a too-small buffer has its own status and words");
     CHECK(kvq_version_number() == KVQ_VERSION_NUMBER, "version");
     free(mem);
     free(copy);

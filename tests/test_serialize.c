@@ -27,7 +27,7 @@ static built build_cache(const kvq_config *cfg, int tokens, unsigned seed) {
     b.img = (uint8_t *)tu_alloc(b.n);
     {
         size_t w = 0;
-        CHECK(kvq_cache_serialize(b.c, b.img, b.n - 1, &w) == KVQ_ERR_NOMEM && w == 0, "short buffer");
+        CHECK(kvq_cache_serialize(b.c, b.img, b.n - 1, &w) == KVQ_ERR_BUFFER && w == 0, "short buffer");
         CHECK(kvq_cache_serialize(b.c, b.img, b.n, &w) == KVQ_OK && w == b.n, "serialize");
     }
     free(k);
@@ -99,7 +99,7 @@ static void test_round_trips(void) {
         CHECK(kvq_serialized_config(b.img, b.n, &got) == KVQ_OK && same_config(&got, &cfg), "config");
         need = kvq_cache_bytes(&got);
         mem = (uint8_t *)tu_alloc(need);
-        CHECK(kvq_cache_deserialize(&c, b.img, b.n, mem, need - 1) == KVQ_ERR_NOMEM, "memory one byte short");
+        CHECK(kvq_cache_deserialize(&c, b.img, b.n, mem, need - 1) == KVQ_ERR_BUFFER, "memory one byte short");
         CHECK(kvq_cache_deserialize(&c, b.img, b.n, mem, need) == KVQ_OK, "deserialize %d", i);
         if (c) {
             CHECK(same_cache(b.c, c), "round trip %d differs", i);
@@ -318,7 +318,7 @@ static void test_load_capacity(void) {
     got.max_tokens = 500;
     need = kvq_cache_bytes(&got);
     mem = (uint8_t *)tu_alloc(need);
-    CHECK(kvq_cache_load(&c, b.img, b.n, 500, mem, need - 1) == KVQ_ERR_NOMEM, "memory one byte short");
+    CHECK(kvq_cache_load(&c, b.img, b.n, 500, mem, need - 1) == KVQ_ERR_BUFFER, "memory one byte short");
     CHECK(kvq_cache_load(&c, b.img, b.n, 500, mem, need) == KVQ_OK && kvq_cache_config(c)->max_tokens == 500, "grow");
     if (c) {
         CHECK(same_cache(b.c, c), "the grown cache reads and attends differently");
