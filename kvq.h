@@ -850,6 +850,7 @@ KVQ_API kvq_status kvq_hadamard_inverse(float *x, int n, unsigned seed) {
 struct kvq_cache {
     kvq_config cfg;
     void *owned;       /* the allocation from kvq_cache_create, or NULL */
+    size_t span;       /* bytes from the struct's start to the end of its arrays (aliasing checks) */
     int n_tokens;
     int n_kblocks;     /* quantized key blocks per head (keys per channel) */
     int n_ktok;        /* quantized keys per head (keys per token: stored like values) */
@@ -1019,9 +1020,7 @@ static int kvq__overlap(const void *a, size_t na, const void *b, size_t nb) {
 
 /* Whether [p, p+n) overlaps the memory of cache c: the struct and the arrays after it. */
 static int kvq__overlaps_cache(const kvq_cache *c, const void *p, size_t n) {
-    kvq__layout L;
-    if (!kvq__plan(&c->cfg, &L)) return 0;
-    return kvq__overlap(c, L.total - KVQ__ALIGN, p, n);
+    return kvq__overlap(c, c->span, p, n);
 }
 
 KVQ_API size_t kvq_cache_bytes(const kvq_config *cfg) {
@@ -1043,6 +1042,7 @@ KVQ_API kvq_status kvq_cache_init(kvq_cache **out, const kvq_config *cfg, void *
     c = (kvq_cache *)(void *)base;
     memset(c, 0, sizeof *c);
     c->cfg = *cfg;
+    c->span = L.total - KVQ__ALIGN; /* total = the arrays' end + alignment slack */
     c->max_kblocks = L.max_kblocks;
     c->max_vquant = L.max_vquant;
     c->kcap = L.kcap;
