@@ -541,7 +541,7 @@ static KVQ__INLINE float kvq__search_term(float x, float m, float r, float top) 
 
 /* Candidate k of the side-by-side search: the bottom first (k < steps: (k, 0)), then the top
    from the best bottom i_best ((i_best, k - steps + 1)); 2 * steps - 1 candidates in all. */
-static void kvq__search_ij(int k, int steps, int i_best, int *i, int *j) {
+static KVQ__INLINE void kvq__search_ij(int k, int steps, int i_best, int *i, int *j) {
     *i = k < steps ? k : i_best;
     *j = k < steps ? 0 : k - steps + 1;
 }
@@ -554,12 +554,13 @@ static KVQ__INLINE kvq__qparams kvq__search_group_body(const float *x, int n, in
     const double step = kvq__search_step(bits, steps);
     kvq__cand c[8];
     float best_err = 0.0f, best_lo = lo, best_hi = hi;
-    int side, k, nk, i_best = 0, t, l;
+    int side, k, nk, i_best = 0, i, j, t, l;
     for (side = 0; side < 2; side++) { /* the bottom from the full range, then the top */
         float acc[8][8];
         nk = side ? steps - 1 : steps;
         for (k = 0; k < nk; k++) {
-            c[k] = kvq__search_candidate(lo, hi, bits, step, side ? i_best : k, side ? k + 1 : 0);
+            kvq__search_ij(side ? steps + k : k, steps, i_best, &i, &j);
+            c[k] = kvq__search_candidate(lo, hi, bits, step, i, j);
             for (l = 0; l < 8; l++) acc[k][l] = 0.0f;
         }
         for (t = 0; t < n; t += 8) /* eight lanes per candidate, combined in a fixed order */
@@ -1274,11 +1275,16 @@ static size_t kvq__side_codes_at(const kvq_cache *c, int which) {
     return c->cfg.salient_bits == 16 ? 2 + which * 2 * D : 2 + 8 * (size_t)kvq__value_groups(&c->cfg) + which * D;
 }
 
-/* Channels [c0, c0+nc) of the G fp16 rows of a block as floats, xb[t * nc + i] (SIMD convert;
-   the block walks its channels in runs of KVQ__COLS instead of converting one value at a time). */
-static void kvq__block_columns(const uint16_t *rows, int D, int G, int c0, int nc, float *xb) {
-    int t;
-    for (t = 0; t < G; t++) kvq__f32_row(xb + (size_t)t * nc, rows + (size_t)t * D + c0, nc);
+/* Columns [c0, c0+nc) of a block's G fp16 rows as floats, xb[t * KVQ__COLS + i] (SIMD convert:
+   a block walks its channels in runs of KVQ__COLS instead of converting one value at a time);
+   lanes past nc repeat the last column, so the range search always runs KVQ__COLS lanes. */
+static void kvq__block_columns_padded(const uint16_t *rows, int D, int G, int c0, int nc, float *xb) {
+    int t, i;
+    for (t = 0; t < G; t++) {
+        float *xt = xb + (size_t)t * KVQ__COLS;
+        kvq__f32_row(xt, rows + (size_t)t * D + c0, nc);
+        for (i = nc; i < KVQ__COLS; i++) xt[i] = xt[nc - 1];
+    }
 }
 
 /* Range-shrink score: per channel, the gap a token opens alone at the top or bottom, over the range. */
@@ -1289,12 +1295,12 @@ static void kvq__range_gain(const kvq_cache *c, const uint16_t *rows, float *gai
     for (t = 0; t < G; t++) gain[t] = 0.0f;
     for (c0 = 0; c0 < D; c0 += KVQ__COLS) {
         const int nc = D - c0 < KVQ__COLS ? D - c0 : KVQ__COLS;
-        kvq__block_columns(rows, D, G, c0, nc, xb);
+        kvq__block_columns_padded(rows, D, G, c0, nc, xb);
         for (i = 0; i < nc; i++) { /* channel c0 + i */
             float hi = -INFINITY, hi2 = -INFINITY, lo = INFINITY, lo2 = INFINITY;
             int thi = 0, tlo = 0;
             for (t = 0; t < G; t++) {
-                float x = xb[(size_t)t * nc + i];
+                float x = xb[(size_t)t * KVQ__COLS + i];
                 if (x > hi) { hi2 = hi; hi = x; thi = t; } else if (x > hi2) hi2 = x;
                 if (x < lo) { lo2 = lo; lo = x; tlo = t; } else if (x < lo2) lo2 = x;
             }
@@ -1392,17 +1398,6 @@ static int kvq__key_weights(const kvq_cache *c, int h, int b, uint8_t *w) {
         w[t] = (uint8_t)(q < 1.0f ? 1.0f : q);
     }
     return 1;
-}
-
-/* Columns [c0, c0+nc) of a block's G fp16 rows as floats, xb[t * KVQ__COLS + i]; lanes past nc
-   repeat the last column, so the range search always runs KVQ__COLS lanes. */
-static void kvq__block_columns_padded(const uint16_t *rows, int D, int G, int c0, int nc, float *xb) {
-    int t, i;
-    for (t = 0; t < G; t++) {
-        float *xt = xb + (size_t)t * KVQ__COLS;
-        kvq__f32_row(xt, rows + (size_t)t * D + c0, nc);
-        for (i = nc; i < KVQ__COLS; i++) xt[i] = xt[nc - 1];
-    }
 }
 
 /* The fp16 params of the KVQ__COLS channels of xb over the tokens with w[t] > 0: min/max (the
