@@ -122,7 +122,8 @@ typedef struct kvq_config {
     int max_tokens;      /* capacity */
     int key_bits;        /* 2 (default), 3, 4, 8; 16 = fp16 (the baseline) */
     int value_bits;      /* same set as key_bits */
-    int group_size;      /* G: tokens per key block and channels per value group; 16, 32 (default), 64, 128 */
+    int group_size;      /* G: channels per value group (and per key group with per-token keys); 16, 32
+                            (default), 64, 128 */
     int residual_tokens; /* newest tokens kept in fp16; default 128; 0 = none; multiple of G */
     int sink_tokens;     /* first tokens kept in fp16; default 4 */
     int rotation;        /* KVQ_ROTATE_NONE or KVQ_ROTATE_HADAMARD */
@@ -134,6 +135,9 @@ typedef struct kvq_config {
     int range_search;    /* 2-8 (default 4): the range of each 2-bit key group and 2- or 3-bit value
                             group is the best of n clipped ranges a side (least squared error; keys
                             weighted by recorded attention); 0 or 1: min/max ranges (KIVI) */
+    int key_block;       /* tokens per key block (keys per channel): 16, 32, 64, 128; 0 = group_size */
+    int value_param_bits; /* a value group's scale and min: 32 (two fp16; 0 means 32) or 16 (an
+                             8-bit float scale and an int8 min in units of scale/16) */
 } kvq_config;
 
 typedef struct kvq_cache kvq_cache;
@@ -401,6 +405,9 @@ static void kvq__put_code(uint8_t *row, int i, int bits, unsigned code) {
     if (off + (unsigned)bits > 8u) row[(bit >> 3) + 1] = (uint8_t)(row[(bit >> 3) + 1] | (code >> (8u - off)));
 }
 
+/* Tokens per key block: key_block, or group_size where it is 0. */
+static int kvq__kb(const kvq_config *cfg) { return cfg->key_block ? cfg->key_block : cfg->group_size; }
+
 /* Value groups: ceil(head_dim / G); the last one is shorter when G does not divide head_dim. */
 static int kvq__value_groups(const kvq_config *cfg) {
     return (cfg->head_dim + cfg->group_size - 1) / cfg->group_size;
@@ -409,7 +416,7 @@ static int kvq__value_groups(const kvq_config *cfg) {
 /* Key block of one head: fp16 scale[D], fp16 min[D], then per channel G codes packed
    along tokens. At 16 bits: G rows of D fp16, token-major. */
 static size_t kvq__key_block_bytes(const kvq_config *cfg) {
-    size_t d = (size_t)cfg->head_dim, g = (size_t)cfg->group_size;
+    size_t d = (size_t)cfg->head_dim, g = (size_t)kvq__kb(cfg);
     if (cfg->key_bits == 16) return 2 * g * d;
     return 4 * d + d * (g * (size_t)cfg->key_bits / 8);
 }
@@ -419,7 +426,11 @@ static size_t kvq__key_block_bytes(const kvq_config *cfg) {
 static size_t kvq__token_param_bytes(const kvq_config *cfg, int bits) {
     return bits == 16 ? 0 : 4 * (size_t)kvq__value_groups(cfg);
 }
-static size_t kvq__value_param_bytes(const kvq_config *cfg) { return kvq__token_param_bytes(cfg, cfg->value_bits); }
+/* Bits of a value group's scale and min: 32 (two fp16) or 16 (see kvq__fit_range16). */
+static int kvq__vpb(const kvq_config *cfg) { return cfg->value_param_bits == 16 ? 16 : 32; }
+static size_t kvq__value_param_bytes(const kvq_config *cfg) {
+    return kvq__token_param_bytes(cfg, cfg->value_bits) / (kvq__vpb(cfg) == 16 ? 2 : 1);
+}
 static size_t kvq__value_code_bytes(const kvq_config *cfg) {
     return (size_t)cfg->head_dim * (size_t)cfg->value_bits / 8;
 }
@@ -428,8 +439,8 @@ static size_t kvq__value_code_bytes(const kvq_config *cfg) {
 static int kvq__salient_count(const kvq_config *cfg) {
     int n;
     if (!(cfg->salient_ratio > 0.0f)) return 0;
-    n = (int)(cfg->salient_ratio * (float)cfg->group_size + 0.5f);
-    return n < 1 ? 1 : (n > cfg->group_size - 1 ? cfg->group_size - 1 : n);
+    n = (int)(cfg->salient_ratio * (float)kvq__kb(cfg) + 0.5f);
+    return n < 1 ? 1 : (n > kvq__kb(cfg) - 1 ? kvq__kb(cfg) - 1 : n);
 }
 
 /* Side-store entry: u16 token index in its block, then K and V at salient_bits:
@@ -448,11 +459,11 @@ KVQ_API double kvq_config_bits_per_element(const kvq_config *cfg) {
         const size_t token_key_bytes = kvq__token_param_bytes(cfg, cfg->key_bits) + (size_t)cfg->head_dim * cfg->key_bits / 8;
         kb = cfg->key_axis == KVQ_KEYS_PER_TOKEN
                  ? 8.0 * (double)token_key_bytes / cfg->head_dim
-                 : 8.0 * (double)kvq__key_block_bytes(cfg) / ((double)cfg->group_size * cfg->head_dim);
+                 : 8.0 * (double)kvq__key_block_bytes(cfg) / ((double)kvq__kb(cfg) * cfg->head_dim);
     }
     vb = 8.0 * (double)(kvq__value_param_bytes(cfg) + kvq__value_code_bytes(cfg)) / cfg->head_dim;
     side = 8.0 * (double)kvq__salient_count(cfg) * (double)kvq__side_entry_bytes(cfg) /
-           (2.0 * cfg->group_size * cfg->head_dim);
+           (2.0 * kvq__kb(cfg) * cfg->head_dim);
     return 0.5 * (kb + vb) + side;
 }
 
@@ -472,6 +483,58 @@ static kvq__qparams kvq__fit_range(float lo, float hi, int bits) {
     kvq__qparams qp;
     qp.min = kvq__f32_to_f16(lo);
     qp.scale = kvq__f32_to_f16((hi - lo) / (float)((1 << bits) - 1));
+    return qp;
+}
+
+/* Value params in 16 bits (value_param_bits 16), per group: byte 0 the scale e, a positive fp16
+   cut to 5 exponent and 3 mantissa bits (the fp16 whose bits are e << 7; e <= 0xf7, finite), byte
+   1 an int8 min m8 in units of scale / 16:  x' = s * (code + m8 / 16). Fitting: e the smallest scale
+   >= (hi - lo) / (2^b - 1), so the grid spans the range, raised until lo lies in [-8 s, 127 s / 16],
+   then m8 = round(16 lo / s), within s / 32 of lo. The
+   scale has at most 4 significant bits and m8 8, so m = m8 * s / 16 is exact in float. The
+   smallest scale but 0 is 2^-17: a group narrower than that has an absolute error <= 2^-18. */
+static float kvq__e5m3(unsigned e) { return kvq__f16_to_f32((uint16_t)(e << 7)); }
+static float kvq__min16(unsigned e, unsigned m8) {
+    const int v = (int)(m8 & 0xffu) - (m8 & 0x80u ? 256 : 0); /* int8, two's complement */
+    return ((float)v * kvq__e5m3(e)) * 0.0625f;
+}
+static kvq__qparams kvq__fit_range16(float lo, float hi, int bits) {
+    const float need = (hi - lo) / (float)((1 << bits) - 1);
+    unsigned h = kvq__f32_to_f16(need), e;
+    float s, m8;
+    kvq__qparams qp;
+    h += kvq__f16_to_f32((uint16_t)h) < need; /* fp16 rounded up, then its low 7 bits */
+    e = (h + 0x7fu) >> 7;
+    e = e > 0xf7u ? 0xf7u : e; /* 0xf8 and up: inf, NaN */
+    while (e < 0xf7u && !(lo >= -8.0f * kvq__e5m3(e) && lo <= 7.9375f * kvq__e5m3(e))) e++;
+    s = kvq__e5m3(e);
+    m8 = s == 0.0f ? 0.0f : rintf(lo * 16.0f / s);
+    m8 = m8 < -128.0f ? -128.0f : m8 > 127.0f ? 127.0f : m8;
+    qp.scale = (uint16_t)e;
+    qp.min = (uint16_t)((unsigned)((int)m8 + 256) & 0xffu);
+    return qp;
+}
+
+/* A group's params for value_param_bits pbits (32: two fp16; 16: the packed pair above). */
+static kvq__qparams kvq__fit(float lo, float hi, int bits, int pbits) {
+    return pbits == 16 ? kvq__fit_range16(lo, hi, bits) : kvq__fit_range(lo, hi, bits);
+}
+static void kvq__params_f32(kvq__qparams qp, int pbits, float *m, float *s) {
+    *s = pbits == 16 ? kvq__e5m3(qp.scale) : kvq__f16_to_f32(qp.scale);
+    *m = pbits == 16 ? kvq__min16(qp.scale, qp.min) : kvq__f16_to_f32(qp.min);
+}
+/* Group g of a record's ng groups: fp16 scale[ng] then min[ng], or one u16 (scale | m8 << 8). */
+static void kvq__put_params(uint16_t *par, int ng, int g, kvq__qparams qp, int pbits) {
+    if (pbits == 16) par[g] = (uint16_t)(qp.scale | qp.min << 8);
+    else {
+        par[g] = qp.scale;
+        par[ng + g] = qp.min;
+    }
+}
+static kvq__qparams kvq__get_params(const uint16_t *par, int ng, int g, int pbits) {
+    kvq__qparams qp;
+    qp.scale = pbits == 16 ? (uint16_t)(par[g] & 0xffu) : par[g];
+    qp.min = pbits == 16 ? (uint16_t)(par[g] >> 8) : par[ng + g];
     return qp;
 }
 
@@ -548,8 +611,8 @@ static KVQ__INLINE void kvq__search_ij(int k, int steps, int i_best, int *i, int
 
 /* The search over one group x[0..n) (n a multiple of 8), unweighted: values, keys per token.
    Each side's candidates are scored in one pass over x (one load, independent sums). */
-static KVQ__INLINE kvq__qparams kvq__search_group_body(const float *x, int n, int bits, int steps, float lo,
-                                                        float hi) {
+static KVQ__INLINE kvq__qparams kvq__search_group_body(const float *x, int n, int bits, int pbits, int steps,
+                                                        float lo, float hi) {
     const float top = (float)((1 << bits) - 1);
     const double step = kvq__search_step(bits, steps);
     kvq__cand c[8];
@@ -578,7 +641,7 @@ static KVQ__INLINE kvq__qparams kvq__search_group_body(const float *x, int n, in
             }
         }
     }
-    return kvq__fit_range(best_lo, best_hi, bits);
+    return kvq__fit(best_lo, best_hi, bits, pbits);
 }
 
 /* The search over the channels of a key block, KVQ__COLS at once (a constant trip count, so
@@ -626,15 +689,17 @@ static KVQ__INLINE void kvq__search_columns_body(const float *xb, int G, const u
 
 /* The search is the same C everywhere; the ISA copies ("ISA kernels") only let a baseline
    build (runtime dispatch) run it on wide vectors. */
-static kvq__qparams kvq__search_group_scalar(const float *x, int n, int bits, int steps, float lo, float hi) {
-    return kvq__search_group_body(x, n, bits, steps, lo, hi);
+static kvq__qparams kvq__search_group_scalar(const float *x, int n, int bits, int pbits, int steps, float lo,
+                                             float hi) {
+    return kvq__search_group_body(x, n, bits, pbits, steps, lo, hi);
 }
 static void kvq__search_columns_scalar(const float *xb, int G, const uint8_t *w, int bits, int steps, const float *lo,
                                        const float *hi, kvq__qparams *best) {
     kvq__search_columns_body(xb, G, w, bits, steps, lo, hi, best);
 }
 #if KVQ__HAVE_SIMD
-static kvq__qparams kvq__dispatch_search_group(const float *x, int n, int bits, int steps, float lo, float hi);
+static kvq__qparams kvq__dispatch_search_group(const float *x, int n, int bits, int pbits, int steps, float lo,
+                                               float hi);
 static void kvq__dispatch_search_columns(const float *xb, int G, const uint8_t *w, int bits, int steps,
                                          const float *lo, const float *hi, kvq__qparams *best);
 #else
@@ -644,7 +709,7 @@ static void kvq__dispatch_search_columns(const float *xb, int G, const uint8_t *
 
 /* Quantizes n values x[i*stride] into codes i of a packed row (zeroed first by the caller),
    on the min/max range or the best of a grid x grid range search (grid 1: min/max). */
-static kvq__qparams kvq__quantize_group(const float *x, int n, int stride, int bits, uint8_t *codes,
+static kvq__qparams kvq__quantize_group(const float *x, int n, int stride, int bits, int pbits, uint8_t *codes,
                                         int first_code, int grid) {
     float lo = x[0], hi = x[0], m, s;
     kvq__qparams qp;
@@ -654,9 +719,9 @@ static kvq__qparams kvq__quantize_group(const float *x, int n, int stride, int b
         lo = v < lo ? v : lo;
         hi = v > hi ? v : hi;
     }
-    qp = grid > 1 && stride == 1 ? kvq__dispatch_search_group(x, n, bits, grid, lo, hi) : kvq__fit_range(lo, hi, bits);
-    m = kvq__f16_to_f32(qp.min);
-    s = kvq__f16_to_f32(qp.scale);
+    qp = grid > 1 && stride == 1 ? kvq__dispatch_search_group(x, n, bits, pbits, grid, lo, hi)
+                                 : kvq__fit(lo, hi, bits, pbits);
+    kvq__params_f32(qp, pbits, &m, &s);
     for (i = 0; i < n; i++)
         kvq__put_code(codes, first_code + i, bits, kvq__quantize_one(x[(size_t)i * stride], m, s, bits));
     return qp;
@@ -853,6 +918,7 @@ struct kvq_cache {
     void *owned;       /* the allocation from kvq_cache_create, or NULL */
     size_t span;       /* bytes from the struct's start to the end of its arrays (aliasing checks) */
     int n_tokens;
+    int kb;            /* tokens per key block (kvq__kb) */
     int n_kblocks;     /* quantized key blocks per head (keys per channel) */
     int n_ktok;        /* quantized keys per head (keys per token: stored like values) */
     int n_vquant;      /* quantized values per head */
@@ -909,7 +975,15 @@ KVQ_API kvq_config kvq_default_config(int head_dim, int n_kv_heads, int max_toke
     c.salient_policy = KVQ_SALIENT_ATTENTION;
     c.key_axis = KVQ_KEYS_PER_CHANNEL;
     c.range_search = 4; /* measured: README, "Range search" */
+    c.key_block = 0; /* = group_size */
+    c.value_param_bits = 32;
     return c;
+}
+
+/* 16, 32, 64 or 128: a group or block size (x the bits, a whole number of bytes). */
+static kvq_status kvq__check_group(int g) {
+    if (g == 16 || g == 32 || g == 64 || g == 128) return KVQ_OK;
+    return g > 0 && g <= 4096 ? KVQ_ERR_UNSUPPORTED : KVQ_ERR_INVALID;
 }
 
 static kvq_status kvq__check_bits(int bits) {
@@ -925,12 +999,10 @@ KVQ_API kvq_status kvq_config_check(const kvq_config *cfg) {
     if (cfg->max_tokens < 1 || cfg->max_tokens > KVQ__MAX_TOKENS) return KVQ_ERR_INVALID;
     if ((st = kvq__check_bits(cfg->key_bits)) != KVQ_OK) return st;
     if ((st = kvq__check_bits(cfg->value_bits)) != KVQ_OK) return st;
-    switch (cfg->group_size) {
-    case 16: case 32: case 64: case 128: break;
-    default: return cfg->group_size > 0 && cfg->group_size <= 4096 ? KVQ_ERR_UNSUPPORTED : KVQ_ERR_INVALID;
-    }
-    if (cfg->residual_tokens < 0 || cfg->residual_tokens > KVQ__MAX_TOKENS ||
-        cfg->residual_tokens % cfg->group_size)
+    if ((st = kvq__check_group(cfg->group_size)) != KVQ_OK) return st;
+    if (cfg->key_block && (st = kvq__check_group(cfg->key_block)) != KVQ_OK) return st;
+    if (cfg->value_param_bits && cfg->value_param_bits != 32 && cfg->value_param_bits != 16) return KVQ_ERR_INVALID;
+    if (cfg->residual_tokens < 0 || cfg->residual_tokens > KVQ__MAX_TOKENS || cfg->residual_tokens % kvq__kb(cfg))
         return KVQ_ERR_INVALID;
     if (cfg->sink_tokens < 0 || cfg->sink_tokens > cfg->max_tokens) return KVQ_ERR_INVALID;
     if (cfg->salient_bits != 8 && cfg->salient_bits != 16) return KVQ_ERR_INVALID;
@@ -975,7 +1047,7 @@ static int kvq__plan(const kvq_config *cfg, kvq__layout *L) {
     int ok = 1;
     size_t H = (size_t)cfg->n_kv_heads, D = (size_t)cfg->head_dim, end;
     int after_sinks = cfg->max_tokens - cfg->sink_tokens;
-    int G = cfg->group_size, R = cfg->residual_tokens;
+    int G = kvq__kb(cfg), R = cfg->residual_tokens;
     KVQ_ASSERT(G > 0 && after_sinks >= 0); /* kvq_config_check passed */
     memset(L, 0, sizeof *L);
     L->max_kblocks = after_sinks / G;
@@ -1024,6 +1096,18 @@ static int kvq__overlaps_cache(const kvq_cache *c, const void *p, size_t n) {
     return kvq__overlap(c, c->span, p, n);
 }
 
+/* The record sizes of a cache of cfg (init and the image probe share them). */
+static void kvq__record_sizes(kvq_cache *c, const kvq_config *cfg) {
+    c->kb = kvq__kb(cfg);
+    c->kblock_bytes = kvq__key_block_bytes(cfg);
+    c->vparam_bytes = kvq__value_param_bytes(cfg);
+    c->vcode_bytes = kvq__value_code_bytes(cfg);
+    c->ktparam_bytes = kvq__token_param_bytes(cfg, cfg->key_bits);
+    c->ktcode_bytes = (size_t)cfg->head_dim * (size_t)cfg->key_bits / 8;
+    c->n_salient = kvq__salient_count(cfg);
+    c->side_bytes = kvq__side_entry_bytes(cfg);
+}
+
 KVQ_API size_t kvq_cache_bytes(const kvq_config *cfg) {
     kvq__layout L;
     if (kvq_config_check(cfg) != KVQ_OK || !kvq__plan(cfg, &L)) return 0;
@@ -1048,9 +1132,7 @@ KVQ_API kvq_status kvq_cache_init(kvq_cache **out, const kvq_config *cfg, void *
     c->max_vquant = L.max_vquant;
     c->kcap = L.kcap;
     c->vcap = L.vcap;
-    c->kblock_bytes = kvq__key_block_bytes(cfg);
-    c->vparam_bytes = kvq__value_param_bytes(cfg);
-    c->vcode_bytes = kvq__value_code_bytes(cfg);
+    kvq__record_sizes(c, cfg);
     c->sink_k = (uint16_t *)(void *)(base + L.off_sink_k);
     c->sink_v = (uint16_t *)(void *)(base + L.off_sink_v);
     c->kblocks = base + L.off_kblocks;
@@ -1058,16 +1140,12 @@ KVQ_API kvq_status kvq_cache_init(kvq_cache **out, const kvq_config *cfg, void *
     c->vcodes = base + L.off_vcodes;
     c->ring_k = (uint16_t *)(void *)(base + L.off_ring_k);
     c->ring_v = (uint16_t *)(void *)(base + L.off_ring_v);
-    c->n_salient = kvq__salient_count(cfg);
-    c->side_bytes = kvq__side_entry_bytes(cfg);
     c->side = base + L.off_side;
     c->sal_score = (float *)(void *)(base + L.off_score);
     c->sal_seen = (uint32_t *)(void *)(base + L.off_seen);
     c->sal_ring = (float *)(void *)(base + L.off_ring_scores);
     c->ktparams = (uint16_t *)(void *)(base + L.off_ktparams);
     c->ktcodes = base + L.off_ktcodes;
-    c->ktparam_bytes = kvq__token_param_bytes(cfg, cfg->key_bits);
-    c->ktcode_bytes = (size_t)cfg->head_dim * (size_t)cfg->key_bits / 8;
     kvq__rotation_init(&c->rot, cfg->head_dim, cfg->seed);
     *out = c;
     return KVQ_OK;
@@ -1108,7 +1186,7 @@ static int kvq__after_sinks(const kvq_cache *c) {
 static int kvq__per_token_keys(const kvq_cache *c) { return c->cfg.key_axis == KVQ_KEYS_PER_TOKEN; }
 /* Keys past the sinks that have left the ring: whole blocks, or single tokens. */
 static int kvq__keys_quantized(const kvq_cache *c) {
-    return kvq__per_token_keys(c) ? c->n_ktok : c->n_kblocks * c->cfg.group_size;
+    return kvq__per_token_keys(c) ? c->n_ktok : c->n_kblocks * c->kb;
 }
 
 KVQ_API size_t kvq_cache_payload_bytes(const kvq_cache *c) {
@@ -1184,7 +1262,7 @@ static void kvq__quantize_keys_scalar(const uint16_t *rows, int D, int G, int bi
             for (t = 0; t < G; t++) kvq__put_code(codes + row_bytes * ch, t, bits, kvq__quantize_one(x[t], m, s, bits));
             continue;
         }
-        qp = kvq__quantize_group(x, G, 1, bits, codes + row_bytes * ch, 0, 1);
+        qp = kvq__quantize_group(x, G, 1, bits, 32, codes + row_bytes * ch, 0, 1);
         scale[ch] = qp.scale;
         mins[ch] = qp.min;
     }
@@ -1193,7 +1271,7 @@ static void kvq__quantize_keys_scalar(const uint16_t *rows, int D, int G, int bi
 static void kvq__f32_row(float *dst, const uint16_t *src, int n); /* the ISA's conversion, in "Cache" below */
 
 /* One per-token record (a value, or a key per token): fp16 scale[ng], min[ng], codes. */
-static void kvq__quantize_record(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
+static void kvq__quantize_record(const uint16_t *row, int D, int G, int bits, int pbits, int grid, uint16_t *par,
                                  uint8_t *codes) {
     int ng = (D + G - 1) / G, g;
     float x[512];
@@ -1202,22 +1280,20 @@ static void kvq__quantize_record(const uint16_t *row, int D, int G, int bits, in
     memset(codes, 0, (size_t)D * bits / 8);
     for (g = 0; g < ng; g++) {
         int c0 = g * G, n = D - c0 < G ? D - c0 : G;
-        kvq__qparams qp = kvq__quantize_group(x + c0, n, 1, bits, codes, c0, grid);
-        par[g] = qp.scale;
-        par[ng + g] = qp.min;
+        kvq__put_params(par, ng, g, kvq__quantize_group(x + c0, n, 1, bits, pbits, codes, c0, grid), pbits);
     }
 }
-static void kvq__quantize_value_scalar(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
-                                       uint8_t *codes) {
-    kvq__quantize_record(row, D, G, bits, grid, par, codes);
+static void kvq__quantize_value_scalar(const uint16_t *row, int D, int G, int bits, int pbits, int grid,
+                                       uint16_t *par, uint8_t *codes) {
+    kvq__quantize_record(row, D, G, bits, pbits, grid, par, codes);
 }
 
 #if KVQ__HAVE_SIMD
 static void kvq__dispatch_to_f16(uint16_t *dst, const float *src, int n);
 static void kvq__dispatch_to_f32(float *dst, const uint16_t *src, int n);
 static void kvq__dispatch_quantize_keys(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params);
-static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
-                                         uint8_t *codes);
+static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int bits, int pbits, int grid,
+                                         uint16_t *par, uint8_t *codes);
 #else /* scalar only: direct calls */
 #define kvq__dispatch_to_f16 kvq__to_f16_scalar
 #define kvq__dispatch_to_f32 kvq__to_f32_scalar
@@ -1230,12 +1306,14 @@ static void kvq__f32_row(float *dst, const uint16_t *src, int n) { kvq__dispatch
 
 /* Dequantizes one per-token record: fp16 scale[ng], min[ng], then D codes (values, keys per
    token, salient side-store entries); at 16 bits the codes are the fp16 row itself. */
-static void kvq__read_token_record(const kvq_cache *c, const uint16_t *par, const uint8_t *codes, int bits, float *x) {
+static void kvq__read_token_record(const kvq_cache *c, const uint16_t *par, int pbits, const uint8_t *codes, int bits,
+                                   float *x) {
     const int D = c->cfg.head_dim, G = c->cfg.group_size, ng = kvq__value_groups(&c->cfg);
     int g, ch;
     if (bits == 16) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
     for (g = 0; g < ng; g++) {
-        float sc = kvq__f16_to_f32(par[g]), m = kvq__f16_to_f32(par[ng + g]);
+        float sc, m;
+        kvq__params_f32(kvq__get_params(par, ng, g, pbits), pbits, &m, &sc);
         int c1 = (g + 1) * G < D ? (g + 1) * G : D;
         for (ch = g * G; ch < c1; ch++) x[ch] = m + sc * (float)kvq__get_code(codes, ch, bits);
     }
@@ -1289,7 +1367,7 @@ static void kvq__block_columns_padded(const uint16_t *rows, int D, int G, int c0
 
 /* Range-shrink score: per channel, the gap a token opens alone at the top or bottom, over the range. */
 static void kvq__range_gain(const kvq_cache *c, const uint16_t *rows, float *gain) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size;
+    const int D = c->cfg.head_dim, G = c->kb;
     float xb[128 * KVQ__COLS];
     int c0, i, t;
     for (t = 0; t < G; t++) gain[t] = 0.0f;
@@ -1314,7 +1392,7 @@ static void kvq__range_gain(const kvq_cache *c, const uint16_t *rows, float *gai
 
 /* Picks the n_salient tokens of block b of head h (indices into the block, ascending) and marks them. */
 static void kvq__select_salient(const kvq_cache *c, int h, int b, int *picked, uint8_t *mask) {
-    const int G = c->cfg.group_size, n = c->n_salient;
+    const int G = c->kb, n = c->n_salient;
     float score[128];
     int t, j, seen_any = 0;
     size_t slot0 = (size_t)h * c->kcap + (size_t)((b * G) % c->kcap);
@@ -1352,7 +1430,7 @@ static void kvq__side_put(const kvq_cache *c, uint8_t *e, int which, const uint1
         memset(codes, 0, (size_t)D);
         for (g = 0; g < ng; g++) {
             int c0 = g * G, len = D - c0 < G ? D - c0 : G;
-            kvq__qparams qp = kvq__quantize_group(x + c0, len, 1, 8, codes, c0, 1);
+            kvq__qparams qp = kvq__quantize_group(x + c0, len, 1, 8, 32, codes, c0, 1);
             par[g] = qp.scale;
             par[ng + g] = qp.min;
         }
@@ -1361,7 +1439,7 @@ static void kvq__side_put(const kvq_cache *c, uint8_t *e, int which, const uint1
 
 /* Reconstructs the K (which 0) or V (1) row of a side-store entry, in storage space. */
 static void kvq__side_get(const kvq_cache *c, const uint8_t *e, int which, float *x) {
-    kvq__read_token_record(c, (const uint16_t *)(const void *)(e + kvq__side_params_at(c, which)),
+    kvq__read_token_record(c, (const uint16_t *)(const void *)(e + kvq__side_params_at(c, which)), 32,
                            e + kvq__side_codes_at(c, which), c->cfg.salient_bits, x);
 }
 
@@ -1379,7 +1457,7 @@ static const uint8_t *kvq__find_salient(const kvq_cache *c, int h, int b, int tt
    attention policy), a waiting key's normalized score plus 0.1x the block's mean, scaled to
    1..31 (5 bits keep the search's sums exact); 0 where nothing was recorded. */
 static int kvq__key_weights(const kvq_cache *c, int h, int b, uint8_t *w) {
-    const int G = c->cfg.group_size;
+    const int G = c->kb;
     const size_t slot0 = (size_t)h * c->kcap + (size_t)((b * G) % c->kcap);
     float s[128], mean = 0.0f, top = 0.0f;
     int t;
@@ -1443,7 +1521,7 @@ static void kvq__key_block_params(const uint16_t *rows, int D, int G, int bits, 
    weighted by the attention they received where the cache records it. Scalar on every path
    (salient caches only), so the bytes are the same on all of them. */
 static void kvq__quantize_key_block_masked(kvq_cache *c, int h, int b, const uint8_t *mask) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size, bits = c->cfg.key_bits;
+    const int D = c->cfg.head_dim, G = c->kb, bits = c->cfg.key_bits;
     const int grid = kvq__search_grid(c->cfg.range_search, bits, 1);
     uint8_t *blk = kvq__key_block(c, h, b);
     const uint16_t *rows = kvq__ring_k_row(c, h, b * G);
@@ -1481,7 +1559,7 @@ static void kvq__quantize_key_block_masked(kvq_cache *c, int h, int b, const uin
 
 /* Moves the picked tokens of block b of head h to the side store; mask marks them for quantization. */
 static void kvq__store_salient(kvq_cache *c, int h, int b, uint8_t *mask) {
-    const int G = c->cfg.group_size;
+    const int G = c->kb;
     int picked[128], j;
     kvq__select_salient(c, h, b, picked, mask);
     for (j = 0; j < c->n_salient; j++) {
@@ -1499,11 +1577,11 @@ static void kvq__quantize_key_token(kvq_cache *c, int h, int j) {
     const uint16_t *row = kvq__ring_k_row(c, h, j);
     uint8_t *codes = kvq__key_token_codes(c, h, j);
     if (bits == 16) memcpy(codes, row, (size_t)D * 2);
-    else kvq__dispatch_quantize_value(row, D, G, bits, kvq__search_grid(c->cfg.range_search, bits, 1),
+    else kvq__dispatch_quantize_value(row, D, G, bits, 32, kvq__search_grid(c->cfg.range_search, bits, 1),
                                       kvq__key_token_params(c, h, j), codes);
 }
 static void kvq__quantize_key_block(kvq_cache *c, int h, int b) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size, bits = c->cfg.key_bits;
+    const int D = c->cfg.head_dim, G = c->kb, bits = c->cfg.key_bits;
     const int grid = kvq__search_grid(c->cfg.range_search, bits, 1);
     uint8_t *blk = kvq__key_block(c, h, b);
     const uint16_t *rows = kvq__ring_k_row(c, h, b * G); /* G contiguous rows: kcap % G == 0 or no wrap */
@@ -1526,8 +1604,8 @@ static void kvq__quantize_value(kvq_cache *c, int h, int j) {
     const uint16_t *row = kvq__ring_v_row(c, h, j);
     uint8_t *codes = kvq__value_codes(c, h, j);
     if (bits == 16) memcpy(codes, row, (size_t)D * 2);
-    else kvq__dispatch_quantize_value(row, D, G, bits, kvq__search_grid(c->cfg.range_search, bits, 0),
-                                      kvq__value_params(c, h, j), codes);
+    else kvq__dispatch_quantize_value(row, D, G, bits, kvq__vpb(&c->cfg),
+                                      kvq__search_grid(c->cfg.range_search, bits, 0), kvq__value_params(c, h, j), codes);
 }
 
 /* Stores one caller row as fp16, rotated first when the cache rotates. */
@@ -1581,7 +1659,7 @@ static int kvq__finite_fp16(const float *x, size_t n) {
 /* Stores one token (all heads) and moves what leaves the residual window. */
 static void kvq__append_token(kvq_cache *c, const float *k, const float *v) {
     const int H = c->cfg.n_kv_heads, D = c->cfg.head_dim, S = c->cfg.sink_tokens;
-    const int G = c->cfg.group_size, R = c->cfg.residual_tokens;
+    const int G = c->kb, R = c->cfg.residual_tokens;
     int t = c->n_tokens, h, pos, kwait, vwait;
     if (t < S) {
         for (h = 0; h < H; h++) {
@@ -1666,12 +1744,12 @@ KVQ_API kvq_status kvq_cache_append(kvq_cache *c, const float *k, const float *v
 
 /* Dequantizes key of token t of head h into x[D]. */
 static void kvq__read_key(const kvq_cache *c, int h, int t, float *x) {
-    const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->cfg.group_size, bits = c->cfg.key_bits;
+    const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->kb, bits = c->cfg.key_bits;
     int pos = t - S, ch;
     if (t < S) { kvq__f32_row(x, kvq__sink_row(c, c->sink_k, h, t), D); return; }
     if (pos >= kvq__keys_quantized(c)) { kvq__f32_row(x, kvq__ring_k_row(c, h, pos), D); return; }
     if (kvq__per_token_keys(c)) {
-        kvq__read_token_record(c, kvq__key_token_params(c, h, pos), kvq__key_token_codes(c, h, pos), bits, x);
+        kvq__read_token_record(c, kvq__key_token_params(c, h, pos), 32, kvq__key_token_codes(c, h, pos), bits, x);
         return;
     }
     if (c->n_salient) {
@@ -1694,7 +1772,7 @@ static void kvq__read_key(const kvq_cache *c, int h, int t, float *x) {
 }
 
 static void kvq__read_value(const kvq_cache *c, int h, int t, float *x) {
-    const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->cfg.group_size;
+    const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->kb;
     int pos = t - S;
     if (t < S) { kvq__f32_row(x, kvq__sink_row(c, c->sink_v, h, t), D); return; }
     if (pos >= c->n_vquant) { kvq__f32_row(x, kvq__ring_v_row(c, h, pos), D); return; }
@@ -1702,7 +1780,8 @@ static void kvq__read_value(const kvq_cache *c, int h, int t, float *x) {
         const uint8_t *e = kvq__find_salient(c, h, pos / G, pos % G);
         if (e) { kvq__side_get(c, e, 1, x); return; }
     }
-    kvq__read_token_record(c, kvq__value_params(c, h, pos), kvq__value_codes(c, h, pos), c->cfg.value_bits, x);
+    kvq__read_token_record(c, kvq__value_params(c, h, pos), kvq__vpb(&c->cfg), kvq__value_codes(c, h, pos),
+                           c->cfg.value_bits, x);
 }
 
 KVQ_API kvq_status kvq_cache_read(const kvq_cache *c, int first, int n, float *k, float *v) {
@@ -1834,6 +1913,20 @@ static void kvq__k_acc_f16(const uint16_t *const *rows, int n, int D, const floa
 #define kvq__k_acc_f16 kvq__acc_f16_scalar
 #endif
 
+/* The params of n stored values from par as floats, [t][scale[ng], min[ng]]. */
+static void kvq__value_params_f32(const kvq_cache *c, const uint16_t *par, int n, float *out) {
+    const int ng = kvq__value_groups(&c->cfg);
+    int t, g;
+    if (kvq__vpb(&c->cfg) == 32) {
+        kvq__dispatch_to_f32(out, par, n * 2 * ng);
+        return;
+    }
+    for (t = 0; t < n; t++)
+        for (g = 0; g < ng; g++)
+            kvq__params_f32(kvq__get_params(par + (size_t)t * ng, ng, g, 16), 16, &out[(size_t)t * 2 * ng + ng + g],
+                            &out[(size_t)t * 2 * ng + g]);
+}
+
 /* Values of tokens [t0, t0+n) of head h into the accumulators, weights p[j * KVQ__TILE + t]. */
 static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const float *p, int nh,
                              float *const *acc) {
@@ -1852,7 +1945,7 @@ static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const flo
         kvq__k_acc_f16(rows, nq, D, p, nh, acc);
     } else if (nq > 0) { /* params of the nq tokens as floats: [t][scale[ng], min[ng]] */
         float par[2 * KVQ__WMAX];
-        kvq__dispatch_to_f32(par, kvq__value_params(c, h, pos), nq * 2 * kvq__value_groups(&c->cfg));
+        kvq__value_params_f32(c, kvq__value_params(c, h, pos), nq, par);
         kvq__k_acc_codes(kvq__value_codes(c, h, pos), c->vcode_bytes, par, nq, D, G, bits, p, nh, acc);
     }
     if (nq < n) {
@@ -1865,7 +1958,7 @@ static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const flo
    loops carry no per-token branch. The entries of a block are sorted by token, so those of a
    tile [pos, pos+n) are one run [*e0, e1): this returns e1 and sets *e0. */
 static int kvq__salient_run(const kvq_cache *c, int h, int pos, int n, int *e0) {
-    const int G = c->cfg.group_size, base = pos / G * G;
+    const int G = c->kb, base = pos / G * G;
     int e = 0, e1;
     while (e < c->n_salient && base + kvq__side_index(kvq__side_entry(c, h, pos / G, e)) < pos) e++;
     for (e1 = e; e1 < c->n_salient && base + kvq__side_index(kvq__side_entry(c, h, pos / G, e1)) < pos + n; e1++) {}
@@ -1910,7 +2003,7 @@ static void kvq__record_to_f32(const kvq_cache *c, const uint16_t *par, const ui
    the side store. */
 static void kvq__salient_scores(const kvq_cache *c, int h, int pos, int e0, int e1, const float *qs, int nh,
                                 float *sp) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size;
+    const int D = c->cfg.head_dim, G = c->kb;
     float k[512];
     int e, j;
     for (e = e0; e < e1; e++) {
@@ -1926,7 +2019,7 @@ static void kvq__salient_scores(const kvq_cache *c, int h, int pos, int e0, int 
    nothing for them. */
 static void kvq__salient_values(const kvq_cache *c, int h, int pos, int e0, int e1, float *sp, int nh,
                                 float *const *acc) {
-    const int G = c->cfg.group_size;
+    const int G = c->kb;
     float w[KVQ__HEAD_CHUNK * KVQ__TILE];
     int e, j;
     for (e = e0; e < e1; e++) {
@@ -1955,7 +2048,7 @@ static void kvq__scores_key_tokens(const kvq_cache *c, int h, int pos, int n, co
 
 /* End of the tile starting at t: the next segment boundary (sinks, block, ring), at most hi. */
 static int kvq__tile_end(const kvq_cache *c, int t, int hi) {
-    const int S = c->cfg.sink_tokens, G = c->cfg.group_size;
+    const int S = c->cfg.sink_tokens, G = c->kb;
     int end;
     if (t < S) end = S < t + G ? S : t + G;
     else if (t - S < c->n_kblocks * G) end = S + ((t - S) / G + 1) * G;
@@ -1968,7 +2061,7 @@ static int kvq__tile_end(const kvq_cache *c, int t, int hi) {
    q[j*D]. Tiles outside, heads inside: each tile of K and V is read once for all nh heads. */
 static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh, float scale, int lo, int hi,
                               kvq__head_state *st, float *ring_scores) {
-    const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->cfg.group_size;
+    const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->kb;
     float qs[KVQ__HEAD_CHUNK * 512], scores[KVQ__HEAD_CHUNK * KVQ__TILE];
     const uint16_t *rows[KVQ__TILE];
     float *acc[KVQ__HEAD_CHUNK];
@@ -2095,9 +2188,9 @@ static void kvq__attend_query(const kvq_cache *c, const float *q, const kvq_attn
    ring_scores holds the raw scores of the waiting keys [0, limit - first waiting). */
 static void kvq__track_salience(kvq_cache *c, int h, int limit, const float *ring_scores, int nh,
                                 const kvq__head_state *st, int first_chunk) {
-    int first = c->cfg.sink_tokens + c->n_kblocks * c->cfg.group_size, u, j;
+    int first = c->cfg.sink_tokens + c->n_kblocks * c->kb, u, j;
     for (u = 0; first + u < limit; u++) {
-        size_t slot = (size_t)h * c->kcap + (size_t)((c->n_kblocks * c->cfg.group_size + u) % c->kcap);
+        size_t slot = (size_t)h * c->kcap + (size_t)((c->n_kblocks * c->kb + u) % c->kcap);
         float add = 0.0f;
         for (j = 0; j < nh; j++) add += expf(ring_scores[(size_t)j * c->kcap + u] - st[j].m) / st[j].l;
         c->sal_score[slot] += add;
@@ -2303,24 +2396,26 @@ KVQ_API kvq_status kvq_attention_state_init(const kvq_cache *c, const kvq_attn_p
 }
 
 /* ---------------------------------------------------------------------------
-   Serialization. Image, all integers little-endian:
+   Serialization. Image (format version 2), all integers little-endian:
      0   char[8]  "KVQCACHE"
-     8   u32      format version (1)
-     12  u32      header bytes (128)
-     16  i32[16]  config: head_dim, n_kv_heads, max_tokens, key_bits, value_bits,
+     8   u32      format version (2)
+     12  u32      header bytes (160)
+     16  i32[24]  config: head_dim, n_kv_heads, max_tokens, key_bits, value_bits,
                   group_size, residual_tokens, sink_tokens, rotation, seed,
                   salient_ratio (f32 bits), salient_bits, salient_policy, key_axis,
-                  range_search (0 in images written before it existed: min/max), 0
-     80  i32      tokens stored
-     84  i32      quantized key blocks per head, 88 i32 quantized values per head
-     92  u32      0
-     96  u64      payload bytes
-     104 u32      CRC32C of the payload
-     108 u32[4]   0
-     124 u32      CRC32C of bytes [0, 124)
-     128 payload: per KV head: sink K rows, sink V rows, key blocks, waiting keys
+                  range_search, key_block, value_param_bits, then 0s
+     112 i32      tokens stored
+     116 i32      quantized key blocks per head, 120 i32 quantized values per head
+     124 u32      0
+     128 u64      payload bytes
+     136 u32      CRC32C of the payload
+     140 u32[4]   0
+     156 u32      CRC32C of bytes [0, 156)
+     160 payload: per KV head: sink K rows, sink V rows, key blocks, waiting keys
          (oldest first), quantized values (params then codes per token), waiting
-         values; every fp16 as u16 little-endian.
+         values; every fp16 as u16 little-endian. docs/format.md draws each record.
+   Version 1 images (kvq 0.2, 128-byte header, 3-bit codes straddling bytes) are refused
+   with KVQ_ERR_UNSUPPORTED: save them again from the cache that made them.
    The block counts are derived again from the token count and checked, so an
    image can only describe a state that appending could have produced.
    --------------------------------------------------------------------------- */
@@ -2332,10 +2427,10 @@ static const uint8_t kvq__magic[8] = {'K', 'V', 'Q', 'C', 'A', 'C', 'H', 'E'}; /
 #else
 #define KVQ__FUZZING 0
 #endif
-#define KVQ__FORMAT_VERSION 1u
-#define KVQ__HEADER_BYTES 128u
-enum { KVQ__H_CONFIG = 16, KVQ__H_TOKENS = 80, KVQ__H_KBLOCKS = 84, KVQ__H_VQUANT = 88, KVQ__H_PAYLOAD = 96,
-       KVQ__H_PAYLOAD_CRC = 104, KVQ__H_CRC = 124 };
+#define KVQ__FORMAT_VERSION 2u
+#define KVQ__HEADER_BYTES 160u
+enum { KVQ__H_CONFIG = 16, KVQ__H_CONFIG_USED = 17 * 4, KVQ__H_TOKENS = 112, KVQ__H_KBLOCKS = 116,
+       KVQ__H_VQUANT = 120, KVQ__H_PAYLOAD = 128, KVQ__H_PAYLOAD_CRC = 136, KVQ__H_CRC = 156 };
 
 /* CRC32C (Castagnoli, reflected polynomial 0x82F63B78), bitwise: no tables, no state. */
 static uint32_t kvq__crc32c(uint32_t crc, const uint8_t *p, size_t n) {
@@ -2359,7 +2454,7 @@ static uint64_t kvq__get_u64(const uint8_t *p) { return kvq__get_u32(p) | (uint6
 
 /* The block counts that appending n tokens one by one leaves (see kvq__append_token). */
 static void kvq__counts_after(const kvq_config *cfg, int n, int *nkb, int *nvq) {
-    int after = n > cfg->sink_tokens ? n - cfg->sink_tokens : 0, G = cfg->group_size, R = cfg->residual_tokens;
+    int after = n > cfg->sink_tokens ? n - cfg->sink_tokens : 0, G = kvq__kb(cfg), R = cfg->residual_tokens;
     int k = 0;
     if (after > R && after >= G) k = (after - (R > G - 1 ? R : G - 1) + G - 1) / G;
     if (cfg->key_axis == KVQ_KEYS_PER_TOKEN) k = 0; /* no blocks: keys leave with their values */
@@ -2378,7 +2473,7 @@ typedef struct kvq__part { void *p; size_t n; int width; } kvq__part;
 
 /* Records [*first, *end) of a kind, for the counts of c (the same for every head). */
 static void kvq__record_range(const kvq_cache *c, int kind, int *first, int *end) {
-    const int after = kvq__after_sinks(c), waiting_keys = c->n_kblocks * c->cfg.group_size;
+    const int after = kvq__after_sinks(c), waiting_keys = c->n_kblocks * c->kb;
     *first = 0;
     switch (kind) {
     case KVQ__R_SINK_K: case KVQ__R_SINK_V: *end = c->n_tokens - after; break;
@@ -2399,7 +2494,7 @@ static void kvq__record_range(const kvq_cache *c, int kind, int *first, int *end
    only the sizes are filled: the pointers, never computed, stay NULL. */
 #define KVQ__PART(ptr, count, w) (pt[np].p = locate ? (void *)(ptr) : NULL, pt[np].n = (count), pt[np].width = (w), np++)
 static int kvq__record_parts(const kvq_cache *c, int kind, int h, int i, int locate, kvq__part *pt) {
-    const size_t D = (size_t)c->cfg.head_dim, G = (size_t)c->cfg.group_size;
+    const size_t D = (size_t)c->cfg.head_dim, G = (size_t)c->kb;
     const size_t slot = (size_t)h * c->kcap + (size_t)(i % (c->kcap ? c->kcap : 1));
     const int kbits = c->cfg.key_bits, vbits = c->cfg.value_bits;
     size_t n16;
@@ -2488,14 +2583,29 @@ static int kvq__img_params_ok(const uint8_t *p, size_t n, int bits) {
     }
     return 1;
 }
+/* n packed 16-bit params of b-bit groups: a finite scale and |x'| <= 2 * 65504 at both ends. */
+static int kvq__img_params16_ok(const uint8_t *p, size_t n, int bits) {
+    size_t g;
+    for (g = 0; g < n; g++) {
+        const unsigned e = p[2 * g], m8 = p[2 * g + 1];
+        double m, top;
+        if (e > 0xf7u) return 0;
+        m = (double)kvq__min16(e, m8);
+        top = m + (double)kvq__e5m3(e) * (double)((1 << bits) - 1);
+        if (m < -2.0 * (double)KVQ__FP16_MAX || top > 2.0 * (double)KVQ__FP16_MAX) return 0;
+    }
+    return 1;
+}
 static int kvq__record_ok(const kvq_cache *c, int kind, int i, const uint8_t *p, int *prev_index) {
-    const size_t D = (size_t)c->cfg.head_dim, G = (size_t)c->cfg.group_size;
+    const size_t D = (size_t)c->cfg.head_dim, G = (size_t)c->kb;
     const size_t ng = (size_t)kvq__value_groups(&c->cfg);
     const int kbits = c->cfg.key_bits, vbits = c->cfg.value_bits;
     switch (kind) {
     case KVQ__R_KEY_BLOCK: return kbits == 16 ? kvq__img_rows_ok(p, G * D) : kvq__img_params_ok(p, D, kbits);
     case KVQ__R_KEY_TOKEN: return kbits == 16 ? kvq__img_rows_ok(p, D) : kvq__img_params_ok(p, ng, kbits);
-    case KVQ__R_VALUE: return vbits == 16 ? kvq__img_rows_ok(p, D) : kvq__img_params_ok(p, ng, vbits);
+    case KVQ__R_VALUE:
+        if (vbits == 16) return kvq__img_rows_ok(p, D);
+        return kvq__vpb(&c->cfg) == 16 ? kvq__img_params16_ok(p, ng, vbits) : kvq__img_params_ok(p, ng, vbits);
     case KVQ__R_SIDE: {
         int idx = kvq__img_u16(p);
         if (idx >= (int)G || (i % c->n_salient && idx <= *prev_index)) return 0;
@@ -2578,6 +2688,8 @@ static void kvq__put_config(uint8_t *p, const kvq_config *cfg) {
     kvq__put_u32(p + 48, (uint32_t)cfg->salient_policy);
     kvq__put_u32(p + 52, (uint32_t)cfg->key_axis);
     kvq__put_u32(p + 56, (uint32_t)cfg->range_search);
+    kvq__put_u32(p + 60, (uint32_t)cfg->key_block);
+    kvq__put_u32(p + 64, (uint32_t)cfg->value_param_bits);
 }
 
 static int kvq__i32(const uint8_t *p) {
@@ -2603,7 +2715,9 @@ static kvq_config kvq__get_config(const uint8_t *p) {
     cfg.salient_bits = kvq__i32(p + 44);
     cfg.salient_policy = kvq__i32(p + 48);
     cfg.key_axis = kvq__i32(p + 52);
-    cfg.range_search = kvq__i32(p + 56); /* 0 in images from before the search: min/max */
+    cfg.range_search = kvq__i32(p + 56);
+    cfg.key_block = kvq__i32(p + 60);
+    cfg.value_param_bits = kvq__i32(p + 64);
     return cfg;
 }
 
@@ -2637,14 +2751,15 @@ static kvq_status kvq__check_header(const uint8_t *p, size_t n, kvq_config *cfg,
     int nkb, nvq, i;
     uint64_t payload;
     kvq_status st;
-    if (n < KVQ__HEADER_BYTES || memcmp(p, kvq__magic, 8) != 0) return KVQ_ERR_CORRUPT;
+    if (n < 16 || memcmp(p, kvq__magic, 8) != 0) return KVQ_ERR_CORRUPT;
+    if (kvq__get_u32(p + 8) == 0) return KVQ_ERR_CORRUPT;
+    if (kvq__get_u32(p + 8) != KVQ__FORMAT_VERSION) return KVQ_ERR_UNSUPPORTED; /* 1: kvq 0.2's; 3+: a newer kvq's */
+    if (n < KVQ__HEADER_BYTES) return KVQ_ERR_CORRUPT;
     if (kvq__crc32c(0, p, KVQ__H_CRC) != kvq__get_u32(p + KVQ__H_CRC) && !KVQ__FUZZING) return KVQ_ERR_CORRUPT;
-    if (kvq__get_u32(p + 8) > KVQ__FORMAT_VERSION) return KVQ_ERR_UNSUPPORTED; /* from a newer kvq */
-    if (kvq__get_u32(p + 8) != KVQ__FORMAT_VERSION || kvq__get_u32(p + 12) != KVQ__HEADER_BYTES)
-        return KVQ_ERR_CORRUPT;
-    for (i = 92; i < KVQ__H_CRC; i += 4)
-        if ((i == 92 || i >= KVQ__H_PAYLOAD_CRC + 4) && kvq__get_u32(p + i) != 0) return KVQ_ERR_CORRUPT;
-    if (kvq__get_u32(p + KVQ__H_CONFIG + 60)) return KVQ_ERR_CORRUPT;
+    if (kvq__get_u32(p + 12) != KVQ__HEADER_BYTES) return KVQ_ERR_CORRUPT;
+    for (i = KVQ__H_CONFIG + KVQ__H_CONFIG_USED; i < KVQ__H_CRC; i += 4) /* the zero fields */
+        if ((i < KVQ__H_TOKENS || i == KVQ__H_VQUANT + 4 || i > KVQ__H_PAYLOAD_CRC) && kvq__get_u32(p + i) != 0)
+            return KVQ_ERR_CORRUPT;
     *cfg = kvq__get_config(p + KVQ__H_CONFIG);
     st = kvq_config_check(cfg);
     if (st == KVQ_ERR_INVALID) return KVQ_ERR_CORRUPT;
@@ -2680,14 +2795,8 @@ static void kvq__probe(kvq_cache *probe, const kvq_config *cfg, int tokens) {
     probe->cfg = *cfg;
     probe->n_tokens = tokens;
     kvq__counts_after(cfg, tokens, &probe->n_kblocks, &probe->n_vquant);
-    probe->kblock_bytes = kvq__key_block_bytes(cfg);
-    probe->vparam_bytes = kvq__value_param_bytes(cfg);
-    probe->vcode_bytes = kvq__value_code_bytes(cfg);
-    probe->n_salient = kvq__salient_count(cfg);
+    kvq__record_sizes(probe, cfg);
     probe->n_ktok = cfg->key_axis == KVQ_KEYS_PER_TOKEN ? probe->n_vquant : 0;
-    probe->ktparam_bytes = kvq__token_param_bytes(cfg, cfg->key_bits);
-    probe->ktcode_bytes = (size_t)cfg->head_dim * (size_t)cfg->key_bits / 8;
-    probe->side_bytes = kvq__side_entry_bytes(cfg);
 }
 
 KVQ_API kvq_status kvq_cache_load(kvq_cache **out, const void *bytes, size_t n_bytes, int max_tokens, void *mem,
@@ -2811,8 +2920,8 @@ static float kvq__first_zero(const float *x, int n, float v) {
 }
 
 /* Value quantize for SIMD paths: minmax and codes come from the ISA, the rest is shared. */
-static void kvq__quantize_value_simd(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
-                                     uint8_t *codes,
+static void kvq__quantize_value_simd(const uint16_t *row, int D, int G, int bits, int pbits, int grid,
+                                     uint16_t *par, uint8_t *codes,
                                      void (*to_f32)(float *, const uint16_t *, int),
                                      void (*minmax)(const float *, int, float *, float *),
                                      void (*code_run)(const float *, int, float, float, int, uint8_t *)) {
@@ -2822,15 +2931,15 @@ static void kvq__quantize_value_simd(const uint16_t *row, int D, int G, int bits
     to_f32(x, row, D);
     for (g = 0; g < ng; g++) {
         int n = D - g * G < G ? D - g * G : G;
-        float lo, hi;
+        float lo, hi, m, s;
         kvq__qparams qp;
         minmax(x + g * G, n, &lo, &hi);
         lo = kvq__first_zero(x + g * G, n, lo);
         hi = kvq__first_zero(x + g * G, n, hi);
-        qp = grid > 1 ? kvq__dispatch_search_group(x + g * G, n, bits, grid, lo, hi) : kvq__fit_range(lo, hi, bits);
-        par[g] = qp.scale;
-        par[ng + g] = qp.min;
-        code_run(x + g * G, n, kvq__f16_to_f32(qp.min), kvq__f16_to_f32(qp.scale), bits, cb + g * G);
+        qp = grid > 1 ? kvq__dispatch_search_group(x + g * G, n, bits, pbits, grid, lo, hi) : kvq__fit(lo, hi, bits, pbits);
+        kvq__put_params(par, ng, g, qp, pbits);
+        kvq__params_f32(qp, pbits, &m, &s);
+        code_run(x + g * G, n, m, s, bits, cb + g * G);
     }
     for (c0 = 0; c0 < D; c0 += 8) {
         if (bits == 8) memcpy(codes + c0, cb + c0, 8);
@@ -2920,16 +3029,17 @@ KVQ__AVX2_FN void kvq__code_run_avx2(const float *x, int n, float m, float s, in
     int i;
     for (i = 0; i < n; i += 8) kvq__store_codes8_avx2(out + i, kvq__code_avx2(_mm256_loadu_ps(x + i), vm, vs, top, sz));
 }
-KVQ__AVX2_FN kvq__qparams kvq__search_group_avx2(const float *x, int n, int bits, int steps, float lo, float hi) {
-    return kvq__search_group_body(x, n, bits, steps, lo, hi);
+KVQ__AVX2_FN kvq__qparams kvq__search_group_avx2(const float *x, int n, int bits, int pbits, int steps, float lo,
+                                                 float hi) {
+    return kvq__search_group_body(x, n, bits, pbits, steps, lo, hi);
 }
 KVQ__AVX2_FN void kvq__search_columns_avx2(const float *xb, int G, const uint8_t *w, int bits, int steps,
                                            const float *lo, const float *hi, kvq__qparams *best) {
     kvq__search_columns_body(xb, G, w, bits, steps, lo, hi, best);
 }
-KVQ__AVX2_FN void kvq__quantize_value_avx2(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
-                                           uint8_t *codes) {
-    kvq__quantize_value_simd(row, D, G, bits, grid, par, codes, kvq__to_f32_avx2, kvq__minmax_avx2,
+KVQ__AVX2_FN void kvq__quantize_value_avx2(const uint16_t *row, int D, int G, int bits, int pbits, int grid,
+                                           uint16_t *par, uint8_t *codes) {
+    kvq__quantize_value_simd(row, D, G, bits, pbits, grid, par, codes, kvq__to_f32_avx2, kvq__minmax_avx2,
                              kvq__code_run_avx2);
 }
 
@@ -3577,9 +3687,9 @@ KVQ__AVX512_FN void kvq__acc_f16_avx512(const uint16_t *const *rows, int n, int 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
-KVQ__AVX512_FN kvq__qparams kvq__search_group_avx512(const float *x, int n, int bits, int steps, float lo,
-                                                     float hi) {
-    return kvq__search_group_body(x, n, bits, steps, lo, hi);
+KVQ__AVX512_FN kvq__qparams kvq__search_group_avx512(const float *x, int n, int bits, int pbits, int steps,
+                                                     float lo, float hi) {
+    return kvq__search_group_body(x, n, bits, pbits, steps, lo, hi);
 }
 KVQ__AVX512_FN void kvq__search_columns_avx512(const float *xb, int G, const uint8_t *w, int bits, int steps,
                                                const float *lo, const float *hi, kvq__qparams *best) {
@@ -3676,9 +3786,9 @@ static void kvq__code_run_neon(const float *x, int n, float m, float s, int bits
     int i;
     for (i = 0; i < n; i += 4) kvq__store_codes4_neon(out + i, kvq__code_neon(vld1q_f32(x + i), vm, vs, top, sz));
 }
-static void kvq__quantize_value_neon(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
-                                     uint8_t *codes) {
-    kvq__quantize_value_simd(row, D, G, bits, grid, par, codes, kvq__to_f32_neon, kvq__minmax_neon,
+static void kvq__quantize_value_neon(const uint16_t *row, int D, int G, int bits, int pbits, int grid,
+                                     uint16_t *par, uint8_t *codes) {
+    kvq__quantize_value_simd(row, D, G, bits, pbits, grid, par, codes, kvq__to_f32_neon, kvq__minmax_neon,
                              kvq__code_run_neon);
 }
 
@@ -3980,13 +4090,14 @@ static void kvq__dispatch_to_f32(float *dst, const uint16_t *src, int n) {
 static void kvq__dispatch_quantize_keys(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
     KVQ__DISPATCH(, kvq__quantize_keys, (rows, D, G, bits, blk, keep_params)) /* NOLINT(bugprone-branch-clone): AVX-512 runs AVX2's */
 }
-static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int bits, int grid, uint16_t *par,
-                                         uint8_t *codes) {
-    KVQ__DISPATCH(, kvq__quantize_value, (row, D, G, bits, grid, par, codes)) /* NOLINT(bugprone-branch-clone): AVX-512 runs AVX2's */
+static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int bits, int pbits, int grid,
+                                         uint16_t *par, uint8_t *codes) {
+    KVQ__DISPATCH(, kvq__quantize_value, (row, D, G, bits, pbits, grid, par, codes)) /* NOLINT(bugprone-branch-clone): AVX-512 runs AVX2's */
 }
 static void kvq__dispatch_butterflies(float *x, int n, int len) { KVQ__DISPATCH(, kvq__butterflies, (x, n, len)) }
-static kvq__qparams kvq__dispatch_search_group(const float *x, int n, int bits, int steps, float lo, float hi) {
-    KVQ__DISPATCH(return, kvq__search_group, (x, n, bits, steps, lo, hi)) /* NOLINT(bugprone-branch-clone): NEON runs the scalar C */
+static kvq__qparams kvq__dispatch_search_group(const float *x, int n, int bits, int pbits, int steps, float lo,
+                                               float hi) {
+    KVQ__DISPATCH(return, kvq__search_group, (x, n, bits, pbits, steps, lo, hi)) /* NOLINT(bugprone-branch-clone): NEON runs the scalar C */
 }
 static void kvq__dispatch_search_columns(const float *xb, int G, const uint8_t *w, int bits, int steps,
                                          const float *lo, const float *hi, kvq__qparams *best) {

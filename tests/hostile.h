@@ -11,11 +11,12 @@
 
    The variants cover: salient tokens at 8 bits over 2-bit keys (side-store params, salience
    scores), salient tokens at 16 bits over fp16 keys (the path where unsorted side-store
-   entries once wrote out of bounds), and keys per token at 4 bits with fp16 values. */
+   entries once wrote out of bounds), keys per token at 4 bits with fp16 values, and 3-bit keys in
+   blocks of 32 over 2-bit values in groups of 16 with 16-bit params. */
 #ifndef KVQ_TEST_HOSTILE_H
 #define KVQ_TEST_HOSTILE_H
 
-enum { HOSTILE_VARIANTS = 3, HOSTILE_TOKENS = 120 };
+enum { HOSTILE_VARIANTS = 4, HOSTILE_TOKENS = 120 };
 
 TU_FN kvq_config hostile_config(int variant) {
     kvq_config cfg = kvq_default_config(32, 2, 200);
@@ -27,10 +28,15 @@ TU_FN kvq_config hostile_config(int variant) {
         cfg.salient_bits = variant == 0 ? 8 : 16;
         cfg.key_bits = variant == 0 ? 2 : 16;
         cfg.value_bits = variant == 0 ? 2 : 4;
-    } else {
+    } else if (variant == 2) {
         cfg.key_axis = KVQ_KEYS_PER_TOKEN;
         cfg.key_bits = 4;
         cfg.value_bits = 16;
+    } else {
+        cfg.key_bits = 3;
+        cfg.key_block = 32;
+        cfg.residual_tokens = 32;
+        cfg.value_param_bits = 16;
     }
     return cfg;
 }
@@ -142,10 +148,17 @@ TU_FN const char *hostile_make(int i, const uint8_t *img, size_t n, uint8_t *out
         break;
     case 10:
         if (cfg.value_bits == 16) { HOSTILE_AT(KVQ__R_VALUE, 1, 2, "inf in an fp16 value"); hostile_u16(out + at + 10, 0x7c00); }
+        else if (cfg.value_param_bits == 16) { HOSTILE_AT(KVQ__R_VALUE, 1, 2, "inf 8-bit value scale"); out[at] = 0xf8; }
         else { HOSTILE_AT(KVQ__R_VALUE, 1, 2, "NaN value scale"); hostile_u16(out + at, 0x7e00); }
         break;
     case 11:
         if (cfg.value_bits == 16) return NULL;
+        if (cfg.value_param_bits == 16) { /* the largest finite scale and min: 127/16 * 61440 > 2 * 65504 */
+            HOSTILE_AT(KVQ__R_VALUE, 0, 5, "8-bit value min past 2 x fp16");
+            out[at + 2] = 0xf7;
+            out[at + 3] = 0x7f;
+            break;
+        }
         HOSTILE_AT(KVQ__R_VALUE, 0, 5, "inf value min"); hostile_u16(out + at + 2 * ng, 0x7c00);
         break;
     case 12:
@@ -156,7 +169,10 @@ TU_FN const char *hostile_make(int i, const uint8_t *img, size_t n, uint8_t *out
         if (cfg.key_axis != KVQ_KEYS_PER_TOKEN) return NULL;
         HOSTILE_AT(KVQ__R_KEY_TOKEN, 1, 0, "NaN per-token key min"); hostile_u16(out + at + 2 * ng, 0xfe00);
         break;
-    case 14: HOSTILE_AT(KVQ__R_SIDE, 0, 1, "side-store index past the block"); hostile_u16(out + at, (unsigned)cfg.group_size); break;
+    case 14:
+        HOSTILE_AT(KVQ__R_SIDE, 0, 1, "side-store index past the block");
+        hostile_u16(out + at, (unsigned)(cfg.key_block ? cfg.key_block : cfg.group_size));
+        break;
     case 15: { /* entries 0 and 1 of block 1 swapped: unsorted */
         size_t e0 = hostile_record(out, KVQ__R_SIDE, 1, 3), e1 = hostile_record(out, KVQ__R_SIDE, 1, 4);
         uint8_t a0, a1;

@@ -50,15 +50,16 @@ static void test_fp16(void) {
 
 typedef struct rules { int after, nkb, nvq, nkq; } rules; /* nkq: keys quantized past the sinks */
 
+static int key_block(const kvq_config *cfg) { return cfg->key_block ? cfg->key_block : cfg->group_size; }
+
 static rules storage_rules(const kvq_config *cfg, int T) {
+    const int KB = key_block(cfg);
     rules s;
     s.after = T > cfg->sink_tokens ? T - cfg->sink_tokens : 0;
     s.nkb = 0;
-    while (s.after - s.nkb * cfg->group_size > cfg->residual_tokens &&
-           s.after - s.nkb * cfg->group_size >= cfg->group_size)
-        s.nkb++;
+    while (s.after - s.nkb * KB > cfg->residual_tokens && s.after - s.nkb * KB >= KB) s.nkb++;
     s.nvq = s.after > cfg->residual_tokens ? s.after - cfg->residual_tokens : 0;
-    s.nkq = s.nkb * cfg->group_size;
+    s.nkq = s.nkb * KB;
     if (cfg->key_axis == KVQ_KEYS_PER_TOKEN) { /* keys leave with their values, one at a time */
         s.nkb = 0;
         s.nkq = s.nvq;
@@ -79,9 +80,9 @@ static double step_bound(double lo, double hi, int bits, double x) {
    the range search (2 and 3 bits) the range may be clipped by up to 3/8 (2 bits) or 3/16
    (3 bits) of the min/max range on each side, and a finer step never hurts the bulk: so add
    the clip to the bound. */
-static double group_bound(const float *x, size_t stride, int n, int bits, int search, double xv) {
+static double group_bound(const float *x, size_t stride, int n, int bits, int search, double xv, int pbits) {
     /* search: 0 off, else the groups it covers: keys at 2 bits, values at 2 and 3 */
-    double lo = 1e30, hi = -1e30, clip;
+    double lo = 1e30, hi = -1e30, clip, s;
     int i;
     for (i = 0; i < n; i++) {
         double v = to_f16(x[(size_t)i * stride]);
@@ -89,12 +90,22 @@ static double group_bound(const float *x, size_t stride, int n, int bits, int se
         hi = v > hi ? v : hi;
     }
     clip = search > 1 && bits <= 3 ? 0.375 / (1 << (bits - 2)) * (hi - lo) * (1.0 + EPS16) : 0.0;
-    return step_bound(lo, hi, bits, xv) + clip;
+    if (pbits != 16) return step_bound(lo, hi, bits, xv) + clip;
+    /* 16-bit params: the scale rounded up to 3 mantissa bits (1/8 at most past what is needed;
+       a subnormal one up to 2x, and at least 2^-17), and raised until the min fits in [-8 s,
+       127 s / 16]; the min within s / 32 of lo */
+    s = (hi - lo) / ((1 << bits) - 1);
+    s = s > -lo / 8 ? s : -lo / 8;
+    s = s > lo * 16 / 127 ? s : lo * 16 / 127;
+    s *= s < 1.0 / 16384 ? 2.0 : 1.125;
+    s = s > 0 && s < 1.0 / 131072 ? 1.0 / 131072 : s; /* the smallest scale but 0 */
+    return 0.5 * s + s / 32 + clip + EPS16 * fabs(xv) + 1e-7;
 }
 
 /* Per-element error bounds of everything the cache stores for T tokens of K, V. */
 static void element_bounds(const kvq_config *cfg, int T, const float *K, const float *V, double *ek, double *ev) {
-    const int H = cfg->n_kv_heads, D = cfg->head_dim, G = cfg->group_size, S = cfg->sink_tokens;
+    const int H = cfg->n_kv_heads, D = cfg->head_dim, G = cfg->group_size, S = cfg->sink_tokens, KB = key_block(cfg);
+    const int pv = cfg->value_param_bits == 16 ? 16 : 32;
     rules r = storage_rules(cfg, T);
     int t, h, c;
     for (t = 0; t < T; t++)
@@ -107,12 +118,13 @@ static void element_bounds(const kvq_config *cfg, int T, const float *K, const f
                 int c0 = c / G * G, c1 = c0 + G < D ? c0 + G : D; /* the token's channel group */
                 const float *krow = K + ((size_t)t * H + h) * D, *vrow = V + ((size_t)t * H + h) * D;
                 if (t >= S && pos < r.nkq && cfg->key_bits < 16 && cfg->key_axis == KVQ_KEYS_PER_TOKEN)
-                    ek[at] = group_bound(krow + c0, 1, c1 - c0, cfg->key_bits, cfg->key_bits <= 2 ? cfg->range_search : 0, K[at]);
-                else if (t >= S && pos < r.nkb * G && cfg->key_bits < 16) /* the channel over its block */
-                    ek[at] = group_bound(K + ((size_t)(S + pos / G * G) * H + h) * D + c, (size_t)H * D, G,
-                                         cfg->key_bits, cfg->key_bits <= 2 ? cfg->range_search : 0, K[at]);
+                    ek[at] = group_bound(krow + c0, 1, c1 - c0, cfg->key_bits, cfg->key_bits <= 2 ? cfg->range_search : 0,
+                                         K[at], 32);
+                else if (t >= S && pos < r.nkb * KB && cfg->key_bits < 16) /* the channel over its block */
+                    ek[at] = group_bound(K + ((size_t)(S + pos / KB * KB) * H + h) * D + c, (size_t)H * D, KB,
+                                         cfg->key_bits, cfg->key_bits <= 2 ? cfg->range_search : 0, K[at], 32);
                 if (t >= S && pos < r.nvq && cfg->value_bits < 16)
-                    ev[at] = group_bound(vrow + c0, 1, c1 - c0, cfg->value_bits, cfg->range_search, V[at]);
+                    ev[at] = group_bound(vrow + c0, 1, c1 - c0, cfg->value_bits, cfg->range_search, V[at], pv);
             }
 }
 
@@ -150,8 +162,9 @@ static accuracy check_config(const kvq_config *cfg, int T, int kind, int nqh, in
         if (fabs(Kr[i] - K[i]) > ek[i]) over++;
         if (fabs(Vr[i] - V[i]) > ev[i]) over++;
     }
-    CHECK(over == 0, "%d elements outside half a step (k%d v%d G%d D%d R%d S%d)", over, cfg->key_bits,
-          cfg->value_bits, cfg->group_size, D, cfg->residual_tokens, cfg->sink_tokens);
+    CHECK(over == 0, "%d elements outside half a step (k%d v%d G%d KB%d P%d D%d R%d S%d)", over, cfg->key_bits,
+          cfg->value_bits, cfg->group_size, key_block(cfg), cfg->value_param_bits, D, cfg->residual_tokens,
+          cfg->sink_tokens);
 
     ap.n_q_heads = nqh;
     ap.n_queries = nq;
@@ -219,6 +232,12 @@ static void test_accuracy_grid(void) {
                 check_config(&cfg, 300 + 7 * g, kind, 4, 2, (unsigned)(b * 10 + g), 1);
                 cfg.key_axis = KVQ_KEYS_PER_TOKEN; /* the same with keys per token */
                 check_config(&cfg, 300 + 7 * g, kind, 4, 2, (unsigned)(b * 10 + g), 1);
+                /* keys in blocks of another size than the value groups, values with 16-bit params */
+                cfg.key_axis = KVQ_KEYS_PER_CHANNEL;
+                cfg.key_block = groups[3 - g];
+                cfg.residual_tokens = (g % 2) ? 128 : 0;
+                cfg.value_param_bits = 16;
+                check_config(&cfg, 300 + 7 * g, kind, 4, 2, (unsigned)(b * 10 + g + 5), 1);
             }
 }
 
@@ -697,7 +716,8 @@ static void test_range_search(void) {
         uint8_t *ia = (uint8_t *)tu_alloc(n), *ib = (uint8_t *)tu_alloc(n);
         kvq_cache_serialize(a, ia, n, NULL);
         kvq_cache_serialize(b, ib, n, NULL);
-        CHECK(memcmp(ia + 128, ib + 128, n - 128) == 0, "an exact min/max grid was replaced");
+        CHECK(memcmp(ia + KVQ__HEADER_BYTES, ib + KVQ__HEADER_BYTES, n - KVQ__HEADER_BYTES) == 0,
+              "an exact min/max grid was replaced");
         free(ia); free(ib);
     }
     kvq_cache_destroy(a);
@@ -839,6 +859,36 @@ static void test_prefill(void) {
     free(K); free(V); free(q); free(out); free(tok); free(ref);
 }
 
+/* 16-bit value params over every magnitude fp16 holds: the scale is finite, the min in range,
+   and each element of the group dequantizes within the bound group_bound() states (which
+   test_accuracy_grid relies on); ranges near +-65504 exercise the largest scales. */
+static void test_params16(void) {
+    tu_rng r = {0x16b17u};
+    int i, j, bad = 0, bits;
+    for (bits = 2; bits <= 8; bits *= 2)
+        for (i = 0; i < 4000; i++) {
+            float x[32], lo = 0, hi = 0, m, s;
+            const double mag = pow(10.0, -6.0 + 10.8 * tu_uniform(&r)); /* 1e-6 .. 6e4 */
+            const double off = (tu_uniform(&r) - 0.5) * 2.0 * (i % 3 ? 0.5 : 4.0) * mag;
+            kvq__qparams qp;
+            for (j = 0; j < 32; j++) {
+                double v = off + (tu_uniform(&r) - 0.5) * mag;
+                v = v > 65504.0 ? 65504.0 : v < -65504.0 ? -65504.0 : v;
+                x[j] = kvq__f16_to_f32(kvq__f32_to_f16((float)v));
+                lo = j == 0 || x[j] < lo ? x[j] : lo;
+                hi = j == 0 || x[j] > hi ? x[j] : hi;
+            }
+            qp = kvq__fit(lo, hi, bits, 16);
+            kvq__params_f32(qp, 16, &m, &s);
+            if (qp.scale > 0xf7u || !(s >= 0.0f) || !isfinite(m)) { bad++; continue; }
+            for (j = 0; j < 32; j++) {
+                const double xq = (double)m + (double)s * kvq__quantize_one(x[j], m, s, bits);
+                if (fabs(xq - x[j]) > group_bound(x, 1, 32, bits, 0, x[j], 16)) bad++;
+            }
+        }
+    CHECK(bad == 0, "%d elements past the bound of 16-bit value params", bad);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "--report") == 0) {
         report();
@@ -851,6 +901,7 @@ int main(int argc, char **argv) {
     test_incremental_and_split();
     test_merge_order();
     test_range_search();
+    test_params16();
     test_prefill();
     test_accuracy_grid();
     test_shapes();

@@ -168,9 +168,13 @@ static void test_corruption(void) {
     img[0] = 'X';
     REFUSED(KVQ_ERR_CORRUPT, "wrong magic");
     memcpy(img, b.img, b.n);
-    kvq__put_u32(img + 8, 2);
+    kvq__put_u32(img + 8, 3);
     reseal(img);
     REFUSED(KVQ_ERR_UNSUPPORTED, "future version");
+    memcpy(img, b.img, b.n);
+    kvq__put_u32(img + 8, 1); /* kvq 0.2's images: refused, not misread */
+    reseal(img);
+    REFUSED(KVQ_ERR_UNSUPPORTED, "version 1");
     memcpy(img, b.img, b.n);
     kvq__put_u32(img + 8, 0);
     reseal(img);
@@ -205,9 +209,21 @@ static void test_corruption(void) {
     reseal(img);
     REFUSED(KVQ_ERR_CORRUPT, "absurd capacity");
     memcpy(img, b.img, b.n);
-    kvq__put_u32(img + 112, 1); /* reserved bytes must be zero */
+    kvq__put_u32(img + 144, 1); /* reserved bytes must be zero */
     reseal(img);
     REFUSED(KVQ_ERR_CORRUPT, "reserved header bytes");
+    memcpy(img, b.img, b.n);
+    kvq__put_u32(img + KVQ__H_CONFIG + KVQ__H_CONFIG_USED, 1); /* an unused config slot */
+    reseal(img);
+    REFUSED(KVQ_ERR_CORRUPT, "reserved config slot");
+    memcpy(img, b.img, b.n);
+    kvq__put_u32(img + KVQ__H_CONFIG + 60, 48); /* key_block 48 */
+    reseal(img);
+    REFUSED(KVQ_ERR_UNSUPPORTED, "key block of 48");
+    memcpy(img, b.img, b.n);
+    kvq__put_u32(img + KVQ__H_CONFIG + 64, 8); /* value_param_bits 8 */
+    reseal(img);
+    REFUSED(KVQ_ERR_CORRUPT, "value params of 8 bits");
     memcpy(img, b.img, b.n);
     kvq__put_u32(img + KVQ__H_CONFIG + 52, 9); /* key_axis 9 */
     reseal(img);

@@ -46,7 +46,7 @@ static kvq_cache *build(const kvq_config *cfg, kvq_isa isa, const float *K, cons
 
 /* Every stored byte that means something: sinks, key blocks, values, waiting rows. */
 static int same_bytes(const kvq_cache *a, const kvq_cache *b) {
-    const int H = a->cfg.n_kv_heads, D = a->cfg.head_dim, G = a->cfg.group_size;
+    const int H = a->cfg.n_kv_heads, D = a->cfg.head_dim, G = a->kb;
     const int after = a->n_tokens > a->cfg.sink_tokens ? a->n_tokens - a->cfg.sink_tokens : 0;
     const int sinks = a->n_tokens - after;
     int h, i;
@@ -103,6 +103,7 @@ static int attend(kvq_cache *c, kvq_isa isa, const float *q, const kvq_attn_para
 
 typedef struct shape {
     int kb, vb, G, D, H, ratio, nq, S, R, T, kind, rot, salient_pct, per_token_keys, search;
+    int key_block, pbits; /* 0: group_size, 32 */
 } shape;
 
 static void check_shape(const shape *s, int split) {
@@ -125,6 +126,8 @@ static void check_shape(const shape *s, int split) {
     cfg.salient_ratio = (float)s->salient_pct / 100.0f;
     cfg.key_axis = s->per_token_keys ? KVQ_KEYS_PER_TOKEN : KVQ_KEYS_PER_CHANNEL;
     cfg.range_search = s->search;
+    cfg.key_block = s->key_block;
+    cfg.value_param_bits = s->pbits;
     ap.n_q_heads = s->H * s->ratio;
     ap.n_queries = s->nq;
     ap.scale = 0.0f;
@@ -322,6 +325,16 @@ static void test_grid(void) {
         s.ratio = 1 + d % 4; s.nq = 1 + d % 2; s.S = d % 2 ? 4 : 0; s.R = d == 4 ? 0 : 128; s.T = 3 * s.G + 200 + d;
         s.kind = d % 2; s.rot = d == 6 ? KVQ_ROTATE_HADAMARD : KVQ_ROTATE_NONE;
         s.salient_pct = d == 5 ? 10 : 0; s.per_token_keys = d == 7; s.search = 2 + d % 7;
+        check_shape(&s, d % 2);
+    }
+    for (d = 0; d < 8; d++) { /* key blocks of another size than value groups; 16-bit value params */
+        static const int kb8[] = {64, 16, 128, 64, 32, 64, 16, 128}, g8[] = {32, 64, 16, 32, 128, 16, 32, 64};
+        shape s = {0};
+        s.kb = d % 4 == 1 ? 2 : 3; s.vb = d % 4 == 2 ? 3 : 2; s.G = g8[d]; s.D = d % 2 ? 128 : 96; s.H = 2;
+        s.ratio = 1 + d % 4; s.nq = 1 + d % 2; s.S = d % 2 ? 4 : 0; s.R = d == 4 ? 0 : 128; s.T = 3 * kb8[d] + 200 + d;
+        s.kind = d % 2; s.rot = d == 6 ? KVQ_ROTATE_HADAMARD : KVQ_ROTATE_NONE; s.salient_pct = d == 5 ? 10 : 0;
+        s.search = d == 3 ? 0 : 4; s.key_block = kb8[d]; s.pbits = d == 7 ? 32 : 16;
+        if (d == 4) s.vb = 4;
         check_shape(&s, d % 2);
     }
     printf("grid: worst attention NMSE vs scalar %.3g\n", worst_nmse);
