@@ -142,8 +142,9 @@ int llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tok
         char key = low[i++];
         long v = -1;
         if (key != 'k' && key != 'v' && key != 'g' && key != 'r' && key != 's' && key != 'h' && key != 'x' &&
-            key != 'e' && key != 't' && key != 'c')
-            return llm__fail(err, err_size, -1, "config '%s': unknown field '%c' (want k v g r s h x e t c)", spec, key);
+            key != 'e' && key != 't' && key != 'c' && key != 'b' && key != 'p')
+            return llm__fail(err, err_size, -1, "config '%s': unknown field '%c' (want k v g b p r s h x e t c)", spec,
+                             key);
         if (seen[(unsigned char)key]++)
             return llm__fail(err, err_size, -1, "config '%s': field '%c' given twice", spec, key);
         if (i < n && isdigit((unsigned char)low[i])) {
@@ -169,11 +170,16 @@ int llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tok
         case 's': c.sink_tokens = (int)v; break;
         case 'x': c.salient_ratio = (float)v / 100.0f; break;
         case 'c': c.range_search = (int)v; break;
+        case 'b': c.key_block = (int)v; break;
+        case 'p': c.value_param_bits = (int)v; break;
         default: break;
         }
     }
-    if (seen['g'] && !seen['r'] && c.group_size > 0 && c.residual_tokens % c.group_size != 0)
-        c.residual_tokens += c.group_size - c.residual_tokens % c.group_size;
+    {
+        const int kb = c.key_block ? c.key_block : c.group_size; /* tokens per key block */
+        if ((seen['g'] || seen['b']) && !seen['r'] && kb > 0 && c.residual_tokens % kb != 0)
+            c.residual_tokens += kb - c.residual_tokens % kb;
+    }
     out->cfg = c;
     if (kvq_cache_bytes(&c) == 0)
         return llm__fail(err, err_size, -1, "config '%s': kvq rejects it as invalid or unsupported "
@@ -186,18 +192,20 @@ double llm_bits_steady(const llm_cache_spec *s)
 {
     const kvq_config *c = &s->cfg;
     int ng = c->group_size > 0 ? (c->head_dim + c->group_size - 1) / c->group_size : 0;
+    const int KB = c->key_block ? c->key_block : c->group_size;        /* tokens per key block */
+    const double vparam = c->value_param_bits == 16 ? 16.0 : 32.0; /* bits of a value group's scale + min */
     double kb, vb;
     if (s->fp32) return 32.0;
     if (c->group_size <= 0 || c->head_dim <= 0) return 0.0;
     kb = c->key_bits >= 16 ? 16.0
          : c->key_axis == KVQ_KEYS_PER_TOKEN ? c->key_bits + 32.0 * ng / c->head_dim /* like values */
-                                             : c->key_bits + 32.0 / c->group_size;
-    vb = c->value_bits >= 16 ? 16.0 : c->value_bits + 32.0 * ng / c->head_dim;
+                                             : c->key_bits + 32.0 / KB;
+    vb = c->value_bits >= 16 ? 16.0 : c->value_bits + vparam * ng / c->head_dim;
     if (c->salient_ratio > 0.0f) { /* side store: per salient token an index, K and V at 8 bits with group scales */
-        int n = (int)(c->salient_ratio * c->group_size + 0.5f);
+        int n = (int)(c->salient_ratio * KB + 0.5f);
         double entry = c->salient_bits == 16 ? 2.0 + 4.0 * c->head_dim : 2.0 + 8.0 * ng + 2.0 * c->head_dim;
-        n = n < 1 ? 1 : n > c->group_size - 1 ? c->group_size - 1 : n;
-        return 0.5 * (kb + vb) + n * entry * 8.0 / (2.0 * c->group_size * c->head_dim);
+        n = n < 1 ? 1 : n > KB - 1 ? KB - 1 : n;
+        return 0.5 * (kb + vb) + n * entry * 8.0 / (2.0 * KB * c->head_dim);
     }
     return 0.5 * (kb + vb);
 }

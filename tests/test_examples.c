@@ -588,7 +588,8 @@ static void test_configs(void)
     CHECK(llm_parse_config(NULL, 8, 4, 512, &s, err, sizeof err) != 0);
     /* the steady-state formula here agrees with kvq's own accounting */
     {
-        static const char *const specs[] = { "k2v2", "k3v3", "k4v4", "k8v8", "k16v16", "k2v2g64", "k2v2g16", "k4v2g128", "k16v2", "k2v16" };
+        static const char *const specs[] = { "k2v2", "k3v3", "k4v4", "k8v8", "k16v16", "k2v2g64", "k2v2g16", "k4v2g128",
+                                             "k16v2", "k2v16", "k3v2b64p16", "k3v2g16b128", "k2v2p16x10" };
         static const int dims[] = { 8, 16, 24, 64, 80, 128 };
         size_t j;
         for (i = 0; i < sizeof specs / sizeof specs[0]; i++)
