@@ -15,7 +15,7 @@ TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_simd_dispatch $(B)/test_seria
 HDR      = kvq.h tests/test_util.h tests/hostile.h
 
 .PHONY: all test example eval bench asan ubsan tsan neon fuzz lint check cuda cuda-emu cuda-emu-asan install package clean
-all: $(TESTS) $(B)/quickstart $(B)/llama $(B)/kvq_eval
+all: $(TESTS) $(B)/quickstart $(B)/llama $(B)/kvq_eval $(B)/kvdump
 
 $(B):
 	mkdir -p $(B)
@@ -203,18 +203,31 @@ $(B)/llama: examples/llama.c examples/*.h kvq.h | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ examples/llama.c $(LDLIBS)
 $(B)/kvq_eval: examples/kvq_eval.c examples/*.h kvq.h | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ examples/kvq_eval.c $(LDLIBS)
+# no FMA contraction (clang's default): the dumps it writes do not depend on the CPU's FMA
+$(B)/kvdump: examples/kvdump.c examples/*.h kvq.h | $(B)
+	$(CC) $(WARN) $(CFLAGS) -ffp-contract=off -o $@ examples/kvdump.c $(LDLIBS)
 $(B)/bench: bench/bench.c kvq.h | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ bench/bench.c $(LDLIBS)
 
 example: $(B)/llama $(B)/quickstart
 	$(B)/quickstart
 	$(B)/llama
+# make eval: the two Llama dumps are generated from the checkpoints and token lists in
+# examples/data (remade when one of them or kvdump changes); MiniLM-L6's dump cannot be
+# (no model for it here: a BERT encoder, not a Llama), so it is read from $(SHARED) when
+# there. EVAL_CONFIGS="k2v2 k2v2x10 ..." replaces kvq_eval's default configs.
 SHARED ?= ../shared/data
-eval: $(B)/kvq_eval
-	@if [ -f $(SHARED)/stories260K_gen.kvd ]; then \
-	  $(B)/kvq_eval --csv $(B)/eval.csv --svg $(B)/eval.svg $(SHARED)/stories260K_gen.kvd $(SHARED)/babyllama105_gen.kvd \
-	    $(SHARED)/minilm_gpl3.kvd; \
-	else echo "skipped: $(SHARED) not found (the KV dumps live in ../shared/data)"; fi
+EVAL_DUMPS = $(B)/stories260K_gen.kvd $(B)/babyllama105_gen.kvd
+EVAL_CONFIGS =
+$(B)/stories260K_gen.kvd: examples/data/stories260K.bin examples/data/stories260K_gen.tokens $(B)/kvdump
+	$(B)/kvdump examples/data/stories260K.bin examples/data/stories260K_gen.tokens $@
+$(B)/babyllama105_gen.kvd: examples/data/babyllama_tok105_model5000.bin examples/data/babyllama105_gen.tokens $(B)/kvdump
+	$(B)/kvdump examples/data/babyllama_tok105_model5000.bin examples/data/babyllama105_gen.tokens $@
+eval: $(B)/kvq_eval $(EVAL_DUMPS)
+	@minilm=; if [ -f $(SHARED)/minilm_gpl3.kvd ]; then minilm=$(SHARED)/minilm_gpl3.kvd; fi; \
+	$(B)/kvq_eval --csv $(B)/eval.csv --svg $(B)/eval.svg $(EVAL_DUMPS) $$minilm $(addprefix -c ,$(EVAL_CONFIGS)) || exit 1; \
+	if [ -z "$$minilm" ]; then echo "MiniLM-L6: skipped: $(SHARED)/minilm_gpl3.kvd not found (its dump is not in the" \
+	  "repository and cannot be generated here: no MiniLM model ships; make eval SHARED=DIR reads DIR/minilm_gpl3.kvd)"; fi
 bench: $(B)/bench
 	$(B)/bench --csv $(B)/bench.csv --svg $(B)/bench.svg
 

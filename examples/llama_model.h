@@ -7,9 +7,10 @@
    an exact fp32 path with its own float K/V arrays: the baseline every kvq
    config is measured against.
 
-   Also here, shared by llama.c, kvq_eval.c and the tests:
+   Also here, shared by llama.c, kvq_eval.c, kvdump.c and the tests:
      - cache-config strings ("k2v2", "k4v2g64r0s4", "fp32"),
-     - windowed scoring of a token sequence (cross-entropy, KL vs fp32).
+     - windowed scoring of a token sequence (cross-entropy, KL vs fp32),
+     - KVDUMP01 dumps of a token sequence's attention inputs (llm_dump).
 
    Include kvq.h and kvq_data.h before this header. stb-style: in exactly one
    .c file define LLAMA_MODEL_IMPLEMENTATION first. C99. */
@@ -53,6 +54,13 @@ double llm_bits_steady(const llm_cache_spec *s);
 
 /* ---- model run state ---------------------------------------------------- */
 
+/* Optional per-layer tap (the KV dumper's): llm_forward calls it twice per layer,
+   post_rope 0 right after the Q/K/V projections and post_rope 1 after RoPE, before
+   attention. q: [n_heads][head_dim], k and v: [n_kv_heads][head_dim]; pos is the
+   token's position in its window. The arrays are valid during the call only. */
+typedef void (*llm_tap_fn)(void *ctx, int layer, int pos, int post_rope, const float *q, const float *k,
+                           const float *v);
+
 typedef struct llm_run {
     const kvqd_checkpoint *ck;
     llm_cache_spec spec;
@@ -61,6 +69,8 @@ typedef struct llm_run {
     float *x, *xb, *xb2, *hb, *hb2, *q, *k, *v, *att, *logits;
     float *rope_cos, *rope_sin;      /* [seq_len][head_dim / 2] */
     int pos;                         /* tokens in the current window */
+    llm_tap_fn tap;                  /* NULL (llm_run_init's) or set by the caller after init */
+    void *tap_ctx;
 } llm_run;
 
 int  llm_run_init(llm_run *r, const kvqd_checkpoint *ck, const llm_cache_spec *spec,
@@ -93,6 +103,16 @@ int llm_count_predictions(int n_tokens, int seq_len);
    out_logp (optional, [n_pred][vocab]): receives this run's log-probs. */
 int llm_score(const kvqd_checkpoint *ck, const llm_cache_spec *spec, const int *tokens, int n_tokens,
               const float *ref_logp, float *out_logp, llm_score_result *res, char *err, size_t err_size);
+
+/* ---- KV dumps ----------------------------------------------------------- */
+
+/* Runs tokens[0..n_tokens) through the model with exact fp32 attention and fills *d
+   (allocated here; kvqd_dump_free it, also after a failure) with each layer's attention
+   inputs named in tensor_mask (KVQD_KPOST | KVQD_KPRE | KVQD_V | KVQD_QPOST | KVQD_QPRE).
+   The text is cut into windows of `window` tokens (1..seq_len; 0 means seq_len), each
+   on fresh caches: token t sits at position t % window, as KVDUMP01 defines. */
+int llm_dump(const kvqd_checkpoint *ck, const int *tokens, int n_tokens, int window, int tensor_mask,
+             kvqd_dump *d, char *err, size_t err_size);
 
 #ifdef __cplusplus
 }
@@ -385,8 +405,10 @@ const float *llm_forward(llm_run *r, int token, char *err, size_t err_size)
         llm__matmul(r->q, r->xb, w->wq + l * L_dd, dim, dim);
         llm__matmul(r->k, r->xb, w->wk + l * L_kd, dim, kvd);
         llm__matmul(r->v, r->xb, w->wv + l * L_kd, dim, kvd);
+        if (r->tap) r->tap(r->tap_ctx, l, pos, 0, r->q, r->k, r->v);
         llm__rope(r->q, p->n_heads, p->head_dim, cs, sn);
         llm__rope(r->k, p->n_kv_heads, p->head_dim, cs, sn);
+        if (r->tap) r->tap(r->tap_ctx, l, pos, 1, r->q, r->k, r->v);
         if (r->spec.fp32) {
             size_t off = ((size_t)l * p->seq_len) * kvd;
             memcpy(r->key_cache + off + (size_t)pos * kvd, r->k, (size_t)kvd * sizeof(float));
@@ -499,6 +521,76 @@ int llm_score(const kvqd_checkpoint *ck, const llm_cache_spec *spec, const int *
     res->seconds = (double)(clock() - c0) / CLOCKS_PER_SEC;
     llm_run_free(&run);
     free(lp);
+    return 0;
+}
+
+/* ---- KV dumps ---- */
+
+typedef struct llm__dump_ctx { kvqd_dump *d; int w0; } llm__dump_ctx;
+
+/* one token's rows [heads][head_dim] into a dump tensor [heads][n_tokens][head_dim] */
+static void llm__dump_rows(const kvqd_dump *d, int layer, int bit, int t, int heads, const float *x)
+{
+    float *dst = kvqd_dump_tensor(d, layer, bit);
+    int h;
+    if (!dst) return; /* not in the mask */
+    for (h = 0; h < heads; h++)
+        memcpy(dst + ((size_t)h * d->n_tokens + t) * d->head_dim, x + (size_t)h * d->head_dim,
+               (size_t)d->head_dim * sizeof(float));
+}
+
+static void llm__dump_tap(void *ctx, int layer, int pos, int post_rope, const float *q, const float *k, const float *v)
+{
+    const llm__dump_ctx *c = (const llm__dump_ctx *)ctx;
+    const kvqd_dump *d = c->d;
+    int t = c->w0 + pos;
+    if (post_rope) {
+        llm__dump_rows(d, layer, KVQD_KPOST, t, d->n_kv_heads, k);
+        llm__dump_rows(d, layer, KVQD_QPOST, t, d->n_heads, q);
+    } else {
+        llm__dump_rows(d, layer, KVQD_KPRE, t, d->n_kv_heads, k);
+        llm__dump_rows(d, layer, KVQD_V, t, d->n_kv_heads, v);
+        llm__dump_rows(d, layer, KVQD_QPRE, t, d->n_heads, q);
+    }
+}
+
+int llm_dump(const kvqd_checkpoint *ck, const int *tokens, int n_tokens, int window, int tensor_mask,
+             kvqd_dump *d, char *err, size_t err_size)
+{
+    const kvqd_llama_config *p;
+    llm_cache_spec spec;
+    llm_run run;
+    llm__dump_ctx ctx;
+    int t;
+    if (d) memset(d, 0, sizeof *d);
+    if (!ck || !ck->data || !tokens || !d) return llm__fail(err, err_size, -1, "NULL argument");
+    p = &ck->cfg;
+    if (window == 0) window = p->seq_len;
+    if (window < 1 || window > p->seq_len)
+        return llm__fail(err, err_size, -1, "window %d outside 1..%d (the model's seq_len)", window, p->seq_len);
+    for (t = 0; t < n_tokens; t++)
+        if (tokens[t] < 0 || tokens[t] >= p->vocab_size)
+            return llm__fail(err, err_size, -1, "token %d at %d is out of range", tokens[t], t);
+    if (kvqd_dump_init(d, p->n_layers, p->n_heads, p->n_kv_heads, p->head_dim, n_tokens, window, tensor_mask, err,
+                       err_size) != KVQD_OK)
+        return -1;
+    d->dim = p->dim;
+    d->vocab_size = p->vocab_size;
+    d->seq_len = p->seq_len;
+    d->rope_style = 0;        /* interleaved pairs */
+    d->rope_theta = 10000.0f; /* llm_run_init's tables */
+    for (t = 0; t < n_tokens; t++) d->tokens[t] = tokens[t];
+    llm_parse_config("fp32", p->head_dim, p->n_kv_heads, p->seq_len, &spec, err, err_size);
+    if (llm_run_init(&run, ck, &spec, err, err_size) != 0) { kvqd_dump_free(d); return -1; }
+    ctx.d = d;
+    ctx.w0 = 0;
+    run.tap = llm__dump_tap;
+    run.tap_ctx = &ctx;
+    for (t = 0; t < n_tokens; t++) {
+        if (t % window == 0) { llm_run_reset(&run); ctx.w0 = t; }
+        if (!llm_forward(&run, tokens[t], err, err_size)) { llm_run_free(&run); kvqd_dump_free(d); return -1; }
+    }
+    llm_run_free(&run);
     return 0;
 }
 

@@ -1,11 +1,12 @@
 /* test_examples.c — tests of the example tools: the data readers (every bad
    file is an error, never a crash), the KVDUMP writer/reader round trip, the
-   BPE tokenizer, config strings, and the Llama forward pass against the
-   reference figures of ../shared/data/README.md.
+   BPE tokenizer, config strings, the Llama forward pass against the
+   reference figures of ../shared/data/README.md, and the KV dumper (llm_dump)
+   against the forward pass and the shared dumps.
 
    Run from the repository root. Shared data: $KVQ_SHARED_DATA, else ../shared/data;
-   without it the bundled examples/data files are used and the babyllama checks
-   are skipped. Last line: "N passed, N failed"; exit status 1 on any failure.
+   without it the bundled examples/data files are used (both models and their token
+   lists) and the comparisons with the shared copies and dumps are skipped. Last line: "N passed, N failed"; exit status 1 on any failure.
 
    Build: cc -std=c99 -O2 -Wall -Wextra -Werror -I. -o build/test_examples tests/test_examples.c -lm */
 #define _POSIX_C_SOURCE 200809L /* mkdtemp, rmdir */
@@ -691,11 +692,216 @@ static void forward_agreement(const char *model)
     kvqd_checkpoint_free(&ck);
 }
 
+/* ---- (d) the KV dumper: llm_dump against the model's own forward pass ---- */
+
+/* largest |a - b| over n floats, and the largest |b| into *bmax */
+static double max_diff(const float *a, const float *b, size_t n, double *bmax)
+{
+    double mx = 0.0;
+    size_t i;
+    *bmax = 0.0;
+    for (i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (d > mx) mx = d;
+        if (fabs((double)b[i]) > *bmax) *bmax = fabs((double)b[i]);
+    }
+    return mx;
+}
+
+/* x [heads][D] rotated in double at pos: channels (2i, 2i+1) by pos * 10000^(-2i/D) */
+static void rope_double(double *x, int heads, int D, int pos)
+{
+    int h, i;
+    for (h = 0; h < heads; h++)
+        for (i = 0; i < D / 2; i++) {
+            double a = pos * pow(10000.0, -2.0 * i / D), c = cos(a), sn = sin(a);
+            double x0 = x[h * D + 2 * i], x1 = x[h * D + 2 * i + 1];
+            x[h * D + 2 * i] = x0 * c - x1 * sn;
+            x[h * D + 2 * i + 1] = x0 * sn + x1 * c;
+        }
+}
+
+/* row t of a dump tensor [heads][n_tokens][D] gathered into out [heads][D] */
+static void gather(const kvqd_dump *d, int layer, int bit, int heads, int t, double *out)
+{
+    const float *x = kvqd_dump_tensor(d, layer, bit);
+    int h, c;
+    for (h = 0; h < heads; h++)
+        for (c = 0; c < d->head_dim; c++) out[h * d->head_dim + c] = x[((size_t)h * d->n_tokens + t) * d->head_dim + c];
+}
+
+/* Dumps the first 40 tokens in windows of 16 (two full windows and a part) and checks the
+   header; Kpost and V against the fp32 run's own caches (same code: equal bits); layer 0's
+   Kpre, V and Qpre recomputed in double from the weights; Kpost = RoPE(Kpre) and
+   Qpost = RoPE(Qpre) in double at position t % 16 in every layer (a dump that kept counting
+   positions across windows fails here). With shared_kvd, the whole text is dumped as it
+   was and compared with it: float rounding only (1e-5 of each tensor's largest value). */
+static void dump_checks(const char *name, const char *model, const char *tokens_path, const char *shared_kvd)
+{
+    enum { N = 40, WIN = 16 };
+    kvqd_checkpoint ck;
+    kvqd_dump d, e;
+    llm_cache_spec spec;
+    llm_run run;
+    char err[256] = "";
+    int *ids = NULL, n_ids = 0, rc, t, l, h, i, bad_cache = 0, bad_rope = 0, bad_l0 = 0;
+    double *ref = NULL, *got = NULL, *xn = NULL, worst_rope = 0.0, worst_l0 = 0.0;
+    const kvqd_llama_config *p;
+    rc = kvqd_checkpoint_load(&ck, model, err, sizeof err);
+    CHECKF(rc == KVQD_OK, "%s", err);
+    if (rc != KVQD_OK) return;
+    p = &ck.cfg;
+    rc = kvqd_tokens_load(tokens_path, p->vocab_size, &ids, &n_ids, err, sizeof err);
+    CHECKF(rc == KVQD_OK && n_ids >= N, "%s", err);
+    if (rc != KVQD_OK || n_ids < N) { free(ids); kvqd_checkpoint_free(&ck); return; }
+
+    /* arguments it refuses, leaving *d safe to free */
+    CHECK(llm_dump(&ck, ids, N, p->seq_len + 1, KVQD_ALL_TENSORS, &d, err, sizeof err) != 0 && d.data == NULL);
+    CHECK(llm_dump(&ck, ids, N, -1, KVQD_ALL_TENSORS, &d, err, sizeof err) != 0 && d.data == NULL);
+    CHECK(llm_dump(&ck, ids, N, WIN, 0, &d, err, sizeof err) != 0 && d.data == NULL);
+    CHECK(llm_dump(&ck, ids, 0, WIN, KVQD_ALL_TENSORS, &d, err, sizeof err) != 0 && d.data == NULL);
+    i = ids[5];
+    ids[5] = p->vocab_size;
+    CHECK(llm_dump(&ck, ids, N, WIN, KVQD_ALL_TENSORS, &d, err, sizeof err) != 0 && d.data == NULL);
+    ids[5] = i;
+    kvqd_dump_free(&d);
+
+    rc = llm_dump(&ck, ids, N, WIN, KVQD_ALL_TENSORS, &d, err, sizeof err);
+    CHECKF(rc == 0, "%s: llm_dump: %s", name, err);
+    if (rc != 0) { free(ids); kvqd_checkpoint_free(&ck); return; }
+    CHECK(d.version == 1 && d.header_bytes == 88 && d.n_layers == p->n_layers && d.n_heads == p->n_heads);
+    CHECK(d.n_kv_heads == p->n_kv_heads && d.head_dim == p->head_dim && d.n_tokens == N && d.window == WIN);
+    CHECK(d.tensor_mask == KVQD_ALL_TENSORS && d.dim == p->dim && d.vocab_size == p->vocab_size && d.seq_len == p->seq_len);
+    CHECK(d.rope_style == 0 && d.rope_theta == 10000.0f);
+    for (t = 0; t < N; t++) if (d.tokens[t] != ids[t]) break;
+    CHECKF(t == N, "%s: dump token %d differs", name, t);
+    /* what kvq_eval reads: the written file loads back, every byte the same */
+    CHECK(kvqd_dump_write(&d, tmp_path("gen.kvd"), err, sizeof err) == KVQD_OK);
+    rc = kvqd_dump_load(&e, tmp_path("gen.kvd"), err, sizeof err);
+    CHECKF(rc == KVQD_OK, "%s", err);
+    if (rc == KVQD_OK) {
+        CHECK(e.n_data_floats == d.n_data_floats && memcmp(e.data, d.data, d.n_data_floats * sizeof(float)) == 0);
+        CHECK(e.n_tokens == N && memcmp(e.tokens, d.tokens, (size_t)N * 4) == 0 && e.window == WIN);
+        kvqd_dump_free(&e);
+    }
+
+    /* Kpost and V: the fp32 run's caches at the end of each window */
+    llm_parse_config("fp32", p->head_dim, p->n_kv_heads, p->seq_len, &spec, err, sizeof err);
+    rc = llm_run_init(&run, &ck, &spec, err, sizeof err);
+    CHECKF(rc == 0, "%s", err);
+    for (t = 0; rc == 0 && t < N; t++) {
+        int w0 = t - t % WIN, pos;
+        if (t == w0) llm_run_reset(&run);
+        if (!llm_forward(&run, ids[t], err, sizeof err)) { CHECKF(0, "%s", err); break; }
+        if (t + 1 < N && (t + 1) % WIN != 0) continue;
+        for (l = 0; l < p->n_layers; l++)
+            for (pos = 0; pos <= t - w0; pos++)
+                for (h = 0; h < p->n_kv_heads; h++) {
+                    size_t c = ((size_t)l * p->seq_len + pos) * p->kv_dim + (size_t)h * p->head_dim;
+                    size_t o = ((size_t)h * N + w0 + pos) * p->head_dim;
+                    if (memcmp(run.key_cache + c, kvqd_dump_tensor(&d, l, KVQD_KPOST) + o, (size_t)p->head_dim * 4) != 0 ||
+                        memcmp(run.value_cache + c, kvqd_dump_tensor(&d, l, KVQD_V) + o, (size_t)p->head_dim * 4) != 0)
+                        bad_cache++;
+                }
+    }
+    if (rc == 0) llm_run_free(&run);
+    CHECKF(bad_cache == 0, "%s: %d Kpost/V rows differ from the fp32 run's caches", name, bad_cache);
+
+    /* layer 0 from the weights, RoPE in every layer, in double */
+    ref = (double *)malloc((size_t)p->dim * sizeof(double));
+    got = (double *)malloc((size_t)p->dim * sizeof(double));
+    xn = (double *)malloc((size_t)p->dim * sizeof(double));
+    if (!ref || !got || !xn) { CHECK(0); goto done; }
+    for (t = 0; t < N; t++) {
+        static const int bits[3] = { KVQD_QPRE, KVQD_KPRE, KVQD_V };
+        const float *emb = ck.w.token_embedding + (size_t)ids[t] * p->dim;
+        double ss = 0.0;
+        int b;
+        for (i = 0; i < p->dim; i++) ss += (double)emb[i] * emb[i];
+        ss = 1.0 / sqrt(ss / p->dim + 1e-5);
+        for (i = 0; i < p->dim; i++) xn[i] = ck.w.rms_att[i] * ss * emb[i];
+        for (b = 0; b < 3; b++) {
+            const float *W = bits[b] == KVQD_QPRE ? ck.w.wq : bits[b] == KVQD_KPRE ? ck.w.wk : ck.w.wv;
+            int rows = bits[b] == KVQD_QPRE ? p->dim : p->kv_dim, r, j;
+            double scale = 0.0;
+            gather(&d, 0, bits[b], rows / p->head_dim, t, got);
+            for (r = 0; r < rows; r++) {
+                double acc = 0.0;
+                for (j = 0; j < p->dim; j++) acc += (double)W[(size_t)r * p->dim + j] * xn[j];
+                ref[r] = acc;
+                if (fabs(acc) > scale) scale = fabs(acc);
+            }
+            for (r = 0; r < rows; r++) {
+                double e1 = fabs(got[r] - ref[r]) / (scale > 1.0 ? scale : 1.0);
+                if (e1 > worst_l0) worst_l0 = e1;
+                if (e1 > 1e-5) bad_l0++;
+            }
+        }
+        for (l = 0; l < p->n_layers; l++)
+            for (b = 0; b < 2; b++) {
+                int heads = b ? p->n_kv_heads : p->n_heads, r, n = heads * p->head_dim;
+                double scale = 0.0;
+                gather(&d, l, b ? KVQD_KPRE : KVQD_QPRE, heads, t, ref);
+                rope_double(ref, heads, p->head_dim, t % WIN);
+                gather(&d, l, b ? KVQD_KPOST : KVQD_QPOST, heads, t, got);
+                for (r = 0; r < n; r++) if (fabs(ref[r]) > scale) scale = fabs(ref[r]);
+                for (r = 0; r < n; r++) {
+                    double e1 = fabs(got[r] - ref[r]) / (scale > 1.0 ? scale : 1.0);
+                    if (e1 > worst_rope) worst_rope = e1;
+                    if (e1 > 1e-5) bad_rope++;
+                }
+            }
+    }
+    CHECKF(bad_l0 == 0, "%s: %d layer-0 Q/K/V values differ from the weights' product (worst %.2e)", name, bad_l0, worst_l0);
+    CHECKF(bad_rope == 0, "%s: %d Kpost/Qpost values are not RoPE(pre) at t %% %d (worst %.2e)", name, bad_rope, WIN, worst_rope);
+    printf("  %s dump: layer-0 Q/K/V vs double %.1e, RoPE(pre) vs post %.1e (relative)\n", name, worst_l0, worst_rope);
+
+    /* the shared dump of the same text, regenerated */
+    if (shared_kvd) {
+        rc = kvqd_dump_load(&e, shared_kvd, err, sizeof err);
+        CHECKF(rc == KVQD_OK, "%s", err);
+        if (rc == KVQD_OK) {
+            kvqd_dump g;
+            int *all = (int *)malloc((size_t)e.n_tokens * sizeof(int));
+            for (t = 0; all && t < e.n_tokens; t++) all[t] = e.tokens[t];
+            CHECKF(same_ids(all, e.n_tokens, ids, n_ids), "%s differs from %s's ids", tokens_path, shared_kvd);
+            rc = all ? llm_dump(&ck, all, e.n_tokens, e.window, e.tensor_mask, &g, err, sizeof err) : -1;
+            CHECKF(rc == 0, "%s", err);
+            if (rc == 0) {
+                int bit;
+                printf("  %s: regenerated against %s, max |diff| per tensor:", name, shared_kvd);
+                CHECK(g.n_data_floats == e.n_data_floats && g.window == e.window && g.dim == e.dim && g.seq_len == e.seq_len);
+                for (bit = 1; bit <= KVQD_QPRE && g.n_data_floats == e.n_data_floats; bit <<= 1) {
+                    double worst = 0.0, top = 0.0, bm;
+                    if (!(e.tensor_mask & bit)) continue;
+                    for (l = 0; l < e.n_layers; l++) {
+                        double m = max_diff(kvqd_dump_tensor(&g, l, bit), kvqd_dump_tensor(&e, l, bit),
+                                            kvqd_dump_tensor_floats(&e, bit), &bm);
+                        if (m > worst) worst = m;
+                        if (bm > top) top = bm;
+                    }
+                    printf(" %.1e", worst);
+                    CHECKF(worst <= 1e-5 * top, "%s tensor %d: max |diff| %.3e, largest value %.3e", name, bit, worst, top);
+                }
+                printf("\n");
+                kvqd_dump_free(&g);
+            }
+            free(all);
+            kvqd_dump_free(&e);
+        }
+    }
+done:
+    free(ref); free(got); free(xn);
+    kvqd_dump_free(&d);
+    free(ids);
+    kvqd_checkpoint_free(&ck);
+}
+
 int main(void)
 {
     const char *tmp = getenv("TMPDIR"), *shared = getenv("KVQ_SHARED_DATA");
     char p_model[600], p_tok[600], p_tokens[600], p_bmodel[600], p_btok[600], p_bkvd[600], err[256];
-    int i, have_shared;
+    int i, have_shared, have_bshared;
 
     snprintf(g_dir, sizeof g_dir, "%s/kvq_test_examples_XXXXXX", tmp && *tmp ? tmp : "/tmp");
     if (!mkdtemp(g_dir)) { fprintf(stderr, "cannot create a temp dir under %s\n", tmp ? tmp : "/tmp"); return 2; }
@@ -743,30 +949,58 @@ int main(void)
         CHECK(kvqd_tokens_load("examples/data/stories260K_gen.tokens", 512, &b, &nb, err, sizeof err) == KVQD_OK);
         CHECKF(a && b && same_ids(a, na, b, nb), "examples/data/stories260K_gen.tokens differs from the dump's ids");
         free(a); free(b);
-
-        snprintf(p_bmodel, sizeof p_bmodel, "%s/babyllama_tok105_model5000.bin", shared);
-        snprintf(p_btok, sizeof p_btok, "%s/tok105.bin", shared);
-        snprintf(p_bkvd, sizeof p_bkvd, "%s/babyllama105_gen.kvd", shared);
-        printf("model: babyllama105 from %s\n", shared);
-        {
-            int *ids = NULL, n = 0;
-            if (kvqd_tokens_load(p_bkvd, 105, &ids, &n, err, sizeof err) == KVQD_OK) {
-                test_real_tokenizer(p_btok, 105, ids, n, "Once upon a time, there was a little girl named Lily.");
-                free(ids);
-            } else {
-                CHECKF(0, "%s", err);
-            }
-        }
-        model_checks("babyllama105", p_bmodel, p_bkvd, 0.5325, 1020, 1);
-        {
-            kvqd_dump d;
-            int rc = kvqd_dump_load(&d, p_bkvd, err, sizeof err);
-            CHECKF(rc == KVQD_OK && d.n_tokens == 1024 && d.window == 256 && d.head_dim == 16, "%s", err);
-            if (rc == KVQD_OK) kvqd_dump_free(&d);
-        }
-    } else {
-        printf("skipped: %s not found (babyllama105 checks)\n", shared);
     }
+    printf("kvdump: stories260K\n");
+    dump_checks("stories260K", "examples/data/stories260K.bin", "examples/data/stories260K_gen.tokens",
+                have_shared ? p_tokens : NULL);
+
+    /* babyllama105: bundled too; the shared copies, when there, must be the same files */
+    snprintf(p_bmodel, sizeof p_bmodel, "%s/babyllama_tok105_model5000.bin", shared);
+    snprintf(p_btok, sizeof p_btok, "%s/tok105.bin", shared);
+    snprintf(p_bkvd, sizeof p_bkvd, "%s/babyllama105_gen.kvd", shared);
+    have_bshared = file_exists(p_bmodel) && file_exists(p_btok) && file_exists(p_bkvd);
+    if (have_bshared) {
+        static const char *const pairs[2][2] = { { "babyllama_tok105_model5000.bin", "examples/data/babyllama_tok105_model5000.bin" },
+                                                 { "tok105.bin", "examples/data/tok105.bin" } };
+        int *a = NULL, *b = NULL, na = 0, nb = 0;
+        for (i = 0; i < 2; i++) {
+            char sp[700];
+            size_t n1 = 0, n2 = 0;
+            unsigned char *x, *y;
+            snprintf(sp, sizeof sp, "%s/%s", shared, pairs[i][0]);
+            x = read_bytes(sp, &n1);
+            y = read_bytes(pairs[i][1], &n2);
+            CHECKF(x && y && n1 == n2 && memcmp(x, y, n1) == 0, "%s differs from %s", pairs[i][1], sp);
+            free(x); free(y);
+        }
+        CHECK(kvqd_tokens_load(p_bkvd, 105, &a, &na, err, sizeof err) == KVQD_OK);
+        CHECK(kvqd_tokens_load("examples/data/babyllama105_gen.tokens", 105, &b, &nb, err, sizeof err) == KVQD_OK);
+        CHECKF(a && b && same_ids(a, na, b, nb), "examples/data/babyllama105_gen.tokens differs from the dump's ids");
+        free(a); free(b);
+    }
+    printf("model: babyllama105 from examples/data (bundled)%s\n", have_bshared ? ", compared with the shared copies" : "");
+    {
+        int *ids = NULL, n = 0;
+        if (kvqd_tokens_load("examples/data/babyllama105_gen.tokens", 105, &ids, &n, err, sizeof err) == KVQD_OK) {
+            test_real_tokenizer("examples/data/tok105.bin", 105, ids, n, "Once upon a time, there was a little girl named Lily.");
+            free(ids);
+        } else {
+            CHECKF(0, "%s", err);
+        }
+    }
+    model_checks("babyllama105", "examples/data/babyllama_tok105_model5000.bin", "examples/data/babyllama105_gen.tokens",
+                 0.5325, 1020, 1);
+    if (have_bshared) {
+        kvqd_dump d;
+        int rc = kvqd_dump_load(&d, p_bkvd, err, sizeof err);
+        CHECKF(rc == KVQD_OK && d.n_tokens == 1024 && d.window == 256 && d.head_dim == 16, "%s", err);
+        if (rc == KVQD_OK) kvqd_dump_free(&d);
+    } else {
+        printf("skipped: %s not found (the bundled babyllama105 files are not compared with it)\n", shared);
+    }
+    printf("kvdump: babyllama105\n");
+    dump_checks("babyllama105", "examples/data/babyllama_tok105_model5000.bin", "examples/data/babyllama105_gen.tokens",
+                have_bshared ? p_bkvd : NULL);
 
     for (i = 0; i < g_n_files; i++) remove(g_files[i]);
     rmdir(g_dir);
