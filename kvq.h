@@ -479,6 +479,42 @@ KVQ_API double kvq_config_bits_per_element(const kvq_config *cfg) {
 
 typedef struct kvq__qparams { uint16_t scale, min; } kvq__qparams;
 
+/* The kernel list. Every ISA implements each kernel as base_scalar, base_avx2, base_avx512 and
+   base_neon (or aliases another ISA's); the first name is the wrapper the library calls, which
+   picks the active ISA's (section "Dispatch"). Adding a kernel: one line here and its
+   implementations. ret is `return` for kernels that return a value (C99 has no void return). */
+#define KVQ__KERNELS(X)                                                                                           \
+    X(kvq__dispatch_to_f16, kvq__to_f16, void, , (uint16_t *dst, const float *src, int n), (dst, src, n))          \
+    X(kvq__dispatch_to_f32, kvq__to_f32, void, , (float *dst, const uint16_t *src, int n), (dst, src, n))          \
+    X(kvq__dispatch_quantize_keys, kvq__quantize_keys, void, ,                                                     \
+      (const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params),                               \
+      (rows, D, G, bits, blk, keep_params))                                                                        \
+    X(kvq__dispatch_quantize_value, kvq__quantize_value, void, ,                                                   \
+      (const uint16_t *row, int D, int G, int bits, int pbits, int grid, uint16_t *par, uint8_t *codes),          \
+      (row, D, G, bits, pbits, grid, par, codes))                                                                  \
+    X(kvq__dispatch_butterflies, kvq__butterflies, void, , (float *x, int n, int len), (x, n, len))                \
+    X(kvq__dispatch_search_group, kvq__search_group, kvq__qparams, return,                                         \
+      (const float *x, int n, int bits, int pbits, int steps, float lo, float hi), (x, n, bits, pbits, steps, lo, hi)) \
+    X(kvq__dispatch_search_columns, kvq__search_columns, void, ,                                                   \
+      (const float *xb, int G, const uint8_t *w, int bits, int steps, const float *lo, const float *hi,             \
+       kvq__qparams *best),                                                                                        \
+      (xb, G, w, bits, steps, lo, hi, best))                                                                       \
+    X(kvq__k_scores_codes, kvq__scores_codes, void, ,                                                              \
+      (const uint8_t *blk, int D, int G, int bits, const float *q, int nh, float *scores),                         \
+      (blk, D, G, bits, q, nh, scores))                                                                            \
+    X(kvq__k_scores_f16, kvq__scores_f16, void, ,                                                                  \
+      (const uint16_t *const *rows, int n, int D, const float *q, int nh, float *scores), (rows, n, D, q, nh, scores)) \
+    X(kvq__k_exp_sum, kvq__exp_sum, float, return, (float *x, int n, float mx), (x, n, mx))                        \
+    X(kvq__k_acc_codes, kvq__acc_codes, void, ,                                                                    \
+      (const uint8_t *codes, size_t stride, const float *par, int n, int D, int G, int bits, const float *p, int nh, \
+       float *const *acc),                                                                                         \
+      (codes, stride, par, n, D, G, bits, p, nh, acc))                                                             \
+    X(kvq__k_acc_f16, kvq__acc_f16, void, ,                                                                        \
+      (const uint16_t *const *rows, int n, int D, const float *p, int nh, float *const *acc), (rows, n, D, p, nh, acc))
+#define KVQ__DECLARE_WRAPPER(wrapper, base, rtype, ret, params, args) static rtype wrapper params;
+KVQ__KERNELS(KVQ__DECLARE_WRAPPER)
+#undef KVQ__DECLARE_WRAPPER
+
 static kvq__qparams kvq__fit_range(float lo, float hi, int bits) {
     kvq__qparams qp;
     qp.min = kvq__f32_to_f16(lo);
@@ -702,15 +738,6 @@ static void kvq__search_columns_scalar(const float *xb, int G, const uint8_t *w,
                                        const float *hi, kvq__qparams *best) {
     kvq__search_columns_body(xb, G, w, bits, steps, lo, hi, best);
 }
-#if KVQ__HAVE_SIMD
-static kvq__qparams kvq__dispatch_search_group(const float *x, int n, int bits, int pbits, int steps, float lo,
-                                               float hi);
-static void kvq__dispatch_search_columns(const float *xb, int G, const uint8_t *w, int bits, int steps,
-                                         const float *lo, const float *hi, kvq__qparams *best);
-#else
-#define kvq__dispatch_search_group kvq__search_group_scalar
-#define kvq__dispatch_search_columns kvq__search_columns_scalar
-#endif
 
 /* Quantizes n values x[i*stride] into codes i of a packed row (zeroed first by the caller),
    on the min/max range or the best of a grid x grid range search (grid 1: min/max). */
@@ -827,22 +854,14 @@ static void kvq__butterflies_scalar(float *x, int n, int len) {
             x[j + len] = a - b;
         }
 }
-#if KVQ__HAVE_SIMD
-static void kvq__dispatch_butterflies(float *x, int n, int len);
-#else
-#define kvq__dispatch_butterflies kvq__butterflies_scalar
-#endif
 
 /* In-place unnormalized Walsh-Hadamard transform of x[i * stride], i < n (a power of two). */
 static void kvq__wht(float *x, int n, int stride) {
     int len, i, j;
     if (stride == 1) { /* contiguous: the wide levels run on the ISA's vectors */
         for (len = 1; len < n; len *= 2) {
-#if KVQ__HAVE_SIMD
             if (len >= 8) kvq__dispatch_butterflies(x, n, len);
-            else
-#endif
-                kvq__butterflies_scalar(x, n, len);
+            else kvq__butterflies_scalar(x, n, len);
         }
         return;
     }
@@ -1293,18 +1312,6 @@ static void kvq__quantize_value_scalar(const uint16_t *row, int D, int G, int bi
     kvq__quantize_record(row, D, G, bits, pbits, grid, par, codes);
 }
 
-#if KVQ__HAVE_SIMD
-static void kvq__dispatch_to_f16(uint16_t *dst, const float *src, int n);
-static void kvq__dispatch_to_f32(float *dst, const uint16_t *src, int n);
-static void kvq__dispatch_quantize_keys(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params);
-static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int bits, int pbits, int grid,
-                                         uint16_t *par, uint8_t *codes);
-#else /* scalar only: direct calls */
-#define kvq__dispatch_to_f16 kvq__to_f16_scalar
-#define kvq__dispatch_to_f32 kvq__to_f32_scalar
-#define kvq__dispatch_quantize_keys kvq__quantize_keys_scalar
-#define kvq__dispatch_quantize_value kvq__quantize_value_scalar
-#endif
 
 static void kvq__f16_row(uint16_t *dst, const float *src, int n) { kvq__dispatch_to_f16(dst, src, n); }
 static void kvq__f32_row(float *dst, const uint16_t *src, int n) { kvq__dispatch_to_f32(dst, src, n); }
@@ -1903,20 +1910,6 @@ static void kvq__acc_f16_scalar(const uint16_t *const *rows, int n, int D, const
         }
 }
 
-#if KVQ__HAVE_SIMD
-static void kvq__k_scores_codes(const uint8_t *blk, int D, int G, int bits, const float *q, int nh, float *scores);
-static void kvq__k_scores_f16(const uint16_t *const *rows, int n, int D, const float *q, int nh, float *scores);
-static float kvq__k_exp_sum(float *x, int n, float mx);
-static void kvq__k_acc_codes(const uint8_t *codes, size_t stride, const float *par, int n, int D, int G, int bits,
-                             const float *p, int nh, float *const *acc);
-static void kvq__k_acc_f16(const uint16_t *const *rows, int n, int D, const float *p, int nh, float *const *acc);
-#else /* scalar only: direct calls */
-#define kvq__k_scores_codes kvq__scores_codes_scalar
-#define kvq__k_scores_f16 kvq__scores_f16_scalar
-#define kvq__k_exp_sum kvq__exp_sum_scalar
-#define kvq__k_acc_codes kvq__acc_codes_scalar
-#define kvq__k_acc_f16 kvq__acc_f16_scalar
-#endif
 
 /* The params of n stored values from par as floats, [t][scale[ng], min[ng]]. */
 static void kvq__value_params_f32(const kvq_cache *c, const uint16_t *par, int n, float *out) {
@@ -4085,44 +4078,16 @@ static int kvq__kern(void) {
     default: ret fn##_scalar args; break;                                    \
     }
 
+/* The wrappers of the kernel list (KVQ__KERNELS, in "Formats"): one switch each. AVX-512
+   reuses some AVX2 kernels and NEON some scalar ones (aliases), so two cases may call one. */
 #if KVQ__HAVE_SIMD
-static void kvq__dispatch_to_f16(uint16_t *dst, const float *src, int n) {
-    KVQ__DISPATCH(, kvq__to_f16, (dst, src, n)) /* NOLINT(bugprone-branch-clone): AVX-512 runs AVX2's */
-}
-static void kvq__dispatch_to_f32(float *dst, const uint16_t *src, int n) {
-    KVQ__DISPATCH(, kvq__to_f32, (dst, src, n)) /* NOLINT(bugprone-branch-clone): AVX-512 runs AVX2's */
-}
-static void kvq__dispatch_quantize_keys(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
-    KVQ__DISPATCH(, kvq__quantize_keys, (rows, D, G, bits, blk, keep_params)) /* NOLINT(bugprone-branch-clone): AVX-512 runs AVX2's */
-}
-static void kvq__dispatch_quantize_value(const uint16_t *row, int D, int G, int bits, int pbits, int grid,
-                                         uint16_t *par, uint8_t *codes) {
-    KVQ__DISPATCH(, kvq__quantize_value, (row, D, G, bits, pbits, grid, par, codes)) /* NOLINT(bugprone-branch-clone): AVX-512 runs AVX2's */
-}
-static void kvq__dispatch_butterflies(float *x, int n, int len) { KVQ__DISPATCH(, kvq__butterflies, (x, n, len)) }
-static kvq__qparams kvq__dispatch_search_group(const float *x, int n, int bits, int pbits, int steps, float lo,
-                                               float hi) {
-    KVQ__DISPATCH(return, kvq__search_group, (x, n, bits, pbits, steps, lo, hi)) /* NOLINT(bugprone-branch-clone): NEON runs the scalar C */
-}
-static void kvq__dispatch_search_columns(const float *xb, int G, const uint8_t *w, int bits, int steps,
-                                         const float *lo, const float *hi, kvq__qparams *best) {
-    KVQ__DISPATCH(, kvq__search_columns, (xb, G, w, bits, steps, lo, hi, best)) /* NOLINT(bugprone-branch-clone): NEON runs the scalar C */
-}
-static void kvq__k_scores_codes(const uint8_t *blk, int D, int G, int bits, const float *q, int nh, float *scores) {
-    KVQ__DISPATCH(, kvq__scores_codes, (blk, D, G, bits, q, nh, scores))
-}
-static void kvq__k_scores_f16(const uint16_t *const *rows, int n, int D, const float *q, int nh, float *scores) {
-    KVQ__DISPATCH(, kvq__scores_f16, (rows, n, D, q, nh, scores))
-}
-static float kvq__k_exp_sum(float *x, int n, float mx) { KVQ__DISPATCH(return, kvq__exp_sum, (x, n, mx)) }
-static void kvq__k_acc_codes(const uint8_t *codes, size_t stride, const float *par, int n, int D, int G, int bits,
-                             const float *p, int nh, float *const *acc) {
-    KVQ__DISPATCH(, kvq__acc_codes, (codes, stride, par, n, D, G, bits, p, nh, acc))
-}
-static void kvq__k_acc_f16(const uint16_t *const *rows, int n, int D, const float *p, int nh, float *const *acc) {
-    KVQ__DISPATCH(, kvq__acc_f16, (rows, n, D, p, nh, acc))
-}
-#endif /* KVQ__HAVE_SIMD */
+#define KVQ__DEFINE_DISPATCH(wrapper, base, rtype, ret, params, args) \
+    static rtype wrapper params { KVQ__DISPATCH(ret, base, args) }
+#else
+#define KVQ__DEFINE_DISPATCH(wrapper, base, rtype, ret, params, args) \
+    static rtype wrapper params { ret base##_scalar args; }
+#endif
+KVQ__KERNELS(KVQ__DEFINE_DISPATCH) /* NOLINT(bugprone-branch-clone) */
 
 KVQ_API kvq_status kvq_set_isa(kvq_isa isa) {
     if ((int)isa < KVQ_ISA_SCALAR || (int)isa > KVQ_ISA_NEON) return KVQ_ERR_INVALID;
