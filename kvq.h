@@ -137,7 +137,8 @@ typedef struct kvq_config {
                             weighted by recorded attention); 0 or 1: min/max ranges (KIVI) */
     int key_block;       /* tokens per key block (keys per channel): 16, 32, 64, 128; 0 = group_size */
     int value_param_bits; /* a value group's scale and min: 32 (two fp16; 0 means 32) or 16 (an
-                             8-bit float scale and an int8 min in units of scale/16) */
+                             8-bit float scale and an int8 min in units of scale/16), for 2- to
+                             4-bit values: the min's range, [-8, 8) scales, is too narrow above */
 } kvq_config;
 
 typedef struct kvq_cache kvq_cache;
@@ -1026,6 +1027,7 @@ KVQ_API kvq_status kvq_config_check(const kvq_config *cfg) {
     if ((st = kvq__check_group(cfg->group_size)) != KVQ_OK) return st;
     if (cfg->key_block && (st = kvq__check_group(cfg->key_block)) != KVQ_OK) return st;
     if (cfg->value_param_bits && cfg->value_param_bits != 32 && cfg->value_param_bits != 16) return KVQ_ERR_INVALID;
+    if (cfg->value_param_bits == 16 && cfg->value_bits == 8) return KVQ_ERR_UNSUPPORTED; /* see kvq_config */
     if (cfg->residual_tokens < 0 || cfg->residual_tokens > KVQ__MAX_TOKENS || cfg->residual_tokens % kvq__kb(cfg))
         return KVQ_ERR_INVALID;
     if (cfg->sink_tokens < 0 || cfg->sink_tokens > cfg->max_tokens) return KVQ_ERR_INVALID;
@@ -1919,10 +1921,20 @@ static void kvq__value_params_f32(const kvq_cache *c, const uint16_t *par, int n
         kvq__dispatch_to_f32(out, par, n * 2 * ng);
         return;
     }
-    for (t = 0; t < n; t++)
-        for (g = 0; g < ng; g++)
-            kvq__params_f32(kvq__get_params(par + (size_t)t * ng, ng, g, 16), 16, &out[(size_t)t * 2 * ng + ng + g],
-                            &out[(size_t)t * 2 * ng + g]);
+    { /* the scales through the ISA's fp16 conversion (e << 7 is the fp16), then m = m8 * s / 16 */
+        uint16_t h[2 * KVQ__WMAX];
+        for (t = 0; t < n; t++)
+            for (g = 0; g < ng; g++) {
+                h[(size_t)t * 2 * ng + g] = (uint16_t)((par[(size_t)t * ng + g] & 0xffu) << 7);
+                h[(size_t)t * 2 * ng + ng + g] = 0;
+            }
+        kvq__dispatch_to_f32(out, h, n * 2 * ng);
+        for (t = 0; t < n; t++)
+            for (g = 0; g < ng; g++) {
+                const int m8 = (int)(par[(size_t)t * ng + g] >> 8) - (par[(size_t)t * ng + g] & 0x8000u ? 256 : 0);
+                out[(size_t)t * 2 * ng + ng + g] = ((float)m8 * out[(size_t)t * 2 * ng + g]) * 0.0625f;
+            }
+    }
 }
 
 /* Values of tokens [t0, t0+n) of head h into the accumulators, weights p[j * KVQ__TILE + t]. */

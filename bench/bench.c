@@ -47,20 +47,26 @@ typedef struct cfgspec {
     int rotate;        /* 1: KVQ_ROTATE_HADAMARD (the rotation's share of attention time) */
     int per_token;     /* 1: keys quantized per token (KVQ_KEYS_PER_TOKEN), as values are */
     int search;        /* range_search: -1 = kvq_default_config's, 0 = min/max ranges */
+    int vbits;         /* value bits when they differ from bits (0: the same) */
+    int key_block;     /* tokens per key block (0: group_size) */
+    int pbits;         /* value_param_bits (0: the default) */
 } cfgspec;
 
 static const cfgspec CFGS[] = {
-    {32, 0, "fp32", "fp32 (hand-written)", "#444444", 0, 0, -1},
-    {16, 0, "kvq-16", "kvq fp16", "#d62728", 0, 0, -1},
-    {8, 0, "kvq-8", "kvq 8-bit", "#ff7f0e", 0, 0, -1},
-    {4, 0, "kvq-4", "kvq 4-bit", "#2ca02c", 0, 0, -1},
-    {3, 0, "kvq-3", "kvq 3-bit", "#1f77b4", 0, 0, -1},
-    {2, 0, "kvq-2", "kvq 2-bit", "#9467bd", 0, 0, -1},
-    {2, 5, "kvq-2x5", "kvq 2-bit + 5% salient", "#8c564b", 0, 0, -1},
-    {2, 10, "kvq-2x10", "kvq 2-bit + 10% salient", "#e377c2", 0, 0, -1},
-    {2, 0, "kvq-2h", "kvq 2-bit + Hadamard rotation", "#17becf", 1, 0, -1},
-    {2, 0, "kvq-2t", "kvq 2-bit, keys per token", "#bcbd22", 0, 1, -1},
-    {2, 0, "kvq-2c0", "kvq 2-bit, min/max ranges", "#7f7f7f", 0, 0, 0},
+    {32, 0, "fp32", "fp32 (hand-written)", "#444444", 0, 0, -1, 0, 0, 0},
+    {16, 0, "kvq-16", "kvq fp16", "#d62728", 0, 0, -1, 0, 0, 0},
+    {8, 0, "kvq-8", "kvq 8-bit", "#ff7f0e", 0, 0, -1, 0, 0, 0},
+    {4, 0, "kvq-4", "kvq 4-bit", "#2ca02c", 0, 0, -1, 0, 0, 0},
+    {3, 0, "kvq-3", "kvq 3-bit", "#1f77b4", 0, 0, -1, 0, 0, 0},
+    {2, 0, "kvq-2", "kvq 2-bit", "#9467bd", 0, 0, -1, 0, 0, 0},
+    {2, 5, "kvq-2x5", "kvq 2-bit + 5% salient", "#8c564b", 0, 0, -1, 0, 0, 0},
+    {2, 10, "kvq-2x10", "kvq 2-bit + 10% salient", "#e377c2", 0, 0, -1, 0, 0, 0},
+    {2, 0, "kvq-2h", "kvq 2-bit + Hadamard rotation", "#17becf", 1, 0, -1, 0, 0, 0},
+    {2, 0, "kvq-2t", "kvq 2-bit, keys per token", "#bcbd22", 0, 1, -1, 0, 0, 0},
+    {2, 0, "kvq-2c0", "kvq 2-bit, min/max ranges", "#7f7f7f", 0, 0, 0, 0, 0, 0},
+    {2, 0, "kvq-2p32", "kvq 2-bit, fp16 value params", "#aec7e8", 0, 0, -1, 0, 0, 32},
+    {2, 0, "kvq-2p16", "kvq 2-bit, 16-bit value params", "#c5b0d5", 0, 0, -1, 0, 0, 16},
+    {3, 0, "kvq-k3v2", "kvq 3-bit K (blocks of 64), 2-bit V (16-bit params)", "#393b79", 0, 0, -1, 2, 64, 16},
 };
 #define N_CFGS ((int)(sizeof CFGS / sizeof CFGS[0]))
 #define CFG_FP16 1
@@ -659,7 +665,9 @@ static double rel_err(const float *x, const float *ref, size_t n) {
 static kvq_config make_config(int cfg_index, int n) {
     kvq_config c = kvq_default_config(HD, KVH, n);
     c.key_bits = CFGS[cfg_index].bits;
-    c.value_bits = CFGS[cfg_index].bits;
+    c.value_bits = CFGS[cfg_index].vbits ? CFGS[cfg_index].vbits : CFGS[cfg_index].bits;
+    c.key_block = CFGS[cfg_index].key_block;
+    c.value_param_bits = CFGS[cfg_index].pbits;
     c.salient_ratio = (float)CFGS[cfg_index].salient_pct / 100.0f; /* filled without attention: error policy */
     c.rotation = CFGS[cfg_index].rotate ? KVQ_ROTATE_HADAMARD : KVQ_ROTATE_NONE;
     c.key_axis = CFGS[cfg_index].per_token ? KVQ_KEYS_PER_TOKEN : KVQ_KEYS_PER_CHANNEL;
@@ -754,9 +762,9 @@ static int write_csv(const results *R, const char *path) {
         const row *r = &R->rows[i];
         const row *base = find_row(R, CFG_FP16, r->nq, r->threads, r->n);
         double gbs = r->bytes / (r->med_ms * 1e6);
-        int b = CFGS[r->cfg].bits;
+        int b = CFGS[r->cfg].bits, vb = CFGS[r->cfg].vbits ? CFGS[r->cfg].vbits : b;
         fprintf(f, "attention,%s,%d,%d,%d,%d,%d,%d,%d,%d,%.6f,%.6f,%.4f,%.4f,%.0f,%.4f,%.3f,%.2f,", CFGS[r->cfg].name,
-                b, b, r->nq, KVH, HD, r->threads, r->n, r->reps, r->med_ms, r->min_ms, r->med_ms * 1e6 / r->n,
+                b, vb, r->nq, KVH, HD, r->threads, r->n, r->reps, r->med_ms, r->min_ms, r->med_ms * 1e6 / r->n,
                 r->med_ms * 1e6 / ((double)r->n * KVH), r->bytes, r->bits_el, gbs, 100.0 * gbs / row_bw(R, r));
         if (base) fprintf(f, "%.4f,", base->med_ms / r->med_ms);
         else fprintf(f, ",");
@@ -916,7 +924,8 @@ static void usage(FILE *f) {
             "usage: bench [options]\n"
             "  --quick            smoke test: N 1K,4K, short timing, 4K-token append\n"
             "  --n LIST           context lengths, e.g. 1K,4K,16K,64K (default)\n"
-            "  --configs LIST     from fp32,16,8,4,3,2,kvq-2x5,kvq-2x10,kvq-2h,kvq-2t,kvq-2c0 (default: all); 16 = kvq fp16\n"
+            "  --configs LIST     from fp32,16,8,4,3,2,kvq-2x5,kvq-2x10,kvq-2h,kvq-2t,kvq-2c0,kvq-k3v2 (default: all);\n"
+            "                     16 = kvq fp16\n"
             "  --threads LIST     e.g. 1,2 (default), at most %d\n"
             "  --heads LIST       gqa (32 q / 8 kv), mha (8 / 8); default gqa,mha\n"
             "  --csv PATH         CSV output (default bench/results.csv)\n"
@@ -1000,7 +1009,9 @@ static void parse_args(int argc, char **argv, options *o) {
                 for (c = 0; c < N_CFGS; c++) {
                     char num[8];
                     snprintf(num, sizeof num, "%d", CFGS[c].bits);
-                    if ((!strcmp(tok[k], num) && !CFGS[c].salient_pct && !CFGS[c].rotate && !CFGS[c].per_token && CFGS[c].search < 0) || !strcmp(tok[k], CFGS[c].name))
+                    if ((!strcmp(tok[k], num) && !CFGS[c].salient_pct && !CFGS[c].rotate && !CFGS[c].per_token &&
+                         CFGS[c].search < 0 && !CFGS[c].vbits) ||
+                        !strcmp(tok[k], CFGS[c].name))
                         found = c;
                 }
                 if (!strcmp(tok[k], "fp16")) found = CFG_FP16;

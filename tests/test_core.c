@@ -236,7 +236,7 @@ static void test_accuracy_grid(void) {
                 cfg.key_axis = KVQ_KEYS_PER_CHANNEL;
                 cfg.key_block = groups[3 - g];
                 cfg.residual_tokens = (g % 2) ? 128 : 0;
-                cfg.value_param_bits = 16;
+                cfg.value_param_bits = bits[b] == 8 ? 32 : 16; /* 16 with 8-bit values: refused */
                 check_config(&cfg, 300 + 7 * g, kind, 4, 2, (unsigned)(b * 10 + g + 5), 1);
             }
 }
@@ -505,6 +505,19 @@ static void test_errors(void) {
     BAD_CFG(sink_tokens, -1, KVQ_ERR_INVALID);
     BAD_CFG(sink_tokens, 41, KVQ_ERR_INVALID);
     BAD_CFG(rotation, 7, KVQ_ERR_INVALID);
+    BAD_CFG(key_block, 48, KVQ_ERR_UNSUPPORTED);
+    BAD_CFG(key_block, -32, KVQ_ERR_INVALID);
+    BAD_CFG(value_param_bits, 8, KVQ_ERR_INVALID);
+    BAD_CFG(value_param_bits, -16, KVQ_ERR_INVALID);
+    bad = cfg;
+    bad.residual_tokens = 32;
+    bad.key_block = 64;
+    CHECK(kvq_config_check(&bad) == KVQ_ERR_INVALID, "a residual window of half a key block");
+    bad = cfg;
+    bad.value_bits = 8;
+    bad.value_param_bits = 16;
+    CHECK(kvq_config_check(&bad) == KVQ_ERR_UNSUPPORTED && kvq_cache_bytes(&bad) == 0,
+          "16-bit params for 8-bit values are not supported");
     bad = cfg;
     bad.key_axis = KVQ_KEYS_PER_TOKEN;
     bad.salient_ratio = 0.1f;
