@@ -536,14 +536,16 @@ static float kvq__min16(unsigned e, unsigned m8) {
     return ((float)v * kvq__e5m3(e)) * 0.0625f;
 }
 static kvq__qparams kvq__fit_range16(float lo, float hi, int bits) {
-    const float need = (hi - lo) / (float)((1 << bits) - 1);
-    unsigned h = kvq__f32_to_f16(need), e;
-    float s, m8;
+    float need = (hi - lo) / (float)((1 << bits) - 1), s, m8;
+    unsigned h, e;
     kvq__qparams qp;
+    need = -0.125f * lo > need ? -0.125f * lo : need; /* lo >= -8 s */
+    need = lo / 7.9375f > need ? lo / 7.9375f : need;  /* lo <= 127 s / 16 */
+    h = kvq__f32_to_f16(need);
     h += kvq__f16_to_f32((uint16_t)h) < need; /* fp16 rounded up, then its low 7 bits */
     e = (h + 0x7fu) >> 7;
     e = e > 0xf7u ? 0xf7u : e; /* 0xf8 and up: inf, NaN */
-    while (e < 0xf7u && !(lo >= -8.0f * kvq__e5m3(e) && lo <= 7.9375f * kvq__e5m3(e))) e++;
+    while (e < 0xf7u && !(lo >= -8.0f * kvq__e5m3(e) && lo <= 7.9375f * kvq__e5m3(e))) e++; /* a rounded division */
     s = kvq__e5m3(e);
     m8 = s == 0.0f ? 0.0f : rintf(lo * 16.0f / s);
     m8 = m8 < -128.0f ? -128.0f : m8 > 127.0f ? 127.0f : m8;
