@@ -530,20 +530,31 @@ static kvq__qparams kvq__fit_range(float lo, float hi, int bits) {
    then m8 = round(16 lo / s), within s / 32 of lo. The
    scale has at most 4 significant bits and m8 8, so m = m8 * s / 16 is exact in float. The
    smallest scale but 0 is 2^-17: a group narrower than that has an absolute error <= 2^-18. */
-static float kvq__e5m3(unsigned e) { return kvq__f16_to_f32((uint16_t)(e << 7)); }
+static float kvq__e5m3(unsigned e) { /* = kvq__f16_to_f32(e << 7), without its general cases */
+    return e >> 3 ? kvq__bits_f32(((e >> 3) + 112u) << 23 | (e & 7u) << 20) : (float)(e & 7u) * 7.62939453125e-6f;
+}
+/* The smallest scale code whose scale is >= need (0 <= need <= 65504). */
+static unsigned kvq__e5m3_ceil(float need) {
+    uint32_t x = kvq__f32_bits(need);
+    unsigned e;
+    if (need < 6.103515625e-5f) { /* below fp16's normals: k * 2^-17, k <= 8 */
+        float k = need * 131072.0f; /* exact */
+        return (unsigned)k + ((float)(unsigned)k < k);
+    }
+    e = (((x >> 23) - 112u) << 3) | ((x >> 20) & 7u);
+    return e + ((x & 0xfffffu) != 0); /* a carry runs into the exponent */
+}
 static float kvq__min16(unsigned e, unsigned m8) {
     const int v = (int)(m8 & 0xffu) - (m8 & 0x80u ? 256 : 0); /* int8, two's complement */
     return ((float)v * kvq__e5m3(e)) * 0.0625f;
 }
 static kvq__qparams kvq__fit_range16(float lo, float hi, int bits) {
     float need = (hi - lo) / (float)((1 << bits) - 1), s, m8;
-    unsigned h, e;
+    unsigned e;
     kvq__qparams qp;
     need = -0.125f * lo > need ? -0.125f * lo : need; /* lo >= -8 s */
     need = lo / 7.9375f > need ? lo / 7.9375f : need;  /* lo <= 127 s / 16 */
-    h = kvq__f32_to_f16(need);
-    h += kvq__f16_to_f32((uint16_t)h) < need; /* fp16 rounded up, then its low 7 bits */
-    e = (h + 0x7fu) >> 7;
+    e = kvq__e5m3_ceil(need);
     e = e > 0xf7u ? 0xf7u : e; /* 0xf8 and up: inf, NaN */
     while (e < 0xf7u && !(lo >= -8.0f * kvq__e5m3(e) && lo <= 7.9375f * kvq__e5m3(e))) e++; /* a rounded division */
     s = kvq__e5m3(e);
@@ -1650,26 +1661,21 @@ static int kvq__rotates_in_fp16(const float *x, size_t n, int D) {
     return 1;
 }
 
+/* Whether every |x| <= 65504 (NaN fails too): the bits of |x| against those of 65504, in
+   blocks of 16 that compilers vectorize at -O2. */
 static int kvq__finite_fp16(const float *x, size_t n) {
-    uint32_t m[8] = {0, 0, 0, 0, 0, 0, 0, 0}, top = 0;
+    uint32_t over = 0, u[16];
     size_t i = 0;
     int j;
-    for (; i + 8 <= n; i += 8) {
-        uint32_t u[8];
+    for (; i + 16 <= n; i += 16) {
         memcpy(u, x + i, sizeof u);
-        for (j = 0; j < 8; j++) {
-            uint32_t a = u[j] & 0x7fffffffu;
-            m[j] = a > m[j] ? a : m[j];
-        }
+        for (j = 0; j < 16; j++) over |= (u[j] & 0x7fffffffu) > 0x477fe000u; /* the bits of 65504.0f */
     }
     for (; i < n; i++) {
-        uint32_t a;
-        memcpy(&a, x + i, 4);
-        a &= 0x7fffffffu;
-        top = a > top ? a : top;
+        memcpy(u, x + i, 4);
+        over |= (u[0] & 0x7fffffffu) > 0x477fe000u;
     }
-    for (j = 0; j < 8; j++) top = m[j] > top ? m[j] : top;
-    return top <= 0x477fe000u; /* the bits of 65504.0f */
+    return !over;
 }
 
 /* Stores one token (all heads) and moves what leaves the residual window. */
