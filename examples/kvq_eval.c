@@ -25,8 +25,9 @@
                   (should sit near float rounding)
      worst layer  the layer with the largest attn err
 
-   CONFIG as in llama.c: k2v2, k4v4g64, k2v2r0, k2v2s4, fp16, ... Default set:
-   k16v16 k8v8 k4v4 k3v3 k2v2 k2v2g64 k2v2r0.
+   CONFIG as in llama.c: k2v2, k4v4g64, k2v2r0, k2v2s4, k3v2b64p16 (b: tokens per key block, p: bits of a
+   value group's params), fp16, ... Default set: k16v16 k8v8 k4v4 k3v3 k3v2b64p16 k2v2 k2v2p16 k2v2c0 k2v2s0c0
+   k2v2g64 k2v2r0.
 
    Build: cc -std=c99 -O2 -Wall -Wextra -Werror -I. -o build/kvq_eval examples/kvq_eval.c -lm */
 #define KVQ_IMPLEMENTATION
@@ -45,7 +46,8 @@
 #define MAX_CONFIGS 64
 #define MAX_DUMPS 16
 
-static const char *const default_configs[] = { "k16v16", "k8v8", "k4v4", "k3v3", "k2v2", "k2v2c0", "k2v2s0c0", "k2v2g64", "k2v2r0" };
+static const char *const default_configs[] = { "k16v16", "k8v8", "k4v4", "k3v3", "k3v2b64p16", "k2v2", "k2v2p16",
+                                               "k2v2c0", "k2v2s0c0", "k2v2g64", "k2v2r0" };
 
 typedef struct acc {
     double k_err, k_norm, v_err, v_norm;
@@ -456,9 +458,11 @@ static void usage(void)
 {
     fprintf(stderr, "usage: kvq_eval [--csv OUT.csv] [--svg OUT.svg] [--svg-x steady|actual] DUMP.kvd... [-c CONFIG]...\n"
                     "       kvq_eval --synthetic OUT.kvd   (writes a head_dim-128 RoPE dump with outlier channels)\n"
-                    "CONFIG: k<bits>v<bits>[g<G>][r<R>][s<S>][h][x<percent>][e] (bits 2 3 4 8 16), fp16 = k16v16;\n"
-                    "        h: Hadamard rotation, x: salient tokens per key block, e: salient by error, not attention.\n"
-                    "default configs: k16v16 k8v8 k4v4 k3v3 k2v2 k2v2g64 k2v2r0\n");
+                    "CONFIG: k<bits>v<bits>[g<G>][b<KB>][p<P>][r<R>][s<S>][c<C>][h][t][x<percent>][e] (bits 2 3 4 8 16),\n"
+                    "        fp16 = k16v16; g: channels per value group, b: tokens per key block, p: 16 or 32 bits of\n"
+                    "        a value group's params, c: range search steps, h: Hadamard rotation, t: keys per token,\n"
+                    "        x: salient tokens per key block, e: salient by error, not attention.\n"
+                    "default configs: k16v16 k8v8 k4v4 k3v3 k3v2b64p16 k2v2 k2v2p16 k2v2c0 k2v2s0c0 k2v2g64 k2v2r0\n");
 }
 
 int main(int argc, char **argv)
