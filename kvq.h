@@ -43,9 +43,12 @@
    kvq_cache_create() is a thin convenience over them. Kernels never allocate.
    Threads: the library creates none. kvq_attention_partial() runs a token
    and/or KV-head range and kvq_attention_merge() combines the partial states,
-   so a caller can spread one attention call over its own thread pool.
+   so a caller can spread one attention call over its own thread pool;
+   kvq_batch_plan() spreads a batch of sequences' decode attention evenly, and
+   kvq_attention_prefill_partial() splits a prefill chunk's queries and heads.
    A cache has no lock. Calls that only read it (kvq_cache_read, _tokens, _config,
-   _payload_bytes, _serialize, kvq_attention_partial, kvq_attention_merge, and
+   _payload_bytes, _serialize, kvq_attention_partial, kvq_attention_merge,
+   kvq_attention_prefill_partial, kvq_batch_attention, kvq_batch_merge, and
    kvq_attention unless it records salience, see below) may run concurrently on one
    cache. Calls that write it (kvq_cache_append, _reset, and kvq_attention on a cache with
    salient_ratio > 0 and KVQ_SALIENT_ATTENTION) need exclusive access: serialize them
@@ -193,6 +196,20 @@ KVQ_API kvq_status kvq_attention(kvq_cache *c, const float *q, float *out, const
    stored part runs on the ISA's kernels, the chunk part in fp32 C. */
 KVQ_API kvq_status kvq_attention_prefill(kvq_cache *c, const float *k, const float *v, int n_tokens,
                                          const float *q, float *out, const kvq_attn_params *p);
+/* Prefill's split form, for a caller's threads: the rows of out of queries [q_first, q_end)
+   (q_first == q_end: none) and of the query heads that read KV heads [kv_first, kv_end),
+   bit for bit those kvq_attention_prefill() writes, and nothing appended: it only reads the
+   cache, so calls over disjoint ranges may run concurrently. When every row is written,
+   kvq_cache_append(c, k, v, n_tokens) (exclusive access) makes the cache the one prefill
+   leaves. Checks as prefill does (KVQ_ERR_FULL if the chunk would not fit), so that append
+   cannot fail. Query i costs (stored tokens + i + 1) per head: split heads, or queries
+   where there are fewer heads than threads.
+       // thread k of n: KV heads [k*H/n, (k+1)*H/n) where n <= H
+       kvq_attention_prefill_partial(c, kc, vc, m, q, out, &p, 0, m, k * H / n, (k + 1) * H / n);
+       // ... barrier, then one thread: kvq_cache_append(c, kc, vc, m); */
+KVQ_API kvq_status kvq_attention_prefill_partial(const kvq_cache *c, const float *k, const float *v, int n_tokens,
+                                                 const float *q, float *out, const kvq_attn_params *p, int q_first,
+                                                 int q_end, int kv_first, int kv_end);
 
 /* Split attention. A state holds, per query and query head, (max, sum, acc[head_dim]):
    kvq_attention_state_floats() floats. kvq_attention_partial() fills the rows of the query
@@ -218,6 +235,43 @@ KVQ_API kvq_status kvq_attention_merge(const kvq_cache *c, const kvq_attn_params
 /* Marks every row of a state empty, so a state whose rows are not all filled by partial
    calls still merges (its empty rows count for nothing). */
 KVQ_API kvq_status kvq_attention_state_init(const kvq_cache *c, const kvq_attn_params *p, float *state);
+
+/* Batched decode attention: n_seqs sequences, one cache each (any lengths, bits, G; all with
+   caches[0]'s head_dim and n_kv_heads, else KVQ_ERR_INVALID), on n_threads of the caller's
+   threads. Every out[s] gets what kvq_attention(caches[s], q[s], out[s], p) writes: bit for
+   bit where a (sequence, KV head) runs whole on one thread, to rounding where a long one is
+   split by tokens across threads and merged (NMSE ~1e-10 at 2K tokens, growing with the
+   length as fp32 rounding does: ~1e-9 at 64K; on every ISA path).
+   kvq_batch_plan() checks everything first and writes nothing on error: each sequence as
+   kvq_attention checks it (so a cache with fewer than p->n_queries tokens is refused), and
+   no output may overlap another output, any query, any cache or the plan's memory. It cuts
+   the work (tokens x KV heads over all sequences) into n_threads shares, each less than
+   G + 1 from the mean (G the largest group_size: one tile), so one 64K-token sequence among
+   many short ones is spread over every thread. The plan lives in mem (any alignment;
+   kvq_batch_plan_bytes() sizes it, 0 for bad arguments, and less gives KVQ_ERR_BUFFER) and
+   binds caches, q and out: do not move it, change q, or append to the caches until the batch
+   is done (a call that finds a cache changed returns KVQ_ERR_INVALID and writes nothing).
+   Thread k calls kvq_batch_attention(plan, k), then, after a barrier that all n_threads
+   attention calls have passed, kvq_batch_merge(plan, k), which finishes the rows that were
+   split (at most one per thread; it refuses, writing nothing, while an attention call it
+   needs has not run). The library never waits: k may run on any thread, once per step.
+   The calls only read the caches and record no salience (like the partial calls).
+   kvq_batch_plan_bytes() reads head_dim and n_kv_heads of shape; n_threads <= 65536.
+   Planning costs O(n_seqs^2) for its aliasing checks, O(n_seqs x n_kv_heads + n_threads)
+   for the rest.
+       size_t n = kvq_batch_plan_bytes(kvq_cache_config(caches[0]), &p, n_seqs, nt);
+       kvq_batch *b;  // mem: n bytes of yours
+       if (kvq_batch_plan(&b, mem, n, caches, q, out, n_seqs, &p, nt) != KVQ_OK) return;
+       // on thread k of nt:
+       kvq_batch_attention(b, k);  barrier();  kvq_batch_merge(b, k); */
+typedef struct kvq_batch kvq_batch;
+KVQ_API size_t     kvq_batch_plan_bytes(const kvq_config *shape, const kvq_attn_params *p, int n_seqs,
+                                        int n_threads);
+KVQ_API kvq_status kvq_batch_plan(kvq_batch **plan, void *mem, size_t mem_bytes, kvq_cache *const *caches,
+                                  const float *const *q, float *const *out, int n_seqs, const kvq_attn_params *p,
+                                  int n_threads);
+KVQ_API kvq_status kvq_batch_attention(kvq_batch *plan, int thread_index);
+KVQ_API kvq_status kvq_batch_merge(kvq_batch *plan, int thread_index);
 
 /* ISA selection. Kernels for AVX2 (+FMA, F16C), AVX-512 and NEON give the scalar
    path's quantized bytes exactly and its attention output within NMSE 1e-6.
@@ -2223,31 +2277,37 @@ static void kvq__unrotate_rows(const kvq_cache *c, float *y, size_t n) {
     for (r = 0; r < n; r++) kvq__rotate(&c->rot, y + r * c->cfg.head_dim, 1);
 }
 
-KVQ_API kvq_status kvq_attention(kvq_cache *c, const float *q, float *out, const kvq_attn_params *p) {
+/* Every query of the query heads of KV head h over all the tokens it sees, normalized into out (in
+   the cache's rotated space). track: the cache itself when kvq_attention records salience (the
+   one caller that writes), else NULL. */
+static void kvq__attend_head(const kvq_cache *c, const float *q, float *out, const kvq_attn_params *p, int h,
+                             kvq_cache *track) {
     kvq__head_state st[KVQ__HEAD_CHUNK];
+    const int D = c->cfg.head_dim, group = p->n_q_heads / c->cfg.n_kv_heads;
+    int i, qh, j, ch;
+    for (i = 0; i < p->n_queries; i++)
+        for (qh = h * group; qh < (h + 1) * group; qh += KVQ__HEAD_CHUNK) {
+            int nh = (h + 1) * group - qh < KVQ__HEAD_CHUNK ? (h + 1) * group - qh : KVQ__HEAD_CHUNK;
+            int limit = c->n_tokens - p->n_queries + i + 1;
+            for (j = 0; j < nh; j++) st[j].acc = out + ((size_t)i * p->n_q_heads + qh + j) * D;
+            kvq__attend_query(c, q, p, i, h, qh, nh, 0, c->n_tokens, st, track ? track->sal_ring : NULL);
+            for (j = 0; j < nh; j++) {
+                float inv = 1.0f / st[j].l; /* l >= 1: the max token contributes exp(0) */
+                for (ch = 0; ch < D; ch++) st[j].acc[ch] *= inv;
+            }
+            if (track) kvq__track_salience(track, h, limit, track->sal_ring, nh, st, qh == h * group);
+        }
+}
+
+KVQ_API kvq_status kvq_attention(kvq_cache *c, const float *q, float *out, const kvq_attn_params *p) {
     kvq_status s;
-    int H, D, group, h, i, qh, j, ch, track;
+    int h, track;
     if (!out) return KVQ_ERR_INVALID;
     if ((s = kvq__check_attn(c, q, p)) != KVQ_OK) return s;
     if (kvq__overlap(q, kvq__q_bytes(c, p), out, kvq__q_bytes(c, p)) || kvq__overlaps_cache(c, out, kvq__q_bytes(c, p)))
         return KVQ_ERR_INVALID;
-    H = c->cfg.n_kv_heads;
-    D = c->cfg.head_dim;
-    group = p->n_q_heads / H;
     track = c->n_salient && c->cfg.salient_policy == KVQ_SALIENT_ATTENTION;
-    for (h = 0; h < H; h++)
-        for (i = 0; i < p->n_queries; i++)
-            for (qh = h * group; qh < (h + 1) * group; qh += KVQ__HEAD_CHUNK) {
-                int nh = (h + 1) * group - qh < KVQ__HEAD_CHUNK ? (h + 1) * group - qh : KVQ__HEAD_CHUNK;
-                int limit = c->n_tokens - p->n_queries + i + 1;
-                for (j = 0; j < nh; j++) st[j].acc = out + ((size_t)i * p->n_q_heads + qh + j) * D;
-                kvq__attend_query(c, q, p, i, h, qh, nh, 0, c->n_tokens, st, track ? c->sal_ring : NULL);
-                for (j = 0; j < nh; j++) {
-                    float inv = 1.0f / st[j].l; /* l >= 1: the max token contributes exp(0) */
-                    for (ch = 0; ch < D; ch++) st[j].acc[ch] *= inv;
-                }
-                if (track) kvq__track_salience(c, h, limit, c->sal_ring, nh, st, qh == h * group);
-            }
+    for (h = 0; h < c->cfg.n_kv_heads; h++) kvq__attend_head(c, q, out, p, h, track ? c : NULL);
     kvq__unrotate_rows(c, out, (size_t)p->n_queries * p->n_q_heads);
     return KVQ_OK;
 }
@@ -2281,26 +2341,33 @@ static void kvq__prefill_chunk_part(const kvq_cache *c, const float *k, const fl
     }
 }
 
-KVQ_API kvq_status kvq_attention_prefill(kvq_cache *c, const float *k, const float *v, int n_tokens, const float *q,
-                                         float *out, const kvq_attn_params *p) {
-    kvq__head_state st[KVQ__HEAD_CHUNK];
-    size_t qbytes;
+/* What prefill and its split form check: the queries, the chunk as an append, and out against
+   q, k, v and the cache. */
+static kvq_status kvq__check_prefill(const kvq_cache *c, const float *k, const float *v, int n_tokens,
+                                     const float *q, const float *out, const kvq_attn_params *p) {
+    size_t qbytes, kvbytes;
     kvq_status s;
-    int H, D, group, h, i, qh, j, ch, T;
     if (!out || !p || n_tokens < 1 || p->n_queries != n_tokens) return KVQ_ERR_INVALID;
     if ((s = kvq__check_queries(c, q, p, n_tokens)) != KVQ_OK) return s;
     if ((s = kvq__check_append(c, k, v, n_tokens)) != KVQ_OK) return s;
     qbytes = kvq__q_bytes(c, p);
+    kvbytes = (size_t)n_tokens * c->cfg.n_kv_heads * c->cfg.head_dim * sizeof(float);
     if (kvq__overlap(q, qbytes, out, qbytes) || kvq__overlaps_cache(c, out, qbytes) ||
-        kvq__overlap(k, (size_t)n_tokens * c->cfg.n_kv_heads * c->cfg.head_dim * sizeof(float), out, qbytes) ||
-        kvq__overlap(v, (size_t)n_tokens * c->cfg.n_kv_heads * c->cfg.head_dim * sizeof(float), out, qbytes))
+        kvq__overlap(k, kvbytes, out, qbytes) || kvq__overlap(v, kvbytes, out, qbytes))
         return KVQ_ERR_INVALID;
-    H = c->cfg.n_kv_heads;
-    D = c->cfg.head_dim;
-    T = c->n_tokens;
-    group = p->n_q_heads / H;
-    for (h = 0; h < H; h++)
-        for (i = 0; i < n_tokens; i++)
+    return KVQ_OK;
+}
+
+/* Prefill's output rows of queries [q_first, q_end) and the query heads of KV heads
+   [kv_first, kv_end). Each (query, head chunk) is computed on its own, in the same order
+   whatever the ranges, so any split of the rows gives the single call's bits. */
+static void kvq__prefill_rows(const kvq_cache *c, const float *k, const float *v, const float *q, float *out,
+                              const kvq_attn_params *p, int q_first, int q_end, int kv_first, int kv_end) {
+    kvq__head_state st[KVQ__HEAD_CHUNK];
+    const int D = c->cfg.head_dim, T = c->n_tokens, group = p->n_q_heads / c->cfg.n_kv_heads;
+    int h, i, qh, j, ch;
+    for (h = kv_first; h < kv_end; h++)
+        for (i = q_first; i < q_end; i++)
             for (qh = h * group; qh < (h + 1) * group; qh += KVQ__HEAD_CHUNK) {
                 const int nh = (h + 1) * group - qh < KVQ__HEAD_CHUNK ? (h + 1) * group - qh : KVQ__HEAD_CHUNK;
                 const float *q0 = q + ((size_t)i * p->n_q_heads + qh) * D;
@@ -2319,7 +2386,27 @@ KVQ_API kvq_status kvq_attention_prefill(kvq_cache *c, const float *k, const flo
                     for (ch = 0; ch < D; ch++) st[j].acc[ch] /= st[j].l;
                 }
             }
+}
+
+KVQ_API kvq_status kvq_attention_prefill(kvq_cache *c, const float *k, const float *v, int n_tokens, const float *q,
+                                         float *out, const kvq_attn_params *p) {
+    kvq_status s;
+    if (!c) return KVQ_ERR_INVALID;
+    if ((s = kvq__check_prefill(c, k, v, n_tokens, q, out, p)) != KVQ_OK) return s;
+    kvq__prefill_rows(c, k, v, q, out, p, 0, n_tokens, 0, c->cfg.n_kv_heads);
     kvq_cache_append(c, k, v, n_tokens); /* checked above: it cannot fail */
+    return KVQ_OK;
+}
+
+KVQ_API kvq_status kvq_attention_prefill_partial(const kvq_cache *c, const float *k, const float *v, int n_tokens,
+                                                 const float *q, float *out, const kvq_attn_params *p, int q_first,
+                                                 int q_end, int kv_first, int kv_end) {
+    kvq_status s;
+    if (!c) return KVQ_ERR_INVALID;
+    if ((s = kvq__check_prefill(c, k, v, n_tokens, q, out, p)) != KVQ_OK) return s;
+    if (q_first < 0 || q_first > q_end || q_end > n_tokens) return KVQ_ERR_INVALID;
+    if (kv_first < 0 || kv_first >= kv_end || kv_end > c->cfg.n_kv_heads) return KVQ_ERR_INVALID;
+    kvq__prefill_rows(c, k, v, q, out, p, q_first, q_end, kv_first, kv_end);
     return KVQ_OK;
 }
 
@@ -2330,12 +2417,33 @@ KVQ_API size_t kvq_attention_state_floats(const kvq_cache *c, const kvq_attn_par
     return (size_t)p->n_queries * p->n_q_heads * ((size_t)c->cfg.head_dim + 2);
 }
 
+/* The unnormalized rows (m, l, acc[D]) of every query of the query heads of KV head h over
+   tokens [lo, hi) (each query still sees only tokens <= its position): query i, group head j
+   at rows + i * query_stride + j * (D + 2). */
+static void kvq__partial_head(const kvq_cache *c, const float *q, const kvq_attn_params *p, int h, int lo, int hi,
+                              float *rows, size_t query_stride) {
+    kvq__head_state st[KVQ__HEAD_CHUNK];
+    const size_t stride = (size_t)c->cfg.head_dim + 2;
+    const int group = p->n_q_heads / c->cfg.n_kv_heads;
+    int i, qh, j;
+    for (i = 0; i < p->n_queries; i++)
+        for (qh = h * group; qh < (h + 1) * group; qh += KVQ__HEAD_CHUNK) {
+            int nh = (h + 1) * group - qh < KVQ__HEAD_CHUNK ? (h + 1) * group - qh : KVQ__HEAD_CHUNK;
+            float *row0 = rows + (size_t)i * query_stride + (size_t)(qh - h * group) * stride;
+            for (j = 0; j < nh; j++) st[j].acc = row0 + (size_t)j * stride + 2;
+            kvq__attend_query(c, q, p, i, h, qh, nh, lo, hi, st, NULL);
+            for (j = 0; j < nh; j++) {
+                row0[(size_t)j * stride] = st[j].m;
+                row0[(size_t)j * stride + 1] = st[j].l;
+            }
+        }
+}
+
 KVQ_API kvq_status kvq_attention_partial(kvq_cache *c, const float *q, const kvq_attn_params *p, int tok_first,
                                          int tok_end, int kv_first, int kv_end, float *state) {
-    kvq__head_state st[KVQ__HEAD_CHUNK];
     kvq_status s;
-    int D, group, h, i, qh, j;
     size_t stride;
+    int group, h;
     if (!state) return KVQ_ERR_INVALID;
     if ((s = kvq__check_attn(c, q, p)) != KVQ_OK) return s;
     if (tok_first < 0 || tok_first > tok_end || tok_end > c->n_tokens) return KVQ_ERR_INVALID;
@@ -2344,28 +2452,48 @@ KVQ_API kvq_status kvq_attention_partial(kvq_cache *c, const float *q, const kvq
         size_t sb = kvq_attention_state_floats(c, p) * sizeof(float);
         if (kvq__overlap(q, kvq__q_bytes(c, p), state, sb) || kvq__overlaps_cache(c, state, sb)) return KVQ_ERR_INVALID;
     }
-    D = c->cfg.head_dim;
-    stride = (size_t)D + 2;
+    stride = (size_t)c->cfg.head_dim + 2;
     group = p->n_q_heads / c->cfg.n_kv_heads;
-    for (h = kv_first; h < kv_end; h++)
-        for (i = 0; i < p->n_queries; i++)
-            for (qh = h * group; qh < (h + 1) * group; qh += KVQ__HEAD_CHUNK) {
-                int nh = (h + 1) * group - qh < KVQ__HEAD_CHUNK ? (h + 1) * group - qh : KVQ__HEAD_CHUNK;
-                float *row0 = state + ((size_t)i * p->n_q_heads + qh) * stride;
-                for (j = 0; j < nh; j++) st[j].acc = row0 + (size_t)j * stride + 2;
-                kvq__attend_query(c, q, p, i, h, qh, nh, tok_first, tok_end, st, NULL);
-                for (j = 0; j < nh; j++) {
-                    row0[(size_t)j * stride] = st[j].m;
-                    row0[(size_t)j * stride + 1] = st[j].l;
-                }
-            }
+    for (h = kv_first; h < kv_end; h++) /* head h's rows start at query head h * group */
+        kvq__partial_head(c, q, p, h, tok_first, tok_end, state + (size_t)h * group * stride,
+                          (size_t)p->n_q_heads * stride);
     return KVQ_OK;
+}
+
+/* Whether some state saw a token of the row at offset `at` (its sum l > 0). */
+static int kvq__row_seen(const float *const *states, int n_states, size_t at) {
+    int k;
+    for (k = 0; k < n_states; k++)
+        if (states[k][at + 1] > 0.0f) return 1;
+    return 0;
+}
+
+/* The row at offset `at` of n_states states, merged and normalized into o[D]: with m the
+   largest max, o = sum_k exp(m_k - m) acc_k / sum_k exp(m_k - m) l_k. States that saw no
+   token of the row (l = 0) count for nothing; at least one saw one. */
+static void kvq__merge_row(const float *const *states, int n_states, size_t at, int D, float *o) {
+    float m = -INFINITY, l = 0.0f;
+    int k, ch;
+    for (k = 0; k < n_states; k++) {
+        float mk = states[k][at];
+        m = mk > m ? mk : m;
+    }
+    for (ch = 0; ch < D; ch++) o[ch] = 0.0f;
+    for (k = 0; k < n_states; k++) {
+        const float *sk = states[k] + at;
+        float w;
+        if (!(sk[1] > 0.0f)) continue; /* this state saw no token of the row */
+        w = expf(sk[0] - m);
+        l += w * sk[1];
+        for (ch = 0; ch < D; ch++) o[ch] += w * sk[2 + ch];
+    }
+    for (ch = 0; ch < D; ch++) o[ch] /= l;
 }
 
 KVQ_API kvq_status kvq_attention_merge(const kvq_cache *c, const kvq_attn_params *p, const float *const *states,
                                        int n_states, float *out) {
     size_t rows, r, stride;
-    int D, k, ch;
+    int D, k;
     if (!c || !p || !states || !out || n_states < 1) return KVQ_ERR_INVALID;
     if (kvq_attention_state_floats(c, p) == 0 || p->n_q_heads % c->cfg.n_kv_heads) return KVQ_ERR_INVALID;
     D = c->cfg.head_dim;
@@ -2376,27 +2504,9 @@ KVQ_API kvq_status kvq_attention_merge(const kvq_cache *c, const kvq_attn_params
         if (!states[k] || kvq__overlap(states[k], kvq_attention_state_floats(c, p) * sizeof(float), out,
                                        rows * D * sizeof(float)))
             return KVQ_ERR_INVALID;
-    for (r = 0; r < rows; r++) { /* every row seen by some state, or nothing is written */
-        for (k = 0; k < n_states && !(states[k][r * stride + 1] > 0.0f); k++) {}
-        if (k == n_states) return KVQ_ERR_INVALID;
-    }
-    for (r = 0; r < rows; r++) {
-        float m = -INFINITY, l = 0.0f, *o = out + r * D;
-        for (k = 0; k < n_states; k++) {
-            float mk = states[k][r * stride];
-            m = mk > m ? mk : m;
-        }
-        for (ch = 0; ch < D; ch++) o[ch] = 0.0f;
-        for (k = 0; k < n_states; k++) {
-            const float *sk = states[k] + r * stride;
-            float w;
-            if (!(sk[1] > 0.0f)) continue; /* this state saw no token of the row */
-            w = expf(sk[0] - m);
-            l += w * sk[1];
-            for (ch = 0; ch < D; ch++) o[ch] += w * sk[2 + ch];
-        }
-        for (ch = 0; ch < D; ch++) o[ch] /= l;
-    }
+    for (r = 0; r < rows; r++) /* every row seen by some state, or nothing is written */
+        if (!kvq__row_seen(states, n_states, r * stride)) return KVQ_ERR_INVALID;
+    for (r = 0; r < rows; r++) kvq__merge_row(states, n_states, r * stride, D, out + r * D);
     kvq__unrotate_rows(c, out, rows);
     return KVQ_OK;
 }
@@ -2409,6 +2519,305 @@ KVQ_API kvq_status kvq_attention_state_init(const kvq_cache *c, const kvq_attn_p
     for (r = 0; r < rows; r++) {
         state[r * stride] = -INFINITY;
         memset(state + r * stride + 1, 0, (stride - 1) * sizeof(float));
+    }
+    return KVQ_OK;
+}
+
+/* ---------------------------------------------------------------------------
+   Batched attention: many sequences, one cache each, spread over a caller's
+   threads. The work of a batch is a line of rows, one per (sequence, KV head),
+   each as long as its sequence's tokens; the line is cut into n_threads equal
+   shares (tokens x KV heads), each cut moved to the nearest tile boundary of
+   its row. A row that one thread runs whole is written to out directly, as
+   kvq_attention writes it; a row that a cut splits runs as partial states
+   (token ranges) that the thread holding the row's last piece merges after
+   the caller's barrier. Each thread starts at one cut, so it ends at most one
+   split row: merging is one row per thread at most. n_threads - 1 cuts split
+   at most n_threads - 1 rows into at most 2 (n_threads - 1) pieces.
+   --------------------------------------------------------------------------- */
+
+#define KVQ__BATCH_MAGIC 0x6b767162u   /* "kvqb": a planned batch */
+#define KVQ__BATCH_MAX_THREADS (1 << 16)
+
+typedef struct kvq__piece {
+    int seq, h, t0, t1; /* tokens [t0, t1) of KV head h of sequence seq */
+    int thread;
+    int state;          /* its partial state; -1: the whole row, written to out directly */
+} kvq__piece;
+
+typedef struct kvq__merge_job {
+    int seq, h, piece0, n_pieces; /* the row's pieces [piece0, piece0 + n_pieces); 0: no job */
+} kvq__merge_job;
+
+struct kvq_batch {
+    uint32_t magic;
+    int n_seqs, n_threads, n_states, D, H, group;
+    kvq_attn_params p;
+    size_t state_floats;           /* one piece's state: [n_queries][group][D + 2] */
+    const kvq_cache **caches;      /* [n_seqs] */
+    const float **q;               /* [n_seqs] */
+    float **out;                   /* [n_seqs] */
+    int *tokens;                   /* [n_seqs] tokens at planning; the calls check they still hold */
+    kvq__piece *pieces;            /* in line order, so by thread */
+    int *first_piece;              /* [n_threads + 1]: thread k runs pieces [first[k], first[k + 1]) */
+    kvq__merge_job *merge;         /* [n_threads] */
+    const float **state_at;        /* [n_states] */
+    float *states;                 /* [n_states][state_floats] */
+};
+
+typedef struct kvq__batch_layout {
+    size_t off_caches, off_q, off_out, off_tokens, off_pieces, off_first, off_merge, off_state_at, off_states;
+    size_t state_floats, total;
+    int max_pieces, max_states;
+} kvq__batch_layout;
+
+/* The plan's arrays after its struct; 0 when the arguments are out of range or a size
+   overflows. */
+static int kvq__batch_plan_layout(const kvq_config *shape, const kvq_attn_params *p, int n_seqs, int n_threads,
+                                  kvq__batch_layout *L) {
+    size_t end = sizeof(struct kvq_batch), pieces;
+    int ok = 1;
+    if (!shape || !p || n_seqs < 1 || n_threads < 1 || n_threads > KVQ__BATCH_MAX_THREADS) return 0;
+    if (shape->head_dim < 8 || shape->head_dim > 512 || shape->head_dim % 8 || shape->n_kv_heads < 1) return 0;
+    if (p->n_q_heads < shape->n_kv_heads || p->n_q_heads % shape->n_kv_heads || p->n_q_heads > 1 << 20 ||
+        p->n_queries < 1 || p->n_queries > KVQ__MAX_TOKENS)
+        return 0;
+    pieces = kvq__add(kvq__mul((size_t)n_seqs, (size_t)shape->n_kv_heads, &ok), (size_t)n_threads - 1, &ok);
+    if (!ok || pieces > INT_MAX) return 0;
+    L->max_pieces = (int)pieces;       /* every row once, plus one piece per cut */
+    L->max_states = 2 * (n_threads - 1); /* a split row has one piece more than the cuts inside it */
+    L->state_floats = kvq__mul(kvq__mul((size_t)p->n_queries, (size_t)(p->n_q_heads / shape->n_kv_heads), &ok),
+                               (size_t)shape->head_dim + 2, &ok);
+    L->off_caches = kvq__place(&end, (size_t)n_seqs, sizeof(kvq_cache *), &ok);
+    L->off_q = kvq__place(&end, (size_t)n_seqs, sizeof(float *), &ok);
+    L->off_out = kvq__place(&end, (size_t)n_seqs, sizeof(float *), &ok);
+    L->off_tokens = kvq__place(&end, (size_t)n_seqs, sizeof(int), &ok);
+    L->off_pieces = kvq__place(&end, pieces, sizeof(kvq__piece), &ok);
+    L->off_first = kvq__place(&end, (size_t)n_threads + 1, sizeof(int), &ok);
+    L->off_merge = kvq__place(&end, (size_t)n_threads, sizeof(kvq__merge_job), &ok);
+    L->off_state_at = kvq__place(&end, (size_t)L->max_states, sizeof(float *), &ok);
+    L->off_states = kvq__place(&end, (size_t)L->max_states, kvq__mul(L->state_floats, sizeof(float), &ok), &ok);
+    L->total = kvq__add(end, KVQ__ALIGN, &ok); /* slack to align the caller's pointer */
+    return ok;
+}
+
+KVQ_API size_t kvq_batch_plan_bytes(const kvq_config *shape, const kvq_attn_params *p, int n_seqs, int n_threads) {
+    kvq__batch_layout L;
+    return kvq__batch_plan_layout(shape, p, n_seqs, n_threads, &L) ? L.total : 0;
+}
+
+/* Every argument of a plan, before anything is written: the caches share head_dim and
+   n_kv_heads, each sequence's queries pass kvq_attention's checks, and no output overlaps
+   another output, any query, any cache or the plan's memory [mem, mem + bytes), which no
+   query, cache or pointer array may overlap either. Pairs are compared: O(n_seqs^2). */
+static kvq_status kvq__check_batch(void *mem, size_t bytes, kvq_cache *const *caches, const float *const *q,
+                                   float *const *out, int n_seqs, const kvq_attn_params *p) {
+    const size_t arr = (size_t)n_seqs * sizeof(void *);
+    kvq_status st;
+    int s, u;
+    if (kvq__overlap(mem, bytes, caches, arr) || kvq__overlap(mem, bytes, q, arr) || kvq__overlap(mem, bytes, out, arr))
+        return KVQ_ERR_INVALID;
+    for (s = 0; s < n_seqs; s++) {
+        const kvq_cache *c = caches[s];
+        if (!c || !out[s] || c->cfg.head_dim != caches[0]->cfg.head_dim ||
+            c->cfg.n_kv_heads != caches[0]->cfg.n_kv_heads)
+            return KVQ_ERR_INVALID;
+        if ((st = kvq__check_attn(c, q[s], p)) != KVQ_OK) return st;
+        if (kvq__overlaps_cache(c, mem, bytes) || kvq__overlap(q[s], kvq__q_bytes(c, p), mem, bytes) ||
+            kvq__overlap(out[s], kvq__q_bytes(c, p), mem, bytes))
+            return KVQ_ERR_INVALID;
+    }
+    for (s = 0; s < n_seqs; s++) { /* one size for all: the shapes agree */
+        const size_t n = kvq__q_bytes(caches[0], p);
+        for (u = 0; u < n_seqs; u++)
+            if (kvq__overlap(out[s], n, q[u], n) || (u != s && kvq__overlap(out[s], n, out[u], n)) ||
+                kvq__overlaps_cache(caches[u], out[s], n))
+                return KVQ_ERR_INVALID;
+    }
+    return KVQ_OK;
+}
+
+/* The tile boundary nearest token t of a T-token row of cache c. Tiles end at the sinks' end,
+   every G tokens from 0 inside the sinks and from the sinks' end after them (key blocks,
+   then the ring, which starts at a block's end), and at T: boundaries lie at most G apart,
+   so a cut moves by at most G/2 and no piece starts inside a key block (which the kernels
+   score whole: each piece would pay for all of it). Monotone in t. */
+static int kvq__snap_cut(const kvq_cache *c, int t, int T) {
+    const int S = c->cfg.sink_tokens, G = c->kb; /* tiles follow the key blocks */
+    const int a = t < S ? t / G * G : S + (t - S) / G * G;
+    int b = t < S ? (a + G < S ? a + G : S) : a + G;
+    if (b > T) b = T;
+    return t - a <= b - t ? a : b;
+}
+
+/* Cut k of n on a line of W units: floor(k W / n), without overflowing k W. */
+static uint64_t kvq__ideal_cut(uint64_t W, int k, int n) {
+    return W / (uint64_t)n * (uint64_t)k + W % (uint64_t)n * (uint64_t)k / (uint64_t)n;
+}
+
+static void kvq__add_piece(kvq_batch *b, int *n, int seq, int h, int t0, int t1, int thread) {
+    kvq__piece *pc = &b->pieces[(*n)++];
+    pc->seq = seq;
+    pc->h = h;
+    pc->t0 = t0;
+    pc->t1 = t1;
+    pc->thread = thread;
+    pc->state = -1;
+}
+
+/* The pieces of the line, in order, each given to the thread whose share holds it. */
+static void kvq__batch_cut(kvq_batch *b) {
+    uint64_t W = 0, o = 0;
+    int s, h, k = 1, thread = 0, n = 0, u;
+    for (s = 0; s < b->n_seqs; s++) W += (uint64_t)b->H * (uint64_t)b->tokens[s];
+    b->first_piece[0] = 0;
+    for (s = 0; s < b->n_seqs; s++)
+        for (h = 0; h < b->H; h++) {
+            const int T = b->tokens[s];
+            int t = 0, row0 = n;
+            for (; k < b->n_threads && kvq__ideal_cut(W, k, b->n_threads) < o + (uint64_t)T; k++) {
+                const int x = kvq__snap_cut(b->caches[s], (int)(kvq__ideal_cut(W, k, b->n_threads) - o), T);
+                if (x > t) { /* the part of the row before the cut, to the thread before it */
+                    kvq__add_piece(b, &n, s, h, t, x, thread);
+                    t = x;
+                }
+                for (u = thread + 1; u <= k; u++) b->first_piece[u] = n;
+                thread = k;
+            }
+            if (t < T) kvq__add_piece(b, &n, s, h, t, T, thread);
+            if (n - row0 > 1) { /* split: partial states, merged by the thread of the last piece */
+                kvq__merge_job *job = &b->merge[b->pieces[n - 1].thread];
+                KVQ_ASSERT(job->n_pieces == 0 && b->n_states + n - row0 <= 2 * (b->n_threads - 1));
+                job->seq = s;
+                job->h = h;
+                job->piece0 = row0;
+                job->n_pieces = n - row0;
+                for (u = row0; u < n; u++) b->pieces[u].state = b->n_states++;
+            }
+            o += (uint64_t)T;
+        }
+    for (u = thread + 1; u <= b->n_threads; u++) b->first_piece[u] = n;
+}
+
+KVQ_API kvq_status kvq_batch_plan(kvq_batch **plan, void *mem, size_t mem_bytes, kvq_cache *const *caches,
+                                  const float *const *q, float *const *out, int n_seqs, const kvq_attn_params *p,
+                                  int n_threads) {
+    kvq__batch_layout L;
+    kvq_status st;
+    uint8_t *base;
+    kvq_batch *b;
+    int s, k;
+    if (!plan || !mem || !caches || !q || !out || !p || n_seqs < 1 || !caches[0]) return KVQ_ERR_INVALID;
+    if (!kvq__batch_plan_layout(&caches[0]->cfg, p, n_seqs, n_threads, &L)) return KVQ_ERR_INVALID;
+    if (mem_bytes < L.total) return KVQ_ERR_BUFFER;
+    if ((st = kvq__check_batch(mem, L.total, caches, q, out, n_seqs, p)) != KVQ_OK) return st;
+    base = (uint8_t *)mem + ((KVQ__ALIGN - ((uintptr_t)mem & (KVQ__ALIGN - 1))) & (KVQ__ALIGN - 1));
+    b = (kvq_batch *)(void *)base;
+    memset(b, 0, sizeof *b);
+    b->n_seqs = n_seqs;
+    b->n_threads = n_threads;
+    b->D = caches[0]->cfg.head_dim;
+    b->H = caches[0]->cfg.n_kv_heads;
+    b->group = p->n_q_heads / b->H;
+    b->p = *p;
+    b->state_floats = L.state_floats;
+    b->caches = (const kvq_cache **)(void *)(base + L.off_caches);
+    b->q = (const float **)(void *)(base + L.off_q);
+    b->out = (float **)(void *)(base + L.off_out);
+    b->tokens = (int *)(void *)(base + L.off_tokens);
+    b->pieces = (kvq__piece *)(void *)(base + L.off_pieces);
+    b->first_piece = (int *)(void *)(base + L.off_first);
+    b->merge = (kvq__merge_job *)(void *)(base + L.off_merge);
+    b->state_at = (const float **)(void *)(base + L.off_state_at);
+    b->states = (float *)(void *)(base + L.off_states);
+    for (s = 0; s < n_seqs; s++) {
+        b->caches[s] = caches[s];
+        b->q[s] = q[s];
+        b->out[s] = out[s];
+        b->tokens[s] = caches[s]->n_tokens;
+    }
+    memset(b->merge, 0, (size_t)n_threads * sizeof(kvq__merge_job));
+    kvq__batch_cut(b);
+    for (k = 0; k < b->n_states; k++) { /* empty rows (m = -inf, l = 0) until a thread fills them */
+        float *sk = b->states + (size_t)k * b->state_floats;
+        size_t r;
+        b->state_at[k] = sk;
+        for (r = 0; r < b->state_floats; r += (size_t)b->D + 2) {
+            sk[r] = -INFINITY;
+            memset(sk + r + 1, 0, ((size_t)b->D + 1) * sizeof(float));
+        }
+    }
+    b->magic = KVQ__BATCH_MAGIC;
+    *plan = b;
+    return KVQ_OK;
+}
+
+/* A planned batch, a thread of it, and caches that hold the tokens they held at planning
+   (for thread k's pieces from piece p0 to p1). */
+static int kvq__batch_thread_ok(const kvq_batch *b, int k) {
+    int i;
+    if (!b || b->magic != KVQ__BATCH_MAGIC || k < 0 || k >= b->n_threads) return 0;
+    for (i = b->first_piece[k]; i < b->first_piece[k + 1]; i++)
+        if (b->caches[b->pieces[i].seq]->n_tokens != b->tokens[b->pieces[i].seq]) return 0;
+    return 1;
+}
+
+/* Rows i * n_q_heads + h * group .. + group of out: the query heads of KV head h, query i. */
+static float *kvq__batch_rows(const kvq_batch *b, int seq, int h, int i) {
+    return b->out[seq] + ((size_t)i * b->p.n_q_heads + (size_t)h * b->group) * b->D;
+}
+
+KVQ_API kvq_status kvq_batch_attention(kvq_batch *b, int thread_index) {
+    int n, i;
+    if (!b || !kvq__batch_thread_ok(b, thread_index)) return KVQ_ERR_INVALID;
+    for (n = b->first_piece[thread_index]; n < b->first_piece[thread_index + 1]; n++) {
+        const kvq__piece *pc = &b->pieces[n];
+        const kvq_cache *c = b->caches[pc->seq];
+        if (pc->state < 0) { /* the whole row: kvq_attention's code for it, then back to the caller's space */
+            kvq__attend_head(c, b->q[pc->seq], b->out[pc->seq], &b->p, pc->h, NULL);
+            for (i = 0; i < b->p.n_queries; i++)
+                kvq__unrotate_rows(c, kvq__batch_rows(b, pc->seq, pc->h, i), (size_t)b->group);
+        } else {
+            kvq__partial_head(c, b->q[pc->seq], &b->p, pc->h, pc->t0, pc->t1,
+                              b->states + (size_t)pc->state * b->state_floats, (size_t)b->group * (b->D + 2));
+        }
+    }
+    return KVQ_OK;
+}
+
+/* Whether every piece of a merge job that sees a token of a query has run: its state rows of
+   that query have l > 0 (planning left them at 0). Piece [t0, t1) sees a token of query i
+   when t0 < T - n_queries + i + 1 (the query's causal limit). */
+static int kvq__batch_job_ran(const kvq_batch *b, const kvq__merge_job *job) {
+    const size_t stride = (size_t)b->D + 2;
+    int u, i, j;
+    for (u = job->piece0; u < job->piece0 + job->n_pieces; u++) {
+        const kvq__piece *pc = &b->pieces[u];
+        const float *st = b->state_at[pc->state];
+        for (i = 0; i < b->p.n_queries; i++)
+            for (j = 0; j < b->group && pc->t0 < b->tokens[pc->seq] - b->p.n_queries + i + 1; j++)
+                if (!(st[((size_t)i * b->group + j) * stride + 1] > 0.0f)) return 0;
+    }
+    return 1;
+}
+
+KVQ_API kvq_status kvq_batch_merge(kvq_batch *b, int thread_index) {
+    const kvq__merge_job *job;
+    const float *const *states;
+    size_t stride;
+    int i, j;
+    /* the job's row ends in this thread's first piece, whose cache the check covers */
+    if (!b || !kvq__batch_thread_ok(b, thread_index)) return KVQ_ERR_INVALID;
+    job = &b->merge[thread_index];
+    if (job->n_pieces == 0) return KVQ_OK;
+    if (!kvq__batch_job_ran(b, job)) return KVQ_ERR_INVALID; /* merged before an attention call */
+    stride = (size_t)b->D + 2;
+    states = b->state_at + b->pieces[job->piece0].state; /* a row's pieces have consecutive states */
+    for (i = 0; i < b->p.n_queries; i++) {
+        float *rows = kvq__batch_rows(b, job->seq, job->h, i);
+        for (j = 0; j < b->group; j++)
+            kvq__merge_row(states, job->n_pieces, ((size_t)i * b->group + j) * stride, b->D, rows + (size_t)j * b->D);
+        kvq__unrotate_rows(b->caches[job->seq], rows, (size_t)b->group);
     }
     return KVQ_OK;
 }

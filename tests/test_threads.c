@@ -2,7 +2,8 @@
    split attention spread over threads (disjoint KV-head rows of one state, token ranges in
    separate states), give the single-threaded results; appends (and attention that records
    salience) under a reader-writer lock, as the header asks, race with nothing and build
-   the cache a single thread would. `make tsan` runs it under ThreadSanitizer. */
+   the cache a single thread would; a batch plan's shares run on threads with a barrier
+   between attention and merge. `make tsan` runs it under ThreadSanitizer. */
 #define _POSIX_C_SOURCE 200809L /* pthread_rwlock_t under -std=c99 */
 #define KVQ_IMPLEMENTATION
 #include "../kvq.h"
@@ -116,6 +117,124 @@ static void test_locked_appends(const float *k, const float *v, const float *q) 
     }
 }
 
+/* Batched attention on real threads: each runs its attention share, meets the others at a
+   barrier, and merges its share; then prefill's split form, one KV head per thread, and the
+   append after a join. Outputs as one kvq_attention / kvq_attention_prefill call gives them. */
+enum { BATCH_SEQS = 5 };
+
+typedef struct batch_job {
+    kvq_batch *plan;
+    pthread_barrier_t *barrier;
+    const kvq_cache *c;
+    const float *k, *v, *q;
+    float *out;
+    int index, n;
+    kvq_status st;
+} batch_job;
+
+static void *run_batch_share(void *arg) {
+    batch_job *j = (batch_job *)arg;
+    kvq_status a = kvq_batch_attention(j->plan, j->index), m;
+    pthread_barrier_wait(j->barrier);
+    m = kvq_batch_merge(j->plan, j->index);
+    j->st = a != KVQ_OK ? a : m;
+    return NULL;
+}
+
+static void *run_prefill_head(void *arg) {
+    batch_job *j = (batch_job *)arg;
+    kvq_attn_params ap = {NQH, 0, 0.0f};
+    ap.n_queries = j->n;
+    j->st = kvq_attention_prefill_partial(j->c, j->k, j->v, j->n, j->q, j->out, &ap, 0, j->n, j->index, j->index + 1);
+    return NULL;
+}
+
+static void test_batch_threads(const float *k, const float *v) {
+    static const int lengths[BATCH_SEQS] = {1400, 37, 300, 900, 64};
+    enum { N = 40 }; /* prefill chunk */
+    const size_t nout = (size_t)NQH * D;
+    float *q = (float *)tu_alloc(nout * 4 * N); /* queries of the batch's sequences, then of the chunk */
+    kvq_cache *cs[BATCH_SEQS];
+    const float *qs[BATCH_SEQS];
+    float *outs[BATCH_SEQS], *ref = (float *)tu_alloc(nout * 4 * BATCH_SEQS);
+    kvq_attn_params ap = {NQH, 1, 0.0f};
+    pthread_barrier_t barrier;
+    pthread_t th[THREADS];
+    batch_job jobs[THREADS];
+    kvq_batch *plan = NULL;
+    size_t bytes;
+    void *mem;
+    tu_rng r = {77};
+    int s, t, ok = 1;
+    tu_fill_q(&r, TU_STRUCTURED, nout * N, D, q);
+    for (s = 0; s < BATCH_SEQS; s++) {
+        kvq_config cfg = kvq_default_config(D, H, lengths[s]);
+        cfg.key_bits = s % 2 ? 4 : 2;
+        cfg.rotation = s == 3 ? KVQ_ROTATE_HADAMARD : KVQ_ROTATE_NONE;
+        cs[s] = NULL;
+        CHECK(kvq_cache_create(&cs[s], &cfg) == KVQ_OK && kvq_cache_append(cs[s], k, v, lengths[s]) == KVQ_OK,
+              "batch cache %d", s);
+        qs[s] = q + nout * s;
+        outs[s] = (float *)tu_alloc(nout * 4);
+        CHECK(kvq_attention(cs[s], qs[s], ref + nout * s, &ap) == KVQ_OK, "reference %d", s);
+    }
+    bytes = kvq_batch_plan_bytes(kvq_cache_config(cs[0]), &ap, BATCH_SEQS, THREADS);
+    mem = tu_alloc(bytes);
+    CHECK(kvq_batch_plan(&plan, mem, bytes, cs, qs, outs, BATCH_SEQS, &ap, THREADS) == KVQ_OK, "plan");
+    pthread_barrier_init(&barrier, NULL, THREADS);
+    for (t = 0; t < THREADS; t++) {
+        memset(&jobs[t], 0, sizeof jobs[t]);
+        jobs[t].plan = plan;
+        jobs[t].barrier = &barrier;
+        jobs[t].index = t;
+        pthread_create(&th[t], NULL, run_batch_share, &jobs[t]);
+    }
+    for (t = 0; t < THREADS; t++) pthread_join(th[t], NULL);
+    pthread_barrier_destroy(&barrier);
+    for (t = 0; t < THREADS; t++) ok &= jobs[t].st == KVQ_OK;
+    CHECK(ok, "batch shares on threads");
+    for (s = 0; s < BATCH_SEQS; s++)
+        CHECK(tu_nmse(outs[s], ref + nout * s, nout) < 1e-10, "threaded batch, sequence %d: NMSE %g", s,
+              tu_nmse(outs[s], ref + nout * s, nout));
+    { /* prefill of 40 tokens after the 37 of cache 1, one KV head per thread, then the append */
+        kvq_config cfg = *kvq_cache_config(cs[1]);
+        kvq_cache *a = NULL;
+        float *pre = (float *)tu_alloc((size_t)N * nout * 4), *split = (float *)tu_alloc((size_t)N * nout * 4);
+        kvq_attn_params pp = {NQH, N, 0.0f};
+        const size_t row = (size_t)H * D;
+        cfg.max_tokens = 37 + N;
+        CHECK(kvq_cache_create(&a, &cfg) == KVQ_OK && kvq_cache_append(a, k, v, 37) == KVQ_OK, "prefill cache");
+        CHECK(kvq_attention_prefill(a, k + 37 * row, v + 37 * row, N, q, pre, &pp) == KVQ_OK, "prefill");
+        kvq_cache_destroy(a);
+        CHECK(kvq_cache_create(&a, &cfg) == KVQ_OK && kvq_cache_append(a, k, v, 37) == KVQ_OK, "prefill cache");
+        for (t = 0; t < THREADS && t < H; t++) {
+            memset(&jobs[t], 0, sizeof jobs[t]);
+            jobs[t].c = a;
+            jobs[t].k = k + 37 * row;
+            jobs[t].v = v + 37 * row;
+            jobs[t].q = q;
+            jobs[t].out = split;
+            jobs[t].n = N;
+            jobs[t].index = t;
+            pthread_create(&th[t], NULL, run_prefill_head, &jobs[t]);
+        }
+        for (t = 0; t < THREADS && t < H; t++) pthread_join(th[t], NULL);
+        for (t = 0, ok = 1; t < THREADS && t < H; t++) ok &= jobs[t].st == KVQ_OK;
+        CHECK(ok && kvq_cache_append(a, k + 37 * row, v + 37 * row, N) == KVQ_OK, "prefill heads on threads, append");
+        CHECK(memcmp(pre, split, (size_t)N * nout * 4) == 0, "threaded prefill is not prefill's bits");
+        kvq_cache_destroy(a);
+        free(pre);
+        free(split);
+    }
+    for (s = 0; s < BATCH_SEQS; s++) {
+        kvq_cache_destroy(cs[s]);
+        free(outs[s]);
+    }
+    free(ref);
+    free(mem);
+    free(q);
+}
+
 int main(void) {
     kvq_config cfg = kvq_default_config(D, H, T);
     kvq_cache *c = NULL;
@@ -179,6 +298,7 @@ int main(void) {
     CHECK(e / rr < 1e-10, "threaded split differs: %g", e / rr);
     kvq_cache_destroy(c);
     test_locked_appends(k, v, q);
+    test_batch_threads(k, v);
     free(k); free(v); free(q); free(serial); free(outs); free(st[0]); free(st[1]);
     return tu_finish("test_threads");
 }
