@@ -14,8 +14,8 @@ TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_simd_dispatch $(B)/test_seria
            $(B)/compile_clang_c $(B)/compile_clang_cxx $(B)/compile_gcc_strict $(B)/compile_clang_strict
 HDR      = kvq.h tests/test_util.h tests/hostile.h
 
-.PHONY: all test example eval bench asan ubsan tsan neon fuzz lint check cuda cuda-emu cuda-emu-asan install package clean
-all: $(TESTS) $(B)/quickstart $(B)/llama $(B)/kvq_eval $(B)/kvdump
+.PHONY: all test example eval bench figure asan ubsan tsan neon fuzz lint check cuda cuda-emu cuda-emu-asan install package clean
+all: $(TESTS) $(B)/quickstart $(B)/llama $(B)/kvq_eval $(B)/kvdump $(B)/overview
 
 $(B):
 	mkdir -p $(B)
@@ -63,9 +63,9 @@ $(B)/compile_clang_strict: $(COMPILE_SRC) kvq.h | $(B)
 # the plain build (runtime dispatch) loads the image the -march build saved: the same bytes
 $(B)/test_serialize_plain: tests/test_serialize.c $(HDR) | $(B)
 	$(CC) $(WARN) -O2 -o $@ tests/test_serialize.c $(LDLIBS)
-test: $(TESTS) $(B)/test_serialize_plain
+test: $(TESTS) $(B)/test_serialize_plain $(B)/overview
 	mkdir -p $(B)/xplat && $(B)/test_serialize --write $(B)/xplat >/dev/null
-	tests/run_all.sh $(TESTS) "$(B)/test_serialize_plain --check $(B)/xplat"
+	tests/run_all.sh $(TESTS) "$(B)/test_serialize_plain --check $(B)/xplat" "tests/test_overview.sh $(B)/overview"
 
 # ---- sanitizers: the unit tests under ASan (gcc) and UBSan (clang), SIMD paths included
 SAN_TESTS = core simd serialize rotate salient batch examples
@@ -232,6 +232,21 @@ eval: $(B)/kvq_eval $(EVAL_DUMPS)
 	  "repository and cannot be generated here: no MiniLM model ships; make eval SHARED=DIR reads DIR/minilm_gpl3.kvd)"; fi
 bench: $(B)/bench
 	$(B)/bench --csv $(B)/bench.csv --svg $(B)/bench.svg
+
+# ---- the README's figure: docs/overview.svg from build/eval.csv and build/bench.csv -----
+# build/eval.csv comes from `make eval`; build/bench.csv from `make bench` (every config,
+# both heads layouts, 1 and 2 threads) or a shorter run with what the figure draws:
+#   build/bench --n 1K,4K,16K,64K --configs fp32,16,8,4,3,2 --threads 1 --heads gqa \
+#     --csv build/bench.csv --svg build/bench.svg
+# The figure says which CPU and when (bench.csv's '#' lines). FIGURE_NOTE="..." adds a note.
+FIGURE_NOTE =
+$(B)/overview: bench/overview.c | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ bench/overview.c -lm
+figure: $(B)/overview
+	@for f in $(B)/eval.csv $(B)/bench.csv; do [ -f $$f ] || { echo "figure: $$f not found: make eval;" \
+	  "build/bench ... --csv $(B)/bench.csv (see the Makefile)"; exit 1; }; done
+	mkdir -p docs
+	$(B)/overview $(if $(FIGURE_NOTE),--note "$(FIGURE_NOTE)") $(B)/eval.csv $(B)/bench.csv docs/overview.svg
 
 # ---- install: the headers, pkg-config and CMake package files under PREFIX ------
 PREFIX  ?= /usr/local

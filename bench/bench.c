@@ -9,7 +9,8 @@
        (2 threads: kvq_attention_partial on disjoint token ranges, then
        kvq_attention_merge);
      - the average cost of appending one token (8 KV heads) to each cache.
-   It prints a table, writes CSV and an SVG chart (time vs N, log-log).
+   It prints a table, writes CSV (after '#' lines: CPU model, date, kvq version) and an SVG:
+   time vs N (log-log, one line per config) above bars of each config's speed-up over fp16.
 
    Build:  gcc -std=c99 -O2 -march=native -Wall -Wextra -Werror -pthread -I. \
                bench/bench.c -o build/bench -lm
@@ -742,10 +743,18 @@ static void print_block(const results *R, const options *o, int n) {
     fflush(stdout);
 }
 
-static int write_csv(const results *R, const char *path) {
+/* The CSV starts with '#' lines saying where and when it was measured (bench/overview.c
+   labels its figure with them; readers that take no comments skip 3 lines), then a header. */
+static int write_csv(const results *R, const char *cpu, const char *date, const char *path) {
     FILE *f = fopen(path, "w");
     int i, t;
     if (!f) return -1;
+    fprintf(f, "# cpu: %s\n# date: %s\n# kvq: %d.%d.%d", cpu, date, KVQ_VERSION_MAJOR, KVQ_VERSION_MINOR,
+            KVQ_VERSION_PATCH);
+#ifdef KVQ_HAS_ISA_API
+    fprintf(f, ", ISA %s", kvq_isa_name(kvq_get_isa()));
+#endif
+    fprintf(f, "\n");
     fprintf(f, "kind,config,key_bits,value_bits,n_q_heads,n_kv_heads,head_dim,threads,n_tokens,reps,median_ms,"
                "min_ms,ns_per_token,ns_per_token_per_kv_head,bytes_read,bits_per_element,gb_per_s,pct_of_bw,"
                "speedup_vs_fp16,out_dev_vs_fp32\n");
@@ -790,19 +799,89 @@ static void xml_text(FILE *f, const char *s) {
     }
 }
 
-/* Time vs N, log-log, one line per config, for one (heads, threads) slice. */
-static int write_svg(const results *R, const options *o, const char *cpu, const char *path) {
-    const double W = 860, Hh = 540, L = 80, Rm = 250, T = 60, B = 60;
-    const double pw = W - L - Rm, ph = Hh - T - B;
-    int nq = o->heads[0], thr = o->threads[0], i, ci, k;
-    double nmin = 1e30, nmax = 0, tmin = 1e30, tmax = 0, lx0, lx1, ly0, ly1, e;
-    int have_fp16 = 0;
-    FILE *f;
-    /* prefer GQA, 1 thread */
-    for (i = 0; i < o->n_heads; i++)
-        if (o->heads[i] == 32) nq = 32;
-    for (i = 0; i < o->n_threads; i++)
-        if (o->threads[i] == 1) thr = 1;
+/* Advance width of s at font size px. SVG cannot measure text, so legends and labels are
+   laid out from a table: DejaVu Sans's advances (the usual sans-serif on Linux, and wider
+   than Helvetica or Arial), in hundredths of an em, rounded up, for ' ' to '~'. */
+static double text_w(const char *s, double px) {
+    static const unsigned char adv[95] = {
+        32, 41, 46, 84, 64, 96, 78, 28, 40, 40, 50, 84, 32, 37, 32, 34, 64, 64, 64,
+        64, 64, 64, 64, 64, 64, 64, 34, 34, 84, 84, 84, 54, 100, 69, 69, 70, 78, 64,
+        58, 78, 76, 30, 30, 66, 56, 87, 75, 79, 61, 79, 70, 64, 62, 74, 69, 99, 69,
+        62, 69, 40, 34, 40, 84, 50, 50, 62, 64, 55, 64, 62, 36, 64, 64, 28, 28, 58,
+        28, 98, 64, 62, 64, 64, 42, 53, 40, 64, 60, 82, 60, 60, 53, 64, 34, 64, 84,
+    };
+    double em = 0.0;
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c >= 32 && c < 127) em += adv[c - 32] / 100.0;
+        else if ((c & 0xC0) != 0x80) em += 1.0; /* one per UTF-8 character, at the widest */
+    }
+    return em * px;
+}
+
+static void svg_line(FILE *f, double x1, double y1, double x2, double y2, const char *stroke) {
+    fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\"/>\n", x1, y1, x2, y2, stroke);
+}
+
+/* Bar colour for the i-th of n context lengths: light to dark blue as N grows. */
+static void n_colour(int i, int n, char *buf, size_t cap) {
+    static const int lo[3] = {0xb5, 0xd4, 0xe9}, hi[3] = {0x08, 0x30, 0x6b};
+    double t = n > 1 ? (double)i / (n - 1) : 1.0;
+    snprintf(buf, cap, "#%02x%02x%02x", (int)(lo[0] + t * (hi[0] - lo[0])), (int)(lo[1] + t * (hi[1] - lo[1])),
+             (int)(lo[2] + t * (hi[2] - lo[2])));
+}
+
+static void legend_label(int c, char *lab, size_t cap) {
+    if (CFGS[c].bits == 32) snprintf(lab, cap, "%s, 32 bits/el", CFGS[c].label);
+    else {
+        kvq_config kc = make_config(c, 1 << 16);
+        snprintf(lab, cap, "%s, %.2f bits/el", CFGS[c].label, kvq_config_bits_per_element(&kc));
+    }
+}
+
+static int slice_has(const results *R, int cfg, int nq, int thr) {
+    int i;
+    for (i = 0; i < R->n_rows; i++)
+        if ((cfg < 0 || R->rows[i].cfg == cfg) && R->rows[i].nq == nq && R->rows[i].threads == thr) return 1;
+    return 0;
+}
+
+/* The time panel's legend: its entries (configs measured in the slice, then the fp16
+   bandwidth floor) and the column width that holds the longest, swatch included. */
+#define FLOOR_LABEL "kvq fp16 bytes / measured bandwidth"
+static int legend_layout(const results *R, const options *o, int nq, int thr, double *colw) {
+    char lab[160];
+    int ci, n = 0;
+    *colw = 0.0;
+    for (ci = 0; ci < o->n_cfgs; ci++) {
+        if (!slice_has(R, o->cfgs[ci], nq, thr)) continue;
+        legend_label(o->cfgs[ci], lab, sizeof lab);
+        if (text_w(lab, 12) > *colw) *colw = text_w(lab, 12);
+        n++;
+    }
+    if (slice_has(R, CFG_FP16, nq, thr)) {
+        if (text_w(FLOOR_LABEL, 12) > *colw) *colw = text_w(FLOOR_LABEL, 12);
+        n++;
+    }
+    *colw += 30 + 24; /* swatch before, gap after */
+    return n;
+}
+
+/* Layout shared by the SVG's panels. */
+#define SVG_L 80.0       /* left margin: y tick labels and axis title */
+#define SVG_R 30.0       /* right margin */
+#define SVG_LEG_ROW 18.0 /* legend row height */
+#define BAR_PH 220.0     /* bar panel: plot height */
+#define BAR_NAME_PX 11.0 /* bar panel: config name size */
+
+/* Panel 1: time vs N, log-log, one line per config, for one (heads, threads) slice; the
+   legend sits below the plot in columns as wide as the longest label. Returns its height. */
+static double svg_time_panel(FILE *f, const results *R, const options *o, const char *cpu, const char *date,
+                             int nq, int thr, double W, double y0) {
+    const double L = SVG_L, T = y0 + 64, ph = 360, pw = W - SVG_L - SVG_R;
+    double nmin = 1e30, nmax = 0, tmin = 1e30, tmax = 0, lx0, lx1, ly0, ly1, e, colw, legy;
+    int have_fp16 = 0, i, ci, k, n_ent = legend_layout(R, o, nq, thr, &colw), n_cols;
+    char lab[160];
     for (i = 0; i < R->n_rows; i++) {
         const row *r = &R->rows[i];
         if (r->nq != nq || r->threads != thr) continue;
@@ -816,9 +895,6 @@ static int write_svg(const results *R, const options *o, const char *cpu, const 
             if (floor_ms < tmin) tmin = floor_ms;
         }
     }
-    if (nmax <= 0) return 0; /* nothing to plot */
-    f = fopen(path, "w");
-    if (!f) return -1;
     lx0 = log2(nmin) - 0.5;
     lx1 = log2(nmax) + 0.5;
     ly0 = floor(log10(tmin * 0.9));
@@ -826,26 +902,25 @@ static int write_svg(const results *R, const options *o, const char *cpu, const 
     if (ly1 <= ly0) ly1 = ly0 + 1;
 #define SX(n) (L + (log2(n) - lx0) / (lx1 - lx0) * pw)
 #define SY(ms) (T + ph - (log10(ms) - ly0) / (ly1 - ly0) * ph)
-    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f %.0f\" "
-               "font-family=\"sans-serif\" font-size=\"12\">\n", W, Hh, W, Hh);
-    fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
-    fprintf(f, "<text x=\"%.0f\" y=\"24\" font-size=\"15\" font-weight=\"bold\">kvq decode attention, %s, head_dim %d, "
-               "%d thread%s: median time per call</text>\n", L, heads_label(nq), HD, thr, thr == 1 ? "" : "s");
-    fprintf(f, "<text x=\"%.0f\" y=\"42\" fill=\"#555\">", L);
+    fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" font-size=\"15\" font-weight=\"bold\">kvq decode attention, %s, "
+               "head_dim %d, %d thread%s: median time per call</text>\n",
+            L, y0 + 24, heads_label(nq), HD, thr, thr == 1 ? "" : "s");
+    fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" fill=\"#555\">", L, y0 + 42);
     xml_text(f, cpu);
-    fprintf(f, "; measured read bandwidth %.1f GB/s (1 thread); kvq %d.%d.%d</text>\n", R->bw[1],
-            KVQ_VERSION_MAJOR, KVQ_VERSION_MINOR, KVQ_VERSION_PATCH);
+    fprintf(f, "; %s</text>\n", date);
+    fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" fill=\"#555\">measured read bandwidth %.1f GB/s (1 thread); "
+               "kvq %d.%d.%d</text>\n", L, y0 + 57, R->bw[1], KVQ_VERSION_MAJOR, KVQ_VERSION_MINOR, KVQ_VERSION_PATCH);
     /* y grid: decades with 2x and 5x minor lines */
     for (e = ly0; e <= ly1 + 1e-9; e += 1.0) {
         double v = pow(10.0, e), y = SY(v);
-        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ccc\"/>\n", L, y, L + pw, y);
-        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#000\"/>\n", L - 6, y, L, y);
+        svg_line(f, L, y, L + pw, y, "#ccc");
+        svg_line(f, L - 6, y, L, y, "#000");
         fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%g</text>\n", L - 9, y + 4, v);
         if (e + 1.0 <= ly1 + 1e-9)
             for (k = 2; k <= 5; k += 3) {
                 double ym = SY(v * k);
-                fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#eee\"/>\n", L, ym, L + pw, ym);
-                fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#000\"/>\n", L - 3, ym, L, ym);
+                svg_line(f, L, ym, L + pw, ym, "#eee");
+                svg_line(f, L - 3, ym, L, ym, "#000");
             }
     }
     /* x grid: powers of two */
@@ -853,21 +928,24 @@ static int write_svg(const results *R, const options *o, const char *cpu, const 
         double x = L + (k - lx0) / (lx1 - lx0) * pw;
         char nb[32];
         fmt_tokens(1 << k, nb, sizeof nb);
-        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", x, T, x, T + ph);
-        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#000\"/>\n", x, T + ph, x, T + ph + 6);
+        svg_line(f, x, T, x, T + ph, "#ddd");
+        svg_line(f, x, T + ph, x, T + ph + 6, "#000");
         fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n", x, T + ph + 20, nb);
     }
     fprintf(f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#000\"/>\n", L, T, pw, ph);
     fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">context length N (tokens, log scale)</text>\n",
-            L + pw / 2, Hh - 16);
+            L + pw / 2, T + ph + 40);
     fprintf(f, "<text transform=\"translate(20 %.1f) rotate(-90)\" text-anchor=\"middle\">median ms per call "
                "(log scale)</text>\n", T + ph / 2);
-    /* one polyline per config, in option order, with markers */
-    for (ci = 0; ci < o->n_cfgs; ci++) {
+    /* legend: as many columns as fit */
+    n_cols = (int)(pw / colw);
+    if (n_cols < 1) n_cols = 1;
+    legy = T + ph + 62;
+    /* one polyline per config, in option order, with markers, and its legend entry */
+    for (ci = 0, k = 0; ci < o->n_cfgs; ci++) {
         int c = o->cfgs[ci], first = 1, ni;
         const char *col = CFGS[c].color;
-        double ly = T + 14 + 20 * ci;
-        char lab[96];
+        double lx = L + (k % n_cols) * colw, ly = legy + (k / n_cols) * SVG_LEG_ROW;
         for (ni = 0; ni < o->n_ns; ni++) {
             const row *r = find_row(R, c, nq, thr, o->ns[ni]);
             if (!r) continue;
@@ -881,21 +959,18 @@ static int write_svg(const results *R, const options *o, const char *cpu, const 
             const row *r = find_row(R, c, nq, thr, o->ns[ni]);
             if (r) fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.5\" fill=\"%s\"/>\n", SX(r->n), SY(r->med_ms), col);
         }
-        if (CFGS[c].bits == 32) snprintf(lab, sizeof lab, "%s, 32 bits/el", CFGS[c].label);
-        else {
-            kvq_config kc = make_config(c, 1 << 16);
-            snprintf(lab, sizeof lab, "%s, %.2f bits/el", CFGS[c].label, kvq_config_bits_per_element(&kc));
-        }
-        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"2\"/>\n",
-                L + pw + 16, ly, L + pw + 40, ly, col);
-        fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.5\" fill=\"%s\"/>\n", L + pw + 28, ly, col);
-        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\">", L + pw + 46, ly + 4);
+        legend_label(c, lab, sizeof lab);
+        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"2\"/>\n", lx,
+                ly, lx + 24, ly, col);
+        fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.5\" fill=\"%s\"/>\n", lx + 12, ly, col);
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\">", lx + 30, ly + 4);
         xml_text(f, lab);
         fprintf(f, "</text>\n");
+        k++;
     }
     if (have_fp16) {
         int first = 1, ni;
-        double ly = T + 14 + 20 * o->n_cfgs;
+        double lx = L + (k % n_cols) * colw, ly = legy + (k / n_cols) * SVG_LEG_ROW;
         for (ni = 0; ni < o->n_ns; ni++) {
             const row *r = find_row(R, CFG_FP16, nq, thr, o->ns[ni]);
             if (!r) continue;
@@ -907,11 +982,153 @@ static int write_svg(const results *R, const options *o, const char *cpu, const 
         }
         fprintf(f, "\"/>\n");
         fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"1.5\" "
-                   "stroke-dasharray=\"6 4\"/>\n", L + pw + 16, ly, L + pw + 40, ly, CFGS[CFG_FP16].color);
-        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\">fp16 bytes / measured BW</text>\n", L + pw + 46, ly + 4);
+                   "stroke-dasharray=\"6 4\"/>\n", lx, ly, lx + 24, ly, CFGS[CFG_FP16].color);
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\">" FLOOR_LABEL "</text>\n", lx + 30, ly + 4);
     }
 #undef SX
 #undef SY
+    return legy - y0 + ((n_ent + n_cols - 1) / n_cols) * SVG_LEG_ROW;
+}
+
+/* The configs a bar panel shows: every one measured in the slice but fp16. */
+static int bar_configs(const results *R, const options *o, int nq, int thr, int *out) {
+    int ci, n = 0;
+    for (ci = 0; ci < o->n_cfgs; ci++)
+        if (o->cfgs[ci] != CFG_FP16 && slice_has(R, o->cfgs[ci], nq, thr)) out[n++] = o->cfgs[ci];
+    return n;
+}
+
+/* Width a bar panel needs: per config, its N bars or its name, whichever is wider. */
+static double bar_group_w(const options *o, const int *cfgs, int n_cfgs) {
+    double w = 14.0 + 12.0 * o->n_ns;
+    int i;
+    for (i = 0; i < n_cfgs; i++)
+        if (text_w(CFGS[cfgs[i]].name, BAR_NAME_PX) + 10 > w) w = text_w(CFGS[cfgs[i]].name, BAR_NAME_PX) + 10;
+    return w;
+}
+
+/* Panel 2 (one per heads layout): the speed-up of each config over kvq fp16, median fp16
+   time / median config time at the same N, a bar per N grouped by config, with a 1.0x
+   line. A log-log time chart hides 1.2-1.7x gaps; these bars do not. Returns its height. */
+static double svg_speedup_panel(FILE *f, const results *R, const options *o, int nq, int thr, double W, double y0) {
+    const double L = SVG_L, T = y0 + 64, ph = BAR_PH, pw = W - SVG_L - SVG_R;
+    int cfgs[N_CFGS], n_cfgs = bar_configs(R, o, nq, thr, cfgs), gi, ni;
+    double vmax = 1.0, top, step, v, gw, gap = 14.0, bw, lx;
+    char col[16], nb[32];
+    for (gi = 0; gi < n_cfgs; gi++)
+        for (ni = 0; ni < o->n_ns; ni++) {
+            const row *r = find_row(R, cfgs[gi], nq, thr, o->ns[ni]);
+            const row *b = find_row(R, CFG_FP16, nq, thr, o->ns[ni]);
+            if (r && b && b->med_ms / r->med_ms > vmax) vmax = b->med_ms / r->med_ms;
+        }
+    /* the axis leaves ~34 px above the tallest bar for its (rotated) value label */
+    step = vmax > 3.0 ? 1.0 : vmax > 1.5 ? 0.5 : 0.25;
+    top = ceil(vmax / (1.0 - 34.0 / ph) / step) * step;
+    gw = pw / (n_cfgs > 0 ? n_cfgs : 1);
+    bw = (gw - gap) / o->n_ns;
+    if (bw > 40) bw = 40;
+#define BY(s) (T + ph - (s) / top * ph)
+    fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" font-size=\"15\" font-weight=\"bold\">speed-up over kvq fp16, %s, "
+               "%d thread%s</text>\n", L, y0 + 24, heads_label(nq), thr, thr == 1 ? "" : "s");
+    fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" fill=\"#555\">median kvq fp16 time / median time of the config at the "
+               "same N (same run, same data); above 1.0 = faster than fp16</text>\n", L, y0 + 42);
+    /* N legend: a swatch per context length */
+    lx = L;
+    for (ni = 0; ni < o->n_ns; ni++) {
+        n_colour(ni, o->n_ns, col, sizeof col);
+        fmt_tokens(o->ns[ni], nb, sizeof nb);
+        fprintf(f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"12\" height=\"12\" fill=\"%s\"/>\n", lx, y0 + 48, col);
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\">N = %s</text>\n", lx + 16, y0 + 58, nb);
+        lx += 16 + text_w("N = ", 12) + text_w(nb, 12) + 14;
+    }
+    fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"1.5\" "
+               "stroke-dasharray=\"6 4\"/>\n", lx, y0 + 54, lx + 24, y0 + 54, CFGS[CFG_FP16].color);
+    fprintf(f, "<text x=\"%.1f\" y=\"%.1f\">kvq fp16 = 1.0x</text>\n", lx + 30, y0 + 58);
+    for (v = 0.0; v <= top + 1e-9; v += step) {
+        svg_line(f, L, BY(v), L + pw, BY(v), v == 0.0 ? "#000" : "#ddd");
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%.*fx</text>\n", L - 8, BY(v) + 4,
+                step < 0.5 ? 2 : 1, v);
+    }
+    fprintf(f, "<text transform=\"translate(20 %.1f) rotate(-90)\" text-anchor=\"middle\">speed-up over fp16</text>\n",
+            T + ph / 2);
+    /* the 1.0x line under the bars; value labels get a white box where it crosses them */
+    fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"1.5\" "
+               "stroke-dasharray=\"6 4\"/>\n", L, BY(1.0), L + pw, BY(1.0), CFGS[CFG_FP16].color);
+    for (gi = 0; gi < n_cfgs; gi++) {
+        double gx = L + gi * gw + (gw - bw * o->n_ns) / 2;
+        for (ni = 0; ni < o->n_ns; ni++) {
+            const row *r = find_row(R, cfgs[gi], nq, thr, o->ns[ni]);
+            const row *b = find_row(R, CFG_FP16, nq, thr, o->ns[ni]);
+            double s, x = gx + ni * bw, y, tw;
+            char val[32];
+            if (!r || !b) continue;
+            s = b->med_ms / r->med_ms;
+            y = BY(s);
+            n_colour(ni, o->n_ns, col, sizeof col);
+            fprintf(f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"%s\"/>\n", x + 1, y,
+                    bw - 2, T + ph - y, col);
+            snprintf(val, sizeof val, "%.2f", s);
+            tw = text_w(val, 10);
+            if (tw + 2 <= bw) /* level above the bar, else turned to read upwards */
+                fprintf(f, "<g transform=\"translate(%.1f %.1f)\">", x + bw / 2, y - 3);
+            else
+                fprintf(f, "<g transform=\"translate(%.1f %.1f) rotate(-90) translate(%.1f 0)\">", x + bw / 2 + 3.5,
+                        y - 3, tw / 2);
+            fprintf(f, "<rect x=\"%.1f\" y=\"-8.5\" width=\"%.1f\" height=\"10\" fill=\"#fff\"/><text "
+                       "font-size=\"10\" text-anchor=\"middle\">%s</text></g>\n", -tw / 2 - 1, tw + 2, val);
+        }
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" font-size=\"%.0f\" text-anchor=\"middle\">", L + gi * gw + gw / 2,
+                T + ph + 16, BAR_NAME_PX);
+        xml_text(f, CFGS[cfgs[gi]].name);
+        fprintf(f, "</text>\n");
+    }
+    fprintf(f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#000\"/>\n", L, T, pw, ph);
+#undef BY
+    return T + ph + 30 - y0;
+}
+
+/* The SVG: time vs N (log-log) for GQA (else the first heads layout) on 1 thread (else the
+   first count), then below it a speed-up bar panel per heads layout at that thread count. */
+static int write_svg(const results *R, const options *o, const char *cpu, const char *date, const char *path) {
+    double W = 900, H, y, colw, need;
+    int nq = o->heads[0], thr = o->threads[0], i, n_ent, n_cols, bar[2], n_bar = 0, other_thr = 0;
+    int cfgs[N_CFGS], n_cfgs;
+    FILE *f;
+    for (i = 0; i < o->n_heads; i++)
+        if (o->heads[i] == 32) nq = 32;
+    for (i = 0; i < o->n_threads; i++)
+        if (o->threads[i] == 1) thr = 1;
+    if (!slice_has(R, -1, nq, thr)) return 0; /* nothing to plot */
+    for (i = 0; i < o->n_threads; i++) other_thr |= o->threads[i] != thr;
+    /* width: the widest legend column and every bar panel's groups must fit */
+    n_ent = legend_layout(R, o, nq, thr, &colw);
+    need = SVG_L + colw + SVG_R;
+    if (need > W) W = need;
+    for (i = 0; i < o->n_heads; i++)
+        if (slice_has(R, CFG_FP16, o->heads[i], thr) && (n_cfgs = bar_configs(R, o, o->heads[i], thr, cfgs)) > 0) {
+            need = SVG_L + n_cfgs * bar_group_w(o, cfgs, n_cfgs) + SVG_R;
+            if (need > W) W = need;
+            bar[n_bar++] = o->heads[i];
+        }
+    if (n_bar == 2 && bar[0] != nq) { /* the line panel's layout first */
+        bar[1] = bar[0];
+        bar[0] = nq;
+    }
+    /* height: the same sums the panels return */
+    n_cols = (int)((W - SVG_L - SVG_R) / colw);
+    if (n_cols < 1) n_cols = 1;
+    H = 64 + 360 + 62 + ((n_ent + n_cols - 1) / n_cols) * SVG_LEG_ROW + 10;
+    H += n_bar * (64 + BAR_PH + 30 + 10) + (other_thr ? 20 : 0) + 10;
+    f = fopen(path, "w");
+    if (!f) return -1;
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f %.0f\" "
+               "font-family=\"sans-serif\" font-size=\"12\">\n", W, H, W, H);
+    fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
+    y = svg_time_panel(f, R, o, cpu, date, nq, thr, W, 0.0) + 10;
+    for (i = 0; i < n_bar; i++) y += svg_speedup_panel(f, R, o, bar[i], thr, W, y) + 10;
+    if (other_thr)
+        fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" fill=\"#555\">Rows at other thread counts: in the CSV and the "
+                   "printed table.</text>\n", SVG_L, y + 4);
     fprintf(f, "</svg>\n");
     return fclose(f);
 }
@@ -924,7 +1141,8 @@ static void usage(FILE *f) {
             "usage: bench [options]\n"
             "  --quick            smoke test: N 1K,4K, short timing, 4K-token append\n"
             "  --n LIST           context lengths, e.g. 1K,4K,16K,64K (default)\n"
-            "  --configs LIST     from fp32,16,8,4,3,2,kvq-2x5,kvq-2x10,kvq-2h,kvq-2t,kvq-2c0,kvq-k3v2 (default: all);\n"
+            "  --configs LIST     from fp32,16,8,4,3,2,kvq-2x5,kvq-2x10,kvq-2h,kvq-2t,kvq-2c0,kvq-2p32,kvq-2p16,\n"
+            "                     kvq-k3v2 (default: all);\n"
             "                     16 = kvq fp16\n"
             "  --threads LIST     e.g. 1,2 (default), at most %d\n"
             "  --heads LIST       gqa (32 q / 8 kv), mha (8 / 8); default gqa,mha\n"
@@ -1010,12 +1228,12 @@ static void parse_args(int argc, char **argv, options *o) {
                     char num[8];
                     snprintf(num, sizeof num, "%d", CFGS[c].bits);
                     if ((!strcmp(tok[k], num) && !CFGS[c].salient_pct && !CFGS[c].rotate && !CFGS[c].per_token &&
-                         CFGS[c].search < 0 && !CFGS[c].vbits) ||
+                         CFGS[c].search < 0 && !CFGS[c].vbits && !CFGS[c].key_block && !CFGS[c].pbits) ||
                         !strcmp(tok[k], CFGS[c].name))
                         found = c;
                 }
                 if (!strcmp(tok[k], "fp16")) found = CFG_FP16;
-                if (found < 0) die("unknown config (use fp32,16,8,4,3,2,kvq-2x5,kvq-2x10,kvq-2h,kvq-2t)");
+                if (found < 0) die("unknown config (see --help)");
                 o->cfgs[o->n_cfgs++] = found;
             }
         } else if (!strcmp(a, "--threads")) {
@@ -1180,7 +1398,8 @@ int main(int argc, char **argv) {
     results R;
     pool pools[MAX_THREADS + 1];
     int have_pool[MAX_THREADS + 1];
-    char cpu[256];
+    char cpu[256], date[32];
+    time_t now = time(NULL);
     float *kbuf, *vbuf, *q[2], *out, *ref[2], *states[MAX_THREADS];
     double t_start = now_s();
     int ni, ci, hi, ti, i;
@@ -1189,6 +1408,7 @@ int main(int argc, char **argv) {
     memset(&R, 0, sizeof R);
     memset(have_pool, 0, sizeof have_pool);
     cpu_model(cpu, sizeof cpu);
+    if (!strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", gmtime(&now))) snprintf(date, sizeof date, "unknown date");
     init_profiles();
 
     printf("kvq bench: kvq %d.%d.%d (kvq_version_number %d)\n", KVQ_VERSION_MAJOR, KVQ_VERSION_MINOR,
@@ -1380,9 +1600,9 @@ int main(int argc, char **argv) {
             }
         }
 
-    if (write_csv(&R, o.csv_path) != 0) fprintf(stderr, "bench: cannot write %s\n", o.csv_path);
+    if (write_csv(&R, cpu, date, o.csv_path) != 0) fprintf(stderr, "bench: cannot write %s\n", o.csv_path);
     else printf("\nwrote %s\n", o.csv_path);
-    if (write_svg(&R, &o, cpu, o.svg_path) != 0) fprintf(stderr, "bench: cannot write %s\n", o.svg_path);
+    if (write_svg(&R, &o, cpu, date, o.svg_path) != 0) fprintf(stderr, "bench: cannot write %s\n", o.svg_path);
     else printf("wrote %s\n", o.svg_path);
     print_loadavg("at end");
     printf("total time %.1f s\n", now_s() - t_start);
