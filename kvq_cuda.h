@@ -30,15 +30,18 @@
    What is the same as kvq.h
    -------------------------
    Per KV head, device memory holds exactly kvq.h's arrays: sinks fp16 [S][D] (keys and
-   values); key blocks (fp16 scale[D], fp16 min[D], then per channel G codes packed along
-   tokens, lowest bits first; 16 bits: G fp16 rows); values per token (fp16 scale[ng],
-   fp16 min[ng], then D codes packed along channels; 16 bits: D fp16); fp16 residual rings
-   for keys (R + G rows) and values (R + 1 rows), addressed by position past the sinks
-   modulo the ring size. Keys leave the ring a block of G at a time once more than
-   max(R, G - 1) wait; values one at a time once more than R wait. Quantization uses the
+   values); key blocks of KB = key_block tokens (group_size where it is 0): fp16 scale[D],
+   fp16 min[D], then per channel KB codes packed along tokens, lowest bits first; 16 bits:
+   KB fp16 rows; values per token in groups of G = group_size channels (fp16 scale[ng],
+   fp16 min[ng], or with value_param_bits 16 one u16 per group: an 8-bit scale | an int8
+   min << 8; then D codes packed along channels; 16 bits: D fp16); fp16 residual rings
+   for keys (R + KB rows) and values (R + 1 rows), addressed by position past the sinks
+   modulo the ring size. Keys leave the ring a block of KB at a time once more than
+   max(R, KB - 1) wait; values one at a time once more than R wait. Quantization uses the
    same fp16 round-to-nearest-even, the same IEEE division (x - m) / s and the same
-   round-half-even, with no FMA contraction, so a cache filled on the GPU serializes to
-   the same bytes as one filled by kvq.h from the same inputs.
+   round-half-even (and for 16-bit value params kvq.h's fitting of the 8-bit scale and
+   int8 min), with no FMA contraction, so a cache filled on the GPU serializes to the
+   same bytes as one filled by kvq.h from the same inputs.
    Rotation: KVQ_ROTATE_HADAMARD rotates K, V and queries on the device with kvq.h's own
    plan (signs, Kronecker or block-diagonal pieces, Paley matrices) in kvq.h's operation
    order, so the rotated rows and their bytes are the CPU's; rows of L2 norm > 65504 are
@@ -48,7 +51,7 @@
    salient tokens are picked as kvq.h picks them (tracked attention per query that saw the
    token; the range gain when no query saw any token of the block, or with
    KVQ_SALIENT_ERROR), stored in the side store, left out of the block's min/max, and the
-   block's values leave with it (the value ring holds R + G rows). Attention takes their
+   block's values leave with it (the value ring holds R + KB rows). Attention takes their
    keys and values from the side store; with KVQ_SALIENT_ATTENTION it adds, for each
    waiting key, the probability the query heads of its group gave it (after merging the
    chunks) and counts the query.
@@ -296,14 +299,68 @@ static __device__ __forceinline__ void kvq__cu_put_code(uint8_t *row, int i, int
    comparisons (a < b ? a : b), not fminf, so -0.0 vs +0.0 resolves the same way.
    (x - m16) / s16 stays far inside int range: |x - m16| <= range + ulp(m16)/2 and
    s16 >= 2^-24, so the float->int conversion never saturates on either side.
+   Params are kvq.h's kvq__qparams (a plain struct, usable on the device): two fp16, or
+   with value_param_bits 16 (quantized values only) kvq.h's packed pair, the scale byte e
+   (the fp16 whose bits are e << 7) and an int8 min m8 in units of scale / 16.
    --------------------------------------------------------------------------- */
 
-static __device__ __forceinline__ void kvq__cu_fit(float lo, float hi, int bits, uint16_t *s16, uint16_t *m16,
-                                                   float *s, float *m) {
-    *m16 = kvq__cu_f2h(lo);
-    *s16 = kvq__cu_f2h(__fdiv_rn(__fsub_rn(hi, lo), (float)((1 << bits) - 1)));
-    *m = kvq__cu_h2f(*m16);
-    *s = kvq__cu_h2f(*s16);
+/* kvq__fit_range: fp16 min and scale. */
+static __device__ __forceinline__ kvq__qparams kvq__cu_fit_range(float lo, float hi, int bits) {
+    kvq__qparams qp;
+    qp.min = kvq__cu_f2h(lo);
+    qp.scale = kvq__cu_f2h(__fdiv_rn(__fsub_rn(hi, lo), (float)((1 << bits) - 1)));
+    return qp;
+}
+
+/* kvq__e5m3, kvq__min16: the 8-bit scale and the int8 min (m8 * s is exact: 8 x 4 bits). */
+static __device__ __forceinline__ float kvq__cu_e5m3(unsigned e) { return kvq__cu_h2f((uint16_t)(e << 7)); }
+static __device__ __forceinline__ float kvq__cu_min16(unsigned e, unsigned m8) {
+    const int v = (int)(m8 & 0xffu) - (m8 & 0x80u ? 256 : 0); /* int8, two's complement */
+    return __fmul_rn(__fmul_rn((float)v, kvq__cu_e5m3(e)), 0.0625f);
+}
+
+/* kvq__fit_range16: the smallest 8-bit scale >= (hi - lo) / (2^b - 1), raised until lo lies
+   in [-8 s, 127 s / 16], then m8 = round(16 lo / s), clamped to int8. */
+static __device__ kvq__qparams kvq__cu_fit_range16(float lo, float hi, int bits) {
+    const float need = __fdiv_rn(__fsub_rn(hi, lo), (float)((1 << bits) - 1));
+    unsigned h = kvq__cu_f2h(need), e;
+    float s, m8;
+    kvq__qparams qp;
+    h += kvq__cu_h2f((uint16_t)h) < need; /* fp16 rounded up, then its low 7 bits */
+    e = (h + 0x7fu) >> 7;
+    e = e > 0xf7u ? 0xf7u : e; /* 0xf8 and up: inf, NaN */
+    while (e < 0xf7u &&
+           !(lo >= __fmul_rn(-8.0f, kvq__cu_e5m3(e)) && lo <= __fmul_rn(7.9375f, kvq__cu_e5m3(e))))
+        e++;
+    s = kvq__cu_e5m3(e);
+    m8 = s == 0.0f ? 0.0f : rintf(__fdiv_rn(__fmul_rn(lo, 16.0f), s));
+    m8 = m8 < -128.0f ? -128.0f : m8 > 127.0f ? 127.0f : m8;
+    qp.scale = (uint16_t)e;
+    qp.min = (uint16_t)((unsigned)((int)m8 + 256) & 0xffu);
+    return qp;
+}
+
+/* kvq__fit, kvq__params_f32, kvq__put_params, kvq__get_params: pbits 32 (two fp16) or 16. */
+static __device__ __forceinline__ kvq__qparams kvq__cu_fit(float lo, float hi, int bits, int pbits) {
+    return pbits == 16 ? kvq__cu_fit_range16(lo, hi, bits) : kvq__cu_fit_range(lo, hi, bits);
+}
+static __device__ __forceinline__ void kvq__cu_params_f32(kvq__qparams qp, int pbits, float *m, float *s) {
+    *s = pbits == 16 ? kvq__cu_e5m3(qp.scale) : kvq__cu_h2f(qp.scale);
+    *m = pbits == 16 ? kvq__cu_min16(qp.scale, qp.min) : kvq__cu_h2f(qp.min);
+}
+/* Group g of a record's ng groups: fp16 scale[ng] then min[ng], or one u16 (scale | m8 << 8). */
+static __device__ __forceinline__ void kvq__cu_put_params(uint16_t *par, int ng, int g, kvq__qparams qp, int pbits) {
+    if (pbits == 16) par[g] = (uint16_t)(qp.scale | qp.min << 8);
+    else {
+        par[g] = qp.scale;
+        par[ng + g] = qp.min;
+    }
+}
+static __device__ __forceinline__ kvq__qparams kvq__cu_get_params(const uint16_t *par, int ng, int g, int pbits) {
+    kvq__qparams qp;
+    qp.scale = pbits == 16 ? (uint16_t)(par[g] & 0xffu) : par[g];
+    qp.min = pbits == 16 ? (uint16_t)(par[g] >> 8) : par[ng + g];
+    return qp;
 }
 
 static __device__ __forceinline__ unsigned kvq__cu_quantize_one(float x, float m, float s, int bits) {
@@ -416,12 +473,15 @@ typedef struct kvq__cuda_view {
     float *out, *part;
     float *ring_raw;     /* attention with tracking: raw scores of waiting keys [row][kcap], else NULL */
     float *row_ml;       /* attention with tracking: merged (max, sum) per row */
-    int D, H, S, G, kbits, vbits, ng;
+    int D, H, S, G, kbits, vbits, ng; /* G: channels per value group (and per key-per-token group) */
     int n_tokens, nkb, nvq, max_kblocks, max_vquant, kcap, vcap;
-    int kblock_bytes, vparam_u16, vcode_bytes;
+    int kblock_bytes, vparam_u16, vcode_bytes; /* vparam_u16: u16 of params per value record */
     int n_salient, side_bytes, sal_bits, sal_policy;
     int key_tokens, kt_u16, ktcode_bytes; /* keys per token: flag, record layout (n_ktok = nvq) */
-    int kgrid, vgrid;    /* range search steps a side for key and value groups (1: min/max), as kvq.h's */
+    /* shorts, so that KVQ_CUDA_MAX_BATCH views stay a kernel parameter (below) */
+    short kb;            /* tokens per key block (kvq.h's c->kb: key_block, or G where it is 0) */
+    short vpb;           /* bits of a quantized value group's params: 32 or 16 (kvq__vpb) */
+    short kgrid, vgrid;  /* range search steps a side for key and value groups (1: min/max), as kvq.h's */
     int n_chunks, chunk;
 } kvq__cuda_view;
 
@@ -485,7 +545,7 @@ __global__ void kvq__cu_norm_check_kernel(const float *k, const float *v, size_t
    score (tracked attention / queries that saw it, or the range gain when no query saw
    any token of the block, or with KVQ_SALIENT_ERROR), the top n_salient (ties to the
    older token), then each picked token's K and V row into its side-store entry at
-   salient_bits, entries in token order. Runs once per G tokens, so it is kept simple.
+   salient_bits, entries in token order. Runs once per key block, so it is kept simple.
    --------------------------------------------------------------------------- */
 
 static __device__ __forceinline__ uint8_t *kvq__cu_side_entry(const kvq__cuda_view &c, int h, int b, int j) {
@@ -494,7 +554,7 @@ static __device__ __forceinline__ uint8_t *kvq__cu_side_entry(const kvq__cuda_vi
 
 /* kvq__range_gain: per channel, the gap a token opens alone at the top or bottom, over the range. */
 static __device__ void kvq__cu_range_gain(const kvq__cuda_append &a, int h, int b, float *gain) {
-    const int D = a.c.D, G = a.c.G;
+    const int D = a.c.D, G = a.c.kb;
     int ch, t;
     for (t = 0; t < G; t++) gain[t] = 0.0f;
     for (ch = 0; ch < D; ch++) {
@@ -516,7 +576,7 @@ static __device__ void kvq__cu_range_gain(const kvq__cuda_append &a, int h, int 
    Tokens of this append count as unseen (kvq.h zeroes a key's counts when it arrives). */
 static __device__ void kvq__cu_select_salient(const kvq__cuda_append &a, int h, int b, uint8_t *mask) {
     const kvq__cuda_view &c = a.c;
-    const int G = c.G;
+    const int G = c.kb;
     const size_t slot0 = (size_t)h * c.kcap + (size_t)((b * G) % c.kcap); /* G slots in a row */
     float score[128];
     int t, j, seen_any = 0;
@@ -554,16 +614,16 @@ static __device__ void kvq__cu_side_put(const kvq__cuda_append &a, uint8_t *e, i
     for (g = 0; g < ng; g++) {
         const int c0 = g * G, n = D - c0 < G ? D - c0 : G;
         float x[128], lo, hi, s, m;
-        uint16_t s16, m16;
+        kvq__qparams qp;
         for (i = 0; i < n; i++) x[i] = which ? kvq__cu_value_at(a, h, pos, c0 + i) : kvq__cu_key_at(a, h, pos, c0 + i);
         lo = hi = x[0];
         for (i = 1; i < n; i++) {
             lo = x[i] < lo ? x[i] : lo;
             hi = x[i] > hi ? x[i] : hi;
         }
-        kvq__cu_fit(lo, hi, 8, &s16, &m16, &s, &m);
-        par[g] = s16;
-        par[ng + g] = m16;
+        qp = kvq__cu_fit(lo, hi, 8, 32); /* side-store entries keep fp16 params */
+        kvq__cu_put_params(par, ng, g, qp, 32);
+        kvq__cu_params_f32(qp, 32, &m, &s);
         for (i = 0; i < n; i++) codes[c0 + i] = (uint8_t)kvq__cu_quantize_one(x[i], m, s, 8);
     }
 }
@@ -578,14 +638,14 @@ __global__ void kvq__cu_salient_kernel(kvq__cuda_append a) {
         int b = a.nkb_old + (int)(idx % nb), h = (int)(idx / nb), t, j = 0;
         uint8_t mask[128];
         kvq__cu_select_salient(a, h, b, mask);
-        for (t = 0; t < c.G; t++) {
+        for (t = 0; t < c.kb; t++) {
             uint8_t *e;
             if (!mask[t]) continue;
             e = kvq__cu_side_entry(c, h, b, j++);
             e[0] = (uint8_t)t;
             e[1] = 0;
-            kvq__cu_side_put(a, e, 0, h, b * c.G + t);
-            kvq__cu_side_put(a, e, 1, h, b * c.G + t);
+            kvq__cu_side_put(a, e, 0, h, b * c.kb + t);
+            kvq__cu_side_put(a, e, 1, h, b * c.kb + t);
         }
     }
 }
@@ -593,7 +653,7 @@ __global__ void kvq__cu_salient_kernel(kvq__cuda_append a) {
 /* mask[t] = 1 for the tokens of block b of head h that the side store holds. */
 static __device__ void kvq__cu_block_mask(const kvq__cuda_view &c, int h, int b, uint8_t *mask) {
     int t, j;
-    for (t = 0; t < c.G; t++) mask[t] = 0;
+    for (t = 0; t < c.kb; t++) mask[t] = 0;
     for (j = 0; j < c.n_salient; j++) {
         const uint8_t *e = kvq__cu_side_entry(c, h, b, j);
         mask[e[0] | e[1] << 8] = 1;
@@ -607,7 +667,7 @@ static __device__ void kvq__cu_block_mask(const kvq__cuda_view &c, int h, int b,
    block's mean, scaled to 1..31; 0 if a token has no queries yet (this append's count as none). */
 static __device__ int kvq__cu_key_weights(const kvq__cuda_append &a, int h, int b, uint8_t *w) {
     const kvq__cuda_view &c = a.c;
-    const int G = c.G;
+    const int G = c.kb;
     const size_t slot0 = (size_t)h * c.kcap + (size_t)((b * G) % c.kcap);
     float s[128], mean = 0.0f, top = 0.0f;
     int t;
@@ -630,13 +690,13 @@ static __device__ int kvq__cu_key_weights(const kvq__cuda_append &a, int h, int 
 
 __global__ void kvq__cu_key_blocks_kernel(kvq__cuda_append a) {
     const kvq__cuda_view &c = a.c;
-    const int D = c.D, G = c.G, bits = c.kbits, nb = a.nkb_new - a.nkb_old;
+    const int D = c.D, G = c.kb, bits = c.kbits, nb = a.nkb_new - a.nkb_old; /* G: tokens per key block */
     size_t total = (size_t)c.H * nb * D, idx;
     for (idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
         int ch = (int)(idx % D), b = a.nkb_old + (int)((idx / D) % nb), h = (int)(idx / ((size_t)D * nb));
         uint8_t *blk = c.kblocks + ((size_t)h * c.max_kblocks + b) * c.kblock_bytes;
         float x[128], lo, hi, s, m;
-        uint16_t s16, m16;
+        kvq__qparams qp;
         uint8_t row[128], mask[128];
         int t, row_bytes = G * bits / 8;
         if (bits == 16) { /* salient or not, the block keeps every row as it is */
@@ -668,9 +728,9 @@ __global__ void kvq__cu_key_blocks_kernel(kvq__cuda_append a) {
             for (t = 0; t < G; t++) w[t] = mask[t] ? 0 : weighted ? w[t] : 1;
             kvq__cu_search_channel(x, G, w, bits, c.kgrid, &lo, &hi);
         }
-        kvq__cu_fit(lo, hi, bits, &s16, &m16, &s, &m);
-        ((uint16_t *)blk)[ch] = s16;
-        ((uint16_t *)blk)[D + ch] = m16;
+        qp = kvq__cu_fit(lo, hi, bits, 32); /* fp16 scale[D], min[D] */
+        kvq__cu_put_params((uint16_t *)blk, D, ch, qp, 32);
+        kvq__cu_params_f32(qp, 32, &m, &s);
         for (t = 0; t < row_bytes; t++) row[t] = 0;
         for (t = 0; t < G; t++)
             if (!mask[t]) kvq__cu_put_code(row, t, bits, kvq__cu_quantize_one(x[t], m, s, bits));
@@ -690,6 +750,7 @@ __global__ void kvq__cu_records_kernel(kvq__cuda_append a, int keys) {
     const kvq__cuda_view &c = a.c;
     const int D = c.D, G = c.G, bits = keys ? c.kbits : c.vbits, ng = c.ng, nv = a.nvq_new - a.nvq_old;
     const int par_u16 = keys ? c.kt_u16 : c.vparam_u16, code_bytes = keys ? c.ktcode_bytes : c.vcode_bytes;
+    const int pbits = keys ? 32 : c.vpb; /* keys per token keep fp16 params */
     uint16_t *params = keys ? c.ktparams : c.vparams;
     size_t total = (size_t)c.H * nv * ng, idx;
     for (idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
@@ -698,7 +759,7 @@ __global__ void kvq__cu_records_kernel(kvq__cuda_append a, int keys) {
         size_t rec = (size_t)h * c.max_vquant + j;
         uint8_t *codes = (keys ? c.ktcodes : c.vcodes) + rec * code_bytes;
         float x[128], lo, hi, s, m;
-        uint16_t s16, m16;
+        kvq__qparams qp;
         uint8_t row[128];
         for (i = 0; i < n; i++) x[i] = keys ? kvq__cu_key_at(a, h, j, c0 + i) : kvq__cu_value_at(a, h, j, c0 + i);
         if (bits == 16) {
@@ -711,9 +772,9 @@ __global__ void kvq__cu_records_kernel(kvq__cuda_append a, int keys) {
             hi = x[i] > hi ? x[i] : hi;
         }
         if ((keys ? c.kgrid : c.vgrid) > 1) kvq__cu_search_group(x, n, bits, keys ? c.kgrid : c.vgrid, &lo, &hi);
-        kvq__cu_fit(lo, hi, bits, &s16, &m16, &s, &m);
-        params[rec * par_u16 + g] = s16;
-        params[rec * par_u16 + ng + g] = m16;
+        qp = kvq__cu_fit(lo, hi, bits, pbits);
+        kvq__cu_put_params(params + rec * par_u16, ng, g, qp, pbits);
+        kvq__cu_params_f32(qp, pbits, &m, &s);
         for (i = 0; i < n * bits / 8; i++) row[i] = 0;
         for (i = 0; i < n; i++) kvq__cu_put_code(row, i, bits, kvq__cu_quantize_one(x[i], m, s, bits));
         for (i = 0; i < n * bits / 8; i++) codes[(size_t)c0 * bits / 8 + i] = row[i];
@@ -733,9 +794,9 @@ __global__ void kvq__cu_store_kernel(kvq__cuda_append a) {
             c.sink_v[((size_t)h * S + t) * D + ch] = kvq__cu_f2h(a.v[idx]);
             continue;
         }
-        if (pos >= (c.key_tokens ? a.nvq_new : a.nkb_new * c.G))
+        if (pos >= (c.key_tokens ? a.nvq_new : a.nkb_new * c.kb))
             c.ring_k[((size_t)h * c.kcap + (size_t)(pos % c.kcap)) * D + ch] = kvq__cu_f2h(a.k[idx]);
-        if (c.n_salient && ch == 0 && pos >= a.nkb_new * c.G) { /* a new waiting key has received no attention yet */
+        if (c.n_salient && ch == 0 && pos >= a.nkb_new * c.kb) { /* a new waiting key has received no attention yet */
             c.sal_score[(size_t)h * c.kcap + (size_t)(pos % c.kcap)] = 0.0f;
             c.sal_seen[(size_t)h * c.kcap + (size_t)(pos % c.kcap)] = 0u;
         }
@@ -882,19 +943,19 @@ static __device__ __forceinline__ kvq__cu_keyref kvq__cu_key_ref(const kvq__cuda
     r.sal = -1;
     if (t < v.S) {
         r.row = v.sink_k + ((size_t)h * v.S + t) * v.D;
-    } else if (pos < v.nkb * v.G) {
-        const uint8_t *blk = v.kblocks + ((size_t)h * v.max_kblocks + pos / v.G) * v.kblock_bytes;
-        if (v.n_salient) r.sal = kvq__cu_find_salient(v, h, pos / v.G, pos % v.G);
+    } else if (pos < v.nkb * v.kb) {
+        const uint8_t *blk = v.kblocks + ((size_t)h * v.max_kblocks + pos / v.kb) * v.kblock_bytes;
+        if (v.n_salient) r.sal = kvq__cu_find_salient(v, h, pos / v.kb, pos % v.kb);
         if (r.sal >= 0) { /* K part of the entry: params after the u16 index, codes after V's params */
-            const uint8_t *e = kvq__cu_side_entry(v, h, pos / v.G, r.sal);
+            const uint8_t *e = kvq__cu_side_entry(v, h, pos / v.kb, r.sal);
             r.par = (const uint16_t *)(e + 2);
             r.codes = v.sal_bits == 16 ? e + 2 : e + 2 + 8 * (size_t)v.ng;
             r.bits = v.sal_bits;
         } else if (v.kbits == 16) {
-            r.row = (const uint16_t *)blk + (size_t)(pos % v.G) * v.D;
+            r.row = (const uint16_t *)blk + (size_t)(pos % v.kb) * v.D;
         } else {
             r.blk = blk;
-            r.tt = pos % v.G;
+            r.tt = pos % v.kb;
         }
     } else if (v.key_tokens && pos < v.nvq) { /* keys per token leave with their values */
         const size_t rec = (size_t)h * v.max_vquant + pos;
@@ -976,7 +1037,7 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
     for (t0 = t_begin; t0 < t_end; t0 += KVQ__CUDA_TILE) {
         const int t = t0 + lane, valid = t < t_end, n8 = D / 8;
         const int n = t_end - t0 < KVQ__CUDA_TILE ? t_end - t0 : KVQ__CUDA_TILE;
-        const int first_wait = v.S + v.nkb * v.G; /* first key still in the ring */
+        const int first_wait = v.S + v.nkb * v.kb; /* first key still in the ring */
         /* uniform per block: the tile holds quantized-block tokens of a salient cache, or
            waiting keys whose scores are tracked */
         const int sal_tile = v.n_salient && (t0 > v.S ? t0 : v.S) < (t0 + n < first_wait ? t0 + n : first_wait);
@@ -988,7 +1049,7 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
         /* scores: lane = token, warps split the channel runs */
         if (valid) {
             kvq__cu_keyref r = kvq__cu_key_ref(v, h, t);
-            const int G = v.G, bits = v.kbits, row_bytes = G * bits / 8;
+            const int bits = v.kbits, row_bytes = v.kb * bits / 8; /* a key block's channel row */
             /* a loop per key form, not one with a branch inside, so each unrolls and keeps loads in flight */
             if (r.row) {
 #pragma unroll 2
@@ -1054,7 +1115,7 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
         __syncthreads();
         /* values: thread = channels tid, tid + 128, ... */
         {
-            const int S = v.S, G = v.G, bits = v.vbits, ng = v.ng;
+            const int S = v.S, G = v.G, bits = v.vbits, ng = v.ng, pbits = v.vpb;
             float corr[NH];
             int tt;
 #pragma unroll
@@ -1067,7 +1128,7 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
                 for (tt = 0; tt < n; tt++) {
                     const uint8_t *e;
                     if (sal_s[tt] < 0) continue;
-                    e = kvq__cu_side_entry(v, h, (t0 + tt - S) / G, sal_s[tt]);
+                    e = kvq__cu_side_entry(v, h, (t0 + tt - S) / v.kb, sal_s[tt]);
 #pragma unroll
                     for (k = 0; k < KCH; k++) {
                         const int ch = tid + k * KVQ__CUDA_NT;
@@ -1108,10 +1169,10 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
                         if (ch < D) {
                             if (row) {
                                 vx[u][k] = kvq__cu_h2f(row[ch]);
-                            } else if (par) {
-                                int g = ch / G;
-                                vx[u][k] = kvq__cu_h2f(par[ng + g]) +
-                                           kvq__cu_h2f(par[g]) * (float)kvq__cu_get_code(codes, ch, bits);
+                            } else if (par) { /* kvq__value_params_f32: fp16 pair or 16-bit params */
+                                float m, s;
+                                kvq__cu_params_f32(kvq__cu_get_params(par, ng, ch / G, pbits), pbits, &m, &s);
+                                vx[u][k] = m + s * (float)kvq__cu_get_code(codes, ch, bits);
                             }
                         }
                     }
@@ -1184,7 +1245,7 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_merge_kernel(const __gri
 __global__ void kvq__cu_track_kernel(const __grid_constant__ kvq__cuda_batch b) {
     const kvq__cuda_view &v = b.v[blockIdx.y];
     const int group = b.n_q_heads / v.H, after = v.n_tokens > v.S ? v.n_tokens - v.S : 0;
-    const int waiting = after - v.nkb * v.G, first_wait = v.S + v.nkb * v.G;
+    const int waiting = after - v.nkb * v.kb, first_wait = v.S + v.nkb * v.kb;
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     size_t slot;
     float score;
@@ -1193,7 +1254,7 @@ __global__ void kvq__cu_track_kernel(const __grid_constant__ kvq__cuda_batch b) 
     if (!v.ring_raw || waiting < 1 || idx >= (size_t)v.H * waiting) return;
     h = (int)(idx / waiting);
     u = (int)(idx % waiting);
-    slot = (size_t)h * v.kcap + (size_t)((v.nkb * v.G + u) % v.kcap);
+    slot = (size_t)h * v.kcap + (size_t)((v.nkb * v.kb + u) % v.kcap);
     score = v.sal_score[slot];
     seen = v.sal_seen[slot];
     for (i = 0; i < b.n_queries; i++) {
@@ -1285,6 +1346,8 @@ static void kvq__cu_shape(kvq__cuda_view *v, const kvq_config *cfg, const kvq__l
     v->H = cfg->n_kv_heads;
     v->S = cfg->sink_tokens;
     v->G = G;
+    v->kb = (short)kvq__kb(cfg);
+    v->vpb = (short)kvq__vpb(cfg);
     v->kbits = bits_k;
     v->vbits = bits_v;
     v->ng = (D + G - 1) / G;
@@ -1293,15 +1356,15 @@ static void kvq__cu_shape(kvq__cuda_view *v, const kvq_config *cfg, const kvq__l
     v->kcap = L->kcap;
     v->vcap = L->vcap;
     v->kblock_bytes = (int)kvq__key_block_bytes(cfg);
-    v->vparam_u16 = bits_v == 16 ? 0 : 2 * v->ng;
+    v->vparam_u16 = bits_v == 16 ? 0 : (int)(kvq__value_param_bytes(cfg) / 2); /* 2 ng, or ng at 16 bits */
     v->vcode_bytes = D * bits_v / 8;
     v->n_salient = kvq__salient_count(cfg);
     v->side_bytes = (int)kvq__side_entry_bytes(cfg);
     v->sal_bits = cfg->salient_bits;
     v->sal_policy = cfg->salient_policy;
     v->key_tokens = cfg->key_axis == KVQ_KEYS_PER_TOKEN;
-    v->kgrid = kvq__search_grid(cfg->range_search, bits_k, 1);
-    v->vgrid = kvq__search_grid(cfg->range_search, bits_v, 0);
+    v->kgrid = (short)kvq__search_grid(cfg->range_search, bits_k, 1);
+    v->vgrid = (short)kvq__search_grid(cfg->range_search, bits_v, 0);
     v->kt_u16 = bits_k == 16 ? 0 : 2 * v->ng;
     v->ktcode_bytes = D * bits_k / 8;
 }
@@ -1482,12 +1545,12 @@ static size_t kvq__cu_payload_size(const kvq_cuda_cache *c, int image) {
     v = kvq__cu_view(c);
     row = 2 * (size_t)v.D;
     after = (size_t)(c->n_tokens > v.S ? c->n_tokens - v.S : 0);
-    kq = v.key_tokens ? (size_t)v.nvq : (size_t)v.nkb * v.G; /* keys that left the ring */
+    kq = v.key_tokens ? (size_t)v.nvq : (size_t)v.nkb * v.kb; /* keys that left the ring */
     per_head = (size_t)(c->n_tokens - (int)after) * 2 * row + (size_t)v.nkb * v.kblock_bytes + (after - kq) * row +
                (size_t)v.nvq * ((size_t)v.vparam_u16 * 2 + v.vcode_bytes) + (after - (size_t)v.nvq) * row;
     if (v.key_tokens) per_head += (size_t)v.nvq * ((size_t)v.kt_u16 * 2 + v.ktcode_bytes);
     if (v.n_salient) per_head += (size_t)v.nkb * v.n_salient * v.side_bytes;
-    if (v.n_salient && image) per_head += (after - (size_t)v.nkb * v.G) * 8;
+    if (v.n_salient && image) per_head += (after - (size_t)v.nkb * v.kb) * 8;
     return per_head * (size_t)v.H;
 }
 
@@ -1807,7 +1870,7 @@ static cudaError_t kvq__cu_records_xfer(uint16_t *par, int par_u16, uint8_t *cod
    salient caches, for its salience rings (kcap * 8 bytes). */
 static cudaError_t kvq__cu_xfer_payload(const kvq__cuda_view *v, uint8_t *img, int to_image, uint8_t *tmp,
                                         cudaStream_t stream) {
-    const int D = v->D, G = v->G, sinks = v->n_tokens < v->S ? v->n_tokens : v->S;
+    const int D = v->D, G = v->kb, sinks = v->n_tokens < v->S ? v->n_tokens : v->S;
     const int after = v->n_tokens - sinks, kq = v->key_tokens ? v->nvq : v->nkb * G; /* keys out of the ring */
     cudaError_t e = cudaSuccess;
     int h;
