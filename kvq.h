@@ -1898,7 +1898,7 @@ KVQ_API kvq_status kvq_cache_read(const kvq_cache *c, int first, int n, float *k
    --------------------------------------------------------------------------- */
 
 #define KVQ__TILE 128     /* at most G tokens per tile */
-#define KVQ__WMAX 640     /* value groups in a tile: n * groups < G + D */
+#define KVQ__WMAX 640     /* value params decoded at once: tokens x groups (kvq__value_chunk) */
 
 typedef struct kvq__head_state {
     float m, l; /* running max and sum of exp(score - m) */
@@ -1999,6 +1999,10 @@ static void kvq__value_params_f32(const kvq_cache *c, const uint16_t *par, int n
     }
 }
 
+/* Tokens whose value params fit the scratch of KVQ__WMAX groups: a whole tile of kb tokens but
+   where kb x groups is larger (key blocks of 128 over groups of 16 at head_dim 256, ...). */
+static int kvq__value_chunk(const kvq_cache *c) { return KVQ__WMAX / kvq__value_groups(&c->cfg); }
+
 /* Values of tokens [t0, t0+n) of head h into the accumulators, weights p[j * KVQ__TILE + t]. */
 static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const float *p, int nh,
                              float *const *acc) {
@@ -2015,10 +2019,15 @@ static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const flo
     if (nq > 0 && bits == 16) {
         for (t = 0; t < nq; t++) rows[t] = (const uint16_t *)(const void *)kvq__value_codes(c, h, pos + t);
         kvq__k_acc_f16(rows, nq, D, p, nh, acc);
-    } else if (nq > 0) { /* params of the nq tokens as floats: [t][scale[ng], min[ng]] */
+    } else if (nq > 0) { /* params as floats, [t][scale[ng], min[ng]], a chunk of tokens at a time */
+        const int step = kvq__value_chunk(c);
         float par[2 * KVQ__WMAX];
-        kvq__value_params_f32(c, kvq__value_params(c, h, pos), nq, par);
-        kvq__k_acc_codes(kvq__value_codes(c, h, pos), c->vcode_bytes, par, nq, D, G, bits, p, nh, acc);
+        int t1, m;
+        for (t1 = 0; t1 < nq; t1 += m) {
+            m = nq - t1 < step ? nq - t1 : step;
+            kvq__value_params_f32(c, kvq__value_params(c, h, pos + t1), m, par);
+            kvq__k_acc_codes(kvq__value_codes(c, h, pos + t1), c->vcode_bytes, par, m, D, G, bits, p + t1, nh, acc);
+        }
     }
     if (nq < n) {
         for (t = nq; t < n; t++) rows[t - nq] = kvq__ring_v_row(c, h, pos + t);
@@ -2050,12 +2059,19 @@ static void kvq__side_values(const kvq_cache *c, int h, int b, int e0, int ne, c
         const uint16_t *rows[KVQ__TILE];
         for (i = 0; i < ne; i++) rows[i] = (const uint16_t *)(const void *)(first + (size_t)i * c->side_bytes + codes);
         kvq__k_acc_f16(rows, ne, D, w, nh, acc);
-    } else { /* params as floats [i][scale[ng], min[ng]] */
+    } else { /* params as floats [i][scale[ng], min[ng]], a chunk of entries at a time */
+        const int step = kvq__value_chunk(c);
         float par[2 * KVQ__WMAX];
-        for (i = 0; i < ne; i++)
-            kvq__f32_row(par + (size_t)i * 2 * ng,
-                         (const uint16_t *)(const void *)(first + (size_t)i * c->side_bytes + params), 2 * ng);
-        kvq__k_acc_codes(first + codes, c->side_bytes, par, ne, D, c->cfg.group_size, 8, w, nh, acc);
+        int i0, m;
+        for (i0 = 0; i0 < ne; i0 += m) {
+            m = ne - i0 < step ? ne - i0 : step;
+            for (i = 0; i < m; i++)
+                kvq__f32_row(par + (size_t)i * 2 * ng,
+                             (const uint16_t *)(const void *)(first + (size_t)(i0 + i) * c->side_bytes + params),
+                             2 * ng);
+            kvq__k_acc_codes(first + (size_t)i0 * c->side_bytes + codes, c->side_bytes, par, m, D, c->cfg.group_size,
+                             8, w + i0, nh, acc);
+        }
     }
 }
 

@@ -337,6 +337,13 @@ static void test_grid(void) {
         if (d == 4) s.vb = 4;
         check_shape(&s, d % 2);
     }
+    for (d = 0; d < 2; d++) { /* key blocks x value groups past the params scratch: 128 x 16 at head_dim 256 */
+        shape s = {0};
+        s.kb = 2; s.vb = d ? 8 : 2; s.G = 16; s.D = 256; s.H = 1; s.ratio = 2; s.nq = 1; s.S = 4; s.R = 128;
+        s.T = 700; s.kind = TU_STRUCTURED; s.rot = KVQ_ROTATE_NONE; s.salient_pct = d ? 60 : 0; s.search = 4;
+        s.key_block = 128; s.pbits = d ? 32 : 16;
+        check_shape(&s, d);
+    }
     printf("grid: worst attention NMSE vs scalar %.3g\n", worst_nmse);
 }
 
