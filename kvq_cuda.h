@@ -319,13 +319,17 @@ static __device__ __forceinline__ float kvq__cu_min16(unsigned e, unsigned m8) {
     return __fmul_rn(__fmul_rn((float)v, kvq__cu_e5m3(e)), 0.0625f);
 }
 
-/* kvq__fit_range16: the smallest 8-bit scale >= (hi - lo) / (2^b - 1), raised until lo lies
-   in [-8 s, 127 s / 16], then m8 = round(16 lo / s), clamped to int8. */
+/* kvq__fit_range16: the smallest 8-bit scale >= (hi - lo) / (2^b - 1), -lo / 8 and lo / 7.9375,
+   raised until lo lies in [-8 s, 127 s / 16] (a rounded division), then m8 = round(16 lo / s),
+   clamped to int8. */
 static __device__ kvq__qparams kvq__cu_fit_range16(float lo, float hi, int bits) {
-    const float need = __fdiv_rn(__fsub_rn(hi, lo), (float)((1 << bits) - 1));
-    unsigned h = kvq__cu_f2h(need), e;
+    float need = __fdiv_rn(__fsub_rn(hi, lo), (float)((1 << bits) - 1));
+    unsigned h, e;
     float s, m8;
     kvq__qparams qp;
+    need = __fmul_rn(-0.125f, lo) > need ? __fmul_rn(-0.125f, lo) : need;
+    need = __fdiv_rn(lo, 7.9375f) > need ? __fdiv_rn(lo, 7.9375f) : need;
+    h = kvq__cu_f2h(need);
     h += kvq__cu_h2f((uint16_t)h) < need; /* fp16 rounded up, then its low 7 bits */
     e = (h + 0x7fu) >> 7;
     e = e > 0xf7u ? 0xf7u : e; /* 0xf8 and up: inf, NaN */
@@ -382,7 +386,8 @@ static __device__ __forceinline__ double kvq__cu_search_step(int bits, int steps
     return rint(__ddiv_rn(__ddiv_rn(96.0, (double)(1 << (bits - 2))), (double)(steps - 1))) / 256.0;
 }
 
-static __device__ kvq__cu_cand kvq__cu_search_candidate(float lo, float hi, int bits, double step, int i, int j) {
+static __device__ kvq__cu_cand kvq__cu_search_candidate(float lo, float hi, int bits, int pbits, double step, int i,
+                                                        int j) {
     const double range = __dsub_rn((double)hi, (double)lo);
     kvq__cu_cand c;
     float s;
@@ -390,6 +395,7 @@ static __device__ kvq__cu_cand kvq__cu_search_candidate(float lo, float hi, int 
     c.hi = j ? __double2float_rn(__dsub_rn((double)hi, __dmul_rn(range, __dmul_rn((double)j, step)))) : hi;
     s = __fdiv_rn(__fsub_rn(c.hi, c.lo), (float)((1 << bits) - 1));
     c.m = c.lo;
+    if (pbits == 16) kvq__cu_params_f32(kvq__cu_fit_range16(c.lo, c.hi, bits), 16, &c.m, &s); /* scored as stored */
     c.r = s > 0.0f ? __fdiv_rn(1.0f, s) : 0.0f;
     c.s2 = __fmul_rn(s, s);
     return c;
@@ -410,7 +416,8 @@ static __device__ __forceinline__ float kvq__cu_search_term(float x, float m, fl
 
 /* kvq__search_group: one group x[0..n) (n a multiple of 8), eight lanes combined in a fixed
    order; the bottom side first, then the top from the best bottom. Sets *lo, *hi. */
-static __device__ void kvq__cu_search_group(const float *x, int n, int bits, int steps, float *lo, float *hi) {
+static __device__ void kvq__cu_search_group(const float *x, int n, int bits, int pbits, int steps, float *lo,
+                                            float *hi) {
     const float top = (float)((1 << bits) - 1);
     const double step = kvq__cu_search_step(bits, steps);
     const float lo0 = *lo, hi0 = *hi;
@@ -418,7 +425,8 @@ static __device__ void kvq__cu_search_group(const float *x, int n, int bits, int
     int side, k, i_best = 0, t, l;
     for (side = 0; side < 2; side++)
         for (k = 0; k < (side ? steps - 1 : steps); k++) {
-            const kvq__cu_cand c = kvq__cu_search_candidate(lo0, hi0, bits, step, side ? i_best : k, side ? k + 1 : 0);
+            const kvq__cu_cand c =
+                kvq__cu_search_candidate(lo0, hi0, bits, pbits, step, side ? i_best : k, side ? k + 1 : 0);
             float a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, e;
             if (c.r == 0.0f) continue;
             for (t = 0; t < n; t += 8)
@@ -446,7 +454,7 @@ static __device__ void kvq__cu_search_channel(const float *x, int G, const uint8
     int k, i_best = 0, t;
     for (k = 0; k < 2 * steps - 1; k++) {
         const int i = k < steps ? k : i_best, j = k < steps ? 0 : k - steps + 1;
-        const kvq__cu_cand c = kvq__cu_search_candidate(lo0, hi0, bits, step, i, j);
+        const kvq__cu_cand c = kvq__cu_search_candidate(lo0, hi0, bits, 32, step, i, j);
         float acc = 0.0f, e;
         for (t = 0; t < G; t++)
             if (w[t]) acc = __fadd_rn(acc, __fmul_rn((float)w[t], kvq__cu_search_term(x[t], c.m, c.r, top)));
@@ -771,7 +779,8 @@ __global__ void kvq__cu_records_kernel(kvq__cuda_append a, int keys) {
             lo = x[i] < lo ? x[i] : lo;
             hi = x[i] > hi ? x[i] : hi;
         }
-        if ((keys ? c.kgrid : c.vgrid) > 1) kvq__cu_search_group(x, n, bits, keys ? c.kgrid : c.vgrid, &lo, &hi);
+        if ((keys ? c.kgrid : c.vgrid) > 1)
+            kvq__cu_search_group(x, n, bits, pbits, keys ? c.kgrid : c.vgrid, &lo, &hi);
         qp = kvq__cu_fit(lo, hi, bits, pbits);
         kvq__cu_put_params(params + rec * par_u16, ng, g, qp, pbits);
         kvq__cu_params_f32(qp, pbits, &m, &s);
