@@ -406,8 +406,8 @@ extern "C" {
 
 /* ---------------------------------------------------------------------------
    Formats. IEEE fp16 conversions (round to nearest even, as F16C and CUDA do),
-   the bit packing of codes (little-endian, lowest bits first, a code may
-   straddle two bytes at 3 bits) and the byte size of every record.
+   the bit packing of codes (little-endian, lowest bits first; 3 bits as two
+   bit planes, so no code straddles a byte) and the byte size of every record.
    --------------------------------------------------------------------------- */
 
 /* A float's bits and back (memcpy into a fresh local: no aliasing, and analyzers follow it). */
@@ -446,18 +446,33 @@ static float kvq__f16_to_f32(uint16_t h) {
     return kvq__bits_f32(sign | ((e + 112u) << 23) | (m << 13));
 }
 
-/* Code i of a packed row occupies bits [i*bits, (i+1)*bits). */
-static unsigned kvq__get_code(const uint8_t *row, int i, int bits) {
-    unsigned bit = (unsigned)i * (unsigned)bits, off = bit & 7u;
-    unsigned v = row[bit >> 3];
-    if (off + (unsigned)bits > 8u) v |= (unsigned)row[(bit >> 3) + 1] << 8;
-    return (v >> off) & ((1u << bits) - 1u);
+/* A packed row holds n codes (n a multiple of 8: G for a key channel's row of a block, head_dim
+   for a per-token record) in n * bits / 8 bytes, little-endian, lowest bits first:
+     2, 4, 8 bits: code i at bits [i*bits, (i+1)*bits) of the row (never straddling a byte);
+     3 bits (format v2), two bit planes:
+       bytes [0, n/4)      the low 2 bits of every code, as a 2-bit row: bits 2*(i%4) of byte i/4;
+       bytes [n/4, 3n/8)   the high bit: bit i%8 of byte n/4 + i/8;
+       code = lo2 | hi1 << 2.
+   Eight codes from i (a multiple of 8) are a run: bits bytes at i * bits / 8; at 3 bits, two
+   low-plane bytes at i/4 and one high-plane byte at kvq__hi_at(n, i).
+   The codes [c0, c0 + m) of a 3-bit row (c0, m multiples of 8) are the planes of an m-code row
+   of their own: m/4 bytes at c0/4, m/8 bytes at n/4 + c0/8 (how a value group is written). */
+static KVQ__INLINE size_t kvq__hi_at(int n, int i) { return (size_t)n / 4 + (size_t)i / 8; }
+
+static unsigned kvq__get_code(const uint8_t *row, int n, int i, int bits) {
+    const int b = bits == 3 ? 2 : bits; /* the low plane of a 3-bit row is a 2-bit row */
+    const unsigned bit = (unsigned)i * (unsigned)b;
+    unsigned v = (unsigned)(row[bit >> 3] >> (bit & 7u)) & ((1u << b) - 1u);
+    if (bits == 3) v |= (unsigned)(row[kvq__hi_at(n, i)] >> (i & 7) & 1u) << 2;
+    return v;
 }
 
-static void kvq__put_code(uint8_t *row, int i, int bits, unsigned code) {
-    unsigned bit = (unsigned)i * (unsigned)bits, off = bit & 7u;
-    row[bit >> 3] = (uint8_t)(row[bit >> 3] | (code << off));
-    if (off + (unsigned)bits > 8u) row[(bit >> 3) + 1] = (uint8_t)(row[(bit >> 3) + 1] | (code >> (8u - off)));
+/* ORs code into place: the row starts zeroed. */
+static void kvq__put_code(uint8_t *row, int n, int i, int bits, unsigned code) {
+    const int b = bits == 3 ? 2 : bits;
+    const unsigned bit = (unsigned)i * (unsigned)b;
+    row[bit >> 3] = (uint8_t)(row[bit >> 3] | (code & ((1u << b) - 1u)) << (bit & 7u));
+    if (bits == 3) row[kvq__hi_at(n, i)] = (uint8_t)(row[kvq__hi_at(n, i)] | (code >> 2) << (i & 7));
 }
 
 /* Tokens per key block: key_block, or group_size where it is 0. */
@@ -807,9 +822,10 @@ static void kvq__search_columns_scalar(const float *xb, int G, const uint8_t *w,
     kvq__search_columns_body(xb, G, w, bits, steps, lo, hi, best);
 }
 
-/* Quantizes n values x[i*stride] into codes i of a packed row (zeroed first by the caller),
-   on the min/max range or the best of a grid x grid range search (grid 1: min/max). */
-static kvq__qparams kvq__quantize_group(const float *x, int n, int stride, int bits, int pbits, uint8_t *codes,
+/* Quantizes n values x[i*stride] into codes first_code + i of a packed row of row_n codes
+   (zeroed first by the caller), on the min/max range or the best of a grid x grid range search
+   (grid 1: min/max). */
+static kvq__qparams kvq__quantize_group(const float *x, int n, int stride, int bits, int pbits, uint8_t *codes, int row_n,
                                         int first_code, int grid) {
     float lo = x[0], hi = x[0], m, s;
     kvq__qparams qp;
@@ -823,7 +839,7 @@ static kvq__qparams kvq__quantize_group(const float *x, int n, int stride, int b
                                  : kvq__fit(lo, hi, bits, pbits);
     kvq__params_f32(qp, pbits, &m, &s);
     for (i = 0; i < n; i++)
-        kvq__put_code(codes, first_code + i, bits, kvq__quantize_one(x[(size_t)i * stride], m, s, bits));
+        kvq__put_code(codes, row_n, first_code + i, bits, kvq__quantize_one(x[(size_t)i * stride], m, s, bits));
     return qp;
 }
 
@@ -1352,10 +1368,11 @@ static void kvq__quantize_keys_scalar(const uint16_t *rows, int D, int G, int bi
         for (t = 0; t < G; t++) x[t] = kvq__f16_to_f32(rows[(size_t)t * D + ch]);
         if (keep_params) {
             const float m = kvq__f16_to_f32(mins[ch]), s = kvq__f16_to_f32(scale[ch]);
-            for (t = 0; t < G; t++) kvq__put_code(codes + row_bytes * ch, t, bits, kvq__quantize_one(x[t], m, s, bits));
+            for (t = 0; t < G; t++)
+                kvq__put_code(codes + row_bytes * ch, G, t, bits, kvq__quantize_one(x[t], m, s, bits));
             continue;
         }
-        qp = kvq__quantize_group(x, G, 1, bits, 32, codes + row_bytes * ch, 0, 1);
+        qp = kvq__quantize_group(x, G, 1, bits, 32, codes + row_bytes * ch, G, 0, 1);
         scale[ch] = qp.scale;
         mins[ch] = qp.min;
     }
@@ -1373,7 +1390,7 @@ static void kvq__quantize_record(const uint16_t *row, int D, int G, int bits, in
     memset(codes, 0, (size_t)D * bits / 8);
     for (g = 0; g < ng; g++) {
         int c0 = g * G, n = D - c0 < G ? D - c0 : G;
-        kvq__put_params(par, ng, g, kvq__quantize_group(x + c0, n, 1, bits, pbits, codes, c0, grid), pbits);
+        kvq__put_params(par, ng, g, kvq__quantize_group(x + c0, n, 1, bits, pbits, codes, D, c0, grid), pbits);
     }
 }
 static void kvq__quantize_value_scalar(const uint16_t *row, int D, int G, int bits, int pbits, int grid,
@@ -1396,7 +1413,7 @@ static void kvq__read_token_record(const kvq_cache *c, const uint16_t *par, int 
         float sc, m;
         kvq__params_f32(kvq__get_params(par, ng, g, pbits), pbits, &m, &sc);
         int c1 = (g + 1) * G < D ? (g + 1) * G : D;
-        for (ch = g * G; ch < c1; ch++) x[ch] = m + sc * (float)kvq__get_code(codes, ch, bits);
+        for (ch = g * G; ch < c1; ch++) x[ch] = m + sc * (float)kvq__get_code(codes, D, ch, bits);
     }
 }
 
@@ -1511,7 +1528,7 @@ static void kvq__side_put(const kvq_cache *c, uint8_t *e, int which, const uint1
         memset(codes, 0, (size_t)D);
         for (g = 0; g < ng; g++) {
             int c0 = g * G, len = D - c0 < G ? D - c0 : G;
-            kvq__qparams qp = kvq__quantize_group(x + c0, len, 1, 8, 32, codes, c0, 1);
+            kvq__qparams qp = kvq__quantize_group(x + c0, len, 1, 8, 32, codes, D, c0, 1);
             par[g] = qp.scale;
             par[ng + g] = qp.min;
         }
@@ -1633,7 +1650,7 @@ static void kvq__quantize_key_block_masked(kvq_cache *c, int h, int b, const uin
         for (t = 0; t < G; t++)
             if (!mask[t])
                 for (i = 0; i < nc; i++)
-                    kvq__put_code(codes + row_bytes * (c0 + i), t, bits,
+                    kvq__put_code(codes + row_bytes * (c0 + i), G, t, bits,
                                   kvq__quantize_one(xb[(size_t)t * KVQ__COLS + i], m[i], sc[i], bits));
     }
 }
@@ -1842,7 +1859,7 @@ static void kvq__read_key(const kvq_cache *c, int h, int t, float *x) {
             size_t row_bytes = (size_t)G * bits / 8;
             for (ch = 0; ch < D; ch++)
                 x[ch] = kvq__f16_to_f32(mins[ch]) +
-                        kvq__f16_to_f32(scale[ch]) * (float)kvq__get_code(codes + row_bytes * ch, tt, bits);
+                        kvq__f16_to_f32(scale[ch]) * (float)kvq__get_code(codes + row_bytes * ch, G, tt, bits);
         }
     }
 }
@@ -1928,7 +1945,7 @@ static void kvq__scores_codes_scalar(const uint8_t *blk, int D, int G, int bits,
             float qs = qj[ch] * kvq__f16_to_f32(sc[ch]);
             const uint8_t *row = codes + row_bytes * ch;
             bias += qj[ch] * kvq__f16_to_f32(mins[ch]);
-            for (t = 0; t < G; t++) s[t] += qs * (float)kvq__get_code(row, t, bits);
+            for (t = 0; t < G; t++) s[t] += qs * (float)kvq__get_code(row, G, t, bits);
         }
         for (t = 0; t < G; t++) s[t] += bias;
     }
@@ -1960,7 +1977,7 @@ static void kvq__acc_codes_scalar(const uint8_t *codes, size_t stride, const flo
             const uint8_t *ct = codes + stride * t;
             const float *pt = par + (size_t)t * 2 * ng, pj = p[(size_t)j * KVQ__TILE + t];
             for (ch = 0; ch < D; ch++)
-                acc[j][ch] += pj * (pt[ch / G] * (float)kvq__get_code(ct, ch, bits) + pt[ng + ch / G]);
+                acc[j][ch] += pj * (pt[ch / G] * (float)kvq__get_code(ct, D, ch, bits) + pt[ng + ch / G]);
         }
 }
 
@@ -3293,7 +3310,8 @@ KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, siz
    as kvq__f32_to_f16), the same division (x - m) / s, round half to even, no
    FMA contraction. Attention kernels may reorder sums (NMSE <= 1e-6 against
    scalar, tests/test_simd.c). Codes are unpacked 8 at a time from a byte
-   boundary (8 codes = bits bytes), which every shape allows: D and G are
+   boundary (a run: 8 codes = bits bytes; at 3 bits 2 bytes of the low plane and
+   1 of the high, section "Formats"), which every shape allows: D and G are
    multiples of 8. The shared scalar tails below do what SIMD does not pay for.
    AVX-512 uses the AVX2 quantize and conversion kernels (append is not the
    bottleneck; one copy to keep bit-exact). Float arithmetic throughout: an
@@ -3318,12 +3336,19 @@ KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, siz
 #endif
 
 #if KVQ__HAVE_SIMD /* the shared tails */
-/* Eight codes of bits <= 4 starting at a byte boundary, as one word. */
-static uint32_t kvq__load8(const uint8_t *p, int bits) {
-    uint32_t w = (uint32_t)p[0] | (uint32_t)p[1] << 8;
-    if (bits >= 3) w |= (uint32_t)p[2] << 16;
-    if (bits == 4) w |= (uint32_t)p[3] << 24;
-    return w;
+/* Where the run of 8 codes from i (a multiple of 8) starts in a packed row (section "Formats"):
+   i * bits / 8, or at 3 bits its low plane's two bytes, i / 4 (the high byte: kvq__hi_at). */
+static KVQ__INLINE size_t kvq__run_at(int i, int bits) { return (size_t)i * (size_t)(bits == 3 ? 2 : bits) / 8; }
+/* The high-plane byte of that run at 3 bits; otherwise the run itself (a pointer the kernels
+   carry along unused, kept inside the row). */
+static KVQ__INLINE const uint8_t *kvq__hi_ptr(const uint8_t *row, int n, int i, int bits) {
+    return row + (bits == 3 ? kvq__hi_at(n, i) : kvq__run_at(i, bits));
+}
+
+/* A 3-bit run as one word: the low plane's 2 bytes at lo, the high plane's byte at hi, so code t
+   has its low bits at 2t, 2t+1 and its high bit at 16 + t. */
+static KVQ__INLINE uint32_t kvq__planes8(const uint8_t *lo, const uint8_t *hi) {
+    return (uint32_t)lo[0] | (uint32_t)lo[1] << 8 | (uint32_t)hi[0] << 16;
 }
 
 /* Packs 8 codes (one per byte) into bits bytes, code i at bits [i*bits, (i+1)*bits):
@@ -3336,6 +3361,19 @@ static KVQ__INLINE void kvq__pack8(uint8_t *dst, uint64_t x, int bits) {
         x = (x | x >> (32 - 4 * b)) & ((1ull << 8 * b) - 1u);
     }
     for (i = 0; i < b; i++) dst[i] = (uint8_t)(x >> 8 * i);
+}
+
+/* Stores 8 codes (byte k of x holds code i + k) as the run from i of a packed row of n codes.
+   3 bits: the low bits through the 2-bit packer; the high bits (y: bit 8k = code k's bit 2) into
+   one byte by a multiply: y * sum_j 2^(7j + 7) puts bit 8k at 8k + 7j + 7, positions distinct for
+   all j, k < 8 (no carries), and j = 7 - k puts it at 56 + k. */
+static KVQ__INLINE void kvq__store_run(uint8_t *row, int n, int i, uint64_t x, int bits) {
+    if (bits == 3) {
+        kvq__pack8(row + (size_t)i / 4, x & 0x0303030303030303ull, 2);
+        row[kvq__hi_at(n, i)] = (uint8_t)(((x >> 2 & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56);
+        return;
+    }
+    kvq__pack8(row + (size_t)i * bits / 8, x, bits);
 }
 
 /* Eight bytes with stride as one little-endian word. */
@@ -3386,7 +3424,7 @@ static void kvq__quantize_value_simd(const uint16_t *row, int D, int G, int bits
     }
     for (c0 = 0; c0 < D; c0 += 8) {
         if (bits == 8) memcpy(codes + c0, cb + c0, 8);
-        else kvq__pack8(codes + (size_t)c0 * bits / 8, kvq__gather8(cb + c0, 1), bits);
+        else kvq__store_run(codes, D, c0, kvq__gather8(cb + c0, 1), bits);
     }
 }
 
@@ -3399,22 +3437,30 @@ static void kvq__quantize_value_simd(const uint16_t *row, int D, int G, int bits
 #define KVQ__AVX2_FN static KVQ__TARGET_AVX2
 #define KVQ__AVX2_INLINE static KVQ__INLINE KVQ__TARGET_AVX2
 
-KVQ__AVX2_FN __m256 kvq__codes8_avx2(const uint8_t *p, int bits, __m256i sh, __m256i mask) {
+/* The run at p as 8 floats; at 3 bits p is its low plane and hp its high byte. sh, mask: from
+   kvq__shifts_avx2 and kvq__mask_avx2 (a 3-bit run's low plane is unpacked as a 2-bit run). */
+KVQ__AVX2_FN __m256 kvq__codes8_avx2(const uint8_t *p, const uint8_t *hp, int bits, __m256i sh, __m256i mask) {
     __m256i v;
     if (bits == 8) {
         v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p));
+    } else if (bits == 3) { /* lane t: bits 2t, 2t+1 of the word, then bit 16 + t moved to bit 2 */
+        const __m256i w = _mm256_set1_epi32((int)kvq__planes8(p, hp));
+        const __m256i hsh = _mm256_add_epi32(_mm256_srli_epi32(sh, 1), _mm256_set1_epi32(14)); /* 14 + t */
+        v = _mm256_or_si256(_mm256_and_si256(_mm256_srlv_epi32(w, sh), mask),
+                            _mm256_and_si256(_mm256_srlv_epi32(w, hsh), _mm256_set1_epi32(4)));
     } else {
         uint32_t w = 0;
-        if (bits == 3) w = kvq__load8(p, 3);
-        else if (bits == 2) memcpy(&w, p, 2); /* x86: little-endian */
+        if (bits == 2) memcpy(&w, p, 2); /* x86: little-endian */
         else memcpy(&w, p, 4);
         v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), mask);
     }
     return _mm256_cvtepi32_ps(v);
 }
+/* lane * bits, and the low bits' mask (2 bits for the low plane of a 3-bit run) */
 KVQ__AVX2_FN __m256i kvq__shifts_avx2(int bits) {
-    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
+    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits == 3 ? 2 : bits));
 }
+KVQ__AVX2_FN __m256i kvq__mask_avx2(int bits) { return _mm256_set1_epi32((1 << (bits == 3 ? 2 : bits)) - 1); }
 KVQ__AVX2_FN __m256 kvq__f16x8_avx2(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
 }
@@ -3488,7 +3534,7 @@ KVQ__AVX2_FN void kvq__quantize_value_avx2(const uint16_t *row, int D, int G, in
 
 /* Vectors over 8 channels, scans over the G tokens. At 2, 4 and 8 bits a channel's codes fill
    32-bit words (32/bits tokens each), built in the lanes and stored per channel; at 3 bits the
-   codes go through cb[t][lane] to the shared packer. */
+   codes go through cb[t][lane] to the shared packer (kvq__store_run: the two planes). */
 KVQ__AVX2_FN void kvq__quantize_keys_avx2(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
     uint8_t *codes = blk + 4 * (size_t)D, cb[KVQ__TILE * 8];
@@ -3534,7 +3580,7 @@ KVQ__AVX2_FN void kvq__quantize_keys_avx2(const uint16_t *rows, int D, int G, in
         if (bits == 3)
             for (lane = 0; lane < 8; lane++)
                 for (t = 0; t < G; t += 8)
-                    kvq__pack8(codes + (size_t)(cc + lane) * rb + (size_t)t * bits / 8, kvq__gather8(cb + t * 8 + lane, 8), bits);
+                    kvq__store_run(codes + (size_t)(cc + lane) * rb, G, t, kvq__gather8(cb + t * 8 + lane, 8), 3);
     }
 }
 
@@ -3542,13 +3588,13 @@ KVQ__AVX2_FN void kvq__quantize_keys_avx2(const uint16_t *rows, int D, int G, in
 KVQ__AVX2_INLINE void kvq__scores_pass_avx2(const uint8_t *codes, int D, int G, const int bits, const float *q0,
                                             const float *bias, const int nj, float *s0) {
     const size_t rb = (size_t)G * bits / 8;
-    const __m256i sh = kvq__shifts_avx2(bits), mask = _mm256_set1_epi32((1 << bits) - 1);
+    const __m256i sh = kvq__shifts_avx2(bits), mask = kvq__mask_avx2(bits);
     int ch, t0;
     for (t0 = 0; t0 < G; t0 += 8) {
-        const uint8_t *cp = codes + (size_t)t0 * bits / 8;
+        const uint8_t *cp = codes + kvq__run_at(t0, bits), *hp = kvq__hi_ptr(codes, G, t0, bits);
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (ch = 0; ch < D; ch++, cp += rb) {
-            __m256 v = kvq__codes8_avx2(cp, bits, sh, mask);
+        for (ch = 0; ch < D; ch++, cp += rb, hp += rb) {
+            __m256 v = kvq__codes8_avx2(cp, hp, bits, sh, mask);
             a0 = _mm256_fmadd_ps(_mm256_set1_ps(q0[ch]), v, a0);
             if (nj > 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(q0[D + ch]), v, a1);
             if (nj > 2) a2 = _mm256_fmadd_ps(_mm256_set1_ps(q0[2 * D + ch]), v, a2);
@@ -3581,8 +3627,10 @@ KVQ__AVX2_FN void kvq__scores_codes_avx2(const uint8_t *blk, int D, int G, int b
         float *s0 = scores + (size_t)j0 * KVQ__TILE;
         switch (bits * 8 + (nj == 4)) { /* constant bits and head count in the hot loops */
         case 17: kvq__scores_pass_avx2(codes, D, G, 2, q0, bias + j0, 4, s0); break;
+        case 25: kvq__scores_pass_avx2(codes, D, G, 3, q0, bias + j0, 4, s0); break;
         case 33: kvq__scores_pass_avx2(codes, D, G, 4, q0, bias + j0, 4, s0); break;
         case 16: kvq__scores_pass_avx2(codes, D, G, 2, q0, bias + j0, nj, s0); break;
+        case 24: kvq__scores_pass_avx2(codes, D, G, 3, q0, bias + j0, nj, s0); break;
         case 32: kvq__scores_pass_avx2(codes, D, G, 4, q0, bias + j0, nj, s0); break;
         default: kvq__scores_pass_avx2(codes, D, G, bits, q0, bias + j0, nj, s0); break;
         }
@@ -3678,17 +3726,18 @@ KVQ__AVX2_FN float kvq__exp_sum_avx2(float *x, int n, float mx) {
 KVQ__AVX2_INLINE void kvq__acc_pass_avx2(const uint8_t *codes, size_t stride, const float *par, int n, int D,
                                          int G, const int bits, const float *p0, const int nj, float *const *acc) {
     const int ng = (D + G - 1) / G;
-    const __m256i sh = kvq__shifts_avx2(bits), mask = _mm256_set1_epi32((1 << bits) - 1);
+    const __m256i sh = kvq__shifts_avx2(bits), mask = kvq__mask_avx2(bits);
     int cc, t;
     for (cc = 0; cc < D; cc += 8) {
         const float *pt = par + cc / G;
-        const uint8_t *cp = codes + (size_t)cc * bits / 8;
+        const uint8_t *cp = codes + kvq__run_at(cc, bits), *hp = kvq__hi_ptr(codes, D, cc, bits);
         __m256 a0 = _mm256_loadu_ps(acc[0] + cc), a1 = a0, a2 = a0, a3 = a0;
         if (nj > 1) a1 = _mm256_loadu_ps(acc[1] + cc);
         if (nj > 2) a2 = _mm256_loadu_ps(acc[2] + cc);
         if (nj > 3) a3 = _mm256_loadu_ps(acc[3] + cc);
-        for (t = 0; t < n; t++, cp += stride, pt += 2 * ng) {
-            __m256 v = _mm256_fmadd_ps(_mm256_set1_ps(pt[0]), kvq__codes8_avx2(cp, bits, sh, mask), _mm256_set1_ps(pt[ng]));
+        for (t = 0; t < n; t++, cp += stride, hp += stride, pt += 2 * ng) {
+            __m256 v = _mm256_fmadd_ps(_mm256_set1_ps(pt[0]), kvq__codes8_avx2(cp, hp, bits, sh, mask),
+                                       _mm256_set1_ps(pt[ng]));
             a0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[t]), v, a0);
             if (nj > 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(p0[KVQ__TILE + t]), v, a1);
             if (nj > 2) a2 = _mm256_fmadd_ps(_mm256_set1_ps(p0[2 * KVQ__TILE + t]), v, a2);
@@ -3708,8 +3757,10 @@ KVQ__AVX2_FN void kvq__acc_codes_avx2(const uint8_t *codes, size_t stride, const
         const float *p0 = p + (size_t)j0 * KVQ__TILE;
         switch (bits * 8 + (nj == 4)) {
         case 17: kvq__acc_pass_avx2(codes, stride, par, n, D, G, 2, p0, 4, acc + j0); break;
+        case 25: kvq__acc_pass_avx2(codes, stride, par, n, D, G, 3, p0, 4, acc + j0); break;
         case 33: kvq__acc_pass_avx2(codes, stride, par, n, D, G, 4, p0, 4, acc + j0); break;
         case 16: kvq__acc_pass_avx2(codes, stride, par, n, D, G, 2, p0, nj, acc + j0); break;
+        case 24: kvq__acc_pass_avx2(codes, stride, par, n, D, G, 3, p0, nj, acc + j0); break;
         case 32: kvq__acc_pass_avx2(codes, stride, par, n, D, G, 4, p0, nj, acc + j0); break;
         default: kvq__acc_pass_avx2(codes, stride, par, n, D, G, bits, p0, nj, acc + j0); break;
         }
@@ -3793,37 +3844,36 @@ KVQ__AVX2_FN void kvq__butterflies_avx2(float *x, int n, int len) {
 #define KVQ__AVX512_FN static KVQ__TARGET_AVX512
 #define KVQ__AVX512_INLINE static KVQ__INLINE KVQ__TARGET_AVX512
 
-/* 16 codes at a byte boundary, or 8 (half = 1, the upper lanes 0), each code in the low bits
-   of its lane with higher codes above it (bits <= 4): ready for vpermps, which reads the low 4.
-   x86 is little-endian. */
-KVQ__AVX512_FN __m512i kvq__index16_avx512(const uint8_t *p, int bits, int half, __m512i sh) {
-    __m512i v;
-    if (bits == 2) { /* sh = 0, 2, ..., 30: one word holds all 16 */
-        uint32_t w = 0;
+/* 16 codes from a run (two runs), or 8 (half = 1; the upper lanes hold what the shifts leave),
+   each code in the low bits of its lane with higher codes above it (bits <= 4): ready for vpermps,
+   which reads the low 4 (a table repeats every 2^bits entries). At 3 bits p is the low plane and
+   hp the high plane. x86 is little-endian. */
+KVQ__AVX512_FN __m512i kvq__index16_avx512(const uint8_t *p, const uint8_t *hp, int bits, int half, __m512i sh) {
+    if (bits == 4) { /* byte i twice, shifted by 0 and 4: codes 2i and 2i+1 (sh = 0, 4, 0, 4, ...) */
+        __m128i x;
+        if (half) {
+            uint32_t h;
+            memcpy(&h, p, 4);
+            x = _mm_cvtsi32_si128((int)h);
+        } else {
+            x = _mm_loadl_epi64((const __m128i *)(const void *)p);
+        }
+        return _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(x, x)), sh);
+    }
+    { /* 2 bits, or a 3-bit low plane: sh = 0, 2, ..., 30, one word holds all 16 */
+        uint32_t w = 0, h = 0;
+        __m512i v;
         if (half) memcpy(&w, p, 2); /* constant sizes: one load each */
         else memcpy(&w, p, 4);
         v = _mm512_srlv_epi32(_mm512_set1_epi32((int)w), sh);
-    } else {
-        uint64_t w = 0;
-        uint32_t lo, hi;
-        if (bits == 4) { /* byte i twice, shifted by 0 and 4: codes 2i and 2i+1 (sh = 0, 4, 0, 4, ...) */
-            __m128i x;
-            if (half) {
-                uint32_t h;
-                memcpy(&h, p, 4);
-                x = _mm_cvtsi32_si128((int)h);
-            } else {
-                x = _mm_loadl_epi64((const __m128i *)(const void *)p);
-            }
-            return _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(x, x)), sh);
-        }
-        w = kvq__load8(p, 3) | (half ? 0 : (uint64_t)kvq__load8(p + 3, 3) << 32);
-        lo = (uint32_t)w;
-        hi = (uint32_t)(w >> 32);
-        v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)lo)), _mm256_set1_epi32((int)hi), 1);
-        v = _mm512_srlv_epi32(v, sh);
+        if (bits != 3) return v;
+        if (half) h = hp[0]; /* the high plane: code t's bit t to bit 2 of lane t (sh / 2 = t) */
+        else memcpy(&h, hp, 2);
+        h <<= 2;
+        /* ternary logic 0xd8 = c ? b : a, bitwise: bit 2 from the high plane, the others from v */
+        return _mm512_ternarylogic_epi32(v, _mm512_srlv_epi32(_mm512_set1_epi32((int)h), _mm512_srli_epi32(sh, 1)),
+                                         _mm512_set1_epi32(4), 0xd8);
     }
-    return v;
 }
 /* tab[i] = s * (i & (2^bits - 1)) + m: one vpermps turns an index vector into dequantized values. */
 KVQ__AVX512_FN __m512 kvq__table_avx512(int bits, __m512 s, __m512 m) {
@@ -3831,17 +3881,16 @@ KVQ__AVX512_FN __m512 kvq__table_avx512(int bits, __m512 s, __m512 m) {
                                        _mm512_set1_epi32((1 << bits) - 1));
     return _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(i), m);
 }
-KVQ__AVX512_FN __m512 kvq__codes16_avx512(const uint8_t *p, int bits, int half, __m512i sh, __m512 tab) {
+KVQ__AVX512_FN __m512 kvq__codes16_avx512(const uint8_t *p, const uint8_t *hp, int bits, int half, __m512i sh,
+                                          __m512 tab) {
     if (bits == 8)
         return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(half ? _mm_loadl_epi64((const __m128i *)(const void *)p)
                                                               : _mm_loadu_si128((const __m128i *)(const void *)p)));
-    return _mm512_permutexvar_ps(kvq__index16_avx512(p, bits, half, sh), tab);
+    return _mm512_permutexvar_ps(kvq__index16_avx512(p, hp, bits, half, sh), tab);
 }
-KVQ__AVX512_FN __m512i kvq__shifts_avx512(int bits) {
-    if (bits == 2) return _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+KVQ__AVX512_FN __m512i kvq__shifts_avx512(int bits) { /* 8 bits: unused */
     if (bits == 4) return _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7),
-                              _mm512_set1_epi32(bits));
+    return _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
 }
 /* fp16 -> f32; the zero-masked form avoids g++ 12's false maybe-uninitialized in _mm512_cvtph_ps */
 KVQ__AVX512_FN __m512 kvq__cvtph_avx512(__m256i h) { return _mm512_maskz_cvtph_ps((__mmask16)0xffff, h); }
@@ -3863,10 +3912,10 @@ KVQ__AVX512_INLINE void kvq__scores_pass_avx512(const uint8_t *codes, int D, int
     const __m512 tab = kvq__table_avx512(bits, _mm512_set1_ps(1.0f), _mm512_setzero_ps()); /* code as float */
     int ch, t0;
     for (t0 = 0; t0 < G; t0 += 16) {
-        const uint8_t *cp = codes + (size_t)t0 * bits / 8;
+        const uint8_t *cp = codes + kvq__run_at(t0, bits), *hp = kvq__hi_ptr(codes, G, t0, bits);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (ch = 0; ch < D; ch++, cp += rb) {
-            __m512 v = kvq__codes16_avx512(cp, bits, 0, sh, tab);
+        for (ch = 0; ch < D; ch++, cp += rb, hp += rb) {
+            __m512 v = kvq__codes16_avx512(cp, hp, bits, 0, sh, tab);
             a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[ch]), v, a0);
             if (nj > 1) a1 = _mm512_fmadd_ps(_mm512_set1_ps(q0[D + ch]), v, a1);
             if (nj > 2) a2 = _mm512_fmadd_ps(_mm512_set1_ps(q0[2 * D + ch]), v, a2);
@@ -3898,7 +3947,9 @@ KVQ__AVX512_FN void kvq__scores_codes_avx512(const uint8_t *blk, int D, int G, i
         const int nj = nh - j0 < 4 ? nh - j0 : 4;
         const float *q0 = qs + (size_t)j0 * D;
         float *s0 = scores + (size_t)j0 * KVQ__TILE;
-        switch (bits * 8 + (nj == 4)) { /* constant bits and head count in the hot loops */
+        /* constant bits and head count in the hot loops; 3 bits runs the general copy (copies of its
+           own, here and in the value pass, measured no faster and the 2- and 4-bit ones 5-8% slower) */
+        switch (bits * 8 + (nj == 4)) {
         case 17: kvq__scores_pass_avx512(codes, D, G, 2, q0, bias + j0, 4, s0); break;
         case 33: kvq__scores_pass_avx512(codes, D, G, 4, q0, bias + j0, 4, s0); break;
         case 16: kvq__scores_pass_avx512(codes, D, G, 2, q0, bias + j0, nj, s0); break;
@@ -3992,7 +4043,7 @@ KVQ__AVX512_INLINE void kvq__acc_pass_avx512(const uint8_t *codes, size_t stride
         const int pair = bits < 8 && D - cc >= 32 && cc / G == (cc + 16) / G, half = D - cc < 16;
         const __mmask16 k = kvq__mask_avx512(D - cc);
         const float *pt = par + cc / G;
-        const uint8_t *cp = codes + (size_t)cc * bits / 8;
+        const uint8_t *cp = codes + kvq__run_at(cc, bits), *hp = kvq__hi_ptr(codes, D, cc, bits);
         __m512 a0 = _mm512_maskz_loadu_ps(k, acc[0] + cc), a1 = a0, a2 = a0, a3 = a0;
         __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         if (nj > 1) a1 = _mm512_maskz_loadu_ps(k, acc[1] + cc);
@@ -4004,21 +4055,21 @@ KVQ__AVX512_INLINE void kvq__acc_pass_avx512(const uint8_t *codes, size_t stride
             if (nj > 2) b2 = _mm512_loadu_ps(acc[2] + cc + 16);
             if (nj > 3) b3 = _mm512_loadu_ps(acc[3] + cc + 16);
         }
-        for (t = 0; t < n; t++, cp += stride, pt += 2 * ng) {
+        for (t = 0; t < n; t++, cp += stride, hp += stride, pt += 2 * ng) {
             __m512 v, u, tab = one; /* this token's dequantized values: by table below 8 bits */
             if (bits == 8) {
-                v = _mm512_fmadd_ps(_mm512_set1_ps(pt[0]), kvq__codes16_avx512(cp, 8, half, sh, one),
+                v = _mm512_fmadd_ps(_mm512_set1_ps(pt[0]), kvq__codes16_avx512(cp, hp, 8, half, sh, one),
                                     _mm512_set1_ps(pt[ng]));
             } else {
                 tab = kvq__table_avx512(bits, _mm512_set1_ps(pt[0]), _mm512_set1_ps(pt[ng]));
-                v = kvq__codes16_avx512(cp, bits, half, sh, tab);
+                v = kvq__codes16_avx512(cp, hp, bits, half, sh, tab);
             }
             a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[t]), v, a0);
             if (nj > 1) a1 = _mm512_fmadd_ps(_mm512_set1_ps(p0[KVQ__TILE + t]), v, a1);
             if (nj > 2) a2 = _mm512_fmadd_ps(_mm512_set1_ps(p0[2 * KVQ__TILE + t]), v, a2);
             if (nj > 3) a3 = _mm512_fmadd_ps(_mm512_set1_ps(p0[3 * KVQ__TILE + t]), v, a3);
             if (!pair) continue;
-            u = kvq__codes16_avx512(cp + 2 * bits, bits, 0, sh, tab);
+            u = kvq__codes16_avx512(cp + kvq__run_at(16, bits), hp + 2, bits, 0, sh, tab); /* channels cc + 16.. */
             b0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[t]), u, b0);
             if (nj > 1) b1 = _mm512_fmadd_ps(_mm512_set1_ps(p0[KVQ__TILE + t]), u, b1);
             if (nj > 2) b2 = _mm512_fmadd_ps(_mm512_set1_ps(p0[2 * KVQ__TILE + t]), u, b2);
@@ -4165,24 +4216,43 @@ typedef struct kvq__f32x8 { float32x4_t lo, hi; } kvq__f32x8;
 #define kvq__search_group_neon kvq__search_group_scalar /* aarch64's baseline has NEON already */
 #define kvq__search_columns_neon kvq__search_columns_scalar
 
-static kvq__f32x8 kvq__codes8_neon(const uint8_t *p, int bits, int32x4_t sh_lo, int32x4_t sh_hi, uint32x4_t mask) {
+/* A run of 2 or 4 bits as one word. */
+static uint32_t kvq__load8(const uint8_t *p, int bits) {
+    uint32_t w = (uint32_t)p[0] | (uint32_t)p[1] << 8;
+    if (bits == 4) w |= (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    return w;
+}
+/* The run at p as 8 floats; at 3 bits p is its low plane (unpacked as 2 bits: sh_lo, sh_hi and
+   mask from kvq__shifts_neon) and hp its high byte, whose bit 16 + t of the word goes to bit 2. */
+static kvq__f32x8 kvq__codes8_neon(const uint8_t *p, const uint8_t *hp, int bits, int32x4_t sh_lo, int32x4_t sh_hi,
+                                   uint32x4_t mask) {
     kvq__f32x8 r;
     if (bits == 8) {
         uint16x8_t w = vmovl_u8(vld1_u8(p));
         r.lo = vcvtq_f32_u32(vmovl_u16(vget_low_u16(w)));
         r.hi = vcvtq_f32_u32(vmovl_u16(vget_high_u16(w)));
     } else {
-        uint32x4_t v = vdupq_n_u32(kvq__load8(p, bits));
-        r.lo = vcvtq_f32_u32(vandq_u32(vshlq_u32(v, sh_lo), mask)); /* negative counts shift right */
-        r.hi = vcvtq_f32_u32(vandq_u32(vshlq_u32(v, sh_hi), mask));
+        uint32x4_t v = vdupq_n_u32(bits == 3 ? kvq__planes8(p, hp) : kvq__load8(p, bits));
+        uint32x4_t lo = vandq_u32(vshlq_u32(v, sh_lo), mask), hi = vandq_u32(vshlq_u32(v, sh_hi), mask);
+        if (bits == 3) { /* counts sh / 2 - 14 = -(14 + t): bit 16 + t to bit 2 */
+            const uint32x4_t four = vdupq_n_u32(4u);
+            const int32x4_t d = vdupq_n_s32(14);
+            lo = vorrq_u32(lo, vandq_u32(vshlq_u32(v, vsubq_s32(vshrq_n_s32(sh_lo, 1), d)), four));
+            hi = vorrq_u32(hi, vandq_u32(vshlq_u32(v, vsubq_s32(vshrq_n_s32(sh_hi, 1), d)), four));
+        }
+        r.lo = vcvtq_f32_u32(lo); /* negative counts shift right */
+        r.hi = vcvtq_f32_u32(hi);
     }
     return r;
 }
 static float32x4_t kvq__f16x4_neon(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
-static void kvq__shifts_neon(int bits, int32x4_t *lo, int32x4_t *hi) {
+/* -lane * bits (right shifts), 2 for a 3-bit run's low plane; the mask of those low bits */
+static void kvq__shifts_neon(int bits, int32x4_t *lo, int32x4_t *hi, uint32x4_t *mask) {
     const int32_t s[8] = {0, -1, -2, -3, -4, -5, -6, -7};
-    *lo = vmulq_n_s32(vld1q_s32(s), bits);
-    *hi = vmulq_n_s32(vld1q_s32(s + 4), bits);
+    const int b = bits == 3 ? 2 : bits;
+    *lo = vmulq_n_s32(vld1q_s32(s), b);
+    *hi = vmulq_n_s32(vld1q_s32(s + 4), b);
+    *mask = vdupq_n_u32((1u << b) - 1u);
 }
 
 static void kvq__to_f16_neon(uint16_t *dst, const float *src, int n) {
@@ -4266,7 +4336,7 @@ static void kvq__quantize_keys_neon(const uint16_t *rows, int D, int G, int bits
             kvq__store_codes4_neon(cb + t * 4, kvq__code_neon(kvq__f16x4_neon(rows + (size_t)t * D + cc), m, s, top, sz));
         for (lane = 0; lane < 4; lane++)
             for (t = 0; t < G; t += 8)
-                kvq__pack8(codes + (size_t)(cc + lane) * rb + (size_t)t * bits / 8, kvq__gather8(cb + t * 4 + lane, 4), bits);
+                kvq__store_run(codes + (size_t)(cc + lane) * rb, G, t, kvq__gather8(cb + t * 4 + lane, 4), bits);
     }
 }
 
@@ -4275,11 +4345,11 @@ static void kvq__scores_codes_neon(const uint8_t *blk, int D, int G, int bits, c
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
     const uint8_t *codes = blk + 4 * (size_t)D;
     const size_t rb = (size_t)G * bits / 8;
-    const uint32x4_t mask = vdupq_n_u32((1u << bits) - 1u);
+    uint32x4_t mask;
     int32x4_t sl, sh;
     float qs[KVQ__HEAD_CHUNK * 512], bias[KVQ__HEAD_CHUNK];
     int j, j0, ch, t0;
-    kvq__shifts_neon(bits, &sl, &sh);
+    kvq__shifts_neon(bits, &sl, &sh, &mask);
     for (j = 0; j < nh; j++) { /* fold the channel scales into the query; the mins are one bias */
         float32x4_t b = vdupq_n_f32(0.0f);
         for (ch = 0; ch < D; ch += 4) {
@@ -4293,11 +4363,11 @@ static void kvq__scores_codes_neon(const uint8_t *blk, int D, int G, int bits, c
         const int nj = nh - j0 < 2 ? nh - j0 : 2;
         const float *q0 = qs + (size_t)j0 * D;
         for (t0 = 0; t0 < G; t0 += 8) {
-            const uint8_t *cp = codes + (size_t)t0 * bits / 8;
+            const uint8_t *cp = codes + kvq__run_at(t0, bits), *hp = kvq__hi_ptr(codes, G, t0, bits);
             float32x4_t a0 = vdupq_n_f32(0.0f), b0 = a0, a1 = a0, b1 = a0;
             float *s0 = scores + (size_t)j0 * KVQ__TILE + t0;
-            for (ch = 0; ch < D; ch++, cp += rb) {
-                kvq__f32x8 v = kvq__codes8_neon(cp, bits, sl, sh, mask);
+            for (ch = 0; ch < D; ch++, cp += rb, hp += rb) {
+                kvq__f32x8 v = kvq__codes8_neon(cp, hp, bits, sl, sh, mask);
                 a0 = vfmaq_n_f32(a0, v.lo, q0[ch]);
                 b0 = vfmaq_n_f32(b0, v.hi, q0[ch]);
                 if (nj > 1) {
@@ -4364,20 +4434,20 @@ static float kvq__exp_sum_neon(float *x, int n, float mx) {
 static void kvq__acc_codes_neon(const uint8_t *codes, size_t stride, const float *par, int n, int D, int G,
                                 int bits, const float *p, int nh, float *const *acc) {
     const int ng = (D + G - 1) / G;
-    const uint32x4_t mask = vdupq_n_u32((1u << bits) - 1u);
+    uint32x4_t mask;
     int32x4_t sl, sh;
     int j0, cc, t;
-    kvq__shifts_neon(bits, &sl, &sh);
+    kvq__shifts_neon(bits, &sl, &sh, &mask);
     for (j0 = 0; j0 < nh; j0 += 2) {
         const int nj = nh - j0 < 2 ? nh - j0 : 2;
         const float *p0 = p + (size_t)j0 * KVQ__TILE;
         for (cc = 0; cc < D; cc += 8) {
             const float *pt = par + cc / G;
-            const uint8_t *cp = codes + (size_t)cc * bits / 8;
+            const uint8_t *cp = codes + kvq__run_at(cc, bits), *hp = kvq__hi_ptr(codes, D, cc, bits);
             float *o0 = acc[j0] + cc, *o1 = nj > 1 ? acc[j0 + 1] + cc : o0;
             float32x4_t a0 = vld1q_f32(o0), b0 = vld1q_f32(o0 + 4), a1 = vld1q_f32(o1), b1 = vld1q_f32(o1 + 4);
-            for (t = 0; t < n; t++, cp += stride, pt += 2 * ng) {
-                kvq__f32x8 v = kvq__codes8_neon(cp, bits, sl, sh, mask);
+            for (t = 0; t < n; t++, cp += stride, hp += stride, pt += 2 * ng) {
+                kvq__f32x8 v = kvq__codes8_neon(cp, hp, bits, sl, sh, mask);
                 float32x4_t m = vdupq_n_f32(pt[ng]);
                 float32x4_t vl = vfmaq_n_f32(m, v.lo, pt[0]), vh = vfmaq_n_f32(m, v.hi, pt[0]);
                 a0 = vfmaq_n_f32(a0, vl, p0[t]);

@@ -260,8 +260,10 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_download(const kvq_cuda_cache *src, kvq_c
 
 /* ---------------------------------------------------------------------------
    Formats. fp16 conversion is the hardware's round-to-nearest-even (the same
-   function kvq.h computes in software); code packing is kvq.h's: code i of a row
-   occupies bits [i*bits, (i+1)*bits), little-endian, straddling bytes at 3 bits.
+   function kvq.h computes in software); code packing is kvq.h's (its Formats section):
+   a row of n codes, little-endian; at 2, 4, 8 bits code i occupies bits [i*bits, (i+1)*bits);
+   at 3 bits two bit planes, the low 2 bits as a 2-bit row in bytes [0, n/4) and the high bit
+   at bit i%8 of byte n/4 + i/8 (code = lo2 | hi1 << 2).
    --------------------------------------------------------------------------- */
 
 #define KVQ__CUDA_NT 128     /* threads per attention / merge block */
@@ -277,17 +279,21 @@ static __device__ __forceinline__ float kvq__cu_h2f(uint16_t h) {
     return __half2float(__ushort_as_half(h));
 }
 
-static __device__ __forceinline__ unsigned kvq__cu_get_code(const uint8_t *row, int i, int bits) {
-    unsigned bit = (unsigned)i * (unsigned)bits, off = bit & 7u;
-    unsigned v = row[bit >> 3];
-    if (off + (unsigned)bits > 8u) v |= (unsigned)row[(bit >> 3) + 1] << 8;
-    return (v >> off) & ((1u << bits) - 1u);
+/* Code i of a row of n codes (kvq__get_code). */
+static __device__ __forceinline__ unsigned kvq__cu_get_code(const uint8_t *row, int n, int i, int bits) {
+    const int b = bits == 3 ? 2 : bits; /* the low plane of a 3-bit row is a 2-bit row */
+    const unsigned bit = (unsigned)i * (unsigned)b;
+    unsigned v = (unsigned)(row[bit >> 3] >> (bit & 7u)) & ((1u << b) - 1u);
+    if (bits == 3) v |= (unsigned)(row[n / 4 + i / 8] >> (i & 7) & 1u) << 2;
+    return v;
 }
 
-static __device__ __forceinline__ void kvq__cu_put_code(uint8_t *row, int i, int bits, unsigned code) {
-    unsigned bit = (unsigned)i * (unsigned)bits, off = bit & 7u;
-    row[bit >> 3] = (uint8_t)(row[bit >> 3] | (code << off));
-    if (off + (unsigned)bits > 8u) row[(bit >> 3) + 1] = (uint8_t)(row[(bit >> 3) + 1] | (code >> (8u - off)));
+/* ORs code i into a zeroed row of n codes (kvq__put_code). */
+static __device__ __forceinline__ void kvq__cu_put_code(uint8_t *row, int n, int i, int bits, unsigned code) {
+    const int b = bits == 3 ? 2 : bits;
+    const unsigned bit = (unsigned)i * (unsigned)b;
+    row[bit >> 3] = (uint8_t)(row[bit >> 3] | (code & ((1u << b) - 1u)) << (bit & 7u));
+    if (bits == 3) row[n / 4 + i / 8] = (uint8_t)(row[n / 4 + i / 8] | (code >> 2) << (i & 7));
 }
 
 /* ---------------------------------------------------------------------------
@@ -741,7 +747,7 @@ __global__ void kvq__cu_key_blocks_kernel(kvq__cuda_append a) {
         kvq__cu_params_f32(qp, 32, &m, &s);
         for (t = 0; t < row_bytes; t++) row[t] = 0;
         for (t = 0; t < G; t++)
-            if (!mask[t]) kvq__cu_put_code(row, t, bits, kvq__cu_quantize_one(x[t], m, s, bits));
+            if (!mask[t]) kvq__cu_put_code(row, G, t, bits, kvq__cu_quantize_one(x[t], m, s, bits));
         {
             uint8_t *dst = blk + 4 * (size_t)D + (size_t)row_bytes * ch;
             for (t = 0; t < row_bytes; t++) dst[t] = row[t];
@@ -753,7 +759,8 @@ __global__ void kvq__cu_key_blocks_kernel(kvq__cuda_append a) {
    token, which kvq.h quantizes with the value quantizer and which leave with their values.
    One thread per (head, token, channel group). Groups start at multiples of G channels and
    G*bits/8 is whole bytes (G >= 16; a ragged last group has a multiple of 8 channels), so
-   threads never share a code byte. */
+   threads never share a code byte: at 3 bits a group's n codes are the planes of an n-code row
+   of its own, n/4 bytes at c0/4 and n/8 at D/4 + c0/8 (kvq.h's Formats). */
 __global__ void kvq__cu_records_kernel(kvq__cuda_append a, int keys) {
     const kvq__cuda_view &c = a.c;
     const int D = c.D, G = c.G, bits = keys ? c.kbits : c.vbits, ng = c.ng, nv = a.nvq_new - a.nvq_old;
@@ -785,8 +792,13 @@ __global__ void kvq__cu_records_kernel(kvq__cuda_append a, int keys) {
         kvq__cu_put_params(params + rec * par_u16, ng, g, qp, pbits);
         kvq__cu_params_f32(qp, pbits, &m, &s);
         for (i = 0; i < n * bits / 8; i++) row[i] = 0;
-        for (i = 0; i < n; i++) kvq__cu_put_code(row, i, bits, kvq__cu_quantize_one(x[i], m, s, bits));
-        for (i = 0; i < n * bits / 8; i++) codes[(size_t)c0 * bits / 8 + i] = row[i];
+        for (i = 0; i < n; i++) kvq__cu_put_code(row, n, i, bits, kvq__cu_quantize_one(x[i], m, s, bits));
+        if (bits == 3) {
+            for (i = 0; i < n / 4; i++) codes[c0 / 4 + i] = row[i];
+            for (i = 0; i < n / 8; i++) codes[D / 4 + c0 / 8 + i] = row[n / 4 + i];
+        } else {
+            for (i = 0; i < n * bits / 8; i++) codes[(size_t)c0 * bits / 8 + i] = row[i];
+        }
     }
 }
 
@@ -921,15 +933,15 @@ static __device__ __forceinline__ int kvq__cu_find_salient(const kvq__cuda_view 
    with the scale and min of the value group (one group holds all 8: groups start at multiples
    of G, a multiple of 8); 16 bits: codes is the fp16 row, read per element (a side-store row
    is only 2-byte aligned). */
-static __device__ __forceinline__ void kvq__cu_record_run(const uint16_t *par, const uint8_t *codes, int bits, int G,
-                                                          int ng, int c8, float *x) {
+static __device__ __forceinline__ void kvq__cu_record_run(const uint16_t *par, const uint8_t *codes, int bits, int D,
+                                                          int G, int ng, int c8, float *x) {
     int i;
     if (bits == 16) {
         for (i = 0; i < 8; i++) x[i] = kvq__cu_h2f(((const uint16_t *)codes)[c8 * 8 + i]);
     } else {
         const int g = c8 * 8 / G;
         const float s = kvq__cu_h2f(par[g]), m = kvq__cu_h2f(par[ng + g]);
-        for (i = 0; i < 8; i++) x[i] = m + s * (float)kvq__cu_get_code(codes, c8 * 8 + i, bits);
+        for (i = 0; i < 8; i++) x[i] = m + s * (float)kvq__cu_get_code(codes, D, c8 * 8 + i, bits);
     }
 }
 
@@ -1071,7 +1083,7 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
                 sal = r.sal;
                 for (c8 = warp; c8 < n8; c8 += KVQ__CUDA_NT / 32) {
                     float kx[8];
-                    kvq__cu_record_run(r.par, r.codes, r.bits, v.G, v.ng, c8, kx);
+                    kvq__cu_record_run(r.par, r.codes, r.bits, D, v.G, v.ng, c8, kx);
                     kvq__cu_dot8<NH>(q_s, D, c8, nh, kx, sc);
                 }
             } else {
@@ -1084,7 +1096,7 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
                     kvq__cu_h8(*(const uint4 *)(r.blk + 2 * (size_t)D + (size_t)c8 * 16), mf);
 #pragma unroll
                     for (e = 0; e < 8; e++)
-                        kx[e] = mf[e] + sf[e] * (float)kvq__cu_get_code(codes + (size_t)row_bytes * e, r.tt, bits);
+                        kx[e] = mf[e] + sf[e] * (float)kvq__cu_get_code(codes + (size_t)row_bytes * e, v.kb, r.tt, bits);
                     kvq__cu_dot8<NH>(q_s, D, c8, nh, kx, sc);
                 }
             }
@@ -1181,7 +1193,7 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
                             } else if (par) { /* kvq__value_params_f32: fp16 pair or 16-bit params */
                                 float m, s;
                                 kvq__cu_params_f32(kvq__cu_get_params(par, ng, ch / G, pbits), pbits, &m, &s);
-                                vx[u][k] = m + s * (float)kvq__cu_get_code(codes, ch, bits);
+                                vx[u][k] = m + s * (float)kvq__cu_get_code(codes, D, ch, bits);
                             }
                         }
                     }

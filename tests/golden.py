@@ -84,6 +84,8 @@ def quantize(xs, bits, steps=0, lanes=False):
     return s, m, codes
 
 def pack(codes, bits):
+    if bits == 3:                                  # two bit planes: the low 2 bits as a 2-bit row,
+        return pack([c & 3 for c in codes], 2) + pack([c >> 2 for c in codes], 1)   # then the high bits
     n = len(codes) * bits
     acc = 0
     for i, c in enumerate(codes):
@@ -96,7 +98,8 @@ def golden(steps):
     for c in range(D):
         s, m, codes = quantize([k[t][c] for t in range(T)], 2, steps, False)
         scales += h16(s); mins += h16(m); rows += pack(codes, 2)
-    # values: per token fp16 scale, fp16 min (one group), then 8 codes of 3 bits
+    # values: per token fp16 scale, fp16 min (one group), then 8 codes of 3 bits as planes:
+    # 2 bytes of low bits, 1 byte of high bits
     val = b''
     for t in range(T):
         s, m, codes = quantize(v[t], 3, steps, True)

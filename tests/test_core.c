@@ -348,6 +348,90 @@ static void test_golden(void) {
     }
 }
 
+/* ---- 3-bit bit planes: known codes, their bytes, on every ISA path ------------ */
+
+/* A 3-bit row of n codes as the format says (section "Formats" of kvq.h), written here
+   independently of kvq.h's packers: n/4 bytes of low 2 bits (code i at bits 2*(i%4) of byte
+   i/4), then n/8 bytes of high bits (code i at bit i%8 of byte n/4 + i/8). */
+static void planes_row(const int *code, int n, uint8_t *row) {
+    int i;
+    memset(row, 0, (size_t)n * 3 / 8);
+    for (i = 0; i < n; i++) {
+        row[i / 4] = (uint8_t)(row[i / 4] | (code[i] & 3) << 2 * (i % 4));
+        row[n / 4 + i / 8] = (uint8_t)(row[n / 4 + i / 8] | (code[i] >> 2) << i % 8);
+    }
+}
+
+/* Inputs whose codes are the inputs: every key channel and value group holds 0 and 7 (min 0,
+   scale 1). Under each ISA: the stored bytes of key rows (n = G) and value rows (n = D, a short
+   last group) are the planes above; key channel 0 (codes 0..7, 7..0) is also spelled out; and
+   the ISA's attention kernels read the codes back exactly (one-hot queries score a key channel;
+   a weight of 1 on one token accumulates its value row). Shapes: D 24, G 16 (AVX-512: a half
+   run of values) and D 40, G 32 (two runs per key row; AVX-512: a pair of value chunks). */
+static void test_planes(void) {
+    static const int shapes[2][2] = {{24, 16}, {40, 32}};
+    static const uint8_t row0[2][12] = {{0xe4, 0xe4, 0x1b, 0x1b, 0xf0, 0x0f}, /* low plane, high plane */
+                                        {0xe4, 0xe4, 0x1b, 0x1b, 0xe4, 0xe4, 0x1b, 0x1b, 0xf0, 0x0f, 0xf0, 0x0f}};
+    static const float one = 1.0f;
+    const kvq_isa best = kvq_get_isa();
+    int sh, isa, t, ch;
+    for (sh = 0; sh < 2; sh++) {
+        const int D = shapes[sh][0], G = shapes[sh][1];
+        float k[32 * 40], v[32 * 40], q[40], sc[KVQ__TILE], x[40], par[4], *xp = x;
+        int kc[40][32], vc[32][40];
+        uint8_t want[40 * 12];
+        for (t = 0; t < G; t++)
+            for (ch = 0; ch < D; ch++) {
+                kc[ch][t] = ch ? (3 * t + ch) % 8 : t % 16 < 8 ? t % 8 : 7 - t % 8; /* 0..7 in every 8 tokens */
+                vc[t][ch] = (5 * ch + t) % 8;                                        /* and every 8 channels */
+                k[t * D + ch] = (float)kc[ch][t];
+                v[t * D + ch] = (float)vc[t][ch];
+            }
+        for (isa = KVQ_ISA_SCALAR; isa <= KVQ_ISA_NEON; isa++) {
+            kvq_config cfg = kvq_default_config(D, 1, G);
+            kvq_cache *c = NULL;
+            const uint8_t *codes;
+            const char *name = kvq_isa_name((kvq_isa)isa);
+            int bad = 0;
+            if (kvq_set_isa((kvq_isa)isa) != KVQ_OK) continue;
+            cfg.group_size = G;
+            cfg.residual_tokens = 0;
+            cfg.sink_tokens = 0;
+            cfg.key_bits = cfg.value_bits = 3;
+            cfg.range_search = 0;
+            if (kvq_cache_create(&c, &cfg) != KVQ_OK) { CHECK(0, "create"); break; }
+            CHECK(kvq_cache_append(c, k, v, G) == KVQ_OK && c->n_kblocks == 1 && c->n_vquant == G, "append");
+            codes = c->kblocks + 4 * (size_t)D;
+            CHECK(memcmp(codes, row0[sh], (size_t)G * 3 / 8) == 0, "%s D%d G%d: key channel 0 is not e4 e4 1b 1b..",
+                  name, D, G);
+            for (ch = 0; ch < D; ch++) planes_row(kc[ch], G, want + (size_t)ch * G * 3 / 8);
+            CHECK(memcmp(codes, want, (size_t)D * G * 3 / 8) == 0, "%s D%d G%d: key rows", name, D, G);
+            for (t = 0; t < G; t++) {
+                planes_row(vc[t], D, want);
+                bad += memcmp(kvq__value_codes(c, 0, t), want, (size_t)D * 3 / 8) != 0;
+            }
+            CHECK(bad == 0, "%s D%d G%d: %d value rows", name, D, G, bad);
+            for (ch = 0, bad = 0; ch < D; ch++) { /* scores of one-hot queries: channel ch's codes */
+                memset(q, 0, sizeof q);
+                q[ch] = 1.0f;
+                kvq__k_scores_codes(c->kblocks, D, G, 3, q, 1, sc);
+                for (t = 0; t < G; t++) bad += sc[t] != (float)kc[ch][t];
+            }
+            CHECK(bad == 0, "%s D%d G%d: %d key codes read back wrong", name, D, G, bad);
+            for (t = 0, bad = 0; t < G; t++) { /* a value row with weight 1: its codes */
+                const uint16_t *p = kvq__value_params(c, 0, t); /* scale[2], min[2] */
+                for (ch = 0; ch < 4; ch++) par[ch] = kvq__f16_to_f32(p[ch]);
+                memset(x, 0, sizeof x);
+                kvq__k_acc_codes(kvq__value_codes(c, 0, t), 0, par, 1, D, G, 3, &one, 1, &xp);
+                for (ch = 0; ch < D; ch++) bad += x[ch] != (float)vc[t][ch];
+            }
+            CHECK(bad == 0, "%s D%d G%d: %d value codes read back wrong", name, D, G, bad);
+            kvq_cache_destroy(c);
+        }
+    }
+    kvq_set_isa(best);
+}
+
 /* ---- incremental vs bulk append, split vs single ----------------------- */
 
 static void test_incremental_and_split(void) {
@@ -909,6 +993,7 @@ int main(int argc, char **argv) {
     }
     test_fp16();
     test_golden();
+    test_planes();
     test_accounting();
     test_errors();
     test_incremental_and_split();
