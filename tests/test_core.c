@@ -305,6 +305,12 @@ static const uint8_t golden_k2c4[] = {
 static const uint8_t golden_v3c4[] = {
 #include "golden_v3c4.inc"
 };
+static const uint8_t golden_v2p16[] = {
+#include "golden_v2p16.inc"
+};
+static const uint8_t golden_v2p16c4[] = {
+#include "golden_v2p16c4.inc"
+};
 
 static void test_golden(void) {
     float k[16 * 8], v[16 * 8];
@@ -344,6 +350,27 @@ static void test_golden(void) {
             for (i = 0; i < sizeof got; i++) printf("%u,%s", got[i], i % 16 == 15 ? "\n" : "");
             printf("\n");
         }
+        kvq_cache_destroy(c);
+    }
+    for (search = 0; search <= 4; search += 4) { /* 2-bit values with 16-bit params */
+        kvq_config cfg = kvq_default_config(8, 1, 16);
+        const uint8_t *gv = search ? golden_v2p16c4 : golden_v2p16;
+        kvq_cache *c = NULL;
+        uint8_t got[16 * 4]; /* value records: one u16 of params (one group of 8 channels), 2 code bytes */
+        cfg.group_size = 16;
+        cfg.residual_tokens = 0;
+        cfg.sink_tokens = 0;
+        cfg.value_bits = 2;
+        cfg.value_param_bits = 16;
+        cfg.range_search = search;
+        if (kvq_cache_create(&c, &cfg) != KVQ_OK) { CHECK(0, "create"); return; }
+        kvq_cache_append(c, k, v, 16);
+        for (t = 0; t < 16; t++) {
+            memcpy(got + t * 4, kvq__value_params(c, 0, t), 2);
+            memcpy(got + t * 4 + 2, kvq__value_codes(c, 0, t), 2);
+        }
+        CHECK(sizeof golden_v2p16 == sizeof got && memcmp(got, gv, sizeof got) == 0,
+              "16-bit-param value bytes differ from golden (search %d)", search);
         kvq_cache_destroy(c);
     }
 }

@@ -49,6 +49,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (mode & 2) cfg.rotation = mode & 128 ? KVQ_ROTATE_PREROTATED : KVQ_ROTATE_HADAMARD;
         if (mode & 4) cfg.key_axis = KVQ_KEYS_PER_TOKEN;
         if (mode & 16) cfg.range_search = mode & 8 ? 0 : 8; /* min/max or the widest search; else the default */
+        mode = next(&r); /* format v2: key blocks apart from value groups, 16-bit value params (some refused) */
+        if (mode & 1) cfg.key_block = groups[(mode >> 1) & 3];
+        if (mode & 8) cfg.residual_tokens = cfg.key_block * (int)((mode >> 4) % 3);
+        if (mode & 64) cfg.value_param_bits = 16;
     }
     need = kvq_cache_bytes(&cfg);
     if (need == 0) {

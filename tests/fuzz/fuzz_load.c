@@ -44,7 +44,7 @@ static kvq_config pick_config(reader *r) {
     static const int bits[] = {2, 3, 4, 8, 16, 2, 4, 8};
     static const int groups[] = {16, 32, 64, 128};
     static const float ratios[] = {0.05f, 0.1f, 0.25f, 0.6f};
-    unsigned b = next(r), mode;
+    unsigned b = next(r), mode, shape;
     int D = b < 224 ? 8 * (1 + (int)(b % 8)) : wide[(b - 224) % 16]; /* mostly small: runs per second */
     int H = 1 + (int)(next(r) % 3);
     int max_tokens = 1 + (int)(next16(r) % 320);
@@ -52,10 +52,10 @@ static kvq_config pick_config(reader *r) {
     b = next(r);
     cfg.key_bits = bits[b & 7];
     cfg.value_bits = bits[(b >> 3) & 7];
-    b = next(r);
-    cfg.group_size = groups[b & 3];
-    cfg.residual_tokens = cfg.group_size * (int)(((b >> 2) & 3) % 3);
-    cfg.sink_tokens = (int)((b >> 4) & 7) < max_tokens ? (int)((b >> 4) & 7) : max_tokens;
+    shape = next(r);
+    cfg.group_size = groups[shape & 3];
+    cfg.sink_tokens = (int)((shape >> 4) & 7) < max_tokens ? (int)((shape >> 4) & 7) : max_tokens;
+    if (shape & 128 && cfg.value_bits <= 4) cfg.value_param_bits = 16;
     mode = next(r);
     if (mode & 1) { /* salient tokens with a side store (not with per-token keys: unsupported) */
         cfg.salient_ratio = ratios[(mode >> 3) & 3];
@@ -68,6 +68,8 @@ static kvq_config pick_config(reader *r) {
     b = next(r);
     cfg.seed = 0x9e3779b9u * (1u + b);
     cfg.range_search = b % 4 == 0 ? 0 : b % 4 == 1 ? 8 : 4; /* min/max, the widest search, the default */
+    if (b & 16) cfg.key_block = groups[(b >> 5) & 3]; /* key blocks apart from the value groups */
+    cfg.residual_tokens = (cfg.key_block ? cfg.key_block : cfg.group_size) * (int)(((shape >> 2) & 3) % 3);
     return cfg;
 }
 
