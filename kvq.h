@@ -1426,14 +1426,16 @@ static float kvq__dot8(const float *a, const float *b, int n) {
     return ((d8[0] + d8[4]) + (d8[1] + d8[5])) + ((d8[2] + d8[6]) + (d8[3] + d8[7]));
 }
 
-/* Salient tokens (MiKV, ZipCache). When a key block leaves the window, its
+/* ---------------------------------------------------------------------------
+   Salient side store (MiKV, ZipCache). When a key block leaves the window, its
    n_salient most important tokens move to a side store at salient_bits and are
    left out of the block's per-channel min/max (their codes are ignored), so one
    huge token no longer stretches the grid of the others. Importance: the
    attention a token received while waiting, divided by the queries that saw it
    (ZipCache's normalized score, fair to young tokens); or, with no attention
    seen (prefill) or KVQ_SALIENT_ERROR, how much leaving the token out shrinks
-   the block's per-channel ranges. */
+   the block's per-channel ranges. Entries: see kvq__side_entry_bytes.
+   --------------------------------------------------------------------------- */
 static uint8_t *kvq__side_entry(const kvq_cache *c, int h, int b, int j) {
     return c->side + (((size_t)h * c->max_kblocks + (size_t)b) * c->n_salient + (size_t)j) * c->side_bytes;
 }
@@ -1550,6 +1552,11 @@ static const uint8_t *kvq__find_salient(const kvq_cache *c, int h, int b, int tt
     }
     return NULL;
 }
+
+/* ---------------------------------------------------------------------------
+   Leaving the window: a full key block (per channel, its ranges searched, salient
+   tokens left out), one value, or one key per token is quantized into its record.
+   --------------------------------------------------------------------------- */
 
 /* Range-search weights of block b of head h: in caches that record attention (salient tokens,
    attention policy), a waiting key's normalized score plus 0.1x the block's mean, scaled to

@@ -55,8 +55,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
         if (again) {
             /* the same bytes, checksums aside: this build does not check them */
-            if (kvq_cache_serialize(c, again, out_n, &w) != KVQ_OK || w > size || memcmp(again, data, 104) != 0 ||
-                memcmp(again + 108, data + 108, 16) != 0 || memcmp(again + 128, data + 128, w - 128) != 0)
+            if (kvq_cache_serialize(c, again, out_n, &w) != KVQ_OK || w > size ||
+                memcmp(again, data, KVQ__H_PAYLOAD_CRC) != 0 ||
+                memcmp(again + KVQ__H_PAYLOAD_CRC + 4, data + KVQ__H_PAYLOAD_CRC + 4, KVQ__H_CRC - KVQ__H_PAYLOAD_CRC - 4) ||
+                memcmp(again + KVQ__HEADER_BYTES, data + KVQ__HEADER_BYTES, w - KVQ__HEADER_BYTES) != 0)
                 abort();
             free(again);
         }

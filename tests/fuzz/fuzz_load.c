@@ -277,9 +277,11 @@ static void put32(uint8_t *p, uint32_t v) {
 }
 #endif
 
-/* The image without its two checksums (bytes 104..107 and 124..127) equals the other one. */
+/* The image without its two checksums (at KVQ__H_PAYLOAD_CRC and KVQ__H_CRC) equals the other one. */
 static int same_image(const uint8_t *a, const uint8_t *b, size_t n) {
-    return memcmp(a, b, 104) == 0 && memcmp(a + 108, b + 108, 16) == 0 && memcmp(a + 128, b + 128, n - 128) == 0;
+    const size_t pc = KVQ__H_PAYLOAD_CRC, hb = KVQ__HEADER_BYTES;
+    return memcmp(a, b, pc) == 0 && memcmp(a + pc + 4, b + pc + 4, KVQ__H_CRC - pc - 4) == 0 &&
+           memcmp(a + hb, b + hb, n - hb) == 0;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -326,11 +328,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (!img || !orig || !again) abort();
     if (kvq_cache_serialize(c, img, n_img, &w) != KVQ_OK || w != n_img) fail("serialize failed");
     memcpy(orig, img, n_img);
-    mutate(img + 128, n_img - 128, &r);
+    mutate(img + KVQ__HEADER_BYTES, n_img - KVQ__HEADER_BYTES, &r);
     changed = memcmp(img, orig, n_img) != 0;
 #ifndef FUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION
-    put32(img + 104, crc32c(img + 128, n_img - 128));
-    put32(img + 124, crc32c(img, 124));
+    put32(img + KVQ__H_PAYLOAD_CRC, crc32c(img + KVQ__HEADER_BYTES, n_img - KVQ__HEADER_BYTES));
+    put32(img + KVQ__H_CRC, crc32c(img, KVQ__H_CRC));
 #endif
     if (kvq_set_isa(isas[(isa >> 2) & 3]) != KVQ_OK) (void)kvq_set_isa(KVQ_ISA_SCALAR); /* for the load */
     memset(mem2, FILL, need);
