@@ -2007,20 +2007,18 @@ static void kvq__value_params_f32(const kvq_cache *c, const uint16_t *par, int n
         kvq__dispatch_to_f32(out, par, n * 2 * ng);
         return;
     }
-    { /* the scales through the ISA's fp16 conversion (e << 7 is the fp16), then m = m8 * s / 16 */
-        uint16_t h[2 * KVQ__WMAX];
-        for (t = 0; t < n; t++)
-            for (g = 0; g < ng; g++) {
-                h[(size_t)t * 2 * ng + g] = (uint16_t)((par[(size_t)t * ng + g] & 0xffu) << 7);
-                h[(size_t)t * 2 * ng + ng + g] = 0;
-            }
-        kvq__dispatch_to_f32(out, h, n * 2 * ng);
-        for (t = 0; t < n; t++)
-            for (g = 0; g < ng; g++) {
-                const int m8 = (int)(par[(size_t)t * ng + g] >> 8) - (par[(size_t)t * ng + g] & 0x8000u ? 256 : 0);
-                out[(size_t)t * 2 * ng + ng + g] = ((float)m8 * out[(size_t)t * 2 * ng + g]) * 0.0625f;
-            }
-    }
+    for (t = 0; t < n; t++, par += ng, out += 2 * ng) /* one pass, branch-free */
+        for (g = 0; g < ng; g++) {
+            const unsigned e = par[g] & 0xffu;
+            const int m8 = (int)(par[g] >> 8) - (int)(par[g] >> 15 << 8); /* int8, two's complement */
+            /* e << 20 is the fp16's exponent and mantissa in a float's place: rebias by 112 (a normal
+               fp16, e >= 8), or by 113 and take away 2^-14 (a subnormal one: (e & 7) * 2^-17) */
+            const float normal = kvq__bits_f32((e << 20) + (112u << 23));
+            const float sub = kvq__bits_f32((e << 20) + (113u << 23)) - 6.103515625e-5f;
+            const float s = e >= 8 ? normal : sub;
+            out[g] = s;
+            out[ng + g] = ((float)m8 * s) * 0.0625f;
+        }
 }
 
 /* Tokens whose value params fit the scratch of KVQ__WMAX groups: a whole tile of kb tokens but
