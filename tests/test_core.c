@@ -1011,6 +1011,29 @@ static void test_params16(void) {
             }
         }
     CHECK(bad == 0, "%d elements past the bound of 16-bit value params", bad);
+    { /* attention's decoder of stored params agrees with the reference for every u16 */
+        kvq_config cfg = kvq_default_config(16, 1, 16);
+        kvq_cache *c = NULL;
+        unsigned v;
+        cfg.value_param_bits = 16;
+        cfg.group_size = 16;
+        bad = 0;
+        if (kvq_cache_create(&c, &cfg) == KVQ_OK) {
+            for (v = 0; v < 65536; v++) {
+                uint16_t par = (uint16_t)v;
+                float out[2], m, s;
+                kvq__qparams qp;
+                if ((v & 0xffu) > 0xf7u) continue; /* not a scale (refused on load) */
+                qp.scale = (uint16_t)(v & 0xffu);
+                qp.min = (uint16_t)(v >> 8);
+                kvq__params_f32(qp, 16, &m, &s);
+                kvq__value_params_f32(c, &par, 1, out);
+                bad += memcmp(&out[0], &s, 4) != 0 || memcmp(&out[1], &m, 4) != 0;
+            }
+        }
+        CHECK(c && bad == 0, "%d 16-bit params decoded differently by attention", bad);
+        kvq_cache_destroy(c);
+    }
 }
 
 int main(int argc, char **argv) {
