@@ -10,7 +10,7 @@ AARCH64_CC ?= aarch64-linux-gnu-gcc
 QEMU    ?= qemu-aarch64-static
 
 TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_simd_dispatch $(B)/test_serialize $(B)/test_rotate $(B)/test_salient \
-           $(B)/test_threads $(B)/test_batch $(B)/test_examples $(B)/compile_gcc_c $(B)/compile_gcc_cxx \
+           $(B)/test_runtime $(B)/test_threads $(B)/test_batch $(B)/test_examples $(B)/compile_gcc_c $(B)/compile_gcc_cxx \
            $(B)/compile_clang_c $(B)/compile_clang_cxx $(B)/compile_gcc_strict $(B)/compile_clang_strict
 HDR      = kvq.h tests/test_util.h tests/hostile.h
 
@@ -35,6 +35,8 @@ $(B)/test_rotate: tests/test_rotate.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_rotate.c $(LDLIBS)
 $(B)/test_salient: tests/test_salient.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_salient.c $(LDLIBS)
+$(B)/test_runtime: tests/test_runtime.c $(HDR) | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_runtime.c $(LDLIBS)
 $(B)/test_threads: tests/test_threads.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_threads.c $(LDLIBS)
 $(B)/test_batch: tests/test_batch.c $(HDR) | $(B)
@@ -68,7 +70,7 @@ test: $(TESTS) $(B)/test_serialize_plain $(B)/overview
 	tests/run_all.sh $(TESTS) "$(B)/test_serialize_plain --check $(B)/xplat" "tests/test_overview.sh $(B)/overview"
 
 # ---- sanitizers: the unit tests under ASan (gcc) and UBSan (clang), SIMD paths included
-SAN_TESTS = core simd serialize rotate salient batch examples
+SAN_TESTS = core simd serialize rotate salient batch runtime examples
 $(B)/asan_%: tests/test_%.c $(HDR) examples/*.h | $(B)
 	$(CC) $(WARN) $(SAN_FLAGS) -march=native -fsanitize=address -o $@ $< $(LDLIBS)
 $(B)/ubsan_%: tests/test_%.c $(HDR) examples/*.h | $(B)
@@ -149,14 +151,15 @@ lint:
 check: test asan ubsan tsan neon lint fuzz cuda-emu cuda-emu-asan package
 
 # ---- NEON: cross-compiled, run under qemu -----------------------------------
-NEON_TESTS = core simd serialize rotate salient batch
+NEON_TESTS = core simd serialize rotate salient batch runtime
 $(B)/neon_%: tests/test_%.c $(HDR) | $(B)
 	$(AARCH64_CC) $(WARN) -O2 -static -o $@ $< -lm
 # the aarch64 run also loads a cache image saved by the native build
 neon: $(addprefix $(B)/neon_,$(NEON_TESTS)) $(B)/test_serialize
 	mkdir -p $(B)/xplat && $(B)/test_serialize --write $(B)/xplat >/dev/null
 	tests/run_all.sh "$(QEMU) $(B)/neon_core" "$(QEMU) $(B)/neon_simd" "$(QEMU) $(B)/neon_rotate" \
-	  "$(QEMU) $(B)/neon_salient" "$(QEMU) $(B)/neon_batch" "$(QEMU) $(B)/neon_serialize --check $(B)/xplat"
+	  "$(QEMU) $(B)/neon_salient" "$(QEMU) $(B)/neon_batch" "$(QEMU) $(B)/neon_runtime" \
+	  "$(QEMU) $(B)/neon_serialize --check $(B)/xplat"
 
 # ---- CUDA: compiled wherever nvcc is; the tests skip without a device -------------
 NVCC      ?= nvcc

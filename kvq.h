@@ -49,11 +49,12 @@
    A cache has no lock. Calls that only read it (kvq_cache_read, _tokens, _config,
    _payload_bytes, _serialize, kvq_attention_partial, kvq_attention_merge,
    kvq_attention_prefill_partial, kvq_batch_attention, kvq_batch_merge, and
-   kvq_attention unless it records salience, see below) may run concurrently on one
-   cache. Calls that write it (kvq_cache_append, _reset, and kvq_attention on a cache with
-   salient_ratio > 0 and KVQ_SALIENT_ATTENTION) need exclusive access: serialize them
-   against every other call on that cache (a mutex or reader-writer lock, or one thread
-   per cache). Distinct caches are independent. tests/test_threads.c runs this under TSan.
+   kvq_attention unless it records salience, see below; kvq_cache_copy's src) may run
+   concurrently on one cache. Calls that write it (kvq_cache_append, _reset, _truncate,
+   kvq_cache_copy's dst, and kvq_attention on a cache with salient_ratio > 0 and
+   KVQ_SALIENT_ATTENTION) need exclusive access: serialize them against every other call
+   on that cache (a mutex or reader-writer lock, or one thread per cache). Distinct caches
+   are independent. tests/test_threads.c runs this under TSan.
    Errors: every public call validates its arguments and returns a kvq_status;
    after any error the cache is exactly as it was (appends are all or nothing).
    Aliasing: outputs must not overlap inputs or the cache's memory (q and out of
@@ -142,6 +143,9 @@ typedef struct kvq_config {
     int value_param_bits; /* a value group's scale and min: 32 (two fp16; 0 means 32) or 16 (an
                              8-bit float scale and an int8 min in units of scale/16), for 2- to
                              4-bit values: the min's range, [-8, 8) scales, is too narrow above */
+    int rollback_tokens; /* 0-4096 (default 16; 0 = none): kvq_cache_truncate() undoes up to this
+                            many of the newest appends exactly (speculative decoding's drafts);
+                            costs up to 4 * head_dim bytes per token per KV head (see truncate) */
 } kvq_config;
 
 typedef struct kvq_cache kvq_cache;
@@ -167,11 +171,35 @@ KVQ_API kvq_status kvq_cache_create(kvq_cache **out, const kvq_config *cfg); /* 
    cache twice, or using it after destroy, is undefined behaviour. */
 KVQ_API void       kvq_cache_destroy(kvq_cache *c);
 KVQ_API void       kvq_cache_reset(kvq_cache *c);   /* back to 0 tokens */
+/* Keeps the first n_tokens tokens (0 <= n_tokens <= tokens held, else KVQ_ERR_INVALID and
+   nothing changes). Rollback: cutting at most the newest h tokens, h the cache's rollback
+   history, leaves exactly the cache that never saw them: the same reads, attention outputs
+   and serialized image, and the same again after any further appends and attention calls.
+   The history grows by one token per append up to cfg.rollback_tokens, loses the tokens a
+   rollback cuts, and starts empty at create, reset, load, a deep cut and kvq_cache_copy's
+   dst. Salience recorded by kvq_attention (salient_ratio > 0, KVQ_SALIENT_ATTENTION) is part
+   of it: the waiting keys' scores return to what they were before the first cut token was
+   appended, as if the attention calls made since had not been. A deeper cut keeps every kept
+   token as stored, except that those which had left the fp16 window (into a quantized record
+   that the cut now splits or removes) return to the window as their dequantized values
+   rounded to fp16, and forget the attention they received; appending and attention go on
+   as usual. */
+KVQ_API kvq_status kvq_cache_truncate(kvq_cache *c, int n_tokens);
+/* Puts src's first n_tokens tokens into dst (fork, shared prefix, or growth into a larger
+   capacity): dst then reads, attends and appends exactly as src truncated to n_tokens would
+   (a cut inside src's rollback history is exact; a deeper one as kvq_cache_truncate's), with
+   an empty rollback history. dst's config must equal src's but for max_tokens (at least
+   n_tokens, else KVQ_ERR_FULL) and rollback_tokens; a mismatch, n_tokens outside
+   0..tokens of src, or dst's memory overlapping src's give KVQ_ERR_INVALID. On any error dst
+   is unchanged. src is only read (as by kvq_cache_read). */
+KVQ_API kvq_status kvq_cache_copy(kvq_cache *dst, const kvq_cache *src, int n_tokens);
 KVQ_API int        kvq_cache_tokens(const kvq_cache *c);
 KVQ_API const kvq_config *kvq_cache_config(const kvq_cache *c);
-/* Bytes holding the tokens now stored: codes + scales/mins + sinks + residual window. */
+/* Bytes holding the tokens now stored: codes + scales/mins + sinks + residual window (not the
+   rollback history, which holds no token: it is in kvq_cache_bytes()). */
 KVQ_API size_t     kvq_cache_payload_bytes(const kvq_cache *c);
-/* Steady-state storage per K/V element of a config, residual window and sinks excluded. */
+/* Steady-state storage per K/V element of a config, residual window and sinks excluded, and
+   so the rollback history, a fixed fp16 extension of the window (in kvq_cache_bytes()). */
 KVQ_API double     kvq_config_bits_per_element(const kvq_config *cfg);
 
 /* k, v: [n_tokens][n_kv_heads][head_dim] floats, finite and within fp16 range (|x| <= 65504;
@@ -401,6 +429,7 @@ extern "C" {
 #define KVQ__FP16_MAX 65504.0f
 #define KVQ__MAX_TOKENS (1 << 30)
 #define KVQ__MAX_HEADS 4096
+#define KVQ__MAX_ROLLBACK 4096 /* history rows and salience snapshots grow with it */
 #define KVQ__ALIGN 64
 #define KVQ__HEAD_CHUNK 8 /* query heads of one KV group handled together in attention */
 
@@ -511,6 +540,11 @@ static int kvq__salient_count(const kvq_config *cfg) {
     if (!(cfg->salient_ratio > 0.0f)) return 0;
     n = (int)(cfg->salient_ratio * (float)kvq__kb(cfg) + 0.5f);
     return n < 1 ? 1 : (n > kvq__kb(cfg) - 1 ? kvq__kb(cfg) - 1 : n);
+}
+
+/* Whether kvq_attention records the attention waiting keys receive (salience scores). */
+static int kvq__records_attention(const kvq_config *cfg) {
+    return kvq__salient_count(cfg) && cfg->salient_policy == KVQ_SALIENT_ATTENTION;
 }
 
 /* Side-store entry: u16 token index in its block, then K and V at salient_bits:
@@ -1019,6 +1053,9 @@ KVQ_API kvq_status kvq_hadamard_inverse(float *x, int n, unsigned seed) {
    Keys leave the ring one full block of G at a time, once more than R are
    waiting; values leave one at a time, once more than R are waiting. So
    n_kblocks*G <= n_vquant always, and attention has at most four segments.
+   Rollback history: a row that leaves the window stays in its ring, unchanged, for
+   rollback_tokens more appends (the rings are that much longer), so undoing those
+   appends only uncounts records (see "Truncate and copy").
    --------------------------------------------------------------------------- */
 
 struct kvq_cache {
@@ -1047,6 +1084,9 @@ struct kvq_cache {
     float *sal_score;          /* [H][kcap] attention received by waiting keys */
     uint32_t *sal_seen;        /* [H][kcap] queries that saw them */
     float *sal_ring;           /* [KVQ__HEAD_CHUNK][kcap] scratch: raw scores of waiting keys */
+    int n_hist;                /* newest appends a truncate undoes exactly (<= rollback_tokens) */
+    float *snap_score;         /* [rollback_tokens][H][kcap] sal_score before append t, at t % rollback_tokens; */
+    uint32_t *snap_seen;       /* the same of sal_seen; both NULL unless the cache records attention */
     kvq__rotation rot;         /* used when cfg.rotation == KVQ_ROTATE_HADAMARD */
 };
 
@@ -1085,6 +1125,7 @@ KVQ_API kvq_config kvq_default_config(int head_dim, int n_kv_heads, int max_toke
     c.range_search = 4; /* measured: README, "Range search" */
     c.key_block = 0; /* = group_size */
     c.value_param_bits = 32;
+    c.rollback_tokens = 16; /* drafts of 4-16 tokens; 15 value rows a head: README, "Integrating into a runtime" */
     return c;
 }
 
@@ -1122,6 +1163,7 @@ KVQ_API kvq_status kvq_config_check(const kvq_config *cfg) {
     if (cfg->key_axis == KVQ_KEYS_PER_TOKEN && cfg->salient_ratio > 0.0f) return KVQ_ERR_UNSUPPORTED;
     if (!(cfg->salient_ratio >= 0.0f && cfg->salient_ratio < 1.0f)) return KVQ_ERR_INVALID;
     if (cfg->rotation < KVQ_ROTATE_NONE || cfg->rotation > KVQ_ROTATE_PREROTATED) return KVQ_ERR_INVALID;
+    if (cfg->rollback_tokens < 0 || cfg->rollback_tokens > KVQ__MAX_ROLLBACK) return KVQ_ERR_INVALID;
     return KVQ_OK;
 }
 
@@ -1141,7 +1183,8 @@ static size_t kvq__align_up(size_t a, int *ok) {
 typedef struct kvq__layout {
     int max_kblocks, max_vquant, kcap, vcap;
     size_t off_sink_k, off_sink_v, off_kblocks, off_vparams, off_vcodes, off_ring_k, off_ring_v;
-    size_t off_side, off_score, off_seen, off_ring_scores, off_ktparams, off_ktcodes, total;
+    size_t off_side, off_score, off_seen, off_ring_scores, off_ktparams, off_ktcodes, off_snap_score, off_snap_seen;
+    size_t total;
 } kvq__layout;
 
 
@@ -1154,17 +1197,25 @@ static size_t kvq__place(size_t *end, size_t count, size_t elem, int *ok) {
 
 static int kvq__plan(const kvq_config *cfg, kvq__layout *L) {
     int ok = 1;
-    size_t H = (size_t)cfg->n_kv_heads, D = (size_t)cfg->head_dim, end;
+    size_t H = (size_t)cfg->n_kv_heads, D = (size_t)cfg->head_dim, end, snaps;
     int after_sinks = cfg->max_tokens - cfg->sink_tokens;
-    int G = kvq__kb(cfg), R = cfg->residual_tokens;
+    int G = kvq__kb(cfg), R = cfg->residual_tokens, RB = cfg->rollback_tokens, kwait;
+    const int tracks = kvq__records_attention(cfg);
     KVQ_ASSERT(G > 0 && after_sinks >= 0); /* kvq_config_check passed */
     memset(L, 0, sizeof *L);
     L->max_kblocks = after_sinks / G;
     L->max_vquant = after_sinks > R ? after_sinks - R : 0;
-    /* Ring capacities: keys wait at most R + G - 1 (a multiple-of-G ring keeps each
-       block contiguous); values at most R + 1. Never more than the tokens that can come. */
-    L->kcap = R + G < after_sinks ? R + G : (after_sinks > 0 ? after_sinks : 1);
-    L->vcap = R + 1 < after_sinks ? R + 1 : (after_sinks > 0 ? after_sinks : 1);
+    /* Ring capacities: keys wait at most max(R, G - 1), values at most R, and one row more
+       arrives before a block or value leaves. With a rollback history the rings also keep
+       the rows of the newest RB appends, back to a state whose waiting rows precede them:
+       RB rows over the waiting ones, which covers the arriving one. A multiple-of-G key ring
+       keeps each block contiguous (so RB <= G costs no key row at R >= G). Never more than
+       the tokens that can come. */
+    RB = RB > 1 ? RB : 1;
+    kwait = (R > G - 1 ? R : G - 1) + RB;
+    kwait = (kwait + G - 1) / G * G;
+    L->kcap = kwait < after_sinks ? kwait : (after_sinks > 0 ? after_sinks : 1);
+    L->vcap = R + RB < after_sinks ? R + RB : (after_sinks > 0 ? after_sinks : 1);
     if (kvq__salient_count(cfg)) { /* values leave with their key block, to join its side store */
         L->max_vquant = L->max_kblocks * G;
         L->vcap = L->kcap;
@@ -1190,6 +1241,10 @@ static int kvq__plan(const kvq_config *cfg, kvq__layout *L) {
                                  kvq__token_param_bytes(cfg, cfg->key_bits), &ok);
     L->off_ktcodes = kvq__place(&end, kvq__mul(H, (size_t)(cfg->key_axis == KVQ_KEYS_PER_TOKEN ? L->max_vquant : 0), &ok),
                                 (size_t)cfg->head_dim * (size_t)cfg->key_bits / 8, &ok);
+    /* salience snapshots, one per append of the history (caches that record attention) */
+    snaps = H * (size_t)(tracks ? cfg->rollback_tokens : 0); /* <= 2^24 */
+    L->off_snap_score = kvq__place(&end, kvq__mul(snaps, (size_t)L->kcap, &ok), 4, &ok);
+    L->off_snap_seen = kvq__place(&end, kvq__mul(snaps, (size_t)L->kcap, &ok), 4, &ok);
     L->total = kvq__add(end, KVQ__ALIGN, &ok); /* slack to align the caller's pointer */
     return ok;
 }
@@ -1255,6 +1310,10 @@ KVQ_API kvq_status kvq_cache_init(kvq_cache **out, const kvq_config *cfg, void *
     c->sal_ring = (float *)(void *)(base + L.off_ring_scores);
     c->ktparams = (uint16_t *)(void *)(base + L.off_ktparams);
     c->ktcodes = base + L.off_ktcodes;
+    if (kvq__records_attention(cfg) && cfg->rollback_tokens) {
+        c->snap_score = (float *)(void *)(base + L.off_snap_score);
+        c->snap_seen = (uint32_t *)(void *)(base + L.off_snap_seen);
+    }
     kvq__rotation_init(&c->rot, cfg->head_dim, cfg->seed);
     *out = c;
     return KVQ_OK;
@@ -1280,7 +1339,7 @@ KVQ_API void kvq_cache_destroy(kvq_cache *c) {
 
 KVQ_API void kvq_cache_reset(kvq_cache *c) {
     if (!c) return;
-    c->n_tokens = c->n_kblocks = c->n_ktok = c->n_vquant = 0;
+    c->n_tokens = c->n_kblocks = c->n_ktok = c->n_vquant = c->n_hist = 0;
 }
 
 KVQ_API int kvq_cache_tokens(const kvq_cache *c) { return c ? c->n_tokens : 0; }
@@ -1756,11 +1815,23 @@ static int kvq__finite_fp16(const float *x, size_t n) {
     return !over;
 }
 
-/* Stores one token (all heads) and moves what leaves the residual window. */
-static void kvq__append_token(kvq_cache *c, const float *k, const float *v) {
+/* Keeps the salience scores as they are before token t is appended: a rollback to t restores
+   them (the attention calls made since are undone with the tokens). */
+static void kvq__snapshot_salience(kvq_cache *c, int t) {
+    const size_t n = (size_t)c->cfg.n_kv_heads * c->kcap, at = (size_t)(t % c->cfg.rollback_tokens) * n;
+    memcpy(c->snap_score + at, c->sal_score, n * sizeof(float));
+    memcpy(c->snap_seen + at, c->sal_seen, n * sizeof(uint32_t));
+}
+
+/* Stores one token (all heads) and moves what leaves the residual window. The token joins the
+   rollback history; with snap, its salience snapshot is taken (only the newest rollback_tokens
+   appends of a call need one: no attention runs between the others). */
+static void kvq__append_token(kvq_cache *c, const float *k, const float *v, int snap) {
     const int H = c->cfg.n_kv_heads, D = c->cfg.head_dim, S = c->cfg.sink_tokens;
     const int G = c->kb, R = c->cfg.residual_tokens;
     int t = c->n_tokens, h, pos, kwait, vwait;
+    if (snap && c->snap_score) kvq__snapshot_salience(c, t);
+    if (c->n_hist < c->cfg.rollback_tokens) c->n_hist++;
     if (t < S) {
         for (h = 0; h < H; h++) {
             kvq__store_row(c, kvq__sink_row(c, c->sink_k, h, t), k + (size_t)h * D);
@@ -1838,7 +1909,8 @@ KVQ_API kvq_status kvq_cache_append(kvq_cache *c, const float *k, const float *v
     if (!c || n_tokens < 0) return KVQ_ERR_INVALID;
     if (n_tokens == 0) return KVQ_OK;
     if ((st = kvq__check_append(c, k, v, n_tokens)) != KVQ_OK) return st;
-    for (i = 0; i < n_tokens; i++) kvq__append_token(c, k + row * i, v + row * i);
+    for (i = 0; i < n_tokens; i++)
+        kvq__append_token(c, k + row * i, v + row * i, n_tokens - i <= c->cfg.rollback_tokens);
     return KVQ_OK;
 }
 
@@ -2868,7 +2940,7 @@ KVQ_API kvq_status kvq_batch_merge(kvq_batch *b, int thread_index) {
      16  i32[24]  config: head_dim, n_kv_heads, max_tokens, key_bits, value_bits,
                   group_size, residual_tokens, sink_tokens, rotation, seed,
                   salient_ratio (f32 bits), salient_bits, salient_policy, key_axis,
-                  range_search, key_block, value_param_bits, then 0s
+                  range_search, key_block, value_param_bits, rollback_tokens, then 0s
      112 i32      tokens stored
      116 i32      quantized key blocks per head, 120 i32 quantized values per head
      124 u32      0
@@ -2879,6 +2951,8 @@ KVQ_API kvq_status kvq_batch_merge(kvq_batch *b, int thread_index) {
      160 payload: per KV head: sink K rows, sink V rows, key blocks, waiting keys
          (oldest first), quantized values (params then codes per token), waiting
          values; every fp16 as u16 little-endian. docs/format.md draws each record.
+   The rollback history is not in the image (it holds no token): a loaded cache starts with
+   none, so truncating it is a deep cut until it has appended.
    Version 1 images (kvq 0.2, 128-byte header, 3-bit codes straddling bytes) are refused
    with KVQ_ERR_UNSUPPORTED: save them again from the cache that made them.
    The block counts are derived again from the token count and checked, so an
@@ -2894,7 +2968,7 @@ static const uint8_t kvq__magic[8] = {'K', 'V', 'Q', 'C', 'A', 'C', 'H', 'E'}; /
 #endif
 #define KVQ__FORMAT_VERSION 2u
 #define KVQ__HEADER_BYTES 160u
-enum { KVQ__H_CONFIG = 16, KVQ__H_CONFIG_USED = 17 * 4, KVQ__H_TOKENS = 112, KVQ__H_KBLOCKS = 116,
+enum { KVQ__H_CONFIG = 16, KVQ__H_CONFIG_USED = 18 * 4, KVQ__H_TOKENS = 112, KVQ__H_KBLOCKS = 116,
        KVQ__H_VQUANT = 120, KVQ__H_PAYLOAD = 128, KVQ__H_PAYLOAD_CRC = 136, KVQ__H_CRC = 156 };
 
 /* CRC32C (Castagnoli, reflected polynomial 0x82F63B78), bitwise: no tables, no state. */
@@ -3155,6 +3229,7 @@ static void kvq__put_config(uint8_t *p, const kvq_config *cfg) {
     kvq__put_u32(p + 56, (uint32_t)cfg->range_search);
     kvq__put_u32(p + 60, (uint32_t)cfg->key_block);
     kvq__put_u32(p + 64, (uint32_t)cfg->value_param_bits);
+    kvq__put_u32(p + 68, (uint32_t)cfg->rollback_tokens);
 }
 
 static int kvq__i32(const uint8_t *p) {
@@ -3183,6 +3258,7 @@ static kvq_config kvq__get_config(const uint8_t *p) {
     cfg.range_search = kvq__i32(p + 56);
     cfg.key_block = kvq__i32(p + 60);
     cfg.value_param_bits = kvq__i32(p + 64);
+    cfg.rollback_tokens = kvq__i32(p + 68);
     return cfg;
 }
 
@@ -3305,6 +3381,142 @@ KVQ_API kvq_status kvq_cache_load(kvq_cache **out, const void *bytes, size_t n_b
 KVQ_API kvq_status kvq_cache_deserialize(kvq_cache **out, const void *bytes, size_t n_bytes, void *mem,
                                          size_t mem_bytes) {
     return kvq_cache_load(out, bytes, n_bytes, 0, mem, mem_bytes);
+}
+
+/* ---------------------------------------------------------------------------
+   Truncate and copy. An append only adds: it stores its rows and quantizes what it pushes
+   out of the window into new records, while the pushed-out fp16 rows stay in the rings for
+   rollback_tokens more appends (kvq__plan). So cutting the newest n_hist tokens (the
+   history) only uncounts: the counts become kvq__counts_after's for the tokens kept, and
+   the rows of the tokens that return to the window are still in the rings, bit for bit.
+   Between appends only attention changes the cache, through the salience of the waiting
+   keys: caches that record it snapshot it before each append of the history, and a
+   rollback puts back the snapshot taken before its first cut token. A deeper cut
+   re-expresses each kept token that had left the window from its record: dequantized in
+   storage space, rounded to fp16 (clamped: a loaded record may reach 2 * 65504), with no
+   recorded attention. A copy is the same cut written into another cache, records first.
+   --------------------------------------------------------------------------- */
+
+/* The counts of a cache holding n tokens, as appending them one by one leaves them. */
+static void kvq__set_tokens(kvq_cache *c, int n) {
+    c->n_tokens = n;
+    kvq__counts_after(&c->cfg, n, &c->n_kblocks, &c->n_vquant);
+    c->n_ktok = kvq__per_token_keys(c) ? c->n_vquant : 0;
+}
+
+/* Ring row pos (past the sinks) of dst for a cut of src: src's ring row where src still holds
+   it (in_ring: a row still waiting, or any row of a rollback), else the token's record
+   re-expressed. dst may be src: a row already in place is left alone. */
+static void kvq__cut_row(kvq_cache *dst, const kvq_cache *src, int h, int pos, int is_key, int in_ring) {
+    const int D = src->cfg.head_dim;
+    uint16_t *to = is_key ? kvq__ring_k_row(dst, h, pos) : kvq__ring_v_row(dst, h, pos);
+    float x[512];
+    int i;
+    if (in_ring) {
+        if (dst != src) memcpy(to, is_key ? kvq__ring_k_row(src, h, pos) : kvq__ring_v_row(src, h, pos), (size_t)D * 2);
+        return;
+    }
+    if (is_key) kvq__read_key(src, h, src->cfg.sink_tokens + pos, x);
+    else kvq__read_value(src, h, src->cfg.sink_tokens + pos, x);
+    for (i = 0; i < D; i++) x[i] = x[i] > KVQ__FP16_MAX ? KVQ__FP16_MAX : x[i] < -KVQ__FP16_MAX ? -KVQ__FP16_MAX : x[i];
+    kvq__f16_row(to, x, D);
+}
+
+/* Salience of waiting key pos of dst for a cut of src to n tokens: in a rollback (exact), as
+   src had it before token n was appended (its snapshot, unless nothing was cut); a key that
+   stayed waiting keeps its score; a key re-expressed from its block has none. */
+static void kvq__cut_salience(kvq_cache *dst, const kvq_cache *src, int h, int pos, int n, int exact, int in_ring) {
+    const size_t from = (size_t)h * src->kcap + (size_t)(pos % src->kcap);
+    const size_t to = (size_t)h * dst->kcap + (size_t)(pos % dst->kcap);
+    const float *score = src->sal_score;
+    const uint32_t *seen = src->sal_seen;
+    if (exact && n < src->n_tokens && src->snap_score) {
+        const size_t at = (size_t)(n % src->cfg.rollback_tokens) * src->cfg.n_kv_heads * src->kcap;
+        score = src->snap_score + at;
+        seen = src->snap_seen + at;
+    }
+    dst->sal_score[to] = in_ring ? score[from] : 0.0f;
+    dst->sal_seen[to] = in_ring ? seen[from] : 0u;
+}
+
+/* The fp16 window of dst after a cut of src to its first n tokens (exact: within src's
+   history): the ring rows of the keys and values past the sinks that wait, and the keys'
+   salience. Only a deep cut re-expresses the tokens of records it splits or removes. */
+static void kvq__cut_window(kvq_cache *dst, const kvq_cache *src, int n, int exact) {
+    const int S = src->cfg.sink_tokens, after = n > S ? n - S : 0, kq_src = kvq__keys_quantized(src);
+    int nkb, nvq, kq, h, pos;
+    kvq__counts_after(&src->cfg, n, &nkb, &nvq);
+    kq = kvq__per_token_keys(src) ? nvq : nkb * src->kb;
+    for (h = 0; h < src->cfg.n_kv_heads; h++) {
+        for (pos = kq; pos < after; pos++) {
+            kvq__cut_row(dst, src, h, pos, 1, exact || pos >= kq_src);
+            if (src->n_salient) kvq__cut_salience(dst, src, h, pos, n, exact, exact || pos >= kq_src);
+        }
+        for (pos = nvq; pos < after; pos++) kvq__cut_row(dst, src, h, pos, 0, exact || pos >= src->n_vquant);
+    }
+}
+
+KVQ_API kvq_status kvq_cache_truncate(kvq_cache *c, int n_tokens) {
+    int cut;
+    if (!c || n_tokens < 0 || n_tokens > c->n_tokens) return KVQ_ERR_INVALID;
+    cut = c->n_tokens - n_tokens;
+    if (cut == 0) return KVQ_OK;
+    kvq__cut_window(c, c, n_tokens, cut <= c->n_hist);
+    c->n_hist = cut <= c->n_hist ? c->n_hist - cut : 0;
+    kvq__set_tokens(c, n_tokens);
+    return KVQ_OK;
+}
+
+/* Equal configs but for the capacity and the rollback history (the layout of the records and
+   of what they mean does not depend on either). */
+static int kvq__same_format(const kvq_config *a, const kvq_config *b) {
+    return a->head_dim == b->head_dim && a->n_kv_heads == b->n_kv_heads && a->key_bits == b->key_bits &&
+           a->value_bits == b->value_bits && a->group_size == b->group_size &&
+           a->residual_tokens == b->residual_tokens && a->sink_tokens == b->sink_tokens && a->rotation == b->rotation &&
+           a->seed == b->seed && a->salient_ratio == b->salient_ratio && a->salient_bits == b->salient_bits &&
+           a->salient_policy == b->salient_policy && a->key_axis == b->key_axis &&
+           a->range_search == b->range_search && a->key_block == b->key_block &&
+           a->value_param_bits == b->value_param_bits;
+}
+
+static void kvq__copy_bytes(void *dst, const void *src, size_t n) {
+    if (n) memcpy(dst, src, n); /* an empty array may sit at the end of the cache's memory */
+}
+
+/* The records of src's first n tokens into dst: sinks, key blocks and their side stores,
+   quantized values and keys per token (each head's are contiguous in both caches). */
+static void kvq__copy_records(kvq_cache *dst, const kvq_cache *src, int n) {
+    const size_t sink_bytes = (size_t)(n < src->cfg.sink_tokens ? n : src->cfg.sink_tokens) * src->cfg.head_dim * 2;
+    int nkb, nvq, h;
+    kvq__counts_after(&src->cfg, n, &nkb, &nvq);
+    for (h = 0; h < src->cfg.n_kv_heads; h++) {
+        kvq__copy_bytes(kvq__sink_row(dst, dst->sink_k, h, 0), kvq__sink_row(src, src->sink_k, h, 0), sink_bytes);
+        kvq__copy_bytes(kvq__sink_row(dst, dst->sink_v, h, 0), kvq__sink_row(src, src->sink_v, h, 0), sink_bytes);
+        kvq__copy_bytes(kvq__key_block(dst, h, 0), kvq__key_block(src, h, 0), (size_t)nkb * src->kblock_bytes);
+        if (src->n_salient)
+            kvq__copy_bytes(kvq__side_entry(dst, h, 0, 0), kvq__side_entry(src, h, 0, 0),
+                            (size_t)nkb * src->n_salient * src->side_bytes);
+        kvq__copy_bytes(kvq__value_params(dst, h, 0), kvq__value_params(src, h, 0), (size_t)nvq * src->vparam_bytes);
+        kvq__copy_bytes(kvq__value_codes(dst, h, 0), kvq__value_codes(src, h, 0), (size_t)nvq * src->vcode_bytes);
+        if (kvq__per_token_keys(src)) {
+            kvq__copy_bytes(kvq__key_token_params(dst, h, 0), kvq__key_token_params(src, h, 0),
+                            (size_t)nvq * src->ktparam_bytes);
+            kvq__copy_bytes(kvq__key_token_codes(dst, h, 0), kvq__key_token_codes(src, h, 0),
+                            (size_t)nvq * src->ktcode_bytes);
+        }
+    }
+}
+
+KVQ_API kvq_status kvq_cache_copy(kvq_cache *dst, const kvq_cache *src, int n_tokens) {
+    if (!dst || !src || n_tokens < 0 || n_tokens > src->n_tokens) return KVQ_ERR_INVALID;
+    if (kvq__overlap(dst, dst->span, src, src->span) || !kvq__same_format(&dst->cfg, &src->cfg))
+        return KVQ_ERR_INVALID;
+    if (n_tokens > dst->cfg.max_tokens) return KVQ_ERR_FULL;
+    kvq__copy_records(dst, src, n_tokens);
+    kvq__cut_window(dst, src, n_tokens, src->n_tokens - n_tokens <= src->n_hist);
+    kvq__set_tokens(dst, n_tokens);
+    dst->n_hist = 0;
+    return KVQ_OK;
 }
 
 /* ---------------------------------------------------------------------------

@@ -35,7 +35,8 @@
    KB fp16 rows; values per token in groups of G = group_size channels (fp16 scale[ng],
    fp16 min[ng], or with value_param_bits 16 one u16 per group: an 8-bit scale | an int8
    min << 8; then D codes packed along channels; 16 bits: D fp16); fp16 residual rings
-   for keys (R + KB rows) and values (R + 1 rows), addressed by position past the sinks
+   for keys and values of kvq.h's lengths (kvq__plan: R + KB and R + 1 rows, longer by the
+   rollback history, rollback_tokens), addressed by position past the sinks
    modulo the ring size. Keys leave the ring a block of KB at a time once more than
    max(R, KB - 1) wait; values one at a time once more than R wait. Quantization uses the
    same fp16 round-to-nearest-even, the same IEEE division (x - m) / s and the same
@@ -51,7 +52,7 @@
    salient tokens are picked as kvq.h picks them (tracked attention per query that saw the
    token; the range gain when no query saw any token of the block, or with
    KVQ_SALIENT_ERROR), stored in the side store, left out of the block's min/max, and the
-   block's values leave with it (the value ring holds R + KB rows). Attention takes their
+   block's values leave with it (the value ring is the key ring's length). Attention takes their
    keys and values from the side store; with KVQ_SALIENT_ATTENTION it adds, for each
    waiting key, the probability the query heads of its group gave it (after merging the
    chunks) and counts the query.
@@ -79,6 +80,11 @@
      valid but not byte-identical. Without attention calls between appends (prefill) or
      with KVQ_SALIENT_ERROR, the picks and every byte are the CPU's.
    - configs: kvq_config_check() decides; every config kvq.h builds is built here.
+   - no kvq_cache_truncate / kvq_cache_copy on the device, and no rollback history: the
+     device's append quantizes what leaves the window straight from its input, so the
+     pushed-out rows are not kept (rollback_tokens only sizes the rings, as in kvq.h, so
+     that upload and download move the same bytes). Download, cut or copy on the host, and
+     upload. A downloaded cache, like a loaded one, starts with no history.
    - host <-> device copies move kvq.h's documented payload (its serialization image minus
      the header) between host and device in a few large cudaMemcpyAsync calls. The header,
      its version and checksums stay kvq.h's: kvq_cuda_cache_upload() reads the payload out of
@@ -2047,6 +2053,7 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_download(const kvq_cuda_cache *src, kvq_c
         dst->n_tokens = src->n_tokens;
         kvq__counts_after(&dst->cfg, dst->n_tokens, &dst->n_kblocks, &dst->n_vquant);
         dst->n_ktok = dst->cfg.key_axis == KVQ_KEYS_PER_TOKEN ? dst->n_vquant : 0; /* as kvq_cache_deserialize */
+        dst->n_hist = 0; /* the image holds no rollback history */
         kvq__xfer_payload(dst, img, 0);
     }
     free(img);

@@ -97,6 +97,7 @@ static int generate(const kvqd_checkpoint *ck, const kvqd_tokenizer *tok, const 
     llm_run run;
     char err[256] = "", piece[64];
     int *ids, n_ids = 0, token, pos = 0, next = 0, rc = 0, stopped = 0;
+    const float *logits;
     prob_id *scratch;
     uint64_t rng = seed ? seed : 0x9E3779B97F4A7C15ULL;
     const kvqd_llama_config *p = &ck->cfg;
@@ -122,28 +123,119 @@ static int generate(const kvqd_checkpoint *ck, const kvqd_tokenizer *tok, const 
     if (n_ids < 1) ids[n_ids++] = tok->bos_id;
     if (steps <= 0 || steps > p->seq_len) steps = p->seq_len;
     if (n_ids > steps) n_ids = steps;
-    token = ids[0];
-    while (pos < steps) {
-        const float *logits = llm_forward(&run, token, err, sizeof err);
+    logits = llm_prefill(&run, ids, n_ids, err, sizeof err); /* the prompt in one pass */
+    for (pos = 1; pos < n_ids; pos++) {
+        int len = kvqd_tokenizer_decode(tok, ids[pos - 1], ids[pos], piece, sizeof piece);
+        if (len > 0) print_piece(piece, len);
+    }
+    pos = n_ids;
+    token = ids[n_ids - 1];
+    while (logits) {
         int len;
-        if (!logits) { fprintf(stderr, "\n%s\n", err); rc = 1; break; }
-        if (pos + 1 < n_ids) {
-            next = ids[pos + 1];     /* still reading the prompt */
-        } else {
-            next = sample(logits, p->vocab_size, temp, topp, &rng, scratch);
-        }
-        pos++;
+        next = sample(logits, p->vocab_size, temp, topp, &rng, scratch);
         if (next == tok->bos_id) { stopped = 1; break; } /* BOS separates stories */
         len = kvqd_tokenizer_decode(tok, token, next, piece, sizeof piece);
         if (len > 0) print_piece(piece, len);
         fflush(stdout);
         token = next;
+        if (pos >= steps) break;
+        logits = llm_forward(&run, token, err, sizeof err);
+        pos++;
     }
+    if (!logits) { fprintf(stderr, "\n%s\n", err); rc = 1; }
     printf(stopped || rc ? "\n" : " [...]\n");
     llm_run_free(&run);
     free(ids);
     free(scratch);
     return rc;
+}
+
+static int argmax(const float *x, int n)
+{
+    int i, best = 0;
+    for (i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
+/* Whether every layer's cache of a and b serializes to the same bytes. */
+static int same_caches(const llm_run *a, const llm_run *b)
+{
+    int l, same = 1;
+    for (l = 0; l < a->ck->cfg.n_layers && same; l++) {
+        size_t na = kvq_cache_serialized_bytes(a->caches[l]), nb = kvq_cache_serialized_bytes(b->caches[l]);
+        unsigned char *ia = (unsigned char *)malloc(na), *ib = (unsigned char *)malloc(nb);
+        same = ia && ib && na == nb && kvq_cache_serialize(a->caches[l], ia, na, NULL) == KVQ_OK &&
+               kvq_cache_serialize(b->caches[l], ib, nb, NULL) == KVQ_OK && memcmp(ia, ib, na) == 0;
+        free(ia);
+        free(ib);
+    }
+    return same;
+}
+
+/* Speculative decoding's step on the cache: DRAFT guessed tokens run through the model
+   (each appended and attended, as the target model does to verify them), the last REJECT
+   are refused and cut with kvq_cache_truncate (within rollback_tokens, 16 by default),
+   and decoding goes on. Run a must then be, bit for bit, run b that never saw the draft:
+   the same logits at every later step and the same bytes in every layer's cache. The
+   config records attention for its salient tokens and has a short residual window, so a
+   key block leaves the window inside the draft and is taken back. */
+#define DRAFT_AT 62
+#define DRAFT 8
+#define REJECT 5
+static int rollback_demo(const kvqd_checkpoint *ck, const kvqd_tokenizer *tok)
+{
+    static const char *config = "k2v2r32x10";
+    const kvqd_llama_config *p = &ck->cfg;
+    const size_t vbytes = (size_t)p->vocab_size * sizeof(float);
+    llm_cache_spec spec;
+    llm_run a, b;
+    char err[256] = "";
+    int ids[32], n_ids = 0, draft[DRAFT], i, same = 1, ok;
+    const float *la, *lb;
+    uint64_t rng = 7;
+    prob_id *scratch = (prob_id *)calloc((size_t)p->vocab_size + 1, sizeof(prob_id));
+    if (!scratch || llm_parse_config(config, p->head_dim, p->n_kv_heads, p->seq_len, &spec, err, sizeof err) != 0 ||
+        kvqd_tokenizer_encode(tok, "Once upon a time", 1, 0, ids, 32, &n_ids, err, sizeof err) != KVQD_OK) {
+        fprintf(stderr, "rollback demo: %s\n", err);
+        free(scratch);
+        return 1;
+    }
+    if (llm_run_init(&a, ck, &spec, err, sizeof err) != 0) { fprintf(stderr, "%s\n", err); free(scratch); return 1; }
+    if (llm_run_init(&b, ck, &spec, err, sizeof err) != 0) { fprintf(stderr, "%s\n", err); llm_run_free(&a); free(scratch); return 1; }
+    /* the prompt, then greedy decoding on both runs alike up to the draft */
+    la = llm_prefill(&a, ids, n_ids, err, sizeof err);
+    lb = llm_prefill(&b, ids, n_ids, err, sizeof err);
+    ok = la && lb;
+    while (ok && a.pos < DRAFT_AT) {
+        int next = argmax(la, p->vocab_size);
+        ok = (la = llm_forward(&a, next, err, sizeof err)) && (lb = llm_forward(&b, next, err, sizeof err));
+    }
+    /* a: a draft model's guesses (here: samples) through the model, then the refused ones cut */
+    for (i = 0; ok && i < DRAFT; i++) {
+        draft[i] = sample(la, p->vocab_size, 1.0f, 0.9f, &rng, scratch);
+        ok = (la = llm_forward(&a, draft[i], err, sizeof err)) != NULL;
+    }
+    ok = ok && llm_run_truncate(&a, a.pos - REJECT, err, sizeof err) == 0;
+    /* b: only the accepted tokens; then both decode on, fed the same tokens */
+    for (i = 0; ok && i < DRAFT - REJECT; i++) ok = (lb = llm_forward(&b, draft[i], err, sizeof err)) != NULL;
+    for (i = 0; ok && i < 8; i++) {
+        int next = argmax(lb, p->vocab_size);
+        ok = (la = llm_forward(&a, next, err, sizeof err)) && (lb = llm_forward(&b, next, err, sizeof err));
+        same = same && ok && memcmp(la, lb, vbytes) == 0;
+    }
+    same = same && ok && same_caches(&a, &b);
+    if (!ok) fprintf(stderr, "rollback demo: %s\n", err);
+    else
+        printf("rollback (%s, rollback_tokens %d): %d draft tokens at positions %d-%d (a key block left the window\n"
+               "at %d), %d cut with kvq_cache_truncate, 8 more decoded: logits and all %d layers' caches\n"
+               "bit-identical to a run that never drafted: %s\n",
+               config, spec.cfg.rollback_tokens, DRAFT, DRAFT_AT, DRAFT_AT + DRAFT - 1,
+               spec.cfg.sink_tokens + spec.cfg.residual_tokens + spec.cfg.group_size, REJECT, p->n_layers,
+               same ? "yes" : "NO");
+    llm_run_free(&a);
+    llm_run_free(&b);
+    free(scratch);
+    return ok && same ? 0 : 1;
 }
 
 static int score(const kvqd_checkpoint *ck, const int *tokens, int n_tokens, const char *const *configs, int n_configs,
@@ -228,6 +320,10 @@ static int demo(void)
            "(2-bit keys per channel and values per token, G 32, residual 128):\n\n",
            ck.cfg.dim, ck.cfg.n_layers, ck.cfg.n_heads, ck.cfg.n_kv_heads, ck.cfg.head_dim, ck.cfg.seq_len);
     rc = generate(&ck, &tok, "k2v2", "Once upon a time", 200, 42, 1.0f, 0.9f);
+    if (rc == 0) {
+        printf("\n");
+        rc = rollback_demo(&ck, &tok);
+    }
     if (rc == 0) {
         printf("\n");
         if (kvqd_tokens_load(DEMO_TOKENS, ck.cfg.vocab_size, &tokens, &n_tokens, err, sizeof err) != KVQD_OK) {

@@ -3,9 +3,10 @@
    The model is the llama2.c architecture: RMSNorm (eps 1e-5), interleaved-pair
    RoPE (theta 10000), grouped-query attention, SwiGLU FFN, fp32 weights. Each
    layer's attention goes either through one kvq cache (kvq_cache_append of the
-   token's post-RoPE K and V, then kvq_attention with n_queries = 1), or through
-   an exact fp32 path with its own float K/V arrays: the baseline every kvq
-   config is measured against.
+   token's post-RoPE K and V, then kvq_attention with n_queries = 1; a prompt in
+   one kvq_attention_prefill per layer; kvq_cache_truncate to roll back), or
+   through an exact fp32 path with its own float K/V arrays: the baseline every
+   kvq config is measured against.
 
    Also here, shared by llama.c, kvq_eval.c, kvdump.c and the tests:
      - cache-config strings ("k2v2", "k4v2g64r0s4", "fp32"),
@@ -81,6 +82,13 @@ void llm_run_reset(llm_run *r);
 /* Runs `token` at position r->pos (then pos++); returns the logits [vocab],
    or NULL when the window is full or kvq reports an error. */
 const float *llm_forward(llm_run *r, int token, char *err, size_t err_size);
+/* Runs tokens[0..n) at positions r->pos.. in one pass (then pos += n): each layer's
+   attention is one kvq_attention_prefill (the chunk attends itself at full precision);
+   the fp32 path runs them token by token. Returns the logits after the last token. */
+const float *llm_prefill(llm_run *r, const int *tokens, int n, char *err, size_t err_size);
+/* Rolls the run back to its first pos tokens (kvq_cache_truncate on every layer's cache);
+   0, or -1 when pos is not in 0..r->pos. */
+int llm_run_truncate(llm_run *r, int pos, char *err, size_t err_size);
 /* bits per element of the caches as they are now: 8 * payload / (2 * tokens * kv_dim * layers) */
 double llm_run_bits_actual(const llm_run *r);
 
@@ -383,32 +391,75 @@ static void llm__attention_fp32(llm_run *r, const float *kc, const float *vc, in
     }
 }
 
+/* q, k, v (r->q, r->k, r->v) of layer l for a token at position pos whose residual stream is x */
+static void llm__qkv(llm_run *r, int l, const float *x, int pos)
+{
+    const kvqd_llama_config *p = &r->ck->cfg;
+    const kvqd_llama_weights *w = &r->ck->w;
+    const int dim = p->dim, kvd = p->kv_dim;
+    const float *cs = r->rope_cos + (size_t)pos * (p->head_dim / 2), *sn = r->rope_sin + (size_t)pos * (p->head_dim / 2);
+    llm__rmsnorm(r->xb, x, w->rms_att + (size_t)l * dim, dim);
+    llm__matmul(r->q, r->xb, w->wq + (size_t)l * dim * dim, dim, dim);
+    llm__matmul(r->k, r->xb, w->wk + (size_t)l * kvd * dim, dim, kvd);
+    llm__matmul(r->v, r->xb, w->wv + (size_t)l * kvd * dim, dim, kvd);
+    if (r->tap) r->tap(r->tap_ctx, l, pos, 0, r->q, r->k, r->v); /* before RoPE (the dumper's Kpre, Qpre) */
+    llm__rope(r->q, p->n_heads, p->head_dim, cs, sn);
+    llm__rope(r->k, p->n_kv_heads, p->head_dim, cs, sn);
+    if (r->tap) r->tap(r->tap_ctx, l, pos, 1, r->q, r->k, r->v);
+}
+
+/* the rest of layer l for one token: the attention output att [dim] through wo into the
+   residual stream x, then the SwiGLU FFN (att may be r->xb: it is read first) */
+static void llm__finish_layer(llm_run *r, int l, float *x, const float *att)
+{
+    const kvqd_llama_config *p = &r->ck->cfg;
+    const kvqd_llama_weights *w = &r->ck->w;
+    const int dim = p->dim, hid = p->hidden_dim;
+    int i;
+    llm__matmul(r->xb2, att, w->wo + (size_t)l * dim * dim, dim, dim);
+    for (i = 0; i < dim; i++) x[i] += r->xb2[i];
+    llm__rmsnorm(r->xb, x, w->rms_ffn + (size_t)l * dim, dim);
+    llm__matmul(r->hb, r->xb, w->w1 + (size_t)l * hid * dim, dim, hid);
+    llm__matmul(r->hb2, r->xb, w->w3 + (size_t)l * hid * dim, dim, hid);
+    for (i = 0; i < hid; i++) {
+        float a = r->hb[i];
+        r->hb[i] = a / (1.0f + expf(-a)) * r->hb2[i]; /* SwiGLU: silu(w1 x) * w3 x */
+    }
+    llm__matmul(r->xb, r->hb, w->w2 + (size_t)l * hid * dim, hid, dim);
+    for (i = 0; i < dim; i++) x[i] += r->xb[i];
+}
+
+/* the logits of residual stream x (into r->logits; x is normalized in place) */
+static const float *llm__logits(llm_run *r, float *x)
+{
+    const kvqd_llama_config *p = &r->ck->cfg;
+    llm__rmsnorm(x, x, r->ck->w.rms_final, p->dim);
+    llm__matmul(r->logits, x, r->ck->w.wcls, p->dim, p->vocab_size);
+    return r->logits;
+}
+
+static int llm__check_tokens(const llm_run *r, const int *tokens, int n, char *err, size_t err_size)
+{
+    int i;
+    if (!r || !r->ck || !r->x) return llm__fail(err, err_size, -1, "run not initialized");
+    if (n > r->ck->cfg.seq_len - r->pos) return llm__fail(err, err_size, -1, "window full (%d tokens)", r->pos);
+    for (i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= r->ck->cfg.vocab_size)
+            return llm__fail(err, err_size, -1, "token %d out of range", tokens[i]);
+    return 0;
+}
+
 const float *llm_forward(llm_run *r, int token, char *err, size_t err_size)
 {
-    const kvqd_checkpoint *ck;
     const kvqd_llama_config *p;
-    const kvqd_llama_weights *w;
-    int dim, kvd, hid, pos, l, i;
-    size_t L_dd, L_kd, L_hd;
-    const float *cs, *sn;
-    if (!r || !r->ck || !r->x) { llm__fail(err, err_size, -1, "llm_forward: run not initialized"); return NULL; }
-    ck = r->ck; p = &ck->cfg; w = &ck->w;
-    dim = p->dim; kvd = p->kv_dim; hid = p->hidden_dim; pos = r->pos;
-    L_dd = (size_t)dim * dim; L_kd = (size_t)kvd * dim; L_hd = (size_t)hid * dim;
-    if (token < 0 || token >= p->vocab_size) { llm__fail(err, err_size, -1, "token %d out of range", token); return NULL; }
-    if (pos >= p->seq_len) { llm__fail(err, err_size, -1, "window full (%d tokens)", pos); return NULL; }
-    cs = r->rope_cos + (size_t)pos * (p->head_dim / 2);
-    sn = r->rope_sin + (size_t)pos * (p->head_dim / 2);
-    memcpy(r->x, w->token_embedding + (size_t)token * dim, (size_t)dim * sizeof(float));
+    int kvd, pos, l;
+    if (llm__check_tokens(r, &token, 1, err, err_size) != 0) return NULL;
+    p = &r->ck->cfg;
+    kvd = p->kv_dim;
+    pos = r->pos;
+    memcpy(r->x, r->ck->w.token_embedding + (size_t)token * p->dim, (size_t)p->dim * sizeof(float));
     for (l = 0; l < p->n_layers; l++) {
-        llm__rmsnorm(r->xb, r->x, w->rms_att + (size_t)l * dim, dim);
-        llm__matmul(r->q, r->xb, w->wq + l * L_dd, dim, dim);
-        llm__matmul(r->k, r->xb, w->wk + l * L_kd, dim, kvd);
-        llm__matmul(r->v, r->xb, w->wv + l * L_kd, dim, kvd);
-        if (r->tap) r->tap(r->tap_ctx, l, pos, 0, r->q, r->k, r->v);
-        llm__rope(r->q, p->n_heads, p->head_dim, cs, sn);
-        llm__rope(r->k, p->n_kv_heads, p->head_dim, cs, sn);
-        if (r->tap) r->tap(r->tap_ctx, l, pos, 1, r->q, r->k, r->v);
+        llm__qkv(r, l, r->x, pos);
         if (r->spec.fp32) {
             size_t off = ((size_t)l * p->seq_len) * kvd;
             memcpy(r->key_cache + off + (size_t)pos * kvd, r->k, (size_t)kvd * sizeof(float));
@@ -425,22 +476,74 @@ const float *llm_forward(llm_run *r, int token, char *err, size_t err_size)
             st = kvq_attention(r->caches[l], r->q, r->xb, &ap);
             if (st != KVQ_OK) { llm__fail(err, err_size, -1, "kvq_attention: %s", kvq_status_string(st)); return NULL; }
         }
-        llm__matmul(r->xb2, r->xb, w->wo + l * L_dd, dim, dim);
-        for (i = 0; i < dim; i++) r->x[i] += r->xb2[i];
-        llm__rmsnorm(r->xb, r->x, w->rms_ffn + (size_t)l * dim, dim);
-        llm__matmul(r->hb, r->xb, w->w1 + l * L_hd, dim, hid);
-        llm__matmul(r->hb2, r->xb, w->w3 + l * L_hd, dim, hid);
-        for (i = 0; i < hid; i++) {
-            float a = r->hb[i];
-            r->hb[i] = a / (1.0f + expf(-a)) * r->hb2[i]; /* SwiGLU: silu(w1 x) * w3 x */
-        }
-        llm__matmul(r->xb, r->hb, w->w2 + l * L_hd, hid, dim);
-        for (i = 0; i < dim; i++) r->x[i] += r->xb[i];
+        llm__finish_layer(r, l, r->x, r->xb);
     }
-    llm__rmsnorm(r->x, r->x, w->rms_final, dim);
-    llm__matmul(r->logits, r->x, w->wcls, dim, p->vocab_size);
     r->pos++;
-    return r->logits;
+    return llm__logits(r, r->x);
+}
+
+const float *llm_prefill(llm_run *r, const int *tokens, int n, char *err, size_t err_size)
+{
+    const kvqd_llama_config *p;
+    float *X, *Q, *K, *V, *O;
+    const float *logits = NULL;
+    int l, t;
+    if (n < 1 || !tokens) { llm__fail(err, err_size, -1, "llm_prefill: no tokens"); return NULL; }
+    if (llm__check_tokens(r, tokens, n, err, err_size) != 0) return NULL;
+    if (r->spec.fp32) { /* exact attention either way: token by token */
+        for (t = 0; t < n; t++)
+            if (!(logits = llm_forward(r, tokens[t], err, err_size))) return NULL;
+        return logits;
+    }
+    p = &r->ck->cfg;
+    X = (float *)malloc((size_t)n * p->dim * sizeof(float)); /* residual streams */
+    Q = (float *)malloc((size_t)n * p->dim * sizeof(float));
+    O = (float *)malloc((size_t)n * p->dim * sizeof(float));
+    K = (float *)malloc((size_t)n * p->kv_dim * sizeof(float));
+    V = (float *)malloc((size_t)n * p->kv_dim * sizeof(float));
+    if (!X || !Q || !O || !K || !V) {
+        llm__fail(err, err_size, -1, "out of memory");
+        goto done;
+    }
+    for (t = 0; t < n; t++)
+        memcpy(X + (size_t)t * p->dim, r->ck->w.token_embedding + (size_t)tokens[t] * p->dim, (size_t)p->dim * sizeof(float));
+    for (l = 0; l < p->n_layers; l++) {
+        kvq_attn_params ap;
+        kvq_status st;
+        for (t = 0; t < n; t++) {
+            llm__qkv(r, l, X + (size_t)t * p->dim, r->pos + t);
+            memcpy(Q + (size_t)t * p->dim, r->q, (size_t)p->dim * sizeof(float));
+            memcpy(K + (size_t)t * p->kv_dim, r->k, (size_t)p->kv_dim * sizeof(float));
+            memcpy(V + (size_t)t * p->kv_dim, r->v, (size_t)p->kv_dim * sizeof(float));
+        }
+        memset(&ap, 0, sizeof ap);
+        ap.n_q_heads = p->n_heads;
+        ap.n_queries = n;
+        st = kvq_attention_prefill(r->caches[l], K, V, n, Q, O, &ap);
+        if (st != KVQ_OK) {
+            llm__fail(err, err_size, -1, "kvq_attention_prefill: %s", kvq_status_string(st));
+            goto done;
+        }
+        for (t = 0; t < n; t++) llm__finish_layer(r, l, X + (size_t)t * p->dim, O + (size_t)t * p->dim);
+    }
+    r->pos += n;
+    memcpy(r->x, X + (size_t)(n - 1) * p->dim, (size_t)p->dim * sizeof(float));
+    logits = llm__logits(r, r->x);
+done:
+    free(X); free(Q); free(O); free(K); free(V);
+    return logits;
+}
+
+int llm_run_truncate(llm_run *r, int pos, char *err, size_t err_size)
+{
+    int l;
+    if (!r || !r->ck || pos < 0 || pos > r->pos) return llm__fail(err, err_size, -1, "llm_run_truncate: bad position");
+    for (l = 0; r->caches && l < r->ck->cfg.n_layers; l++) {
+        kvq_status st = kvq_cache_truncate(r->caches[l], pos);
+        if (st != KVQ_OK) return llm__fail(err, err_size, -1, "kvq_cache_truncate: %s", kvq_status_string(st));
+    }
+    r->pos = pos; /* the fp32 path overwrites its arrays from there */
+    return 0;
 }
 
 double llm_run_bits_actual(const llm_run *r)

@@ -1462,6 +1462,39 @@ static void test_tracking(int D, int G, int KB, float ratio, int sal_bits, int k
     kvq_cuda_cache_destroy(gpu);
 }
 
+/* The rollback history stays on the host: a cache downloaded from the device has none, so
+   its first cut is deep, the same bytes as a history-free copy of the cache cut there. */
+static void test_history(void) {
+    kvq_config cfg = kvq_default_config(32, 2, 300);
+    kvq_cuda_cache *g = NULL;
+    kvq_cache *h = NULL, *cp = NULL;
+    float *k = (float *)malloc(sizeof(float) * 101 * 64), *v = (float *)malloc(sizeof(float) * 101 * 64);
+    tu_rng r = {0x415u};
+    size_t na, nb;
+    uint8_t *ia, *ib;
+    cfg.residual_tokens = 32;
+    tu_fill_kv(&r, TU_RANDOM, 101, 2, 32, k, v);
+    CHECK(kvq_cache_create(&h, &cfg) == KVQ_OK && kvq_cache_create(&cp, &cfg) == KVQ_OK &&
+              kvq_cuda_cache_create(&g, &cfg) == KVQ_OK, "history: create");
+    if (!h || !cp || !g) exit(2);
+    CHECK(kvq_cache_append(h, k, v, 100) == KVQ_OK && h->n_hist == 16, "history: 16 appends kept");
+    CHECK(kvq_cuda_cache_upload(g, h, 0) == KVQ_OK && kvq_cache_append(h, k + 100 * 64, v + 100 * 64, 1) == KVQ_OK &&
+              kvq_cuda_cache_download(g, h, 0) == KVQ_OK && kvq_cache_tokens(h) == 100 && h->n_hist == 0,
+          "history: none after a download");
+    CHECK(kvq_cache_copy(cp, h, 100) == KVQ_OK && kvq_cache_truncate(h, 67) == KVQ_OK &&
+              kvq_cache_truncate(cp, 67) == KVQ_OK, "history: deep cuts");
+    na = kvq_cache_serialized_bytes(h);
+    nb = kvq_cache_serialized_bytes(cp);
+    ia = (uint8_t *)malloc(na);
+    ib = (uint8_t *)malloc(nb);
+    CHECK(na == nb && kvq_cache_serialize(h, ia, na, NULL) == KVQ_OK && kvq_cache_serialize(cp, ib, nb, NULL) == KVQ_OK &&
+              memcmp(ia, ib, na) == 0, "history: a downloaded cache cuts as a copy does");
+    free(ia); free(ib); free(k); free(v);
+    kvq_cuda_cache_destroy(g);
+    kvq_cache_destroy(h);
+    kvq_cache_destroy(cp);
+}
+
 int main(int argc, char **argv) {
     static const int bits[][2] = {{2, 2}, {3, 3}, {4, 4}, {8, 8}, {16, 16}, {2, 16}, {16, 2}, {4, 2}, {3, 8}, {2, 4}};
     static const int gs[] = {16, 32, 64, 128};
@@ -1605,6 +1638,7 @@ int main(int argc, char **argv) {
     test_host_pointers();
     test_pending_error();
     test_images();
+    test_history();
     /* tracked attention choosing the salient tokens */
     test_tracking(64, 32, 0, 0.1f, 8, 2, KVQ_ROTATE_NONE, 32, 4, 3);
     test_tracking(40, 16, 0, 0.25f, 16, 4, KVQ_ROTATE_HADAMARD, 16, 0, 3);

@@ -692,6 +692,57 @@ static void forward_agreement(const char *model)
     kvqd_checkpoint_free(&ck);
 }
 
+/* a prompt through llm_prefill gives the logits of token-by-token exact attention (k16v16:
+   the chunk attends itself in fp32); a draft cut with llm_run_truncate leaves caches and
+   later logits bit-identical to a run that never saw it (salient tokens by attention, so
+   the salience snapshots are used, and a key block leaves inside the draft) */
+static void prefill_and_rollback(const char *model)
+{
+    kvqd_checkpoint ck;
+    llm_cache_spec f32, f16, sal;
+    llm_run ra, rb;
+    char err[256];
+    int ids[80], t, i, l, ok = 1, same = 1;
+    const float *la, *lb;
+    double num = 0.0, den = 0.0;
+    if (kvqd_checkpoint_load(&ck, model, err, sizeof err) != KVQD_OK) { CHECKF(0, "%s", err); return; }
+    for (t = 0; t < 80; t++) ids[t] = t == 0 ? 1 : (int)(rnd() % (unsigned)ck.cfg.vocab_size);
+    llm_parse_config("fp32", ck.cfg.head_dim, ck.cfg.n_kv_heads, ck.cfg.seq_len, &f32, err, sizeof err);
+    llm_parse_config("k16v16", ck.cfg.head_dim, ck.cfg.n_kv_heads, ck.cfg.seq_len, &f16, err, sizeof err);
+    CHECK(llm_run_init(&ra, &ck, &f32, err, sizeof err) == 0 && llm_run_init(&rb, &ck, &f16, err, sizeof err) == 0);
+    la = llm_prefill(&ra, ids, 20, err, sizeof err);
+    lb = llm_prefill(&rb, ids, 20, err, sizeof err);
+    CHECK(la && lb && ra.pos == 20 && rb.pos == 20);
+    for (i = 0; la && lb && i < ck.cfg.vocab_size; i++) { num += (la[i] - lb[i]) * (double)(la[i] - lb[i]); den += (double)la[i] * la[i]; }
+    CHECKF(la && lb && num <= 1e-6 * den, "prefill: k16v16 and fp32 logits differ (%.2e)", num / (den + 1e-30));
+    CHECK(llm_prefill(&rb, ids, ck.cfg.seq_len, err, sizeof err) == NULL && rb.pos == 20); /* past the window */
+    llm_run_free(&ra);
+    llm_run_free(&rb);
+    CHECK(llm_parse_config("k2v2r32x10", ck.cfg.head_dim, ck.cfg.n_kv_heads, ck.cfg.seq_len, &sal, err, sizeof err) == 0);
+    CHECK(llm_run_init(&ra, &ck, &sal, err, sizeof err) == 0 && llm_run_init(&rb, &ck, &sal, err, sizeof err) == 0);
+    ok = llm_prefill(&ra, ids, 10, err, sizeof err) && llm_prefill(&rb, ids, 10, err, sizeof err);
+    for (t = 10; ok && t < 62; t++) ok = llm_forward(&ra, ids[t], err, sizeof err) && llm_forward(&rb, ids[t], err, sizeof err);
+    for (t = 0; ok && t < 8; t++) ok = llm_forward(&ra, (int)(rnd() % (unsigned)ck.cfg.vocab_size), err, sizeof err) != NULL;
+    ok = ok && llm_run_truncate(&ra, 62, err, sizeof err) == 0 && ra.pos == 62;
+    CHECK(llm_run_truncate(&ra, 63, err, sizeof err) != 0 && llm_run_truncate(&ra, -1, err, sizeof err) != 0);
+    for (t = 62; ok && t < 80; t++) {
+        ok = (la = llm_forward(&ra, ids[t], err, sizeof err)) && (lb = llm_forward(&rb, ids[t], err, sizeof err));
+        same = same && ok && memcmp(la, lb, (size_t)ck.cfg.vocab_size * sizeof(float)) == 0;
+    }
+    for (l = 0; ok && l < ck.cfg.n_layers; l++) {
+        size_t na = kvq_cache_serialized_bytes(ra.caches[l]), nb = kvq_cache_serialized_bytes(rb.caches[l]);
+        unsigned char *ia = (unsigned char *)malloc(na), *ib = (unsigned char *)malloc(nb);
+        same = same && ia && ib && na == nb && kvq_cache_serialize(ra.caches[l], ia, na, NULL) == KVQ_OK &&
+               kvq_cache_serialize(rb.caches[l], ib, nb, NULL) == KVQ_OK && memcmp(ia, ib, na) == 0;
+        free(ia);
+        free(ib);
+    }
+    CHECKF(ok && same, "rollback: a run that drafted and cut differs from one that never drafted (%s)", ok ? "state" : err);
+    llm_run_free(&ra);
+    llm_run_free(&rb);
+    kvqd_checkpoint_free(&ck);
+}
+
 /* ---- (d) the KV dumper: llm_dump against the model's own forward pass ---- */
 
 /* largest |a - b| over n floats, and the largest |b| into *bmax */
@@ -938,6 +989,7 @@ int main(void)
     }
     model_checks("stories260K", p_model, p_tokens, 1.2912, 1022, 1);
     forward_agreement(p_model);
+    prefill_and_rollback(p_model);
     if (have_shared) {
         /* the bundled copies are the shared files */
         int *a = NULL, *b = NULL, na = 0, nb = 0;

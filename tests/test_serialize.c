@@ -216,6 +216,22 @@ static void test_corruption(void) {
     kvq__put_u32(img + KVQ__H_CONFIG + KVQ__H_CONFIG_USED, 1); /* an unused config slot */
     reseal(img);
     REFUSED(KVQ_ERR_CORRUPT, "reserved config slot");
+    CHECK(KVQ__H_CONFIG_USED == 68 + 4 && kvq__get_u32(b.img + KVQ__H_CONFIG + 68) == (uint32_t)cfg.rollback_tokens,
+          "rollback_tokens is the last config slot used");
+    memcpy(img, b.img, b.n);
+    kvq__put_u32(img + KVQ__H_CONFIG + 68, 0xffffffffu); /* rollback_tokens -1 */
+    reseal(img);
+    REFUSED(KVQ_ERR_CORRUPT, "negative rollback");
+    memcpy(img, b.img, b.n);
+    kvq__put_u32(img + KVQ__H_CONFIG + 68, 0); /* no history: smaller rings, the same payload */
+    reseal(img);
+    {
+        uint8_t *other = (uint8_t *)tu_alloc(need);
+        kvq_cache *o = NULL;
+        CHECK(kvq_cache_deserialize(&o, img, b.n, other, need) == KVQ_OK && o && o->cfg.rollback_tokens == 0 &&
+                  kvq_cache_tokens(o) == 150, "another rollback_tokens: the same payload loads");
+        free(other);
+    }
     memcpy(img, b.img, b.n);
     kvq__put_u32(img + KVQ__H_CONFIG + 60, 48); /* key_block 48 */
     reseal(img);

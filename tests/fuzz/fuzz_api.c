@@ -1,5 +1,5 @@
 /* libFuzzer target: random sequences of (config, append, attention, read, split,
-   serialize, reset) calls, on every config class (salient, rotated, per-token keys). Invariants: every call returns a known status, a failed
+   serialize, truncate, reset) calls, on every config class (salient, rotated, per-token keys). Invariants: every call returns a known status, a failed
    call changes none of the cache's memory, and the token count moves only on success. */
 #define KVQ_IMPLEMENTATION
 #include "../../kvq.h"
@@ -38,6 +38,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     cfg.group_size = groups[next(&r) % 4];
     cfg.residual_tokens = cfg.group_size * (int)(next(&r) % 3);
     cfg.sink_tokens = (int)(next(&r) % 8);
+    cfg.rollback_tokens = (int)(next(&r) % 20);
     {   /* the optional features: salient tokens, rotation, per-token keys (any mix; some refused) */
         static const float ratios[] = {0.05f, 0.1f, 0.25f, 0.6f};
         unsigned mode = next(&r);
@@ -64,7 +65,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (!mem || !copy || kvq_cache_init(&c, &cfg, mem, need) != KVQ_OK) abort();
     row = (size_t)cfg.n_kv_heads * cfg.head_dim;
     for (step = 0; step < 24 && r.at < r.n; step++) {
-        unsigned op = next(&r) % 6;
+        unsigned op = next(&r) % 7;
         int before = kvq_cache_tokens(c);
         kvq_status st = KVQ_OK;
         memcpy(copy, mem, need);
@@ -122,6 +123,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             if (kvq_cache_tokens(c2) != before || kvq_cache_payload_bytes(c2) != kvq_cache_payload_bytes(c)) abort();
             free(img);
             free(m2);
+        } else if (op == 5) { /* truncate: a rollback or a deep cut; the image then loads (op 4) */
+            int n = (int)(next(&r) % (unsigned)(before + 3)) - 1;
+            st = kvq_cache_truncate(c, n);
+            if (st == KVQ_OK && kvq_cache_tokens(c) != n) abort();
+            if (st == KVQ_OK && n == before && memcmp(copy, mem, need) != 0) abort(); /* a cut of nothing */
         } else {
             kvq_cache_reset(c);
             if (kvq_cache_tokens(c) != 0 || kvq_cache_payload_bytes(c) != 0) abort();
