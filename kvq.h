@@ -1180,10 +1180,19 @@ static size_t kvq__align_up(size_t a, int *ok) {
     return kvq__add(a, KVQ__ALIGN - 1, ok) & ~(size_t)(KVQ__ALIGN - 1);
 }
 
+/* The arrays of a cache, in memory order. The first KVQ__A_DEVICE are what a cache holds (the
+   CUDA twin allocates those, with these sizes); the rest are host scratch and the rollback
+   history's salience snapshots. */
+enum { KVQ__A_SINK_K, KVQ__A_SINK_V, KVQ__A_KBLOCKS, KVQ__A_VPARAMS, KVQ__A_VCODES, KVQ__A_RING_K, KVQ__A_RING_V,
+       KVQ__A_SIDE, KVQ__A_SCORE, KVQ__A_SEEN, KVQ__A_KTPARAMS, KVQ__A_KTCODES, KVQ__A_DEVICE,
+       KVQ__A_RING_SCORES = KVQ__A_DEVICE, KVQ__A_SNAP_SCORE, KVQ__A_SNAP_SEEN, KVQ__A_COUNT };
+
+/* The layout plan: the capacities, then each array's count of elements, element size,
+   offset from the struct's start and bytes. Everything that sizes or places an array reads
+   it (init, kvq_cache_bytes, the CUDA twin). */
 typedef struct kvq__layout {
     int max_kblocks, max_vquant, kcap, vcap;
-    size_t off_sink_k, off_sink_v, off_kblocks, off_vparams, off_vcodes, off_ring_k, off_ring_v;
-    size_t off_side, off_score, off_seen, off_ring_scores, off_ktparams, off_ktcodes, off_snap_score, off_snap_seen;
+    size_t count[KVQ__A_COUNT], elem[KVQ__A_COUNT], off[KVQ__A_COUNT], bytes[KVQ__A_COUNT];
     size_t total;
 } kvq__layout;
 
@@ -1224,27 +1233,42 @@ static int kvq__plan(const kvq_config *cfg, kvq__layout *L) {
         L->max_kblocks = 0;
         L->kcap = L->vcap;
     }
-    end = sizeof(kvq_cache);
-    L->off_sink_k = kvq__place(&end, kvq__mul(H, (size_t)cfg->sink_tokens * D, &ok), 2, &ok);
-    L->off_sink_v = kvq__place(&end, kvq__mul(H, (size_t)cfg->sink_tokens * D, &ok), 2, &ok);
-    L->off_kblocks = kvq__place(&end, kvq__mul(H, (size_t)L->max_kblocks, &ok), kvq__key_block_bytes(cfg), &ok);
-    L->off_vparams = kvq__place(&end, kvq__mul(H, (size_t)L->max_vquant, &ok), kvq__value_param_bytes(cfg), &ok);
-    L->off_vcodes = kvq__place(&end, kvq__mul(H, (size_t)L->max_vquant, &ok), kvq__value_code_bytes(cfg), &ok);
-    L->off_ring_k = kvq__place(&end, kvq__mul(H, (size_t)L->kcap, &ok), 2 * D, &ok);
-    L->off_ring_v = kvq__place(&end, kvq__mul(H, (size_t)L->vcap, &ok), 2 * D, &ok);
-    L->off_side = kvq__place(&end, kvq__mul(H, (size_t)L->max_kblocks * kvq__salient_count(cfg), &ok),
-                             kvq__salient_count(cfg) ? kvq__side_entry_bytes(cfg) : 0, &ok);
-    L->off_score = kvq__place(&end, kvq__mul(H, (size_t)(kvq__salient_count(cfg) ? L->kcap : 0), &ok), 4, &ok);
-    L->off_seen = kvq__place(&end, kvq__mul(H, (size_t)(kvq__salient_count(cfg) ? L->kcap : 0), &ok), 4, &ok);
-    L->off_ring_scores = kvq__place(&end, (size_t)(kvq__salient_count(cfg) ? L->kcap : 0), 4 * KVQ__HEAD_CHUNK, &ok);
-    L->off_ktparams = kvq__place(&end, kvq__mul(H, (size_t)(cfg->key_axis == KVQ_KEYS_PER_TOKEN ? L->max_vquant : 0), &ok),
-                                 kvq__token_param_bytes(cfg, cfg->key_bits), &ok);
-    L->off_ktcodes = kvq__place(&end, kvq__mul(H, (size_t)(cfg->key_axis == KVQ_KEYS_PER_TOKEN ? L->max_vquant : 0), &ok),
-                                (size_t)cfg->head_dim * (size_t)cfg->key_bits / 8, &ok);
-    /* salience snapshots, one per append of the history (caches that record attention) */
-    snaps = H * (size_t)(tracks ? cfg->rollback_tokens : 0); /* <= 2^24 */
-    L->off_snap_score = kvq__place(&end, kvq__mul(snaps, (size_t)L->kcap, &ok), 4, &ok);
-    L->off_snap_seen = kvq__place(&end, kvq__mul(snaps, (size_t)L->kcap, &ok), 4, &ok);
+    {
+        const size_t S = (size_t)cfg->sink_tokens, ns = (size_t)kvq__salient_count(cfg);
+        const int per_token = cfg->key_axis == KVQ_KEYS_PER_TOKEN;
+        size_t *n = L->count, *e = L->elem;
+        int a;
+        n[KVQ__A_SINK_K] = n[KVQ__A_SINK_V] = kvq__mul(H, S * D, &ok);
+        e[KVQ__A_SINK_K] = e[KVQ__A_SINK_V] = 2;
+        n[KVQ__A_KBLOCKS] = kvq__mul(H, (size_t)L->max_kblocks, &ok);
+        e[KVQ__A_KBLOCKS] = kvq__key_block_bytes(cfg);
+        n[KVQ__A_VPARAMS] = kvq__mul(H, (size_t)L->max_vquant, &ok);
+        e[KVQ__A_VPARAMS] = kvq__value_param_bytes(cfg);
+        n[KVQ__A_VCODES] = n[KVQ__A_VPARAMS];
+        e[KVQ__A_VCODES] = kvq__value_code_bytes(cfg);
+        n[KVQ__A_RING_K] = kvq__mul(H, (size_t)L->kcap, &ok);
+        e[KVQ__A_RING_K] = 2 * D;
+        n[KVQ__A_RING_V] = kvq__mul(H, (size_t)L->vcap, &ok);
+        e[KVQ__A_RING_V] = 2 * D;
+        n[KVQ__A_SIDE] = kvq__mul(H, (size_t)L->max_kblocks * ns, &ok);
+        e[KVQ__A_SIDE] = ns ? kvq__side_entry_bytes(cfg) : 0;
+        n[KVQ__A_SCORE] = n[KVQ__A_SEEN] = kvq__mul(H, ns ? (size_t)L->kcap : 0, &ok); /* received, queries */
+        e[KVQ__A_SCORE] = e[KVQ__A_SEEN] = 4;
+        n[KVQ__A_KTPARAMS] = n[KVQ__A_KTCODES] = kvq__mul(H, per_token ? (size_t)L->max_vquant : 0, &ok);
+        e[KVQ__A_KTPARAMS] = kvq__token_param_bytes(cfg, cfg->key_bits);
+        e[KVQ__A_KTCODES] = D * (size_t)cfg->key_bits / 8;
+        n[KVQ__A_RING_SCORES] = ns ? (size_t)L->kcap : 0;
+        e[KVQ__A_RING_SCORES] = 4 * KVQ__HEAD_CHUNK; /* scratch */
+        /* salience snapshots, one per append of the history (caches that record attention) */
+        snaps = H * (size_t)(tracks ? cfg->rollback_tokens : 0); /* <= 2^24 */
+        n[KVQ__A_SNAP_SCORE] = n[KVQ__A_SNAP_SEEN] = kvq__mul(snaps, (size_t)L->kcap, &ok);
+        e[KVQ__A_SNAP_SCORE] = e[KVQ__A_SNAP_SEEN] = 4;
+        end = sizeof(kvq_cache);
+        for (a = 0; a < KVQ__A_COUNT; a++) {
+            L->off[a] = kvq__place(&end, n[a], e[a], &ok);
+            L->bytes[a] = kvq__mul(n[a], e[a], &ok);
+        }
+    }
     L->total = kvq__add(end, KVQ__ALIGN, &ok); /* slack to align the caller's pointer */
     return ok;
 }
@@ -1297,22 +1321,22 @@ KVQ_API kvq_status kvq_cache_init(kvq_cache **out, const kvq_config *cfg, void *
     c->kcap = L.kcap;
     c->vcap = L.vcap;
     kvq__record_sizes(c, cfg);
-    c->sink_k = (uint16_t *)(void *)(base + L.off_sink_k);
-    c->sink_v = (uint16_t *)(void *)(base + L.off_sink_v);
-    c->kblocks = base + L.off_kblocks;
-    c->vparams = (uint16_t *)(void *)(base + L.off_vparams);
-    c->vcodes = base + L.off_vcodes;
-    c->ring_k = (uint16_t *)(void *)(base + L.off_ring_k);
-    c->ring_v = (uint16_t *)(void *)(base + L.off_ring_v);
-    c->side = base + L.off_side;
-    c->sal_score = (float *)(void *)(base + L.off_score);
-    c->sal_seen = (uint32_t *)(void *)(base + L.off_seen);
-    c->sal_ring = (float *)(void *)(base + L.off_ring_scores);
-    c->ktparams = (uint16_t *)(void *)(base + L.off_ktparams);
-    c->ktcodes = base + L.off_ktcodes;
-    if (kvq__records_attention(cfg) && cfg->rollback_tokens) {
-        c->snap_score = (float *)(void *)(base + L.off_snap_score);
-        c->snap_seen = (uint32_t *)(void *)(base + L.off_snap_seen);
+    c->sink_k = (uint16_t *)(void *)(base + L.off[KVQ__A_SINK_K]);
+    c->sink_v = (uint16_t *)(void *)(base + L.off[KVQ__A_SINK_V]);
+    c->kblocks = base + L.off[KVQ__A_KBLOCKS];
+    c->vparams = (uint16_t *)(void *)(base + L.off[KVQ__A_VPARAMS]);
+    c->vcodes = base + L.off[KVQ__A_VCODES];
+    c->ring_k = (uint16_t *)(void *)(base + L.off[KVQ__A_RING_K]);
+    c->ring_v = (uint16_t *)(void *)(base + L.off[KVQ__A_RING_V]);
+    c->side = base + L.off[KVQ__A_SIDE];
+    c->sal_score = (float *)(void *)(base + L.off[KVQ__A_SCORE]);
+    c->sal_seen = (uint32_t *)(void *)(base + L.off[KVQ__A_SEEN]);
+    c->sal_ring = (float *)(void *)(base + L.off[KVQ__A_RING_SCORES]);
+    c->ktparams = (uint16_t *)(void *)(base + L.off[KVQ__A_KTPARAMS]);
+    c->ktcodes = base + L.off[KVQ__A_KTCODES];
+    if (L.bytes[KVQ__A_SNAP_SCORE]) {
+        c->snap_score = (float *)(void *)(base + L.off[KVQ__A_SNAP_SCORE]);
+        c->snap_seen = (uint32_t *)(void *)(base + L.off[KVQ__A_SNAP_SEEN]);
     }
     kvq__rotation_init(&c->rot, cfg->head_dim, cfg->seed);
     *out = c;
