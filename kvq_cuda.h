@@ -1588,40 +1588,29 @@ static void kvq__cu_shape(kvq__cuda_view *v, const kvq_config *cfg, const kvq__l
 }
 
 /* One device allocation for every array of the view, each 256-byte aligned. */
-static kvq_status kvq__cu_arrays(kvq_cuda_cache *c) {
+static kvq_status kvq__cu_arrays(kvq_cuda_cache *c, const kvq__layout *L) {
     kvq__cuda_view *v = &c->v;
-    const size_t H = (size_t)v->H, D = (size_t)v->D;
-    size_t off[12], sz[12], end = 0;
+    size_t off[KVQ__A_DEVICE], end = 0;
     uint8_t *base;
     int a;
-    sz[0] = sz[1] = H * v->S * D * 2;
-    sz[2] = H * (size_t)v->max_kblocks * v->kblock_bytes;
-    sz[3] = H * (size_t)v->max_vquant * v->vparam_bytes;
-    sz[4] = H * (size_t)v->max_vquant * v->vcode_bytes;
-    sz[5] = H * (size_t)v->kcap * D * 2;
-    sz[6] = H * (size_t)v->vcap * D * 2;
-    sz[7] = H * (size_t)v->max_kblocks * v->n_salient * v->side_bytes;  /* side store */
-    sz[8] = sz[9] = v->n_salient ? H * (size_t)v->kcap * 4 : 0;        /* sal_score, sal_seen */
-    sz[10] = v->key_tokens ? H * (size_t)v->max_vquant * v->ktparam_bytes : 0; /* keys per token */
-    sz[11] = v->key_tokens ? H * (size_t)v->max_vquant * v->ktcode_bytes : 0;
-    for (a = 0; a < 12; a++) {
+    for (a = 0; a < KVQ__A_DEVICE; a++) { /* the cache's arrays of kvq.h's plan, with its sizes */
         off[a] = end;
-        end = kvq__cu_align(end + sz[a]);
+        end = kvq__cu_align(end + L->bytes[a]);
     }
     if (cudaMalloc(&c->d_mem, end ? end : 1) != cudaSuccess) return kvq__cu_err(cudaErrorMemoryAllocation);
     base = (uint8_t *)c->d_mem;
-    v->sink_k = (uint16_t *)(base + off[0]);
-    v->sink_v = (uint16_t *)(base + off[1]);
-    v->kblocks = base + off[2];
-    v->vparams = (uint16_t *)(base + off[3]);
-    v->vcodes = base + off[4];
-    v->ring_k = (uint16_t *)(base + off[5]);
-    v->ring_v = (uint16_t *)(base + off[6]);
-    v->side = base + off[7];
-    v->sal_score = (float *)(base + off[8]);
-    v->sal_seen = (uint32_t *)(base + off[9]);
-    v->ktparams = (uint16_t *)(base + off[10]);
-    v->ktcodes = base + off[11];
+    v->sink_k = (uint16_t *)(base + off[KVQ__A_SINK_K]);
+    v->sink_v = (uint16_t *)(base + off[KVQ__A_SINK_V]);
+    v->kblocks = base + off[KVQ__A_KBLOCKS];
+    v->vparams = (uint16_t *)(base + off[KVQ__A_VPARAMS]);
+    v->vcodes = base + off[KVQ__A_VCODES];
+    v->ring_k = (uint16_t *)(base + off[KVQ__A_RING_K]);
+    v->ring_v = (uint16_t *)(base + off[KVQ__A_RING_V]);
+    v->side = base + off[KVQ__A_SIDE];
+    v->sal_score = (float *)(base + off[KVQ__A_SCORE]);
+    v->sal_seen = (uint32_t *)(base + off[KVQ__A_SEEN]);
+    v->ktparams = (uint16_t *)(base + off[KVQ__A_KTPARAMS]);
+    v->ktcodes = base + off[KVQ__A_KTCODES];
     return KVQ_OK;
 }
 
@@ -1703,7 +1692,7 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_create_ex(kvq_cuda_cache **out, const kvq
         kvq_cuda_cache_destroy(c);
         return kvq__cu_err(cudaErrorNoDevice); /* no usable device */
     }
-    st = kvq__cu_arrays(c);
+    st = kvq__cu_arrays(c, &L);
     if (st == KVQ_OK && cfg->rotation == KVQ_ROTATE_HADAMARD) st = kvq__cu_rot_plan(c);
     if (st == KVQ_OK) st = kvq__cu_scratch(c);
     if (st != KVQ_OK) {
