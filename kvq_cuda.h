@@ -272,10 +272,10 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_download(const kvq_cuda_cache *src, kvq_c
 #define KVQ__CUDA_MAXD 512
 #define KVQ__CUDA_ALIGN 256
 
-static __device__ __forceinline__ uint16_t kvq__cu_f2h(float x) {
+static __device__ __forceinline__ uint16_t kvq__cu_f32_to_f16(float x) {
     return __half_as_ushort(__float2half_rn(x));
 }
-static __device__ __forceinline__ float kvq__cu_h2f(uint16_t h) {
+static __device__ __forceinline__ float kvq__cu_f16_to_f32(uint16_t h) {
     return __half2float(__ushort_as_half(h));
 }
 
@@ -313,13 +313,13 @@ static __device__ __forceinline__ void kvq__cu_put_code(uint8_t *row, int n, int
 /* kvq__fit_range: fp16 min and scale. */
 static __device__ __forceinline__ kvq__qparams kvq__cu_fit_range(float lo, float hi, int bits) {
     kvq__qparams qp;
-    qp.min = kvq__cu_f2h(lo);
-    qp.scale = kvq__cu_f2h(__fdiv_rn(__fsub_rn(hi, lo), (float)((1 << bits) - 1)));
+    qp.min = kvq__cu_f32_to_f16(lo);
+    qp.scale = kvq__cu_f32_to_f16(__fdiv_rn(__fsub_rn(hi, lo), (float)((1 << bits) - 1)));
     return qp;
 }
 
 /* kvq__e5m3, kvq__min16: the 8-bit scale and the int8 min (m8 * s is exact: 8 x 4 bits). */
-static __device__ __forceinline__ float kvq__cu_e5m3(unsigned e) { return kvq__cu_h2f((uint16_t)(e << 7)); }
+static __device__ __forceinline__ float kvq__cu_e5m3(unsigned e) { return kvq__cu_f16_to_f32((uint16_t)(e << 7)); }
 static __device__ __forceinline__ float kvq__cu_min16(unsigned e, unsigned m8) {
     const int v = (int)(m8 & 0xffu) - (m8 & 0x80u ? 256 : 0); /* int8, two's complement */
     return __fmul_rn(__fmul_rn((float)v, kvq__cu_e5m3(e)), 0.0625f);
@@ -335,8 +335,8 @@ static __device__ kvq__qparams kvq__cu_fit_range16(float lo, float hi, int bits)
     kvq__qparams qp;
     need = __fmul_rn(-0.125f, lo) > need ? __fmul_rn(-0.125f, lo) : need;
     need = __fdiv_rn(lo, 7.9375f) > need ? __fdiv_rn(lo, 7.9375f) : need;
-    h = kvq__cu_f2h(need);
-    h += kvq__cu_h2f((uint16_t)h) < need; /* fp16 rounded up, then its low 7 bits */
+    h = kvq__cu_f32_to_f16(need);
+    h += kvq__cu_f16_to_f32((uint16_t)h) < need; /* fp16 rounded up, then its low 7 bits */
     e = (h + 0x7fu) >> 7;
     e = e > 0xf7u ? 0xf7u : e; /* 0xf8 and up: inf, NaN */
     while (e < 0xf7u &&
@@ -355,8 +355,8 @@ static __device__ __forceinline__ kvq__qparams kvq__cu_fit(float lo, float hi, i
     return pbits == 16 ? kvq__cu_fit_range16(lo, hi, bits) : kvq__cu_fit_range(lo, hi, bits);
 }
 static __device__ __forceinline__ void kvq__cu_params_f32(kvq__qparams qp, int pbits, float *m, float *s) {
-    *s = pbits == 16 ? kvq__cu_e5m3(qp.scale) : kvq__cu_h2f(qp.scale);
-    *m = pbits == 16 ? kvq__cu_min16(qp.scale, qp.min) : kvq__cu_h2f(qp.min);
+    *s = pbits == 16 ? kvq__cu_e5m3(qp.scale) : kvq__cu_f16_to_f32(qp.scale);
+    *m = pbits == 16 ? kvq__cu_min16(qp.scale, qp.min) : kvq__cu_f16_to_f32(qp.min);
 }
 /* Group g of a record's ng groups: fp16 scale[ng] then min[ng], or one u16 (scale | m8 << 8). */
 static __device__ __forceinline__ void kvq__cu_put_params(uint16_t *par, int ng, int g, kvq__qparams qp, int pbits) {
@@ -451,7 +451,7 @@ static __device__ void kvq__cu_search_group(const float *x, int n, int bits, int
 
 /* kvq__search_columns for one channel: x[t] of G tokens weighted by w[t] (0: left out), one
    sum in token order. */
-static __device__ void kvq__cu_search_channel(const float *x, int G, const uint8_t *w, int bits, int steps,
+static __device__ void kvq__cu_search_columns(const float *x, int G, const uint8_t *w, int bits, int steps,
                                               float *lo, float *hi) {
     const float top = (float)((1 << bits) - 1);
     const double step = kvq__cu_search_step(bits, steps);
@@ -474,7 +474,10 @@ static __device__ void kvq__cu_search_channel(const float *x, int G, const uint8
     }
 }
 
-/* What the device kernels need to know about one cache. */
+/* What the device kernels need to know about one cache, in kvq.h's words: struct kvq_cache's
+   field names (arrays, counts, capacities, record sizes), its config's (key_bits, value_bits,
+   salient_bits, salient_policy), and kvq.h's local names D, H, S, G, ng (head_dim, n_kv_heads,
+   sink_tokens, group_size, kvq__value_groups). */
 typedef struct kvq__cuda_view {
     uint16_t *sink_k, *sink_v, *vparams, *ring_k, *ring_v;
     uint8_t *kblocks, *vcodes;
@@ -485,13 +488,13 @@ typedef struct kvq__cuda_view {
     uint32_t *sal_seen;  /* [H][kcap] queries that saw them */
     const float *q;
     float *out, *part;
-    float *ring_raw;     /* attention with tracking: raw scores of waiting keys [row][kcap], else NULL */
+    float *sal_ring;     /* attention with tracking: raw scores of waiting keys [row][kcap], else NULL */
     float *row_ml;       /* attention with tracking: merged (max, sum) per row */
-    int D, H, S, G, kbits, vbits, ng; /* G: channels per value group (and per key-per-token group) */
-    int n_tokens, nkb, nvq, max_kblocks, max_vquant, kcap, vcap;
-    int kblock_bytes, vparam_u16, vcode_bytes; /* vparam_u16: u16 of params per value record */
-    int n_salient, side_bytes, sal_bits, sal_policy;
-    int key_tokens, kt_u16, ktcode_bytes; /* keys per token: flag, record layout (n_ktok = nvq) */
+    int D, H, S, G, key_bits, value_bits, ng; /* G: channels per value group (and per key-per-token group) */
+    int n_tokens, n_kblocks, n_vquant, max_kblocks, max_vquant, kcap, vcap;
+    int kblock_bytes, vparam_bytes, vcode_bytes; /* vparam_bytes: params of a value record (0 at 16 bits) */
+    int n_salient, side_bytes, salient_bits, salient_policy;
+    int key_tokens, ktparam_bytes, ktcode_bytes; /* keys per token: flag, record layout (n_ktok = n_vquant) */
     /* shorts, so that KVQ_CUDA_MAX_BATCH views stay a kernel parameter (below) */
     short kb;            /* tokens per key block (kvq.h's c->kb: key_block, or G where it is 0) */
     short vpb;           /* bits of a quantized value group's params: 32 or 16 (kvq__vpb) */
@@ -511,20 +514,22 @@ static_assert(sizeof(kvq__cuda_batch) <= 4096, "kvq__cuda_batch outgrew the kern
 typedef struct kvq__cuda_append {
     kvq__cuda_view c;
     const float *k, *v;
-    int n, n_old, after_old, nkb_old, nkb_new, nvq_old, nvq_new;
+    int n, n_old, after_old, n_kblocks_old, n_kblocks_new, n_vquant_old, n_vquant_new;
 } kvq__cuda_append;
 
 /* Key row of position pos (past the sinks) as floats: from the ring if it was stored by an
    earlier append, else from this append's input (rounded to fp16 exactly as the ring would). */
 static __device__ __forceinline__ float kvq__cu_key_at(const kvq__cuda_append &a, int h, int pos, int ch) {
     const kvq__cuda_view &c = a.c;
-    if (pos < a.after_old) return kvq__cu_h2f(c.ring_k[((size_t)h * c.kcap + (size_t)(pos % c.kcap)) * c.D + ch]);
-    return kvq__cu_h2f(kvq__cu_f2h(a.k[((size_t)(pos + c.S - a.n_old) * c.H + h) * c.D + ch]));
+    if (pos < a.after_old)
+        return kvq__cu_f16_to_f32(c.ring_k[((size_t)h * c.kcap + (size_t)(pos % c.kcap)) * c.D + ch]);
+    return kvq__cu_f16_to_f32(kvq__cu_f32_to_f16(a.k[((size_t)(pos + c.S - a.n_old) * c.H + h) * c.D + ch]));
 }
 static __device__ __forceinline__ float kvq__cu_value_at(const kvq__cuda_append &a, int h, int pos, int ch) {
     const kvq__cuda_view &c = a.c;
-    if (pos < a.after_old) return kvq__cu_h2f(c.ring_v[((size_t)h * c.vcap + (size_t)(pos % c.vcap)) * c.D + ch]);
-    return kvq__cu_h2f(kvq__cu_f2h(a.v[((size_t)(pos + c.S - a.n_old) * c.H + h) * c.D + ch]));
+    if (pos < a.after_old)
+        return kvq__cu_f16_to_f32(c.ring_v[((size_t)h * c.vcap + (size_t)(pos % c.vcap)) * c.D + ch]);
+    return kvq__cu_f16_to_f32(kvq__cu_f32_to_f16(a.v[((size_t)(pos + c.S - a.n_old) * c.H + h) * c.D + ch]));
 }
 
 /* Finite and within fp16 range, as kvq.h's append requires: sets *bad on the first failure. */
@@ -565,6 +570,7 @@ __global__ void kvq__cu_norm_check_kernel(const float *k, const float *v, size_t
 static __device__ __forceinline__ uint8_t *kvq__cu_side_entry(const kvq__cuda_view &c, int h, int b, int j) {
     return c.side + (((size_t)h * c.max_kblocks + b) * c.n_salient + j) * (size_t)c.side_bytes;
 }
+static __device__ __forceinline__ int kvq__cu_side_index(const uint8_t *e) { return e[0] | e[1] << 8; }
 
 /* kvq__range_gain: per channel, the gap a token opens alone at the top or bottom, over the range. */
 static __device__ void kvq__cu_range_gain(const kvq__cuda_append &a, int h, int b, float *gain) {
@@ -594,7 +600,7 @@ static __device__ void kvq__cu_select_salient(const kvq__cuda_append &a, int h, 
     const size_t slot0 = (size_t)h * c.kcap + (size_t)((b * G) % c.kcap); /* G slots in a row */
     float score[128];
     int t, j, seen_any = 0;
-    if (c.sal_policy == KVQ_SALIENT_ATTENTION)
+    if (c.salient_policy == KVQ_SALIENT_ATTENTION)
         for (t = 0; t < G; t++) {
             uint32_t seen = b * G + t < a.after_old ? c.sal_seen[slot0 + t] : 0u;
             score[t] = seen ? __fdiv_rn(c.sal_score[slot0 + t], (float)seen) : -1.0f;
@@ -619,10 +625,10 @@ static __device__ void kvq__cu_side_put(const kvq__cuda_append &a, uint8_t *e, i
     uint16_t *par = (uint16_t *)(e + 2) + (size_t)which * 2 * ng;
     uint8_t *codes = e + 2 + 8 * (size_t)ng + (size_t)which * D;
     int g, i;
-    if (c.sal_bits == 16) {
+    if (c.salient_bits == 16) {
         uint16_t *row = (uint16_t *)(e + 2) + (size_t)which * D;
         for (i = 0; i < D; i++)
-            row[i] = kvq__cu_f2h(which ? kvq__cu_value_at(a, h, pos, i) : kvq__cu_key_at(a, h, pos, i));
+            row[i] = kvq__cu_f32_to_f16(which ? kvq__cu_value_at(a, h, pos, i) : kvq__cu_key_at(a, h, pos, i));
         return;
     }
     for (g = 0; g < ng; g++) {
@@ -642,14 +648,15 @@ static __device__ void kvq__cu_side_put(const kvq__cuda_append &a, uint8_t *e, i
     }
 }
 
-/* Blocks [nkb_old, nkb_new) of every head: picks the salient tokens and fills their entries
-   (u16 token index in the block, little-endian, then K and V). One thread per (head, block). */
-__global__ void kvq__cu_salient_kernel(kvq__cuda_append a) {
+/* kvq__store_salient: blocks [n_kblocks_old, n_kblocks_new) of every head: picks the salient
+   tokens and fills their entries (u16 token index in the block, little-endian, then K and V).
+   One thread per (head, block). */
+__global__ void kvq__cu_store_salient_kernel(kvq__cuda_append a) {
     const kvq__cuda_view &c = a.c;
-    const int nb = a.nkb_new - a.nkb_old;
+    const int nb = a.n_kblocks_new - a.n_kblocks_old;
     size_t total = (size_t)c.H * nb, idx;
     for (idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
-        int b = a.nkb_old + (int)(idx % nb), h = (int)(idx / nb), t, j = 0;
+        int b = a.n_kblocks_old + (int)(idx % nb), h = (int)(idx / nb), t, j = 0;
         uint8_t mask[128];
         kvq__cu_select_salient(a, h, b, mask);
         for (t = 0; t < c.kb; t++) {
@@ -670,13 +677,10 @@ static __device__ void kvq__cu_block_mask(const kvq__cuda_view &c, int h, int b,
     for (t = 0; t < c.kb; t++) mask[t] = 0;
     for (j = 0; j < c.n_salient; j++) {
         const uint8_t *e = kvq__cu_side_entry(c, h, b, j);
-        mask[e[0] | e[1] << 8] = 1;
+        mask[kvq__cu_side_index(e)] = 1;
     }
 }
 
-/* Key blocks [nkb_old, nkb_new) of every head: one thread per (head, block, channel).
-   Salient caches leave the side store's tokens out (kvq__quantize_key_block_masked): they
-   take no part in the min/max, which starts from +-inf there, and their codes stay 0. */
 /* kvq__key_weights: in caches that record attention, each key's normalized score plus 0.1x the
    block's mean, scaled to 1..31; 0 if a token has no queries yet (this append's count as none). */
 static __device__ int kvq__cu_key_weights(const kvq__cuda_append &a, int h, int b, uint8_t *w) {
@@ -685,7 +689,7 @@ static __device__ int kvq__cu_key_weights(const kvq__cuda_append &a, int h, int 
     const size_t slot0 = (size_t)h * c.kcap + (size_t)((b * G) % c.kcap);
     float s[128], mean = 0.0f, top = 0.0f;
     int t;
-    if (!c.n_salient || c.sal_policy != KVQ_SALIENT_ATTENTION) return 0;
+    if (!c.n_salient || c.salient_policy != KVQ_SALIENT_ATTENTION) return 0;
     for (t = 0; t < G; t++) {
         const uint32_t seen = b * G + t < a.after_old ? c.sal_seen[slot0 + t] : 0u;
         if (!seen) return 0;
@@ -702,12 +706,17 @@ static __device__ int kvq__cu_key_weights(const kvq__cuda_append &a, int h, int 
     return 1;
 }
 
-__global__ void kvq__cu_key_blocks_kernel(kvq__cuda_append a) {
+/* kvq__quantize_key_block: key blocks [n_kblocks_old, n_kblocks_new) of every head, one thread
+   per (head, block, channel). Salient caches leave the side store's tokens out
+   (kvq__quantize_key_block_masked): they take no part in the min/max, which starts from +-inf
+   there, and their codes stay 0. */
+__global__ void kvq__cu_quantize_key_block_kernel(kvq__cuda_append a) {
     const kvq__cuda_view &c = a.c;
-    const int D = c.D, G = c.kb, bits = c.kbits, nb = a.nkb_new - a.nkb_old; /* G: tokens per key block */
+    const int D = c.D, G = c.kb, bits = c.key_bits; /* G: tokens per key block */
+    const int nb = a.n_kblocks_new - a.n_kblocks_old;
     size_t total = (size_t)c.H * nb * D, idx;
     for (idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
-        int ch = (int)(idx % D), b = a.nkb_old + (int)((idx / D) % nb), h = (int)(idx / ((size_t)D * nb));
+        int ch = (int)(idx % D), b = a.n_kblocks_old + (int)((idx / D) % nb), h = (int)(idx / ((size_t)D * nb));
         uint8_t *blk = c.kblocks + ((size_t)h * c.max_kblocks + b) * c.kblock_bytes;
         float x[128], lo, hi, s, m;
         kvq__qparams qp;
@@ -715,7 +724,7 @@ __global__ void kvq__cu_key_blocks_kernel(kvq__cuda_append a) {
         int t, row_bytes = G * bits / 8;
         if (bits == 16) { /* salient or not, the block keeps every row as it is */
             uint16_t *rows = (uint16_t *)blk;
-            for (t = 0; t < G; t++) rows[(size_t)t * D + ch] = kvq__cu_f2h(kvq__cu_key_at(a, h, b * G + t, ch));
+            for (t = 0; t < G; t++) rows[(size_t)t * D + ch] = kvq__cu_f32_to_f16(kvq__cu_key_at(a, h, b * G + t, ch));
             continue;
         }
         for (t = 0; t < G; t++) x[t] = kvq__cu_key_at(a, h, b * G + t, ch);
@@ -740,7 +749,7 @@ __global__ void kvq__cu_key_blocks_kernel(kvq__cuda_append a) {
             uint8_t w[128];
             const int weighted = kvq__cu_key_weights(a, h, b, w);
             for (t = 0; t < G; t++) w[t] = mask[t] ? 0 : weighted ? w[t] : 1;
-            kvq__cu_search_channel(x, G, w, bits, c.kgrid, &lo, &hi);
+            kvq__cu_search_columns(x, G, w, bits, c.kgrid, &lo, &hi);
         }
         qp = kvq__cu_fit(lo, hi, bits, 32); /* fp16 scale[D], min[D] */
         kvq__cu_put_params((uint16_t *)blk, D, ch, qp, 32);
@@ -755,21 +764,24 @@ __global__ void kvq__cu_key_blocks_kernel(kvq__cuda_append a) {
     }
 }
 
-/* Per-token records [nvq_old, nvq_new) of every head: values, or (keys = 1) keys stored per
-   token, which kvq.h quantizes with the value quantizer and which leave with their values.
+/* kvq__quantize_record: per-token records [n_vquant_old, n_vquant_new) of every head: values, or
+   (keys = 1) keys stored per token, which kvq.h quantizes with the value quantizer and which
+   leave with their values.
    One thread per (head, token, channel group). Groups start at multiples of G channels and
    G*bits/8 is whole bytes (G >= 16; a ragged last group has a multiple of 8 channels), so
    threads never share a code byte: at 3 bits a group's n codes are the planes of an n-code row
    of its own, n/4 bytes at c0/4 and n/8 at D/4 + c0/8 (kvq.h's Formats). */
-__global__ void kvq__cu_records_kernel(kvq__cuda_append a, int keys) {
+__global__ void kvq__cu_quantize_record_kernel(kvq__cuda_append a, int keys) {
     const kvq__cuda_view &c = a.c;
-    const int D = c.D, G = c.G, bits = keys ? c.kbits : c.vbits, ng = c.ng, nv = a.nvq_new - a.nvq_old;
-    const int par_u16 = keys ? c.kt_u16 : c.vparam_u16, code_bytes = keys ? c.ktcode_bytes : c.vcode_bytes;
+    const int D = c.D, G = c.G, bits = keys ? c.key_bits : c.value_bits, ng = c.ng;
+    const int nv = a.n_vquant_new - a.n_vquant_old;
+    const int par_u16 = (keys ? c.ktparam_bytes : c.vparam_bytes) / 2;
+    const int code_bytes = keys ? c.ktcode_bytes : c.vcode_bytes;
     const int pbits = keys ? 32 : c.vpb; /* keys per token keep fp16 params */
     uint16_t *params = keys ? c.ktparams : c.vparams;
     size_t total = (size_t)c.H * nv * ng, idx;
     for (idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
-        int g = (int)(idx % ng), j = a.nvq_old + (int)((idx / ng) % nv), h = (int)(idx / ((size_t)ng * nv));
+        int g = (int)(idx % ng), j = a.n_vquant_old + (int)((idx / ng) % nv), h = (int)(idx / ((size_t)ng * nv));
         int c0 = g * G, n = D - c0 < G ? D - c0 : G, i;
         size_t rec = (size_t)h * c.max_vquant + j;
         uint8_t *codes = (keys ? c.ktcodes : c.vcodes) + rec * code_bytes;
@@ -778,7 +790,7 @@ __global__ void kvq__cu_records_kernel(kvq__cuda_append a, int keys) {
         uint8_t row[128];
         for (i = 0; i < n; i++) x[i] = keys ? kvq__cu_key_at(a, h, j, c0 + i) : kvq__cu_value_at(a, h, j, c0 + i);
         if (bits == 16) {
-            for (i = 0; i < n; i++) ((uint16_t *)codes)[c0 + i] = kvq__cu_f2h(x[i]);
+            for (i = 0; i < n; i++) ((uint16_t *)codes)[c0 + i] = kvq__cu_f32_to_f16(x[i]);
             continue;
         }
         lo = hi = x[0];
@@ -811,17 +823,18 @@ __global__ void kvq__cu_store_kernel(kvq__cuda_append a) {
     for (idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
         int ch = (int)(idx % D), h = (int)((idx / D) % H), t = a.n_old + (int)(idx / ((size_t)D * H)), pos = t - S;
         if (t < S) {
-            c.sink_k[((size_t)h * S + t) * D + ch] = kvq__cu_f2h(a.k[idx]);
-            c.sink_v[((size_t)h * S + t) * D + ch] = kvq__cu_f2h(a.v[idx]);
+            c.sink_k[((size_t)h * S + t) * D + ch] = kvq__cu_f32_to_f16(a.k[idx]);
+            c.sink_v[((size_t)h * S + t) * D + ch] = kvq__cu_f32_to_f16(a.v[idx]);
             continue;
         }
-        if (pos >= (c.key_tokens ? a.nvq_new : a.nkb_new * c.kb))
-            c.ring_k[((size_t)h * c.kcap + (size_t)(pos % c.kcap)) * D + ch] = kvq__cu_f2h(a.k[idx]);
-        if (c.n_salient && ch == 0 && pos >= a.nkb_new * c.kb) { /* a new waiting key has received no attention yet */
+        if (pos >= (c.key_tokens ? a.n_vquant_new : a.n_kblocks_new * c.kb))
+            c.ring_k[((size_t)h * c.kcap + (size_t)(pos % c.kcap)) * D + ch] = kvq__cu_f32_to_f16(a.k[idx]);
+        if (c.n_salient && ch == 0 && pos >= a.n_kblocks_new * c.kb) { /* a new waiting key: no attention yet */
             c.sal_score[(size_t)h * c.kcap + (size_t)(pos % c.kcap)] = 0.0f;
             c.sal_seen[(size_t)h * c.kcap + (size_t)(pos % c.kcap)] = 0u;
         }
-        if (pos >= a.nvq_new) c.ring_v[((size_t)h * c.vcap + (size_t)(pos % c.vcap)) * D + ch] = kvq__cu_f2h(a.v[idx]);
+        if (pos >= a.n_vquant_new)
+            c.ring_v[((size_t)h * c.vcap + (size_t)(pos % c.vcap)) * D + ch] = kvq__cu_f32_to_f16(a.v[idx]);
     }
 }
 
@@ -892,23 +905,67 @@ __global__ void kvq__cu_rotate_kernel(const float *src, float *dst, size_t rows,
 }
 
 /* ---------------------------------------------------------------------------
-   Attention (FlashDecoding). Grid: x = (query, KV head, slice of <= 8 query heads of its
-   group), y = token chunk, z = sequence. A block walks its chunk in tiles of 32 tokens:
-     scores: lane = token, the 4 warps split the channels in runs of 8; every key is
-             dequantized once (m + s*code from a block or a per-token record, or an fp16
-             row) and dotted with all the group's query heads (held in shared memory,
-             pre-scaled), partial sums reduced through shared memory;
-     softmax: per head, running max / sum with rescaling (FlashAttention);
-     values: thread = channel(s), dequantize once, accumulate for every head.
-   Each block leaves (max, sum, acc[D]) per query head; the merge kernel combines chunks.
-   Salient tokens of quantized blocks (kvq.h's patch-up, done inline): their key comes from
-   the side store (the per-token record loop, taken only by those lanes), and their softmax weight
-   goes to the side-store value, in a pass before the codes pass, which then sees weight 0.
-   Only tiles that hold quantized-block tokens of a salient cache do any of this (a branch
-   uniform per block). With tracking (KVQ_SALIENT_ATTENTION), the raw scores of waiting keys
-   go to a scratch row per query head; after the merge, a small kernel turns them into
-   kvq.h's salience scores.
+   Attention (FlashDecoding): kvq.h's Attention section on the GPU. Grid: x = (query, KV
+   head, slice of <= 8 query heads of its group), y = token chunk, z = sequence. A block is
+   one kvq__attend_query over its chunk (kvq__cu_attend_query): it walks the chunk in tiles
+   of 32 tokens, one per lane (unlike kvq.h's tiles, one may cross a segment boundary: each
+   lane finds where its own token is stored, kvq__cu_key_ref), through kvq__attend_range's
+   phases, each a function below, the barriers between them in the kernel:
+     kvq__cu_tile_scores    the tile's keys from whatever they are stored as: kvq__cu_scores_f16,
+                            kvq__cu_scores_codes (key blocks), kvq__cu_scores_record (keys per
+                            token; salient tokens, whose key kvq__cu_salient_key takes from the
+                            side store: kvq__salient_scores per lane, not a patch-up pass).
+                            Lane = token, the 4 warps split the channels in runs of 8; every key
+                            is dequantized once and dotted with all the group's query heads (in
+                            shared memory, pre-scaled); partial sums stay in shared memory.
+     kvq__cu_tile_softmax   per query head: the partial sums added, the running max and sum
+                            with rescaling (FlashAttention); a salient token's weight is set
+                            aside for its side-store value; raw scores of waiting keys kept.
+     kvq__cu_tile_values    the accumulators rescaled, then kvq__cu_salient_values (the salient
+                            tokens' side-store values, kvq__salient_values) and
+                            kvq__cu_values_tile (the tile's values, kvq__values_tile, the salient
+                            tokens' weights 0 there): thread = channel(s), each value dequantized
+                            once and accumulated for every head.
+   Each block leaves (max, sum, acc[D]) per query head (kvq__cu_attend_end); the merge kernel
+   combines the chunks. Only tiles that hold quantized-block tokens of a salient cache do any
+   salient work (a branch uniform per block). With tracking (KVQ_SALIENT_ATTENTION), the raw
+   scores of waiting keys go to a scratch row per query head (sal_ring, kvq__attend_range's
+   ring_scores); after the merge, kvq__cu_track_salience_kernel turns them into kvq.h's
+   salience scores (kvq__track_salience).
    --------------------------------------------------------------------------- */
+
+/* A block's shared memory, reused tile after tile. */
+typedef struct kvq__cu_attn_smem {
+    float q[KVQ__CUDA_HEADS * KVQ__CUDA_MAXD];                      /* query heads times the scale, [j][D] */
+    float part[KVQ__CUDA_NT / 32][KVQ__CUDA_HEADS][KVQ__CUDA_TILE]; /* scores: each warp's partial sums */
+    float p[KVQ__CUDA_HEADS][KVQ__CUDA_TILE];                       /* softmax weights of the codes pass */
+    float m[KVQ__CUDA_HEADS], l[KVQ__CUDA_HEADS];                   /* running max and sum per head */
+    float corr[KVQ__CUDA_HEADS];                                    /* this tile's exp(m_old - m_new) */
+    float psal[KVQ__CUDA_HEADS][KVQ__CUDA_TILE];                    /* weights of salient tokens */
+    int sal[KVQ__CUDA_TILE]; /* a token's index among its block's side-store entries, or -1 */
+} kvq__cu_attn_smem;
+/* q and p are read as float4 */
+static_assert(offsetof(kvq__cu_attn_smem, p) % 16 == 0, "kvq__cu_attn_smem: p must be 16-byte aligned");
+
+/* One block's work, kvq__attend_query's arguments: query i, KV head h, query heads
+   [qh0, qh0 + nh) of its group, tokens [lo, hi) (chunk `chunk`, clipped to causality); D, the
+   head dimension, read once. */
+typedef struct kvq__cu_query {
+    int D, i, h, qh0, nh, lo, hi, chunk;
+} kvq__cu_query;
+
+/* Tokens [t0, t0 + n) of a block's range, n <= 32, as one lane sees them: its token t, valid
+   when t is in the range; n8 runs of 8 channels; first_wait, the first key still in the ring.
+   Uniform per block: sal, the tile holds quantized-block tokens of a salient cache; track, it
+   holds waiting keys whose scores are tracked. */
+typedef struct kvq__cu_tile {
+    int t0, t, valid, n8, n, first_wait, sal, track;
+} kvq__cu_tile;
+
+/* kvq__values_tile's locals: what the value phase reads of the view once per tile. */
+typedef struct kvq__cu_vals {
+    int S, G, bits, ng, pbits;
+} kvq__cu_vals;
 
 /* Where token t's key lives: an fp16 row (16-byte aligned), a quantized block (blk, tt), or a
    per-token record (par, codes at bits: a key stored per token, or a salient token's entry in
@@ -919,42 +976,54 @@ typedef struct kvq__cu_keyref {
     int tt, sal, bits;
 } kvq__cu_keyref;
 
-/* Index of token tt among the side-store entries of block b of head h, or -1. */
+/* kvq__find_salient: index of token tt among the side-store entries of block b of head h, or -1. */
 static __device__ __forceinline__ int kvq__cu_find_salient(const kvq__cuda_view &v, int h, int b, int tt) {
     int j;
-    for (j = 0; j < v.n_salient; j++) {
-        const uint8_t *e = kvq__cu_side_entry(v, h, b, j);
-        if ((e[0] | e[1] << 8) == tt) return j;
-    }
+    for (j = 0; j < v.n_salient; j++)
+        if (kvq__cu_side_index(kvq__cu_side_entry(v, h, b, j)) == tt) return j;
     return -1;
 }
 
-/* Channels [c8*8, c8*8 + 8) of a per-token record (kvq.h's kvq__read_token_record): m + s*code
+/* Channels [c8*8, c8*8 + 8) of a per-token record (kvq__read_token_record): m + s*code
    with the scale and min of the value group (one group holds all 8: groups start at multiples
    of G, a multiple of 8); 16 bits: codes is the fp16 row, read per element (a side-store row
    is only 2-byte aligned). */
-static __device__ __forceinline__ void kvq__cu_record_run(const uint16_t *par, const uint8_t *codes, int bits, int D,
-                                                          int G, int ng, int c8, float *x) {
+static __device__ __forceinline__ void kvq__cu_read_token_record(const uint16_t *par, const uint8_t *codes, int bits,
+                                                                 int D, int G, int ng, int c8, float *x) {
     int i;
     if (bits == 16) {
-        for (i = 0; i < 8; i++) x[i] = kvq__cu_h2f(((const uint16_t *)codes)[c8 * 8 + i]);
+        for (i = 0; i < 8; i++) x[i] = kvq__cu_f16_to_f32(((const uint16_t *)codes)[c8 * 8 + i]);
     } else {
         const int g = c8 * 8 / G;
-        const float s = kvq__cu_h2f(par[g]), m = kvq__cu_h2f(par[ng + g]);
+        const float s = kvq__cu_f16_to_f32(par[g]), m = kvq__cu_f16_to_f32(par[ng + g]);
         for (i = 0; i < 8; i++) x[i] = m + s * (float)kvq__cu_get_code(codes, D, c8 * 8 + i, bits);
     }
 }
 
-/* Channel ch of the value of side-store entry e. */
+/* Channel ch of the value of side-store entry e (kvq__side_get's V part). */
 static __device__ __forceinline__ float kvq__cu_side_value(const kvq__cuda_view &v, const uint8_t *e, int ch) {
     const uint16_t *u = (const uint16_t *)(e + 2);
-    if (v.sal_bits == 16) return kvq__cu_h2f(u[v.D + ch]);
+    if (v.salient_bits == 16) return kvq__cu_f16_to_f32(u[v.D + ch]);
     {
         const int ng = v.ng, g = ch / v.G;
-        return kvq__cu_h2f(u[3 * ng + g]) + kvq__cu_h2f(u[2 * ng + g]) * (float)e[2 + 8 * (size_t)ng + v.D + ch];
+        return kvq__cu_f16_to_f32(u[3 * ng + g]) +
+               kvq__cu_f16_to_f32(u[2 * ng + g]) * (float)e[2 + 8 * (size_t)ng + v.D + ch];
     }
 }
 
+/* kvq__salient_scores for one lane: the key of a salient token (entry r->sal of block b of
+   head h) is the K part of its side-store entry (params after the u16 index, codes after V's
+   params), a per-token record, scored by kvq__cu_scores_record instead of from the block. */
+static __device__ __forceinline__ void kvq__cu_salient_key(const kvq__cuda_view &v, int h, int b,
+                                                          kvq__cu_keyref *r) {
+    const uint8_t *e = kvq__cu_side_entry(v, h, b, r->sal);
+    r->par = (const uint16_t *)(e + 2);
+    r->codes = v.salient_bits == 16 ? e + 2 : e + 2 + 8 * (size_t)v.ng;
+    r->bits = v.salient_bits;
+}
+
+/* kvq__attend_range's segments (and kvq__read_key's) for one key: a sink row, a key block
+   (its salient tokens from the side store), a key stored per token, or a ring row. */
 static __device__ __forceinline__ kvq__cu_keyref kvq__cu_key_ref(const kvq__cuda_view &v, int h, int t) {
     kvq__cu_keyref r;
     int pos = t - v.S;
@@ -964,28 +1033,25 @@ static __device__ __forceinline__ kvq__cu_keyref kvq__cu_key_ref(const kvq__cuda
     r.sal = -1;
     if (t < v.S) {
         r.row = v.sink_k + ((size_t)h * v.S + t) * v.D;
-    } else if (pos < v.nkb * v.kb) {
+    } else if (pos < v.n_kblocks * v.kb) {
         const uint8_t *blk = v.kblocks + ((size_t)h * v.max_kblocks + pos / v.kb) * v.kblock_bytes;
         if (v.n_salient) r.sal = kvq__cu_find_salient(v, h, pos / v.kb, pos % v.kb);
-        if (r.sal >= 0) { /* K part of the entry: params after the u16 index, codes after V's params */
-            const uint8_t *e = kvq__cu_side_entry(v, h, pos / v.kb, r.sal);
-            r.par = (const uint16_t *)(e + 2);
-            r.codes = v.sal_bits == 16 ? e + 2 : e + 2 + 8 * (size_t)v.ng;
-            r.bits = v.sal_bits;
-        } else if (v.kbits == 16) {
+        if (r.sal >= 0) {
+            kvq__cu_salient_key(v, h, pos / v.kb, &r);
+        } else if (v.key_bits == 16) {
             r.row = (const uint16_t *)blk + (size_t)(pos % v.kb) * v.D;
         } else {
             r.blk = blk;
             r.tt = pos % v.kb;
         }
-    } else if (v.key_tokens && pos < v.nvq) { /* keys per token leave with their values */
+    } else if (v.key_tokens && pos < v.n_vquant) { /* keys per token leave with their values */
         const size_t rec = (size_t)h * v.max_vquant + pos;
-        if (v.kbits == 16) {
+        if (v.key_bits == 16) {
             r.row = (const uint16_t *)(v.ktcodes + rec * v.ktcode_bytes);
         } else {
-            r.par = v.ktparams + rec * v.kt_u16;
+            r.par = v.ktparams + rec * ((size_t)v.ktparam_bytes / 2);
             r.codes = v.ktcodes + rec * v.ktcode_bytes;
-            r.bits = v.kbits;
+            r.bits = v.key_bits;
         }
     } else {
         r.row = v.ring_k + ((size_t)h * v.kcap + (size_t)(pos % v.kcap)) * v.D;
@@ -999,14 +1065,16 @@ static __device__ __forceinline__ void kvq__cu_h8(uint4 u, float *f) {
     int e;
 #pragma unroll
     for (e = 0; e < 4; e++) {
-        f[2 * e] = kvq__cu_h2f((uint16_t)(w[e] & 0xffffu));
-        f[2 * e + 1] = kvq__cu_h2f((uint16_t)(w[e] >> 16));
+        f[2 * e] = kvq__cu_f16_to_f32((uint16_t)(w[e] & 0xffffu));
+        f[2 * e + 1] = kvq__cu_f16_to_f32((uint16_t)(w[e] >> 16));
     }
 }
 
-/* sc[j] += q_j[c8*8 .. c8*8+8) . kx for the block's query heads j < nh (q in shared memory). */
+/* kvq__dot8's part: sc[j] += q_j[c8*8 .. c8*8+8) . kx for the block's query heads j < nh (q in
+   shared memory). */
 template <int NH>
-static __device__ __forceinline__ void kvq__cu_dot8(const float *q_s, int D, int c8, int nh, const float *kx, float *sc) {
+static __device__ __forceinline__ void kvq__cu_dot8(const float *q_s, int D, int c8, int nh, const float *kx,
+                                                    float *sc) {
     int j;
 #pragma unroll
     for (j = 0; j < NH; j++) {
@@ -1019,213 +1087,313 @@ static __device__ __forceinline__ void kvq__cu_dot8(const float *q_s, int D, int
     }
 }
 
-/* NH: query heads per block (1, 2, 4, 8); KCH: channels per thread in the value phase (ceil(D / 128)).
-   Both compile-time, so the accumulators are exactly the registers a shape needs. */
-template <int NH, int KCH>
-__global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid_constant__ kvq__cuda_batch b) {
-    __shared__ __align__(16) float q_s[KVQ__CUDA_HEADS * KVQ__CUDA_MAXD];
-    __shared__ float part_s[KVQ__CUDA_NT / 32][KVQ__CUDA_HEADS][KVQ__CUDA_TILE];
-    __shared__ __align__(16) float p_s[KVQ__CUDA_HEADS][KVQ__CUDA_TILE];
-    __shared__ float m_s[KVQ__CUDA_HEADS], l_s[KVQ__CUDA_HEADS], corr_s[KVQ__CUDA_HEADS];
-    __shared__ float psal_s[KVQ__CUDA_HEADS][KVQ__CUDA_TILE]; /* weights of salient tokens */
-    __shared__ int sal_s[KVQ__CUDA_TILE];                    /* index among its block's entries, or -1 */
-    const kvq__cuda_view &v = b.v[blockIdx.z];
-    const int D = v.D, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int chunk = blockIdx.y, group = b.n_q_heads / v.H;
-    int unit = blockIdx.x, i, h, sl, qh0, nh, limit, t_begin, t_end, t0, j, k;
-    float acc[NH][KCH];
-    if (chunk >= v.n_chunks) return;
-    i = unit / (v.H * b.n_slices);
-    if (i >= b.n_queries) return; /* (the grid is exact; a guard) */
-    unit -= i * v.H * b.n_slices;
-    h = unit / b.n_slices;
-    sl = unit - h * b.n_slices;
-    qh0 = h * group + sl * NH;
-    nh = group - sl * NH < NH ? group - sl * NH : NH;
-    limit = v.n_tokens - b.n_queries + i + 1; /* causal: query i sees tokens <= its position */
-    t_begin = chunk * v.chunk;
-    t_end = t_begin + v.chunk < limit ? t_begin + v.chunk : limit;
+/* kvq__k_scores_f16 for one key, the warp's channel runs: an fp16 row, 16-byte aligned (a
+   sink, a ring row, a 16-bit key block's row or 16-bit key per token). */
+template <int NH>
+static __device__ __forceinline__ void kvq__cu_scores_f16(const uint16_t *row, const float *q_s, int D, int n8,
+                                                          int nh, int warp, float *sc) {
+    int c8;
+#pragma unroll 2
+    for (c8 = warp; c8 < n8; c8 += KVQ__CUDA_NT / 32) {
+        float kx[8];
+        kvq__cu_h8(*(const uint4 *)(row + c8 * 8), kx);
+        kvq__cu_dot8<NH>(q_s, D, c8, nh, kx, sc);
+    }
+}
 
-    for (k = tid; k < nh * D; k += KVQ__CUDA_NT)
-        q_s[k] = v.q[((size_t)i * b.n_q_heads + qh0 + k / D) * D + k % D] * b.scale;
-    if (tid < KVQ__CUDA_HEADS) { m_s[tid] = -INFINITY; l_s[tid] = 0.0f; }
+/* kvq__k_scores_codes for one key, the warp's channel runs: token tt of a quantized key block
+   (fp16 scale[D], min[D], then per channel a row of kb codes: row_bytes), m + s * code. */
+template <int NH>
+static __device__ __forceinline__ void kvq__cu_scores_codes(const uint8_t *blk, int tt, int bits, int row_bytes,
+                                                            const kvq__cuda_view &v, const float *q_s, int D,
+                                                            int n8, int nh, int warp, float *sc) {
+    int c8;
+#pragma unroll 2
+    for (c8 = warp; c8 < n8; c8 += KVQ__CUDA_NT / 32) {
+        float kx[8], sf[8], mf[8];
+        const uint8_t *codes = blk + 4 * (size_t)D + (size_t)row_bytes * c8 * 8;
+        int e;
+        kvq__cu_h8(*(const uint4 *)(blk + (size_t)c8 * 16), sf);
+        kvq__cu_h8(*(const uint4 *)(blk + 2 * (size_t)D + (size_t)c8 * 16), mf);
+#pragma unroll
+        for (e = 0; e < 8; e++)
+            kx[e] = mf[e] + sf[e] * (float)kvq__cu_get_code(codes + (size_t)row_bytes * e, v.kb, tt, bits);
+        kvq__cu_dot8<NH>(q_s, D, c8, nh, kx, sc);
+    }
+}
+
+/* kvq__scores_key_tokens and kvq__salient_scores for one key, the warp's channel runs: a
+   per-token record (a key stored per token, or a salient token's K in the side store). */
+template <int NH>
+static __device__ __forceinline__ void kvq__cu_scores_record(const kvq__cu_keyref &r, const kvq__cuda_view &v,
+                                                             const float *q_s, int D, int n8, int nh, int warp,
+                                                             float *sc) {
+    int c8;
+    for (c8 = warp; c8 < n8; c8 += KVQ__CUDA_NT / 32) {
+        float kx[8];
+        kvq__cu_read_token_record(r.par, r.codes, r.bits, D, v.G, v.ng, c8, kx);
+        kvq__cu_dot8<NH>(q_s, D, c8, nh, kx, sc);
+    }
+}
+
+/* kvq__attend_query: block (unit, chunk) of sequence v as a query, its query heads and its
+   tokens; 0 when the block has nothing to do (uniform per block). */
+template <int NH>
+static __device__ __forceinline__ int kvq__cu_attend_query(const kvq__cuda_batch &b, const kvq__cuda_view &v,
+                                                           int unit, int chunk, kvq__cu_query *u) {
+    const int group = b.n_q_heads / v.H;
+    int sl, limit;
+    if (chunk >= v.n_chunks) return 0;
+    u->i = unit / (v.H * b.n_slices);
+    if (u->i >= b.n_queries) return 0; /* (the grid is exact; a guard) */
+    unit -= u->i * v.H * b.n_slices;
+    u->h = unit / b.n_slices;
+    sl = unit - u->h * b.n_slices;
+    u->qh0 = u->h * group + sl * NH;
+    u->nh = group - sl * NH < NH ? group - sl * NH : NH;
+    limit = v.n_tokens - b.n_queries + u->i + 1; /* causal: query i sees tokens <= its position */
+    u->chunk = chunk;
+    u->lo = chunk * v.chunk;
+    u->hi = u->lo + v.chunk < limit ? u->lo + v.chunk : limit;
+    return 1;
+}
+
+/* kvq__attend_query's and kvq__attend_range's start: the query heads times the scale into
+   shared memory, empty running states and accumulators. */
+template <int NH, int KCH>
+static __device__ __forceinline__ void kvq__cu_attend_begin(const kvq__cuda_batch &b, const kvq__cuda_view &v,
+                                                            const kvq__cu_query &u, kvq__cu_attn_smem &sm, int tid,
+                                                            float (&acc)[NH][KCH]) {
+    const int D = u.D;
+    int j, k;
+    for (k = tid; k < u.nh * D; k += KVQ__CUDA_NT)
+        sm.q[k] = v.q[((size_t)u.i * b.n_q_heads + u.qh0 + k / D) * D + k % D] * b.scale;
+    if (tid < KVQ__CUDA_HEADS) {
+        sm.m[tid] = -INFINITY;
+        sm.l[tid] = 0.0f;
+    }
 #pragma unroll
     for (j = 0; j < NH; j++)
 #pragma unroll
         for (k = 0; k < KCH; k++) acc[j][k] = 0.0f;
-    __syncthreads();
+}
 
-    for (t0 = t_begin; t0 < t_end; t0 += KVQ__CUDA_TILE) {
-        const int t = t0 + lane, valid = t < t_end, n8 = D / 8;
-        const int n = t_end - t0 < KVQ__CUDA_TILE ? t_end - t0 : KVQ__CUDA_TILE;
-        const int first_wait = v.S + v.nkb * v.kb; /* first key still in the ring */
-        /* uniform per block: the tile holds quantized-block tokens of a salient cache, or
-           waiting keys whose scores are tracked */
-        const int sal_tile = v.n_salient && (t0 > v.S ? t0 : v.S) < (t0 + n < first_wait ? t0 + n : first_wait);
-        const int track_tile = v.ring_raw && t0 + n > first_wait;
-        float sc[NH];
-        int c8, sal = -1;
+/* The tile of the block's range that starts at t0, as lane `lane` sees it. */
+static __device__ __forceinline__ kvq__cu_tile kvq__cu_tile_at(const kvq__cuda_view &v, const kvq__cu_query &u,
+                                                               int t0, int lane) {
+    kvq__cu_tile tl;
+    tl.t0 = t0;
+    tl.t = t0 + lane;
+    tl.valid = tl.t < u.hi;
+    tl.n8 = u.D / 8;
+    tl.n = u.hi - t0 < KVQ__CUDA_TILE ? u.hi - t0 : KVQ__CUDA_TILE;
+    tl.first_wait = v.S + v.n_kblocks * v.kb;
+    /* & rather than &&: no branch (with &&, ptxas spilled registers in some NH, KCH shapes) */
+    tl.sal = (v.n_salient != 0) & ((t0 > v.S ? t0 : v.S) < (t0 + tl.n < tl.first_wait ? t0 + tl.n : tl.first_wait));
+    tl.track = (v.sal_ring != 0) & (t0 + tl.n > tl.first_wait);
+    return tl;
+}
+
+/* kvq__attend_range's scores: lane = token, each warp its share of the channel runs, through
+   the loop of the key's form (a loop per form, not one with a branch inside, so each unrolls
+   and keeps loads in flight). Leaves the partial sums in sm.part[warp] and, in salient tiles,
+   each token's side-store entry (or -1) in sm.sal. */
+template <int NH>
+static __device__ __forceinline__ void kvq__cu_tile_scores(const kvq__cuda_view &v, const kvq__cu_query &u,
+                                                           const kvq__cu_tile &tl, kvq__cu_attn_smem &sm, int lane,
+                                                           int warp) {
+    float sc[NH];
+    int j, sal = -1;
 #pragma unroll
-        for (j = 0; j < NH; j++) sc[j] = 0.0f;
-        /* scores: lane = token, warps split the channel runs */
-        if (valid) {
-            kvq__cu_keyref r = kvq__cu_key_ref(v, h, t);
-            const int bits = v.kbits, row_bytes = v.kb * bits / 8; /* a key block's channel row */
-            /* a loop per key form, not one with a branch inside, so each unrolls and keeps loads in flight */
-            if (r.row) {
-#pragma unroll 2
-                for (c8 = warp; c8 < n8; c8 += KVQ__CUDA_NT / 32) {
-                    float kx[8];
-                    kvq__cu_h8(*(const uint4 *)(r.row + c8 * 8), kx);
-                    kvq__cu_dot8<NH>(q_s, D, c8, nh, kx, sc);
-                }
-            } else if (r.codes) { /* a per-token record: a key stored per token, or a salient token */
-                sal = r.sal;
-                for (c8 = warp; c8 < n8; c8 += KVQ__CUDA_NT / 32) {
-                    float kx[8];
-                    kvq__cu_record_run(r.par, r.codes, r.bits, D, v.G, v.ng, c8, kx);
-                    kvq__cu_dot8<NH>(q_s, D, c8, nh, kx, sc);
-                }
-            } else {
-#pragma unroll 2
-                for (c8 = warp; c8 < n8; c8 += KVQ__CUDA_NT / 32) {
-                    float kx[8], sf[8], mf[8];
-                    const uint8_t *codes = r.blk + 4 * (size_t)D + (size_t)row_bytes * c8 * 8;
-                    int e;
-                    kvq__cu_h8(*(const uint4 *)(r.blk + (size_t)c8 * 16), sf);
-                    kvq__cu_h8(*(const uint4 *)(r.blk + 2 * (size_t)D + (size_t)c8 * 16), mf);
-#pragma unroll
-                    for (e = 0; e < 8; e++)
-                        kx[e] = mf[e] + sf[e] * (float)kvq__cu_get_code(codes + (size_t)row_bytes * e, v.kb, r.tt, bits);
-                    kvq__cu_dot8<NH>(q_s, D, c8, nh, kx, sc);
-                }
-            }
+    for (j = 0; j < NH; j++) sc[j] = 0.0f;
+    if (tl.valid) {
+        const kvq__cu_keyref r = kvq__cu_key_ref(v, u.h, tl.t);
+        const int bits = v.key_bits, row_bytes = v.kb * bits / 8; /* a key block's channel row */
+        if (r.row) {
+            kvq__cu_scores_f16<NH>(r.row, sm.q, u.D, tl.n8, u.nh, warp, sc);
+        } else if (r.codes) {
+            sal = r.sal;
+            kvq__cu_scores_record<NH>(r, v, sm.q, u.D, tl.n8, u.nh, warp, sc);
+        } else {
+            kvq__cu_scores_codes<NH>(r.blk, r.tt, bits, row_bytes, v, sm.q, u.D, tl.n8, u.nh, warp, sc);
         }
-#pragma unroll
-        for (j = 0; j < NH; j++) part_s[warp][j][lane] = sc[j];
-        if (sal_tile && warp == 0) sal_s[lane] = sal;
-        __syncthreads();
-        /* softmax: warp w owns heads w, w + 4 */
-        for (j = warp; j < nh; j += KVQ__CUDA_NT / 32) {
-            float s = -INFINITY, mx, m_new, p, sum;
-            int w, o;
-            if (valid) {
-                s = 0.0f;
-                for (w = 0; w < KVQ__CUDA_NT / 32; w++) s += part_s[w][j][lane];
-            }
-            mx = s;
-            for (o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            m_new = fmaxf(m_s[j], mx); /* finite: the tile has a valid token */
-            p = valid ? expf(s - m_new) : 0.0f;
-            sum = p;
-            for (o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-            if (sal_tile && sal_s[lane] >= 0) { /* spent on the side-store value below */
-                psal_s[j][lane] = p;
-                p = 0.0f;
-            }
-            p_s[j][lane] = p;
-            if (track_tile && valid && t >= first_wait)
-                v.ring_raw[((size_t)i * b.n_q_heads + qh0 + j) * v.kcap + (t - first_wait)] = s;
-            if (lane == 0) {
-                float corr = expf(m_s[j] - m_new); /* exp(-inf) = 0 on the first tile */
-                corr_s[j] = corr;
-                l_s[j] = l_s[j] * corr + sum;
-                m_s[j] = m_new;
-            }
-        }
-        __syncthreads();
-        /* values: thread = channels tid, tid + 128, ... */
-        {
-            const int S = v.S, G = v.G, bits = v.vbits, ng = v.ng, pbits = v.vpb;
-            float corr[NH];
-            int tt;
-#pragma unroll
-            for (j = 0; j < NH; j++) corr[j] = j < nh ? corr_s[j] : 0.0f;
-#pragma unroll
-            for (j = 0; j < NH; j++)
-#pragma unroll
-                for (k = 0; k < KCH; k++) acc[j][k] *= corr[j];
-            if (sal_tile) /* salient tokens: their weight on the side-store value */
-                for (tt = 0; tt < n; tt++) {
-                    const uint8_t *e;
-                    if (sal_s[tt] < 0) continue;
-                    e = kvq__cu_side_entry(v, h, (t0 + tt - S) / v.kb, sal_s[tt]);
-#pragma unroll
-                    for (k = 0; k < KCH; k++) {
-                        const int ch = tid + k * KVQ__CUDA_NT;
-                        if (ch < D) {
-                            const float x = kvq__cu_side_value(v, e, ch);
-#pragma unroll
-                            for (j = 0; j < NH; j++)
-                                if (j < nh) acc[j][k] += psal_s[j][tt] * x;
-                        }
-                    }
-                }
-            /* four tokens at a time: four independent loads in flight per thread, and one
-               float4 of softmax weights per head (tokens past n have weight 0 and value 0) */
-            for (tt = 0; tt < n; tt += 4) {
-                float vx[4][KCH];
-                int u;
-#pragma unroll
-                for (u = 0; u < 4; u++) {
-                    const int tk = t0 + tt + u, pos = tk - S;
-                    const uint16_t *row = 0, *par = 0;
-                    const uint8_t *codes = 0;
-                    if (tt + u >= n) {
-                        row = 0;
-                    } else if (tk < S) {
-                        row = v.sink_v + ((size_t)h * S + tk) * D;
-                    } else if (pos >= v.nvq) {
-                        row = v.ring_v + ((size_t)h * v.vcap + (size_t)(pos % v.vcap)) * D;
-                    } else {
-                        size_t rec = (size_t)h * v.max_vquant + pos;
-                        codes = v.vcodes + rec * v.vcode_bytes;
-                        if (bits == 16) row = (const uint16_t *)codes;
-                        else par = v.vparams + rec * v.vparam_u16;
-                    }
-#pragma unroll
-                    for (k = 0; k < KCH; k++) {
-                        int ch = tid + k * KVQ__CUDA_NT;
-                        vx[u][k] = 0.0f;
-                        if (ch < D) {
-                            if (row) {
-                                vx[u][k] = kvq__cu_h2f(row[ch]);
-                            } else if (par) { /* kvq__value_params_f32: fp16 pair or 16-bit params */
-                                float m, s;
-                                kvq__cu_params_f32(kvq__cu_get_params(par, ng, ch / G, pbits), pbits, &m, &s);
-                                vx[u][k] = m + s * (float)kvq__cu_get_code(codes, D, ch, bits);
-                            }
-                        }
-                    }
-                }
-#pragma unroll
-                for (j = 0; j < NH; j++) {
-                    if (j < nh) {
-                        const float4 p = *(const float4 *)&p_s[j][tt];
-#pragma unroll
-                        for (k = 0; k < KCH; k++)
-                            acc[j][k] += p.x * vx[0][k] + p.y * vx[1][k] + p.z * vx[2][k] + p.w * vx[3][k];
-                    }
-                }
-            }
-        }
-        __syncthreads(); /* part_s and p_s are reused by the next tile */
     }
+#pragma unroll
+    for (j = 0; j < NH; j++) sm.part[warp][j][lane] = sc[j];
+    if (tl.sal && warp == 0) sm.sal[lane] = sal;
+}
 
-    /* partial state per query head: [row][chunk] (max, sum, acc[D]) */
-    for (j = 0; j < nh; j++) {
-        size_t row = (size_t)i * b.n_q_heads + qh0 + j;
-        float *st = v.part + (row * v.n_chunks + chunk) * (size_t)(D + 2);
+/* kvq__attend_range's online softmax for query head j of the block (lane = token): the warps'
+   partial scores added, the tile's max and exp-sum by shuffles, the running (max, sum) and the
+   accumulators' factor updated by lane 0, the weights into sm.p; a salient token's weight goes
+   to sm.psal instead, for its side-store value (kvq__salient_values' first half: the codes pass
+   gets 0 for it). With tracking, waiting keys' raw scores go to the head's sal_ring row
+   (kvq__attend_range's ring_scores). */
+static __device__ __forceinline__ void kvq__cu_tile_softmax(const kvq__cuda_batch &b, const kvq__cuda_view &v,
+                                                            const kvq__cu_query &u, const kvq__cu_tile &tl,
+                                                            kvq__cu_attn_smem &sm, int j, int lane) {
+    float s = -INFINITY, mx, m_new, p, sum;
+    int w, o;
+    if (tl.valid) {
+        s = 0.0f;
+        for (w = 0; w < KVQ__CUDA_NT / 32; w++) s += sm.part[w][j][lane];
+    }
+    mx = s;
+    for (o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    m_new = fmaxf(sm.m[j], mx); /* finite: the tile has a valid token */
+    p = tl.valid ? expf(s - m_new) : 0.0f;
+    sum = p;
+    for (o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (tl.sal && sm.sal[lane] >= 0) {
+        sm.psal[j][lane] = p;
+        p = 0.0f;
+    }
+    sm.p[j][lane] = p;
+    if (tl.track && tl.valid && tl.t >= tl.first_wait)
+        v.sal_ring[((size_t)u.i * b.n_q_heads + u.qh0 + j) * v.kcap + (tl.t - tl.first_wait)] = s;
+    if (lane == 0) {
+        const float corr = expf(sm.m[j] - m_new); /* exp(-inf) = 0 on the first tile */
+        sm.corr[j] = corr;
+        sm.l[j] = sm.l[j] * corr + sum;
+        sm.m[j] = m_new;
+    }
+}
+
+/* kvq__salient_values: each salient token of the tile adds its weight (sm.psal) times its
+   side-store value; thread = channels tid, tid + 128, ... */
+template <int NH, int KCH>
+static __device__ __forceinline__ void kvq__cu_salient_values(const kvq__cuda_view &v, const kvq__cu_query &u,
+                                                              const kvq__cu_tile &tl, const kvq__cu_vals &vl,
+                                                              const kvq__cu_attn_smem &sm, int tid,
+                                                              float (&acc)[NH][KCH]) {
+    int tt, j, k;
+    for (tt = 0; tt < tl.n; tt++) {
+        const uint8_t *e;
+        if (sm.sal[tt] < 0) continue;
+        e = kvq__cu_side_entry(v, u.h, (tl.t0 + tt - vl.S) / v.kb, sm.sal[tt]);
+#pragma unroll
+        for (k = 0; k < KCH; k++) {
+            const int ch = tid + k * KVQ__CUDA_NT;
+            if (ch < u.D) {
+                const float x = kvq__cu_side_value(v, e, ch);
+#pragma unroll
+                for (j = 0; j < NH; j++)
+                    if (j < u.nh) acc[j][k] += sm.psal[j][tt] * x;
+            }
+        }
+    }
+}
+
+/* kvq__values_tile's segments for one token: channels tid + k * 128 of token tk's value from a
+   sink row, a quantized record (m + s * code, kvq__value_params_f32's params: an fp16 pair or
+   16-bit params) or a ring row; 0 for a token past the tile (in_tile 0). */
+template <int KCH>
+static __device__ __forceinline__ void kvq__cu_value_channels(const kvq__cuda_view &v, const kvq__cu_vals &vl, int D,
+                                                              int h, int tk, int in_tile, int tid, float *vx) {
+    const int pos = tk - vl.S;
+    const uint16_t *row = 0, *par = 0;
+    const uint8_t *codes = 0;
+    int k;
+    if (!in_tile) {
+        row = 0;
+    } else if (tk < vl.S) {
+        row = v.sink_v + ((size_t)h * vl.S + tk) * D;
+    } else if (pos >= v.n_vquant) {
+        row = v.ring_v + ((size_t)h * v.vcap + (size_t)(pos % v.vcap)) * D;
+    } else {
+        size_t rec = (size_t)h * v.max_vquant + pos;
+        codes = v.vcodes + rec * v.vcode_bytes;
+        if (vl.bits == 16) row = (const uint16_t *)codes;
+        else par = v.vparams + rec * ((size_t)v.vparam_bytes / 2);
+    }
+#pragma unroll
+    for (k = 0; k < KCH; k++) {
+        int ch = tid + k * KVQ__CUDA_NT;
+        vx[k] = 0.0f;
+        if (ch < D) {
+            if (row) {
+                vx[k] = kvq__cu_f16_to_f32(row[ch]);
+            } else if (par) {
+                float m, s;
+                kvq__cu_params_f32(kvq__cu_get_params(par, vl.ng, ch / vl.G, vl.pbits), vl.pbits, &m, &s);
+                vx[k] = m + s * (float)kvq__cu_get_code(codes, D, ch, vl.bits);
+            }
+        }
+    }
+}
+
+/* kvq__values_tile: the tile's values into the accumulators of the thread's channels
+   tid + k * 128, weights sm.p. Four tokens at a time: four independent loads in flight per
+   thread, and one float4 of softmax weights per head (tokens past n have weight 0, value 0). */
+template <int NH, int KCH>
+static __device__ __forceinline__ void kvq__cu_values_tile(const kvq__cuda_view &v, const kvq__cu_query &u,
+                                                           const kvq__cu_tile &tl, const kvq__cu_vals &vl,
+                                                           const kvq__cu_attn_smem &sm, int tid,
+                                                           float (&acc)[NH][KCH]) {
+    int tt, w, j, k;
+    for (tt = 0; tt < tl.n; tt += 4) {
+        float vx[4][KCH];
+#pragma unroll
+        for (w = 0; w < 4; w++)
+            kvq__cu_value_channels<KCH>(v, vl, u.D, u.h, tl.t0 + tt + w, tt + w < tl.n, tid, vx[w]);
+#pragma unroll
+        for (j = 0; j < NH; j++) {
+            if (j < u.nh) {
+                const float4 p = *(const float4 *)&sm.p[j][tt];
+#pragma unroll
+                for (k = 0; k < KCH; k++)
+                    acc[j][k] += p.x * vx[0][k] + p.y * vx[1][k] + p.z * vx[2][k] + p.w * vx[3][k];
+            }
+        }
+    }
+}
+
+/* kvq__attend_range's value phase: the accumulators rescaled by this tile's exp(m_old - m_new),
+   then the salient tokens' side-store values (kvq__cu_salient_values) and the tile's values
+   (kvq__cu_values_tile). Thread = channels tid, tid + 128, ... */
+template <int NH, int KCH>
+static __device__ __forceinline__ void kvq__cu_tile_values(const kvq__cuda_view &v, const kvq__cu_query &u,
+                                                           const kvq__cu_tile &tl, const kvq__cu_attn_smem &sm,
+                                                           int tid, float (&acc)[NH][KCH]) {
+    kvq__cu_vals vl;
+    float corr[NH];
+    int j, k;
+    vl.S = v.S;
+    vl.G = v.G;
+    vl.bits = v.value_bits;
+    vl.ng = v.ng;
+    vl.pbits = v.vpb;
+#pragma unroll
+    for (j = 0; j < NH; j++) corr[j] = j < u.nh ? sm.corr[j] : 0.0f;
+#pragma unroll
+    for (j = 0; j < NH; j++)
+#pragma unroll
+        for (k = 0; k < KCH; k++) acc[j][k] *= corr[j];
+    if (tl.sal) kvq__cu_salient_values<NH, KCH>(v, u, tl, vl, sm, tid, acc);
+    kvq__cu_values_tile<NH, KCH>(v, u, tl, vl, sm, tid, acc);
+}
+
+/* The block's partial state per query head for the merge, [row][chunk] (max, sum, acc[D]):
+   kvq__attend_query's kvq__head_state, unnormalized. */
+template <int NH, int KCH>
+static __device__ __forceinline__ void kvq__cu_attend_end(const kvq__cuda_batch &b, const kvq__cuda_view &v,
+                                                          const kvq__cu_query &u, const kvq__cu_attn_smem &sm,
+                                                          int tid, const float (&acc)[NH][KCH]) {
+    const int D = u.D;
+    int j, k;
+    for (j = 0; j < u.nh; j++) {
+        size_t row = (size_t)u.i * b.n_q_heads + u.qh0 + j;
+        float *st = v.part + (row * v.n_chunks + u.chunk) * (size_t)(D + 2);
         if (tid == 0) {
-            st[0] = t_begin < t_end ? m_s[j] : -INFINITY;
-            st[1] = t_begin < t_end ? l_s[j] : 0.0f;
+            st[0] = u.lo < u.hi ? sm.m[j] : -INFINITY;
+            st[1] = u.lo < u.hi ? sm.l[j] : 0.0f;
         }
     }
 #pragma unroll
     for (j = 0; j < NH; j++) { /* unrolled, so acc stays in registers */
-        if (j < nh) {
-            size_t row = (size_t)i * b.n_q_heads + qh0 + j;
-            float *st = v.part + (row * v.n_chunks + chunk) * (size_t)(D + 2);
+        if (j < u.nh) {
+            size_t row = (size_t)u.i * b.n_q_heads + u.qh0 + j;
+            float *st = v.part + (row * v.n_chunks + u.chunk) * (size_t)(D + 2);
 #pragma unroll
             for (k = 0; k < KCH; k++) {
                 int ch = tid + k * KVQ__CUDA_NT;
@@ -1235,8 +1403,37 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid
     }
 }
 
-/* Combines the chunks of one (query, query head) row: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c. */
-__global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_merge_kernel(const __grid_constant__ kvq__cuda_batch b) {
+/* NH: query heads per block (1, 2, 4, 8); KCH: channels per thread in the value phase (ceil(D / 128)).
+   Both compile-time, so the accumulators are exactly the registers a shape needs. The driver of
+   the phases above (kvq__attend_query, then kvq__attend_range's tile loop); every barrier is here. */
+template <int NH, int KCH>
+__global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_attn_kernel(const __grid_constant__ kvq__cuda_batch b) {
+    __shared__ __align__(16) kvq__cu_attn_smem sm;
+    const kvq__cuda_view &v = b.v[blockIdx.z];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    kvq__cu_query u;
+    float acc[NH][KCH];
+    int t0, j;
+    u.D = v.D;
+    if (!kvq__cu_attend_query<NH>(b, v, blockIdx.x, blockIdx.y, &u)) return;
+    kvq__cu_attend_begin<NH, KCH>(b, v, u, sm, tid, acc);
+    __syncthreads();
+    for (t0 = u.lo; t0 < u.hi; t0 += KVQ__CUDA_TILE) {
+        const kvq__cu_tile tl = kvq__cu_tile_at(v, u, t0, lane);
+        kvq__cu_tile_scores<NH>(v, u, tl, sm, lane, warp);
+        __syncthreads();
+        for (j = warp; j < u.nh; j += KVQ__CUDA_NT / 32) /* warp w: heads w, w + 4 */
+            kvq__cu_tile_softmax(b, v, u, tl, sm, j, lane);
+        __syncthreads();
+        kvq__cu_tile_values<NH, KCH>(v, u, tl, sm, tid, acc);
+        __syncthreads(); /* sm.part and sm.p are reused by the next tile */
+    }
+    kvq__cu_attend_end<NH, KCH>(b, v, u, sm, tid, acc);
+}
+
+/* kvq__merge_row: combines the chunks of one (query, query head) row,
+   out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c. */
+__global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_merge_row_kernel(const __grid_constant__ kvq__cuda_batch b) {
     const kvq__cuda_view &v = b.v[blockIdx.y];
     const size_t row = blockIdx.x, stride = (size_t)v.D + 2;
     const float *st = v.part + row * v.n_chunks * stride;
@@ -1263,19 +1460,19 @@ __global__ void __launch_bounds__(KVQ__CUDA_NT) kvq__cu_merge_kernel(const __gri
    waiting key u adds, over the query heads of u's KV group, exp(s - m) / l with s its raw
    score and (m, l) the merged row's, in kvq.h's order (queries, then runs of up to 8 heads,
    each run summed first), and counts once. One thread per (KV head, waiting key); y = sequence. */
-__global__ void kvq__cu_track_kernel(const __grid_constant__ kvq__cuda_batch b) {
+__global__ void kvq__cu_track_salience_kernel(const __grid_constant__ kvq__cuda_batch b) {
     const kvq__cuda_view &v = b.v[blockIdx.y];
     const int group = b.n_q_heads / v.H, after = v.n_tokens > v.S ? v.n_tokens - v.S : 0;
-    const int waiting = after - v.nkb * v.kb, first_wait = v.S + v.nkb * v.kb;
+    const int waiting = after - v.n_kblocks * v.kb, first_wait = v.S + v.n_kblocks * v.kb;
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     size_t slot;
     float score;
     uint32_t seen;
     int h, u, i, qh, j;
-    if (!v.ring_raw || waiting < 1 || idx >= (size_t)v.H * waiting) return;
+    if (!v.sal_ring || waiting < 1 || idx >= (size_t)v.H * waiting) return;
     h = (int)(idx / waiting);
     u = (int)(idx % waiting);
-    slot = (size_t)h * v.kcap + (size_t)((v.nkb * v.kb + u) % v.kcap);
+    slot = (size_t)h * v.kcap + (size_t)((v.n_kblocks * v.kb + u) % v.kcap);
     score = v.sal_score[slot];
     seen = v.sal_seen[slot];
     for (i = 0; i < b.n_queries; i++) {
@@ -1285,7 +1482,7 @@ __global__ void kvq__cu_track_kernel(const __grid_constant__ kvq__cuda_batch b) 
             float add = 0.0f;
             for (j = qh; j < qe; j++) {
                 const size_t row = (size_t)i * b.n_q_heads + j;
-                add += expf(v.ring_raw[row * v.kcap + u] - v.row_ml[2 * row]) / v.row_ml[2 * row + 1];
+                add += expf(v.sal_ring[row * v.kcap + u] - v.row_ml[2 * row]) / v.row_ml[2 * row + 1];
             }
             score += add;
         }
@@ -1318,11 +1515,6 @@ struct kvq_cuda_cache {
 };
 
 static size_t kvq__cu_align(size_t x) { return (x + KVQ__CUDA_ALIGN - 1) & ~(size_t)(KVQ__CUDA_ALIGN - 1); }
-
-/* The key blocks and values quantized after n tokens: kvq.h's own rule (keys leave a block at
-   a time once more than max(R, G - 1) wait; values one at a time once more than R wait, or
-   with their key block in salient caches; keys per token leave with their values, no blocks). */
-static void kvq__cu_counts(const kvq_config *cfg, int n, int *nkb, int *nvq) { kvq__counts_after(cfg, n, nkb, nvq); }
 
 /* e, an error of kvq's own last runtime call or launch, as a status; clears it (kvq__cu_enter
    made sure no one else's error was pending, so this clears only kvq's). */
@@ -1369,24 +1561,24 @@ static void kvq__cu_shape(kvq__cuda_view *v, const kvq_config *cfg, const kvq__l
     v->G = G;
     v->kb = (short)kvq__kb(cfg);
     v->vpb = (short)kvq__vpb(cfg);
-    v->kbits = bits_k;
-    v->vbits = bits_v;
+    v->key_bits = bits_k;
+    v->value_bits = bits_v;
     v->ng = (D + G - 1) / G;
     v->max_kblocks = L->max_kblocks;
     v->max_vquant = L->max_vquant;
     v->kcap = L->kcap;
     v->vcap = L->vcap;
     v->kblock_bytes = (int)kvq__key_block_bytes(cfg);
-    v->vparam_u16 = bits_v == 16 ? 0 : (int)(kvq__value_param_bytes(cfg) / 2); /* 2 ng, or ng at 16 bits */
+    v->vparam_bytes = (int)kvq__value_param_bytes(cfg); /* 4 ng, 2 ng with 16-bit params, 0 at 16 bits */
     v->vcode_bytes = D * bits_v / 8;
     v->n_salient = kvq__salient_count(cfg);
     v->side_bytes = (int)kvq__side_entry_bytes(cfg);
-    v->sal_bits = cfg->salient_bits;
-    v->sal_policy = cfg->salient_policy;
+    v->salient_bits = cfg->salient_bits;
+    v->salient_policy = cfg->salient_policy;
     v->key_tokens = cfg->key_axis == KVQ_KEYS_PER_TOKEN;
     v->kgrid = (short)kvq__search_grid(cfg->range_search, bits_k, 1);
     v->vgrid = (short)kvq__search_grid(cfg->range_search, bits_v, 0);
-    v->kt_u16 = bits_k == 16 ? 0 : 2 * v->ng;
+    v->ktparam_bytes = (int)kvq__token_param_bytes(cfg, bits_k);
     v->ktcode_bytes = D * bits_k / 8;
 }
 
@@ -1399,13 +1591,13 @@ static kvq_status kvq__cu_arrays(kvq_cuda_cache *c) {
     int a;
     sz[0] = sz[1] = H * v->S * D * 2;
     sz[2] = H * (size_t)v->max_kblocks * v->kblock_bytes;
-    sz[3] = H * (size_t)v->max_vquant * v->vparam_u16 * 2;
+    sz[3] = H * (size_t)v->max_vquant * v->vparam_bytes;
     sz[4] = H * (size_t)v->max_vquant * v->vcode_bytes;
     sz[5] = H * (size_t)v->kcap * D * 2;
     sz[6] = H * (size_t)v->vcap * D * 2;
     sz[7] = H * (size_t)v->max_kblocks * v->n_salient * v->side_bytes;  /* side store */
     sz[8] = sz[9] = v->n_salient ? H * (size_t)v->kcap * 4 : 0;        /* sal_score, sal_seen */
-    sz[10] = v->key_tokens ? H * (size_t)v->max_vquant * v->kt_u16 * 2 : 0; /* keys per token */
+    sz[10] = v->key_tokens ? H * (size_t)v->max_vquant * v->ktparam_bytes : 0; /* keys per token */
     sz[11] = v->key_tokens ? H * (size_t)v->max_vquant * v->ktcode_bytes : 0;
     for (a = 0; a < 12; a++) {
         off[a] = end;
@@ -1452,7 +1644,7 @@ static kvq_status kvq__cu_rot_plan(kvq_cuda_cache *c) {
 }
 
 /* Attention scratch, in floats: partial states for the most rows a call may have; see
-   kvq__cu_plan for why (rows + 32 SMs) rows of chunk states always suffice. */
+   kvq__cu_attn_plan for why (rows + 32 SMs) rows of chunk states always suffice. */
 static size_t kvq__cu_part_floats(const kvq_cuda_cache *c) {
     const size_t rows = (size_t)c->lim.max_attn_rows;
     const int track = c->v.n_salient && c->cfg.salient_policy == KVQ_SALIENT_ATTENTION;
@@ -1554,7 +1746,7 @@ KVQ_CUDA_API const kvq_config *kvq_cuda_cache_config(const kvq_cuda_cache *c) { 
 static kvq__cuda_view kvq__cu_view(const kvq_cuda_cache *c) {
     kvq__cuda_view v = c->v;
     v.n_tokens = c->n_tokens;
-    kvq__cu_counts(&c->cfg, c->n_tokens, &v.nkb, &v.nvq);
+    kvq__counts_after(&c->cfg, c->n_tokens, &v.n_kblocks, &v.n_vquant);
     return v;
 }
 
@@ -1566,12 +1758,13 @@ static size_t kvq__cu_payload_size(const kvq_cuda_cache *c, int image) {
     v = kvq__cu_view(c);
     row = 2 * (size_t)v.D;
     after = (size_t)(c->n_tokens > v.S ? c->n_tokens - v.S : 0);
-    kq = v.key_tokens ? (size_t)v.nvq : (size_t)v.nkb * v.kb; /* keys that left the ring */
-    per_head = (size_t)(c->n_tokens - (int)after) * 2 * row + (size_t)v.nkb * v.kblock_bytes + (after - kq) * row +
-               (size_t)v.nvq * ((size_t)v.vparam_u16 * 2 + v.vcode_bytes) + (after - (size_t)v.nvq) * row;
-    if (v.key_tokens) per_head += (size_t)v.nvq * ((size_t)v.kt_u16 * 2 + v.ktcode_bytes);
-    if (v.n_salient) per_head += (size_t)v.nkb * v.n_salient * v.side_bytes;
-    if (v.n_salient && image) per_head += (after - (size_t)v.nkb * v.kb) * 8;
+    kq = v.key_tokens ? (size_t)v.n_vquant : (size_t)v.n_kblocks * v.kb; /* keys that left the ring */
+    per_head = (size_t)(c->n_tokens - (int)after) * 2 * row + (size_t)v.n_kblocks * v.kblock_bytes +
+               (after - kq) * row + (size_t)v.n_vquant * ((size_t)v.vparam_bytes + v.vcode_bytes) +
+               (after - (size_t)v.n_vquant) * row;
+    if (v.key_tokens) per_head += (size_t)v.n_vquant * ((size_t)v.ktparam_bytes + v.ktcode_bytes);
+    if (v.n_salient) per_head += (size_t)v.n_kblocks * v.n_salient * v.side_bytes;
+    if (v.n_salient && image) per_head += (after - (size_t)v.n_kblocks * v.kb) * 8;
     return per_head * (size_t)v.H;
 }
 
@@ -1580,7 +1773,8 @@ KVQ_CUDA_API size_t kvq_cuda_cache_payload_bytes(const kvq_cuda_cache *c) { retu
 #ifndef KVQ_CUDA_UNCHECKED_APPEND
 /* All or nothing, like kvq.h: every input checked on the device before any is stored.
    KVQ_ERR_INVALID for a bad value; the one synchronization of a checked append. */
-static kvq_status kvq__cu_check(kvq_cuda_cache *c, const float *d_k, const float *d_v, int n, cudaStream_t stream) {
+static kvq_status kvq__cu_check_append(kvq_cuda_cache *c, const float *d_k, const float *d_v, int n,
+                                       cudaStream_t stream) {
     const size_t work = (size_t)n * c->v.H * c->v.D, rows = (size_t)n * c->v.H;
     kvq_status st;
     if ((st = kvq__cu_err(cudaMemsetAsync(c->d_flag, 0, sizeof(int), stream))) != KVQ_OK) return st;
@@ -1623,28 +1817,28 @@ static kvq_status kvq__cu_append_round(kvq_cuda_cache *c, const float *d_k, cons
     a.n = n;
     a.n_old = c->n_tokens;
     a.after_old = c->n_tokens > c->v.S ? c->n_tokens - c->v.S : 0;
-    a.nkb_old = a.c.nkb;
-    a.nvq_old = a.c.nvq;
-    kvq__cu_counts(&c->cfg, c->n_tokens + n, &a.nkb_new, &a.nvq_new);
+    a.n_kblocks_old = a.c.n_kblocks;
+    a.n_vquant_old = a.c.n_vquant;
+    kvq__counts_after(&c->cfg, c->n_tokens + n, &a.n_kblocks_new, &a.n_vquant_new);
     /* order matters: the quantizers read ring rows (and salience) of earlier appends before
        the store kernel may reuse their slots; the key blocks read the side store's picks */
-    if (c->v.n_salient && a.nkb_new > a.nkb_old) {
-        size_t m = (size_t)c->v.H * (a.nkb_new - a.nkb_old);
-        kvq__cu_salient_kernel<<<kvq__cu_launch_blocks(m, 64), 64, 0, stream>>>(a);
+    if (c->v.n_salient && a.n_kblocks_new > a.n_kblocks_old) {
+        size_t m = (size_t)c->v.H * (a.n_kblocks_new - a.n_kblocks_old);
+        kvq__cu_store_salient_kernel<<<kvq__cu_launch_blocks(m, 64), 64, 0, stream>>>(a);
         if ((st = kvq__cu_launched()) != KVQ_OK) return st;
     }
-    if (a.nkb_new > a.nkb_old) {
-        size_t m = (size_t)c->v.H * (a.nkb_new - a.nkb_old) * c->v.D;
-        kvq__cu_key_blocks_kernel<<<kvq__cu_launch_blocks(m, 128), 128, 0, stream>>>(a);
+    if (a.n_kblocks_new > a.n_kblocks_old) {
+        size_t m = (size_t)c->v.H * (a.n_kblocks_new - a.n_kblocks_old) * c->v.D;
+        kvq__cu_quantize_key_block_kernel<<<kvq__cu_launch_blocks(m, 128), 128, 0, stream>>>(a);
         if ((st = kvq__cu_launched()) != KVQ_OK) return st;
     }
-    if (a.nvq_new > a.nvq_old) {
-        size_t m = (size_t)c->v.H * (a.nvq_new - a.nvq_old) * c->v.ng;
+    if (a.n_vquant_new > a.n_vquant_old) {
+        size_t m = (size_t)c->v.H * (a.n_vquant_new - a.n_vquant_old) * c->v.ng;
         if (c->v.key_tokens) {
-            kvq__cu_records_kernel<<<kvq__cu_launch_blocks(m, 128), 128, 0, stream>>>(a, 1);
+            kvq__cu_quantize_record_kernel<<<kvq__cu_launch_blocks(m, 128), 128, 0, stream>>>(a, 1);
             if ((st = kvq__cu_launched()) != KVQ_OK) return st;
         }
-        kvq__cu_records_kernel<<<kvq__cu_launch_blocks(m, 128), 128, 0, stream>>>(a, 0);
+        kvq__cu_quantize_record_kernel<<<kvq__cu_launch_blocks(m, 128), 128, 0, stream>>>(a, 0);
         if ((st = kvq__cu_launched()) != KVQ_OK) return st;
     }
     kvq__cu_store_kernel<<<kvq__cu_launch_blocks(work, 256), 256, 0, stream>>>(a);
@@ -1665,7 +1859,7 @@ KVQ_CUDA_API kvq_status kvq_cuda_cache_append(kvq_cuda_cache *c, const float *d_
     if ((st = kvq__cu_enter()) != KVQ_OK) return st;
     if (!kvq__cu_device_ptr(c, d_k) || !kvq__cu_device_ptr(c, d_v)) return KVQ_ERR_INVALID;
 #ifndef KVQ_CUDA_UNCHECKED_APPEND
-    if ((st = kvq__cu_check(c, d_k, d_v, n_tokens, stream)) != KVQ_OK) return st;
+    if ((st = kvq__cu_check_append(c, d_k, d_v, n_tokens, stream)) != KVQ_OK) return st;
 #endif
     /* rounds of append_chunk tokens: the bytes are those of one append (kvq.h's result does
        not depend on how tokens are split into appends); a failed launch is a device fault */
@@ -1697,7 +1891,7 @@ static int kvq__cu_chunk(int n_tokens, size_t units, int n_seqs, int sms) {
    n_chunks <= want = max(1, ceil(4 SMs / units)) (each chunk holds >= n_tokens / want tokens),
    and rows / units = group / slices <= 8, so rows * n_chunks < rows + 32 SMs; create
    sizes the scratch so (kvq__cu_part_floats). */
-static size_t kvq__cu_plan(const kvq_cuda_cache *c, const kvq_attn_params *p, int m, int *nh, int *slices,
+static size_t kvq__cu_attn_plan(const kvq_cuda_cache *c, const kvq_attn_params *p, int m, int *nh, int *slices,
                            size_t *units, int *chunk, int *n_chunks) {
     const int group = p->n_q_heads / c->cfg.n_kv_heads;
     const size_t rows = (size_t)p->n_queries * p->n_q_heads;
@@ -1734,8 +1928,8 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
         int m = n - first_s < KVQ_CUDA_MAX_BATCH ? n - first_s : KVQ_CUDA_MAX_BATCH;
         size_t units;
         if ((size_t)p->n_queries * p->n_q_heads > (size_t)c->lim.max_attn_rows) return KVQ_ERR_INVALID;
-        if (kvq__cu_plan(c, p, m, &nh, &slices, &units, &chunk, &n_chunks) > c->part_floats)
-            return KVQ_ERR_INVALID; /* cannot happen: see kvq__cu_plan */
+        if (kvq__cu_attn_plan(c, p, m, &nh, &slices, &units, &chunk, &n_chunks) > c->part_floats)
+            return KVQ_ERR_INVALID; /* cannot happen: see kvq__cu_attn_plan */
     }
     if ((st = kvq__cu_enter()) != KVQ_OK) return st;
     for (s = 0; s < n; s++) /* host memory in a kernel would fault and spoil the context */
@@ -1757,7 +1951,7 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
             int nh, slices;
             size_t units;
             *v = kvq__cu_view(c);
-            (void)kvq__cu_plan(c, p, m, &nh, &slices, &units, &v->chunk, &v->n_chunks); /* scratch: sized above */
+            (void)kvq__cu_attn_plan(c, p, m, &nh, &slices, &units, &v->chunk, &v->n_chunks); /* scratch: sized above */
             if (s == 0) {
                 b.n_slices = slices;
                 heads = nh;
@@ -1773,8 +1967,8 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
                 v->q = c->d_attn;
                 v->part = c->d_attn + (size_t)c->lim.max_attn_rows * c->v.D;
             }
-            v->ring_raw = track ? v->part + rows * v->n_chunks * ((size_t)v->D + 2) : NULL;
-            v->row_ml = track ? v->ring_raw + rows * v->kcap : NULL;
+            v->sal_ring = track ? v->part + rows * v->n_chunks * ((size_t)v->D + 2) : NULL;
+            v->row_ml = track ? v->sal_ring + rows * v->kcap : NULL;
             if (track && (size_t)v->H * v->kcap > max_track) max_track = (size_t)v->H * v->kcap;
             if (v->n_chunks > max_chunks) max_chunks = v->n_chunks;
             if ((int)units > max_units) max_units = (int)units;
@@ -1795,10 +1989,12 @@ KVQ_CUDA_API kvq_status kvq_cuda_attention_batch(kvq_cuda_cache *const *caches, 
         }
 #undef KVQ__CU_ATTN
         if ((st = kvq__cu_launched()) != KVQ_OK) return st;
-        kvq__cu_merge_kernel<<<dim3((unsigned)(p->n_queries * p->n_q_heads), (unsigned)m), KVQ__CUDA_NT, 0, stream>>>(b);
+        kvq__cu_merge_row_kernel<<<dim3((unsigned)(p->n_queries * p->n_q_heads), (unsigned)m), KVQ__CUDA_NT, 0,
+                                   stream>>>(b);
         if ((st = kvq__cu_launched()) != KVQ_OK) return st;
         if (max_track) {
-            kvq__cu_track_kernel<<<dim3((unsigned)kvq__cu_launch_blocks(max_track, 128), (unsigned)m), 128, 0, stream>>>(b);
+            kvq__cu_track_salience_kernel<<<dim3((unsigned)kvq__cu_launch_blocks(max_track, 128), (unsigned)m), 128, 0,
+                                            stream>>>(b);
             if ((st = kvq__cu_launched()) != KVQ_OK) return st;
         }
         for (s = 0; s < m; s++) { /* outputs back to the caller's space */
@@ -1848,17 +2044,17 @@ static cudaError_t kvq__cu_ring_xfer(uint16_t *ring, int cap, int D, int p0, int
 }
 
 /* Moves n per-token records of one head between device and image *img (advanced past them):
-   fp16 params[par_u16] then code bytes per token in the image, two arrays on the device, so
+   par_bytes of params then code bytes per token in the image, two arrays on the device, so
    each array moves in one copy through host scratch tmp and is (de)interleaved on the host.
    No params (16 bits): the codes are the image's bytes as they are. */
-static cudaError_t kvq__cu_records_xfer(uint16_t *par, int par_u16, uint8_t *codes, int code_bytes, int n,
+static cudaError_t kvq__cu_records_xfer(uint16_t *par, int par_bytes, uint8_t *codes, int code_bytes, int n,
                                         uint8_t **img, int to_image, uint8_t *tmp, cudaStream_t stream) {
-    const size_t pb = (size_t)par_u16 * 2, cb = (size_t)code_bytes;
+    const size_t pb = (size_t)par_bytes, cb = (size_t)code_bytes;
     uint8_t *pp = tmp, *cp = tmp + (size_t)n * pb, *at = *img;
     cudaError_t e = cudaSuccess;
     int j;
     if (n < 1) return cudaSuccess;
-    if (!par_u16) {
+    if (!par_bytes) {
         e = to_image ? cudaMemcpyAsync(at, codes, (size_t)n * cb, cudaMemcpyDeviceToHost, stream)
                      : cudaMemcpyAsync(codes, at, (size_t)n * cb, cudaMemcpyHostToDevice, stream);
         *img += (size_t)n * cb;
@@ -1887,12 +2083,13 @@ static cudaError_t kvq__cu_records_xfer(uint16_t *par, int par_u16, uint8_t *cod
 }
 
 /* Moves the payload of state v between device and host buffer img, then synchronizes.
-   tmp: host scratch for the value or key records of one head (nvq * record bytes) and, in
+   tmp: host scratch for the value or key records of one head (n_vquant * record bytes) and, in
    salient caches, for its salience rings (kcap * 8 bytes). */
 static cudaError_t kvq__cu_xfer_payload(const kvq__cuda_view *v, uint8_t *img, int to_image, uint8_t *tmp,
                                         cudaStream_t stream) {
     const int D = v->D, G = v->kb, sinks = v->n_tokens < v->S ? v->n_tokens : v->S;
-    const int after = v->n_tokens - sinks, kq = v->key_tokens ? v->nvq : v->nkb * G; /* keys out of the ring */
+    const int after = v->n_tokens - sinks;
+    const int kq = v->key_tokens ? v->n_vquant : v->n_kblocks * G; /* keys out of the ring */
     cudaError_t e = cudaSuccess;
     int h;
 #define KVQ__CU_SEG(devp, bytes)                                                                \
@@ -1910,21 +2107,24 @@ static cudaError_t kvq__cu_xfer_payload(const kvq__cuda_view *v, uint8_t *img, i
         int j;
         KVQ__CU_SEG(v->sink_k + (size_t)h * v->S * D, (size_t)sinks * D * 2);
         KVQ__CU_SEG(v->sink_v + (size_t)h * v->S * D, (size_t)sinks * D * 2);
-        KVQ__CU_SEG(v->kblocks + (size_t)h * v->max_kblocks * v->kblock_bytes, (size_t)v->nkb * v->kblock_bytes);
+        KVQ__CU_SEG(v->kblocks + (size_t)h * v->max_kblocks * v->kblock_bytes, (size_t)v->n_kblocks * v->kblock_bytes);
         if (v->key_tokens) { /* keys per token: records like values' */
-            e = kvq__cu_records_xfer(v->ktparams + rec * v->kt_u16, v->kt_u16, v->ktcodes + rec * v->ktcode_bytes,
-                                     v->ktcode_bytes, v->nvq, &img, to_image, tmp, stream);
+            e = kvq__cu_records_xfer(v->ktparams + rec * (v->ktparam_bytes / 2), v->ktparam_bytes,
+                                     v->ktcodes + rec * v->ktcode_bytes, v->ktcode_bytes, v->n_vquant, &img,
+                                     to_image, tmp, stream);
             if (e != cudaSuccess) return e;
         }
         e = kvq__cu_ring_xfer(v->ring_k + (size_t)h * v->kcap * D, v->kcap, D, kq, after, img, to_image, stream);
         if (e != cudaSuccess) return e;
         img += (size_t)(after - kq) * D * 2;
-        e = kvq__cu_records_xfer(v->vparams + rec * v->vparam_u16, v->vparam_u16, v->vcodes + rec * v->vcode_bytes,
-                                 v->vcode_bytes, v->nvq, &img, to_image, tmp, stream);
+        e = kvq__cu_records_xfer(v->vparams + rec * (v->vparam_bytes / 2), v->vparam_bytes,
+                                 v->vcodes + rec * v->vcode_bytes, v->vcode_bytes, v->n_vquant, &img, to_image,
+                                 tmp, stream);
         if (e != cudaSuccess) return e;
-        e = kvq__cu_ring_xfer(v->ring_v + (size_t)h * v->vcap * D, v->vcap, D, v->nvq, after, img, to_image, stream);
+        e = kvq__cu_ring_xfer(v->ring_v + (size_t)h * v->vcap * D, v->vcap, D, v->n_vquant, after, img, to_image,
+                              stream);
         if (e != cudaSuccess) return e;
-        img += (size_t)(after - v->nvq) * D * 2;
+        img += (size_t)(after - v->n_vquant) * D * 2;
         if (v->n_salient) {
             /* side-store entries are stored as the image has them (u16 little-endian, then
                code bytes); (score f32, seen u32) of each waiting key, oldest first, are
@@ -1932,7 +2132,7 @@ static cudaError_t kvq__cu_xfer_payload(const kvq__cuda_view *v, uint8_t *img, i
             const size_t sb = (size_t)v->n_salient * v->side_bytes, ring = (size_t)h * v->kcap;
             float *sc = (float *)(void *)tmp;
             uint32_t *seen = (uint32_t *)(void *)(tmp + 4 * (size_t)v->kcap);
-            KVQ__CU_SEG(v->side + (size_t)h * v->max_kblocks * sb, (size_t)v->nkb * sb);
+            KVQ__CU_SEG(v->side + (size_t)h * v->max_kblocks * sb, (size_t)v->n_kblocks * sb);
             if (to_image) {
                 e = cudaMemcpyAsync(sc, v->sal_score + ring, 4 * (size_t)v->kcap, cudaMemcpyDeviceToHost, stream);
                 if (e == cudaSuccess)
@@ -1942,7 +2142,7 @@ static cudaError_t kvq__cu_xfer_payload(const kvq__cuda_view *v, uint8_t *img, i
             } else {
                 memset(tmp, 0, 8 * (size_t)v->kcap);
             }
-            for (j = v->nkb * G; j < after; j++) {
+            for (j = v->n_kblocks * G; j < after; j++) {
                 if (to_image) {
                     memcpy(img, &sc[j % v->kcap], 4);
                     memcpy(img + 4, &seen[j % v->kcap], 4);
@@ -1977,9 +2177,9 @@ static kvq_status kvq__cu_payload(kvq_cuda_cache *c, int tokens, uint8_t *img, i
     cudaError_t e;
     probe.n_tokens = tokens;
     v = kvq__cu_view(&probe);
-    rec = (size_t)v.vparam_u16 * 2 + v.vcode_bytes;
-    if (v.key_tokens && (size_t)v.kt_u16 * 2 + v.ktcode_bytes > rec) rec = (size_t)v.kt_u16 * 2 + v.ktcode_bytes;
-    if (!(tmp = (uint8_t *)malloc((size_t)v.nvq * rec + 8 * (size_t)v.kcap + 8))) return KVQ_ERR_NOMEM;
+    rec = (size_t)v.vparam_bytes + v.vcode_bytes;
+    if (v.key_tokens && (size_t)v.ktparam_bytes + v.ktcode_bytes > rec) rec = (size_t)v.ktparam_bytes + v.ktcode_bytes;
+    if (!(tmp = (uint8_t *)malloc((size_t)v.n_vquant * rec + 8 * (size_t)v.kcap + 8))) return KVQ_ERR_NOMEM;
     if (copying) *copying = 1;
     e = kvq__cu_xfer_payload(&v, img, to_image, tmp, stream);
     free(tmp);
