@@ -1194,8 +1194,9 @@ static __device__ __forceinline__ kvq__cu_tile kvq__cu_tile_at(const kvq__cuda_v
     tl.n8 = u.D / 8;
     tl.n = u.hi - t0 < KVQ__CUDA_TILE ? u.hi - t0 : KVQ__CUDA_TILE;
     tl.first_wait = v.S + v.n_kblocks * v.kb;
-    tl.sal = v.n_salient && (t0 > v.S ? t0 : v.S) < (t0 + tl.n < tl.first_wait ? t0 + tl.n : tl.first_wait);
-    tl.track = v.sal_ring && t0 + tl.n > tl.first_wait;
+    /* & rather than &&: no branch (with &&, ptxas spilled registers in some NH, KCH shapes) */
+    tl.sal = (v.n_salient != 0) & ((t0 > v.S ? t0 : v.S) < (t0 + tl.n < tl.first_wait ? t0 + tl.n : tl.first_wait));
+    tl.track = (v.sal_ring != 0) & (t0 + tl.n > tl.first_wait);
     return tl;
 }
 
