@@ -249,7 +249,8 @@ figure: $(B)/overview
 	@for f in $(B)/eval.csv $(B)/bench.csv; do [ -f $$f ] || { echo "figure: $$f not found: make eval;" \
 	  "build/bench ... --csv $(B)/bench.csv (see the Makefile)"; exit 1; }; done
 	mkdir -p docs
-	$(B)/overview $(if $(FIGURE_NOTE),--note "$(FIGURE_NOTE)") $(B)/eval.csv $(B)/bench.csv docs/overview.svg
+	$(B)/overview $(if $(FIGURE_NOTE),--note "$(FIGURE_NOTE)") --configs fp32,kvq-8,kvq-4,kvq-2,kvq-k3v2 \
+	  $(B)/eval.csv $(B)/bench.csv docs/overview.svg
 
 # ---- install: the headers, pkg-config and CMake package files under PREFIX ------
 PREFIX  ?= /usr/local
