@@ -28,7 +28,7 @@
 #define DEMO_TOKENS "examples/data/stories260K_gen.tokens"
 #define MAX_CONFIGS 32
 
-static const char *const default_configs[] = { "fp16", "k8v8", "k4v4", "k3v3", "k2v2", "k2v2g64" };
+static const char *const default_configs[] = { "fp16", "k8v8", "k4v4", "k3v3", "k3v2b64p16", "k2v2", "k2v2g64" };
 
 static void usage(void)
 {
@@ -37,7 +37,8 @@ static void usage(void)
             "  llama                      demo on examples/data (run from the repository root)\n"
             "  llama generate MODEL TOK [-p PROMPT] [-n STEPS] [-s SEED] [-t TEMP] [-P TOPP] [-c CONFIG]\n"
             "  llama score MODEL TOK TOKENS_FILE [-c CONFIG]...\n"
-            "CONFIG: k<bits>v<bits>[g<G>][r<R>][s<S>][h], bits in {2,3,4,8,16}; fp16 = k16v16;\n"
+            "CONFIG: k<bits>v<bits>[g<G>][b<KB>][p<P>][r<R>][s<S>][h], bits in {2,3,4,8,16}; fp16 = k16v16;\n"
+            "        b: tokens per key block, p: 16 or 32 bits of a value group's params (k3v2b64p16: K3V2);\n"
             "        fp32 = exact float attention. Default k2v2 (G 32, residual 128).\n");
 }
 
