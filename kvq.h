@@ -141,8 +141,9 @@ typedef struct kvq_config {
                             weighted by recorded attention); 0 or 1: min/max ranges (KIVI) */
     int key_block;       /* tokens per key block (keys per channel): 16, 32, 64, 128; 0 = group_size */
     int value_param_bits; /* a value group's scale and min: 32 (two fp16; 0 means 32) or 16 (an
-                             8-bit float scale and an int8 min in units of scale/16), for 2- to
-                             4-bit values: the min's range, [-8, 8) scales, is too narrow above */
+                             8-bit float scale and an int8 min in units of scale/16), for 2- and
+                             3-bit values: above, the min's range, [-8, 8) scales, is too narrow
+                             and a grid of 2^b - 1 scales can pass 2 x 65504 */
     int rollback_tokens; /* 0-4096 (default 16; 0 = none): kvq_cache_truncate() undoes up to this
                             many of the newest appends exactly (speculative decoding's drafts);
                             costs up to 4 * head_dim bytes per token per KV head (see truncate) */
@@ -1151,7 +1152,8 @@ KVQ_API kvq_status kvq_config_check(const kvq_config *cfg) {
     if ((st = kvq__check_group(cfg->group_size)) != KVQ_OK) return st;
     if (cfg->key_block && (st = kvq__check_group(cfg->key_block)) != KVQ_OK) return st;
     if (cfg->value_param_bits && cfg->value_param_bits != 32 && cfg->value_param_bits != 16) return KVQ_ERR_INVALID;
-    if (cfg->value_param_bits == 16 && cfg->value_bits == 8) return KVQ_ERR_UNSUPPORTED; /* see kvq_config */
+    if (cfg->value_param_bits == 16 && (cfg->value_bits == 4 || cfg->value_bits == 8)) /* see kvq_config */
+        return KVQ_ERR_UNSUPPORTED;
     if (cfg->residual_tokens < 0 || cfg->residual_tokens > KVQ__MAX_TOKENS || cfg->residual_tokens % kvq__kb(cfg))
         return KVQ_ERR_INVALID;
     if (cfg->sink_tokens < 0 || cfg->sink_tokens > cfg->max_tokens) return KVQ_ERR_INVALID;

@@ -236,7 +236,7 @@ static void test_accuracy_grid(void) {
                 cfg.key_axis = KVQ_KEYS_PER_CHANNEL;
                 cfg.key_block = groups[3 - g];
                 cfg.residual_tokens = (g % 2) ? 128 : 0;
-                cfg.value_param_bits = bits[b] == 8 ? 32 : 16; /* 16 with 8-bit values: refused */
+                cfg.value_param_bits = bits[b] == 4 || bits[b] == 8 ? 32 : 16; /* refused at 4 and 8 bits */
                 check_config(&cfg, 300 + 7 * g, kind, 4, 2, (unsigned)(b * 10 + g + 5), 1);
             }
 }
@@ -1033,6 +1033,47 @@ static void test_params16(void) {
         }
         CHECK(c && bad == 0, "%d 16-bit params decoded differently by attention", bad);
         kvq_cache_destroy(c);
+    }
+    { /* groups near +-65504 (the largest scales) at 2 and 3 bits: what append stores, a load accepts
+         (at 4 bits a grid of 15 scales from a min near 65504 passed 2 x 65504: refused config) */
+        int vb;
+        for (vb = 2; vb <= 3; vb++) {
+            kvq_config cfg = kvq_default_config(16, 1, 64);
+            kvq_cache *c = NULL, *d = NULL;
+            float k[16], v[16];
+            uint8_t *img = NULL, *mem = NULL;
+            size_t n = 0;
+            int t, ch;
+            cfg.value_bits = vb;
+            cfg.value_param_bits = 16;
+            cfg.group_size = 16;
+            cfg.residual_tokens = 0;
+            cfg.sink_tokens = 0;
+            if (kvq_cache_create(&c, &cfg) != KVQ_OK) { CHECK(0, "create"); continue; }
+            for (t = 0; t < 48; t++) {
+                for (ch = 0; ch < 16; ch++) {
+                    const float big = t % 3 == 0 ? 65504.0f : t % 3 == 1 ? -65504.0f : 30000.0f;
+                    k[ch] = 1.0f;
+                    v[ch] = t % 3 == 2 ? big + (float)ch * 2300.0f : big - (float)(ch % 4) * (big > 0 ? 16.0f : -16.0f);
+                }
+                kvq_cache_append(c, k, v, 1);
+            }
+            n = kvq_cache_serialized_bytes(c);
+            img = (uint8_t *)tu_alloc(n);
+            mem = (uint8_t *)tu_alloc(kvq_cache_bytes(&cfg));
+            CHECK(kvq_cache_serialize(c, img, n, NULL) == KVQ_OK &&
+                      kvq_cache_deserialize(&d, img, n, mem, kvq_cache_bytes(&cfg)) == KVQ_OK,
+                  "an image of values near +-65504 with 16-bit params at %d bits loads", vb);
+            free(img);
+            free(mem);
+            kvq_cache_destroy(c);
+        }
+        {
+            kvq_config cfg = kvq_default_config(16, 1, 64);
+            cfg.value_bits = 4;
+            cfg.value_param_bits = 16;
+            CHECK(kvq_config_check(&cfg) == KVQ_ERR_UNSUPPORTED, "16-bit params for 4-bit values are refused");
+        }
     }
 }
 

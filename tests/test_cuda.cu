@@ -1602,7 +1602,7 @@ int main(int argc, char **argv) {
         tc.kbits = vbits[(i + i / 9) % 9][0];
         tc.vbits = vbits[(i + i / 9) % 9][1];
         tc.D = vdims[(i * 3 + i / 8) % 8];
-        if (tc.vbits == 8) tc.vpb = 0; /* 16-bit params are refused for 8-bit values */
+        if (tc.vbits == 4 || tc.vbits == 8) tc.vpb = 0; /* 16-bit params: 2- and 3-bit values only */
         tc.H = heads[hh][0];
         tc.ratio = heads[hh][1];
         tc.R = (i / 2) % 3 == 0 ? 0 : (i / 2) % 3 == 1 ? 128 : 256;

@@ -334,7 +334,7 @@ static void test_grid(void) {
         s.ratio = 1 + d % 4; s.nq = 1 + d % 2; s.S = d % 2 ? 4 : 0; s.R = d == 4 ? 0 : 128; s.T = 3 * kb8[d] + 200 + d;
         s.kind = d % 2; s.rot = d == 6 ? KVQ_ROTATE_HADAMARD : KVQ_ROTATE_NONE; s.salient_pct = d == 5 ? 10 : 0;
         s.search = d == 3 ? 0 : 4; s.key_block = kb8[d]; s.pbits = d == 7 ? 32 : 16;
-        if (d == 4) s.vb = 4;
+        if (d == 4) s.vb = 4, s.pbits = 32; /* 16-bit params: 2- and 3-bit values only */
         check_shape(&s, d % 2);
     }
     for (d = 0; d < 2; d++) { /* key blocks x value groups past the params scratch: 128 x 16 at head_dim 256 */

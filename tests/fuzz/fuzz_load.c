@@ -55,7 +55,7 @@ static kvq_config pick_config(reader *r) {
     shape = next(r);
     cfg.group_size = groups[shape & 3];
     cfg.sink_tokens = (int)((shape >> 4) & 7) < max_tokens ? (int)((shape >> 4) & 7) : max_tokens;
-    if (shape & 128 && cfg.value_bits <= 4) cfg.value_param_bits = 16;
+    if (shape & 128 && cfg.value_bits <= 3) cfg.value_param_bits = 16;
     mode = next(r);
     if (mode & 1) { /* salient tokens with a side store (not with per-token keys: unsupported) */
         cfg.salient_ratio = ratios[(mode >> 3) & 3];
