@@ -1099,7 +1099,7 @@ static void test_batch(int mode) {
             cfg.key_block = s == 1 ? 16 : s == 2 ? 128 : 64;
             cfg.value_param_bits = s == 1 ? 32 : 16;
             cfg.key_bits = s == 1 ? 3 : 2;
-            cfg.value_bits = s == 2 ? 4 : 2;
+            cfg.value_bits = s == 2 ? 3 : 2;
             cfg.rotation = s == 2 ? KVQ_ROTATE_HADAMARD : KVQ_ROTATE_NONE;
         }
         q[s] = (float *)malloc(NQ * QH * D * sizeof(float));
