@@ -634,8 +634,13 @@ static kvq__qparams kvq__fit_range(float lo, float hi, int bits) {
    then m8 = round(16 lo / s), within s / 32 of lo. The
    scale has at most 4 significant bits and m8 8, so m = m8 * s / 16 is exact in float. The
    smallest scale but 0 is 2^-17: a group narrower than that has an absolute error <= 2^-18. */
-static float kvq__e5m3(unsigned e) { /* = kvq__f16_to_f32(e << 7), without its general cases */
-    return e >> 3 ? kvq__bits_f32(((e >> 3) + 112u) << 23 | (e & 7u) << 20) : (float)(e & 7u) * 7.62939453125e-6f;
+/* The scale of code e: the fp16 with bits e << 7, branch-free. e << 20 is that fp16's exponent and
+   mantissa in a float's place: rebias by 112 (a normal fp16, e >= 8), or by 113 and take away
+   2^-14 (a subnormal one: (e & 7) * 2^-17). */
+static KVQ__INLINE float kvq__e5m3(unsigned e) {
+    const float normal = kvq__bits_f32((e << 20) + (112u << 23));
+    const float sub = kvq__bits_f32((e << 20) + (113u << 23)) - 6.103515625e-5f;
+    return e >= 8 ? normal : sub;
 }
 /* The smallest scale code whose scale is >= need (0 <= need <= 65504). */
 static unsigned kvq__e5m3_ceil(float need) {
@@ -648,7 +653,7 @@ static unsigned kvq__e5m3_ceil(float need) {
     e = (((x >> 23) - 112u) << 3) | ((x >> 20) & 7u);
     return e + ((x & 0xfffffu) != 0); /* a carry runs into the exponent */
 }
-static float kvq__min16(unsigned e, unsigned m8) {
+static KVQ__INLINE float kvq__min16(unsigned e, unsigned m8) {
     const int v = (int)(m8 & 0xffu) - (m8 & 0x80u ? 256 : 0); /* int8, two's complement */
     return ((float)v * kvq__e5m3(e)) * 0.0625f;
 }
@@ -673,7 +678,7 @@ static kvq__qparams kvq__fit_range16(float lo, float hi, int bits) {
 static kvq__qparams kvq__fit(float lo, float hi, int bits, int pbits) {
     return pbits == 16 ? kvq__fit_range16(lo, hi, bits) : kvq__fit_range(lo, hi, bits);
 }
-static void kvq__params_f32(kvq__qparams qp, int pbits, float *m, float *s) {
+static KVQ__INLINE void kvq__params_f32(kvq__qparams qp, int pbits, float *m, float *s) {
     *s = pbits == 16 ? kvq__e5m3(qp.scale) : kvq__f16_to_f32(qp.scale);
     *m = pbits == 16 ? kvq__min16(qp.scale, qp.min) : kvq__f16_to_f32(qp.min);
 }
@@ -685,7 +690,7 @@ static void kvq__put_params(uint16_t *par, int ng, int g, kvq__qparams qp, int p
         par[ng + g] = qp.min;
     }
 }
-static kvq__qparams kvq__get_params(const uint16_t *par, int ng, int g, int pbits) {
+static KVQ__INLINE kvq__qparams kvq__get_params(const uint16_t *par, int ng, int g, int pbits) {
     kvq__qparams qp;
     qp.scale = pbits == 16 ? (uint16_t)(par[g] & 0xffu) : par[g];
     qp.min = pbits == 16 ? (uint16_t)(par[g] >> 8) : par[ng + g];
@@ -2106,17 +2111,7 @@ static void kvq__value_params_f32(const kvq_cache *c, const uint16_t *par, int n
         return;
     }
     for (t = 0; t < n; t++, par += ng, out += 2 * ng) /* one pass, branch-free */
-        for (g = 0; g < ng; g++) {
-            const unsigned e = par[g] & 0xffu;
-            const int m8 = (int)(par[g] >> 8) - (int)(par[g] >> 15 << 8); /* int8, two's complement */
-            /* e << 20 is the fp16's exponent and mantissa in a float's place: rebias by 112 (a normal
-               fp16, e >= 8), or by 113 and take away 2^-14 (a subnormal one: (e & 7) * 2^-17) */
-            const float normal = kvq__bits_f32((e << 20) + (112u << 23));
-            const float sub = kvq__bits_f32((e << 20) + (113u << 23)) - 6.103515625e-5f;
-            const float s = e >= 8 ? normal : sub;
-            out[g] = s;
-            out[ng + g] = ((float)m8 * s) * 0.0625f;
-        }
+        for (g = 0; g < ng; g++) kvq__params_f32(kvq__get_params(par, ng, g, 16), 16, &out[ng + g], &out[g]);
 }
 
 /* Tokens whose value params fit the scratch of KVQ__WMAX groups: a whole tile of kb tokens but

@@ -1011,6 +1011,11 @@ static void test_params16(void) {
             }
         }
     CHECK(bad == 0, "%d elements past the bound of 16-bit value params", bad);
+    { /* the branch-free scale decoder is the fp16 with bits e << 7, for every scale code */
+        unsigned e;
+        for (e = 0, bad = 0; e <= 0xf7u; e++) bad += kvq__e5m3(e) != kvq__f16_to_f32((uint16_t)(e << 7));
+        CHECK(bad == 0, "%d scale codes decoded unlike their fp16", bad);
+    }
     { /* attention's decoder of stored params agrees with the reference for every u16 */
         kvq_config cfg = kvq_default_config(16, 1, 16);
         kvq_cache *c = NULL;
