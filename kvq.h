@@ -313,6 +313,18 @@ KVQ_API kvq_status  kvq_set_isa(kvq_isa isa);
 KVQ_API kvq_isa     kvq_get_isa(void);
 KVQ_API const char *kvq_isa_name(kvq_isa isa);
 
+/* Attention arithmetic on quantized keys and values (2-4 bits, shapes in kvq.h's "Integer
+   attention"). KVQ_ARITH_INTEGER: integer dot products on the codes (a 16-bit query, 8-bit
+   softmax weights), within squared relative error 1e-4 of the float kernels' output.
+   KVQ_ARITH_FLOAT: the float kernels, the reference. KVQ_ARITH_AUTO (the default): integer
+   where the active ISA has native integer kernels (AVX-512 with VNNI and VBMI), float
+   elsewhere. INTEGER on another ISA runs the same integer scheme in portable C (slow: for
+   tests). Like kvq_set_isa, not thread-safe; KVQ_ERR_INVALID for a value out of the enum. */
+typedef enum kvq_arith { KVQ_ARITH_AUTO = 0, KVQ_ARITH_FLOAT = 1, KVQ_ARITH_INTEGER = 2 } kvq_arith;
+KVQ_API kvq_status  kvq_set_arith(kvq_arith a);
+KVQ_API kvq_arith   kvq_get_arith(void);
+KVQ_API int         kvq_integer_kernels(void); /* 1 if attention now runs the integer kernels */
+
 
 /* Serialization (prompt caching): a versioned little-endian image of the config, the
    token count and the payload, with CRC32C checksums. A cache saved on one machine loads
@@ -420,6 +432,13 @@ extern "C" {
 #endif
 #endif /* !KVQ_NO_SIMD */
 #define KVQ__HAVE_SIMD (KVQ__HAVE_AVX2 || KVQ__HAVE_AVX512 || KVQ__HAVE_NEON)
+/* The AVX-512 integer attention kernels need VNNI (vpdpbusd) and VBMI (vpermb); a runtime-dispatch
+   build requires both of an AVX-512 CPU (older ones take the AVX2 kernels there). */
+#if KVQ__HAVE_AVX512 && (KVQ__RUNTIME || (defined(__AVX512VNNI__) && defined(__AVX512VBMI__)))
+#define KVQ__HAVE_AVX512_INT 1
+#else
+#define KVQ__HAVE_AVX512_INT 0
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
 #define KVQ__INLINE inline __attribute__((always_inline)) /* constant bits / head count fold away; ISA copies */
@@ -615,10 +634,18 @@ typedef struct kvq__qparams { uint16_t scale, min; } kvq__qparams;
        float *const *acc),                                                                                         \
       (codes, stride, par, n, D, G, bits, p, nh, acc))                                                             \
     X(kvq__k_acc_f16, kvq__acc_f16, void, ,                                                                        \
-      (const uint16_t *const *rows, int n, int D, const float *p, int nh, float *const *acc), (rows, n, D, p, nh, acc))
+      (const uint16_t *const *rows, int n, int D, const float *p, int nh, float *const *acc), (rows, n, D, p, nh, acc)) \
+    X(kvq__k_scores_int, kvq__scores_int, void, ,                                                                  \
+      (const uint8_t *blk, int D, int G, int bits, const float *q, int nh, float *scores),                         \
+      (blk, D, G, bits, q, nh, scores))                                                                            \
+    X(kvq__k_acc_int, kvq__acc_int, void, ,                                                                        \
+      (const uint8_t *codes, size_t stride, const float *par, int n, int D, int G, int bits, const float *p, int nh, \
+       float *const *acc),                                                                                         \
+      (codes, stride, par, n, D, G, bits, p, nh, acc))
 #define KVQ__DECLARE_WRAPPER(wrapper, base, rtype, ret, params, args) static rtype wrapper params;
 KVQ__KERNELS(KVQ__DECLARE_WRAPPER)
 #undef KVQ__DECLARE_WRAPPER
+static int kvq__int_on(void); /* attention runs the integer kernels (kvq_set_arith, section "Dispatch") */
 
 static kvq__qparams kvq__fit_range(float lo, float hi, int bits) {
     kvq__qparams qp;
@@ -2102,6 +2129,107 @@ static void kvq__acc_f16_scalar(const uint16_t *const *rows, int n, int D, const
 }
 
 
+/* Integer attention (kvq_set_arith). One scheme, defined by the two scalar kernels below; every
+   ISA's integer kernels compute its integer sums exactly and may reorder only the float ones.
+   Keys (a block of G tokens, bits 2-4, G % 16 == 0, G * bits <= 256): per query head the scaled
+   query qs_c = q_c s_c becomes 16-bit integers and their two bytes,
+     q16_c = rint(qs_c * (32639 / amax)), amax = max_c |qs_c|;  hi_c = (q16_c + 128) >> 8, lo_c = q16_c - 256 hi_c
+   (|q16| <= 32639 keeps hi within int8), and
+     score_t = (amax / 32639) * sum_c code_{c,t} (256 hi_c + lo_c) + sum_c q_c m_c,
+   the sum exact in int32: two u8 x s8 dot products (vpdpbusd, sdot) per 4 channels. The query's
+   rounding error is 2^-16 of its largest element.
+   Values (bits 2-4, G % 16 == 0, D % G == 0): per call (a tile), query head and group g, the
+   weights w_t = p_t s_{t,g} become bytes w8_t = rint(w_t * 255 / wmax) (wmax = max_t w_t, at
+   least 2^-100) and, with centred codes (their rounding multiplies code - top/2, top = 2^b - 1),
+     acc_c += (wmax / 510) * (2 sum_t w8_t code_{t,c} - top sum_t w8_t) + sum_t p_t (m_{t,g} + s_{t,g} top / 2),
+   the integer part exact, the last sum in float. Other shapes and bits use the float kernels. */
+#define KVQ__Q16 32639.0f
+#define KVQ__W_MIN 7.8886091e-31f /* 2^-100: the least wmax, so 255 / wmax stays finite */
+static int kvq__int_keys(int bits, int G) { return bits >= 2 && bits <= 4 && G % 16 == 0 && G * bits <= 256; }
+static int kvq__int_values(int bits, int D, int G) {
+    return bits >= 2 && bits <= 4 && D % 16 == 0 && G % 16 == 0 && D % G == 0;
+}
+
+/* A head's scaled query qs[D] as the bytes hi, lo of q16 (above); returns the unit amax / 32639. */
+static float kvq__query_q16(const float *qs, int D, int8_t *hi, int8_t *lo) {
+    float amax = 0.0f, inv;
+    int c;
+    for (c = 0; c < D; c++) amax = fabsf(qs[c]) > amax ? fabsf(qs[c]) : amax;
+    inv = amax > 0.0f ? KVQ__Q16 / amax : 0.0f;
+    for (c = 0; c < D; c++) {
+        const int v = (int)rintf(qs[c] * inv), h = ((v + 128 + 65536) >> 8) - 256; /* floor((v + 128) / 256) */
+        hi[c] = (int8_t)h;
+        lo[c] = (int8_t)(v - 256 * h);
+    }
+    return amax / KVQ__Q16;
+}
+
+static void kvq__scores_int_scalar(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
+                                   float *scores) {
+    const uint16_t *sc = (const uint16_t *)(const void *)blk, *mins = sc + D;
+    const uint8_t *codes = blk + 4 * (size_t)D;
+    const size_t row_bytes = (size_t)G * bits / 8;
+    float qs[512];
+    int8_t hi[512], lo[512];
+    int ch, t, j;
+    for (j = 0; j < nh; j++) {
+        const float *qj = q + (size_t)j * D;
+        float bias = 0.0f, unit;
+        for (ch = 0; ch < D; ch++) {
+            qs[ch] = qj[ch] * kvq__f16_to_f32(sc[ch]);
+            bias += qj[ch] * kvq__f16_to_f32(mins[ch]);
+        }
+        unit = kvq__query_q16(qs, D, hi, lo);
+        for (t = 0; t < G; t++) {
+            int32_t sum = 0;
+            for (ch = 0; ch < D; ch++)
+                sum += (int32_t)kvq__get_code(codes + row_bytes * ch, G, t, bits) * (256 * hi[ch] + lo[ch]);
+            scores[(size_t)j * KVQ__TILE + t] = (float)sum * unit + bias;
+        }
+    }
+}
+
+/* The weights of group g for query head j over n tokens (above): bytes w8[t] (zero from n to a
+   multiple of 4), returns sum_t w8_t; *unit = wmax / 510, *bias = sum_t p_t (m + s top / 2). */
+static int32_t kvq__value_weights(const float *par, int n, int ng, int g, int top, const float *pj, uint8_t *w8,
+                                  float *unit, float *bias) {
+    float wmax = KVQ__W_MIN, b = 0.0f, inv;
+    int32_t sum = 0;
+    int t;
+    for (t = 0; t < n; t++) {
+        const float s = par[(size_t)t * 2 * ng + g], w = pj[t] * s;
+        wmax = w > wmax ? w : wmax;
+        b += pj[t] * (par[(size_t)t * 2 * ng + ng + g] + s * (0.5f * (float)top));
+    }
+    inv = 255.0f / wmax;
+    for (t = 0; t < n; t++) {
+        w8[t] = (uint8_t)(int)rintf(pj[t] * par[(size_t)t * 2 * ng + g] * inv);
+        sum += w8[t];
+    }
+    for (; t % 4; t++) w8[t] = 0;
+    *unit = wmax / 510.0f;
+    *bias = b;
+    return sum;
+}
+
+static void kvq__acc_int_scalar(const uint8_t *codes, size_t stride, const float *par, int n, int D, int G,
+                                int bits, const float *p, int nh, float *const *acc) {
+    const int ng = D / G, top = (1 << bits) - 1;
+    uint8_t w8[KVQ__TILE + 3];
+    int j, g, t, ch;
+    for (j = 0; j < nh; j++)
+        for (g = 0; g < ng; g++) {
+            float unit, bias;
+            const int32_t W = kvq__value_weights(par, n, ng, g, top, p + (size_t)j * KVQ__TILE, w8, &unit, &bias);
+            for (ch = g * G; ch < (g + 1) * G; ch++) {
+                int32_t sum = 0;
+                for (t = 0; t < n; t++) sum += (int32_t)w8[t] * (int32_t)kvq__get_code(codes + stride * t, D, ch, bits);
+                acc[j][ch] += (float)(2 * sum - top * W) * unit + bias;
+            }
+        }
+}
+
+
 /* The params of n stored values from par as floats, [t][scale[ng], min[ng]]. */
 static void kvq__value_params_f32(const kvq_cache *c, const uint16_t *par, int n, float *out) {
     const int ng = kvq__value_groups(&c->cfg);
@@ -2120,7 +2248,7 @@ static int kvq__value_chunk(const kvq_cache *c) { return KVQ__WMAX / kvq__value_
 
 /* Values of tokens [t0, t0+n) of head h into the accumulators, weights p[j * KVQ__TILE + t]. */
 static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const float *p, int nh,
-                             float *const *acc) {
+                             float *const *acc, int integer) {
     const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->cfg.group_size, bits = c->cfg.value_bits;
     const uint16_t *rows[KVQ__TILE];
     int pos = t0 - S, nq, t;
@@ -2141,7 +2269,11 @@ static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const flo
         for (t1 = 0; t1 < nq; t1 += m) {
             m = nq - t1 < step ? nq - t1 : step;
             kvq__value_params_f32(c, kvq__value_params(c, h, pos + t1), m, par);
-            kvq__k_acc_codes(kvq__value_codes(c, h, pos + t1), c->vcode_bytes, par, m, D, G, bits, p + t1, nh, acc);
+            if (integer && kvq__int_values(bits, D, G))
+                kvq__k_acc_int(kvq__value_codes(c, h, pos + t1), c->vcode_bytes, par, m, D, G, bits, p + t1, nh, acc);
+            else
+                kvq__k_acc_codes(kvq__value_codes(c, h, pos + t1), c->vcode_bytes, par, m, D, G, bits, p + t1, nh,
+                                 acc);
         }
     }
     if (nq < n) {
@@ -2268,6 +2400,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
     float qs[KVQ__HEAD_CHUNK * 512], scores[KVQ__HEAD_CHUNK * KVQ__TILE];
     const uint16_t *rows[KVQ__TILE];
     float *acc[KVQ__HEAD_CHUNK];
+    const int integer = kvq__int_on();
     int t0, j, t, ch, e0, e1;
     KVQ_ASSERT(nh >= 1 && nh <= KVQ__HEAD_CHUNK && G <= KVQ__TILE && D <= 512);
     for (j = 0; j < nh; j++) {
@@ -2281,7 +2414,8 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
         if (t0 >= S && pos < c->n_kblocks * G) {
             const uint8_t *blk = kvq__key_block(c, h, pos / G);
             if (c->cfg.key_bits != 16) {
-                kvq__k_scores_codes(blk, D, G, c->cfg.key_bits, qs, nh, scores);
+                if (integer && kvq__int_keys(c->cfg.key_bits, G)) kvq__k_scores_int(blk, D, G, c->cfg.key_bits, qs, nh, scores);
+                else kvq__k_scores_codes(blk, D, G, c->cfg.key_bits, qs, nh, scores);
                 sp = scores + pos % G;
             } else {
                 for (t = 0; t < n; t++) rows[t] = (const uint16_t *)(const void *)blk + (size_t)(pos % G + t) * D;
@@ -2320,7 +2454,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
             s->l += kvq__k_exp_sum(sj, n, mx);
         }
         if (e1 > e0) kvq__salient_values(c, h, pos, e0, e1, sp, nh, acc);
-        kvq__values_tile(c, h, t0, n, sp, nh, acc);
+        kvq__values_tile(c, h, t0, n, sp, nh, acc, integer);
         t0 = t1;
     }
 }
@@ -3564,7 +3698,10 @@ KVQ_API kvq_status kvq_cache_copy(kvq_cache *dst, const kvq_cache *src, int n_to
 /* target attributes: a build without -march flags still compiles the kernels (runtime dispatch) */
 #define KVQ__TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define KVQ__TARGET_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")))
+#define KVQ__TARGET_AVX512_INT \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vbmi")))
 #else
+#define KVQ__TARGET_AVX512_INT
 #define KVQ__TARGET_AVX2
 #define KVQ__TARGET_AVX512
 #endif
@@ -4069,6 +4206,8 @@ KVQ__AVX2_FN void kvq__butterflies_avx2(float *x, int n, int len) {
             _mm256_storeu_ps(x + j + len, _mm256_sub_ps(a, b));
         }
 }
+#define kvq__scores_int_avx2 kvq__scores_int_scalar /* no AVX2 integer kernels yet: the reference */
+#define kvq__acc_int_avx2 kvq__acc_int_scalar
 #endif /* KVQ__HAVE_AVX2 */
 
 /* ---- AVX-512 (F/BW/DQ/VL): 16 lanes; a D % 16 == 8 tail is masked. Quantize and
@@ -4446,12 +4585,276 @@ KVQ__AVX512_FN void kvq__butterflies_avx512(float *x, int n, int len) {
             _mm512_storeu_ps(x + j + len, _mm512_sub_ps(a, b));
         }
 }
+
+/* ---- AVX-512 integer attention (VNNI vpdpbusd, VBMI vpermb), the scheme of "Integer attention".
+   Keys: a 32-bit lane holds one token's codes of 4 channels (u8) and meets 4 query bytes (s8);
+   values: a lane holds one channel's codes of 4 tokens (s8) and meets 4 weight bytes (u8). The
+   lanes are built in registers from the stored rows: one vpermb gathers each lane's bytes, a
+   per-lane shift (or rotate, for a 3-bit high plane) brings its codes to bit 0. ---- */
+#if KVQ__HAVE_AVX512_INT
+#define KVQ__INT512_FN static KVQ__TARGET_AVX512_INT
+#define KVQ__INT512_INLINE static KVQ__INLINE KVQ__TARGET_AVX512_INT
+
+KVQ__INT512_FN __m512i kvq__word_int512(const int8_t *p) { /* 4 bytes to every lane */
+    int32_t w;
+    memcpy(&w, p, 4);
+    return _mm512_set1_epi32(w);
+}
+/* vpermb indices: byte k of lane i = c_i + k * step (lane i's four rows, step bytes apart). */
+KVQ__INT512_FN __m512i kvq__rows_index_int512(__m512i c, int step) {
+    return _mm512_add_epi32(_mm512_mullo_epi32(c, _mm512_set1_epi32(0x01010101)), _mm512_set1_epi32(step * 0x03020100));
+}
+#define KVQ__IOTA16 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+/* Lane i's shift of a b-bit code i of a run to bit 0, and rotate of high-plane bit i % 8 to bit 2. */
+#define KVQ__SHIFTS(b) _mm512_and_si512(_mm512_mullo_epi32(KVQ__IOTA16, _mm512_set1_epi32(b)), _mm512_set1_epi32(7))
+#define KVQ__ROTATES _mm512_and_si512(_mm512_sub_epi32(_mm512_set1_epi32(2), _mm512_and_si512(KVQ__IOTA16, _mm512_set1_epi32(7))), _mm512_set1_epi32(31))
+
+/* qs[D] as hi, lo bytes (kvq__query_q16, 16 lanes; cvtps rounds to nearest even, as rintf). */
+KVQ__INT512_FN float kvq__query_q16_int512(const float *qs, int D, int8_t *hi, int8_t *lo) {
+    __m512 mx = _mm512_setzero_ps(), inv;
+    float amax;
+    int c;
+    for (c = 0; c < D; c += 16)
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(kvq__mask_avx512(D - c), qs + c)));
+    amax = _mm512_reduce_max_ps(mx);
+    inv = _mm512_set1_ps(amax > 0.0f ? KVQ__Q16 / amax : 0.0f);
+    for (c = 0; c < D; c += 16) {
+        const __mmask16 k = kvq__mask_avx512(D - c);
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, qs + c), inv));
+        const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(128)), 8);
+        _mm_mask_storeu_epi8(hi + c, k, _mm512_cvtepi32_epi8(h));
+        _mm_mask_storeu_epi8(lo + c, k, _mm512_cvtepi32_epi8(_mm512_sub_epi32(v, _mm512_slli_epi32(h, 8))));
+    }
+    return amax / KVQ__Q16;
+}
+
+/* Scores of 16 tokens at a time over quads of 4 channel rows (rb bytes each, 4 rb <= 128):
+   lane t, byte k = the code of token t0 + t in channel c + k. */
+KVQ__INT512_INLINE void kvq__scores_int_pass512(const uint8_t *codes, int D, int G, const int bits, const int8_t *qh,
+                                                const int8_t *ql, const float *unit, const float *bias,
+                                                const int nj, float *s0) {
+    const int rb = G * bits / 8, quad = 4 * rb, b = bits == 4 ? 4 : 2;
+    const __mmask64 m0 = quad >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << quad) - 1u;
+    const __mmask64 m1 = quad >= 128 ? ~(__mmask64)0 : quad > 64 ? ((__mmask64)1 << (quad - 64)) - 1u : 0;
+    const __m512i t_b8 = _mm512_srli_epi32(_mm512_mullo_epi32(KVQ__IOTA16, _mm512_set1_epi32(b)), 3);
+    const __m512i idx0 = kvq__rows_index_int512(t_b8, rb);       /* row k's byte of token t's code */
+    const __m512i hidx0 = kvq__rows_index_int512(_mm512_add_epi32(_mm512_srli_epi32(KVQ__IOTA16, 3), /* 3 bits: */
+                                                                  _mm512_set1_epi32(G / 4)), rb); /* high plane */
+    const __m512i sh = KVQ__SHIFTS(b), ro = KVQ__ROTATES;
+    const __m512i low = _mm512_set1_epi8((char)(bits == 4 ? 15 : 3)), four = _mm512_set1_epi8(4);
+    int t0, c4;
+    for (t0 = 0; t0 < G; t0 += 16) {
+        const __m512i idx = _mm512_add_epi8(idx0, _mm512_set1_epi8((char)(t0 * b / 8)));
+        const __m512i hidx = _mm512_add_epi8(hidx0, _mm512_set1_epi8((char)(t0 / 8)));
+        __m512i h0 = _mm512_setzero_si512(), h1 = h0, h2 = h0, h3 = h0, l0 = h0, l1 = h0, l2 = h0, l3 = h0;
+        const uint8_t *qp = codes;
+        for (c4 = 0; c4 < D / 4; c4++, qp += quad) {
+            const __m512i x0 = _mm512_maskz_loadu_epi8(m0, qp), x1 = quad > 64 ? _mm512_maskz_loadu_epi8(m1, qp + 64) : x0;
+            __m512i v = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutex2var_epi8(x0, idx, x1), sh), low);
+            if (bits == 3) /* ternary logic 0xf8 = a | (b & c) */
+                v = _mm512_ternarylogic_epi32(v, _mm512_rolv_epi32(_mm512_permutex2var_epi8(x0, hidx, x1), ro), four, 0xf8);
+            h0 = _mm512_dpbusd_epi32(h0, v, kvq__word_int512(qh + 4 * c4));
+            l0 = _mm512_dpbusd_epi32(l0, v, kvq__word_int512(ql + 4 * c4));
+            if (nj > 1) h1 = _mm512_dpbusd_epi32(h1, v, kvq__word_int512(qh + D + 4 * c4));
+            if (nj > 1) l1 = _mm512_dpbusd_epi32(l1, v, kvq__word_int512(ql + D + 4 * c4));
+            if (nj > 2) h2 = _mm512_dpbusd_epi32(h2, v, kvq__word_int512(qh + 2 * D + 4 * c4));
+            if (nj > 2) l2 = _mm512_dpbusd_epi32(l2, v, kvq__word_int512(ql + 2 * D + 4 * c4));
+            if (nj > 3) h3 = _mm512_dpbusd_epi32(h3, v, kvq__word_int512(qh + 3 * D + 4 * c4));
+            if (nj > 3) l3 = _mm512_dpbusd_epi32(l3, v, kvq__word_int512(ql + 3 * D + 4 * c4));
+        }
+#define KVQ__SCORE16(j, h, l)                                                                                     \
+        _mm512_storeu_ps(s0 + (j) * KVQ__TILE + t0,                                                                 \
+                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h, 8), l)),         \
+                                         _mm512_set1_ps(unit[j]), _mm512_set1_ps(bias[j])));
+        KVQ__SCORE16(0, h0, l0)
+        if (nj > 1) KVQ__SCORE16(1, h1, l1)
+        if (nj > 2) KVQ__SCORE16(2, h2, l2)
+        if (nj > 3) KVQ__SCORE16(3, h3, l3)
+#undef KVQ__SCORE16
+    }
+}
+KVQ__INT512_FN void kvq__scores_int_avx512(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
+                                           float *scores) {
+    const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
+    const uint8_t *codes = blk + 4 * (size_t)D;
+    float qs[512], unit[KVQ__HEAD_CHUNK], bias[KVQ__HEAD_CHUNK];
+    int8_t qh[KVQ__HEAD_CHUNK * 512], ql[KVQ__HEAD_CHUNK * 512];
+    int j, j0, ch;
+    for (j = 0; j < nh; j++) { /* the scaled query as 16-bit integers; the mins are one bias */
+        __m512 bv = _mm512_setzero_ps();
+        for (ch = 0; ch < D; ch += 16) {
+            const __mmask16 k = kvq__mask_avx512(D - ch);
+            const __m512 qv = _mm512_maskz_loadu_ps(k, q + (size_t)j * D + ch);
+            _mm512_mask_storeu_ps(qs + ch, k, _mm512_mul_ps(qv, kvq__f16x16_avx512(sc + ch, k)));
+            bv = _mm512_fmadd_ps(qv, kvq__f16x16_avx512(mn + ch, k), bv);
+        }
+        bias[j] = _mm512_reduce_add_ps(bv);
+        unit[j] = kvq__query_q16_int512(qs, D, qh + (size_t)j * D, ql + (size_t)j * D);
+    }
+    for (j0 = 0; j0 < nh; j0 += 4) {
+        const int nj = nh - j0 < 4 ? nh - j0 : 4;
+        const int8_t *h = qh + (size_t)j0 * D, *l = ql + (size_t)j0 * D;
+        float *s0 = scores + (size_t)j0 * KVQ__TILE;
+        switch (bits * 8 + (nj == 4)) { /* constant bits and head count in the hot loop */
+        case 17: kvq__scores_int_pass512(codes, D, G, 2, h, l, unit + j0, bias + j0, 4, s0); break;
+        case 25: kvq__scores_int_pass512(codes, D, G, 3, h, l, unit + j0, bias + j0, 4, s0); break;
+        case 33: kvq__scores_int_pass512(codes, D, G, 4, h, l, unit + j0, bias + j0, 4, s0); break;
+        default: kvq__scores_int_pass512(codes, D, G, bits, h, l, unit + j0, bias + j0, nj, s0); break;
+        }
+    }
+}
+
+/* The params of n tokens by group: sv[g][t] = s, mv[g][t] = m + s top / 2, gathered from their
+   [t][scale[ng], min[ng]] rows once for all the query heads. */
+KVQ__INT512_FN void kvq__params_by_group_int512(const float *par, int n, int ng, int top, float *sv, float *mv) {
+    const __m512i step = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(2 * ng));
+    const __m512 half = _mm512_set1_ps(0.5f * (float)top);
+    int g, t;
+    for (g = 0; g < ng; g++)
+        for (t = 0; t < n; t += 16) {
+            const __mmask16 k = (__mmask16)(n - t >= 16 ? 0xffff : (1u << (n - t)) - 1u);
+            const float *pt = par + (size_t)t * 2 * ng;
+            const __m512 sc = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, step, pt + g, 4);
+            const __m512 mn = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, step, pt + ng + g, 4);
+            _mm512_storeu_ps(sv + (size_t)g * KVQ__TILE + t, sc);
+            _mm512_storeu_ps(mv + (size_t)g * KVQ__TILE + t, _mm512_fmadd_ps(sc, half, mn));
+        }
+}
+/* One query head's weights as the bytes of kvq__value_weights, group by group. */
+KVQ__INT512_FN void kvq__value_weights_int512(const float *sv, const float *mv, int n, int ng, const float *pj,
+                                              uint8_t *w8, int32_t *wsum, float *unit, float *bias) {
+    float w[KVQ__TILE];
+    int g, t;
+    for (g = 0; g < ng; g++, sv += KVQ__TILE, mv += KVQ__TILE) {
+        __m512 mx = _mm512_set1_ps(KVQ__W_MIN), bv = _mm512_setzero_ps(), inv;
+        __m512i sum = _mm512_setzero_si512();
+        for (t = 0; t < n; t += 16) { /* lanes past n: p = 0 */
+            const __mmask16 k = (__mmask16)(n - t >= 16 ? 0xffff : (1u << (n - t)) - 1u);
+            const __m512 p = _mm512_maskz_loadu_ps(k, pj + t), wv = _mm512_mul_ps(p, _mm512_loadu_ps(sv + t));
+            mx = _mm512_max_ps(mx, wv);
+            bv = _mm512_fmadd_ps(p, _mm512_loadu_ps(mv + t), bv);
+            _mm512_storeu_ps(w + t, wv);
+        }
+        unit[g] = _mm512_reduce_max_ps(mx);
+        inv = _mm512_set1_ps(255.0f / unit[g]);
+        unit[g] /= 510.0f;
+        bias[g] = _mm512_reduce_add_ps(bv);
+        for (t = 0; t < n; t += 16) {
+            const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(w + t), inv));
+            sum = _mm512_add_epi32(sum, v);
+            _mm_storeu_si128((__m128i *)(void *)(w8 + (size_t)g * (KVQ__TILE + 16) + t), _mm512_cvtepi32_epi8(v));
+        }
+        wsum[g] = _mm512_reduce_add_epi32(sum);
+    }
+}
+
+/* Four tokens' 16 code bytes from byte off of their rows (len <= 16 of them), token k in 128-bit
+   lane k; rows past n read as zeros (their weights are 0). */
+KVQ__INT512_INLINE __m512i kvq__rows4_int512(const uint8_t *codes, size_t stride, int t, int n, size_t off, int len) {
+    static const uint8_t zero[16] = {0};
+    const __mmask16 k = (__mmask16)((1u << len) - 1u);
+    __m128i r[4];
+    int i;
+    for (i = 0; i < 4; i++) {
+        const uint8_t *row = t + i < n ? codes + stride * (size_t)(t + i) + off : zero;
+        r[i] = len == 16 ? _mm_loadu_si128((const __m128i *)(const void *)row) : _mm_maskz_loadu_epi8(k, row);
+    }
+    return _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(r[0]), r[1], 1), r[2], 2),
+                              r[3], 3);
+}
+
+/* Values, 16 channels a vector: per chunk of 16 (low-plane) bytes of the rows, `per` vectors of
+   lane r = channel c0 + 16 m + r, byte k = its code in token t + k. Integer sums per call (accumulators
+   a<m><j> in registers), then one float step. A chunk shorter than 16 bytes (head_dim 80, ...)
+   reads zeros past its end and keeps only its own channels. */
+KVQ__INT512_INLINE void kvq__acc_int_pass512(const uint8_t *codes, size_t stride, int n, int D, int G, const int bits,
+                                             const uint8_t *w8, const int32_t *wsum, const float *unit,
+                                             const float *bias, const int nj, float *const *acc) {
+    const int ng = D / G, b = bits == 4 ? 4 : 2, rowb = D * b / 8, per = 128 / b / 16, top = (1 << bits) - 1;
+    const size_t wstride = (size_t)ng * (KVQ__TILE + 16); /* one head's weights */
+    const __m512i low = _mm512_set1_epi8((char)(bits == 4 ? 15 : 3)), four = _mm512_set1_epi8(4);
+    const __m512i sh = KVQ__SHIFTS(b), ro = KVQ__ROTATES;
+    __m512i idx[4], hidx[4];
+    int m, k, off, t;
+    for (m = 0; m < 4; m++) { /* token k's byte of channel 16 m + r, in 128-bit lane k */
+        const __m512i ch = _mm512_add_epi32(KVQ__IOTA16, _mm512_set1_epi32(16 * m));
+        idx[m] = kvq__rows_index_int512(_mm512_srli_epi32(_mm512_mullo_epi32(ch, _mm512_set1_epi32(b)), 3), 16);
+        hidx[m] = kvq__rows_index_int512(_mm512_srli_epi32(ch, 3), 16);
+    }
+    for (off = 0; off < rowb; off += 16) {
+        const int len = rowb - off < 16 ? rowb - off : 16, nm = len * 8 / b / 16, c0 = off * 8 / b;
+        const uint8_t *wp[4];
+        __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
+                a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+        for (m = 0; m < 4; m++) { /* each vector's group (the last real one for vectors past the chunk) */
+            const int g = (c0 + 16 * (m < nm ? m : nm - 1)) / G;
+            wp[m] = w8 + (size_t)g * (KVQ__TILE + 16);
+        }
+        for (t = 0; t < n; t += 4) {
+            const __m512i x = kvq__rows4_int512(codes, stride, t, n, (size_t)off, len);
+            const __m512i xh = bits == 3 ? kvq__rows4_int512(codes, stride, t, n, (size_t)(D / 4 + off / 2), len / 2) : x;
+            __m512i v;
+#define KVQ__VALUE_VECTOR(m, A0, A1, A2, A3)                                                                       \
+            v = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi8(idx[m], x), sh), low);                  \
+            if (bits == 3) /* ternary logic 0xf8 = a | (b & c) */                                                  \
+                v = _mm512_ternarylogic_epi32(v, _mm512_rolv_epi32(_mm512_permutexvar_epi8(hidx[m], xh), ro), four, 0xf8); \
+            A0 = _mm512_dpbusd_epi32(A0, kvq__word_int512((const int8_t *)(const void *)(wp[m] + t)), v);          \
+            if (nj > 1) A1 = _mm512_dpbusd_epi32(A1, kvq__word_int512((const int8_t *)(const void *)(wp[m] + wstride + t)), v); \
+            if (nj > 2) A2 = _mm512_dpbusd_epi32(A2, kvq__word_int512((const int8_t *)(const void *)(wp[m] + 2 * wstride + t)), v); \
+            if (nj > 3) A3 = _mm512_dpbusd_epi32(A3, kvq__word_int512((const int8_t *)(const void *)(wp[m] + 3 * wstride + t)), v);
+            KVQ__VALUE_VECTOR(0, a00, a01, a02, a03)
+            KVQ__VALUE_VECTOR(1, a10, a11, a12, a13)
+            if (per > 2) {
+                KVQ__VALUE_VECTOR(2, a20, a21, a22, a23)
+                KVQ__VALUE_VECTOR(3, a30, a31, a32, a33)
+            }
+#undef KVQ__VALUE_VECTOR
+        }
+        for (m = 0; m < nm; m++) {
+            const __m512i am[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+            for (k = 0; k < nj; k++) { /* acc += unit (2 sum - top W) + bias */
+                const int ch = c0 + 16 * m, i = k * ng + ch / G;
+                const __m512i e = _mm512_sub_epi32(_mm512_add_epi32(am[m][k], am[m][k]), _mm512_set1_epi32(top * wsum[i]));
+                _mm512_storeu_ps(acc[k] + ch, _mm512_add_ps(_mm512_loadu_ps(acc[k] + ch),
+                                                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(unit[i]),
+                                                                            _mm512_set1_ps(bias[i]))));
+            }
+        }
+    }
+}
+KVQ__INT512_FN void kvq__acc_int_avx512(const uint8_t *codes, size_t stride, const float *par, int n, int D, int G,
+                                        int bits, const float *p, int nh, float *const *acc) {
+    const int ng = D / G, top = (1 << bits) - 1;
+    uint8_t w8[4 * 32 * (KVQ__TILE + 16)];
+    int32_t wsum[4 * 32];
+    float unit[4 * 32], bias[4 * 32], sv[32 * KVQ__TILE], mv[32 * KVQ__TILE]; /* ng <= 32: G >= 16, D <= 512 */
+    int j0, j;
+    kvq__params_by_group_int512(par, n, ng, top, sv, mv);
+    for (j0 = 0; j0 < nh; j0 += 4) {
+        const int nj = nh - j0 < 4 ? nh - j0 : 4;
+        for (j = 0; j < nj; j++)
+            kvq__value_weights_int512(sv, mv, n, ng, p + (size_t)(j0 + j) * KVQ__TILE,
+                                      w8 + (size_t)j * ng * (KVQ__TILE + 16), wsum + j * ng, unit + j * ng, bias + j * ng);
+        switch (bits * 8 + (nj == 4)) {
+        case 17: kvq__acc_int_pass512(codes, stride, n, D, G, 2, w8, wsum, unit, bias, 4, acc + j0); break;
+        case 33: kvq__acc_int_pass512(codes, stride, n, D, G, 4, w8, wsum, unit, bias, 4, acc + j0); break;
+        default: kvq__acc_int_pass512(codes, stride, n, D, G, bits, w8, wsum, unit, bias, nj, acc + j0); break;
+        }
+    }
+}
+#else
+#define kvq__scores_int_avx512 kvq__scores_int_avx2 /* AVX-512 without VNNI or VBMI */
+#define kvq__acc_int_avx512 kvq__acc_int_avx2
+#endif /* KVQ__HAVE_AVX512_INT */
 #endif /* KVQ__HAVE_AVX512 */
 
 /* ---- NEON (aarch64): 4 lanes, two vectors per step of 8 --------------------------- */
 #if KVQ__HAVE_NEON
 typedef struct kvq__f32x8 { float32x4_t lo, hi; } kvq__f32x8;
 #define kvq__search_group_neon kvq__search_group_scalar /* aarch64's baseline has NEON already */
+#define kvq__scores_int_neon kvq__scores_int_scalar /* no native integer kernels yet: the reference */
+#define kvq__acc_int_neon kvq__acc_int_scalar
 #define kvq__search_columns_neon kvq__search_columns_scalar
 
 /* A run of 2 or 4 bits as one word. */
@@ -4779,7 +5182,8 @@ static int kvq__cpu_has(kvq_isa isa) {
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(b & (1u << 5))) return 0; /* AVX2 */
     if (isa == KVQ_ISA_AVX2) return 1;
     if (isa != KVQ_ISA_AVX512 || (xcr0 & 0xe6u) != 0xe6u) return 0; /* + opmask, ZMM state */
-    return (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31)); /* F DQ BW VL */
+    return (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31)) && /* F DQ BW VL */
+           (c & (1u << 1)) && (c & (1u << 11)); /* VBMI, VNNI: the integer kernels */
 }
 #else
 static int kvq__isa_state = KVQ__HAVE_AVX512 ? KVQ_ISA_AVX512 : KVQ__HAVE_AVX2 ? KVQ_ISA_AVX2
@@ -4850,6 +5254,20 @@ KVQ_API kvq_status kvq_set_isa(kvq_isa isa) {
 }
 
 KVQ_API kvq_isa kvq_get_isa(void) { return (kvq_isa)kvq__kern(); }
+
+/* kvq_set_arith's choice; read by every attention call, written only by kvq_set_arith. */
+static int kvq__arith_state = KVQ_ARITH_AUTO;
+static int kvq__native_int(int isa) { return isa == KVQ_ISA_AVX512 && KVQ__HAVE_AVX512_INT; }
+static int kvq__int_on(void) {
+    return kvq__arith_state == KVQ_ARITH_INTEGER || (kvq__arith_state == KVQ_ARITH_AUTO && kvq__native_int(kvq__kern()));
+}
+KVQ_API kvq_status kvq_set_arith(kvq_arith a) {
+    if ((int)a < KVQ_ARITH_AUTO || (int)a > KVQ_ARITH_INTEGER) return KVQ_ERR_INVALID;
+    kvq__arith_state = (int)a;
+    return KVQ_OK;
+}
+KVQ_API kvq_arith kvq_get_arith(void) { return (kvq_arith)kvq__arith_state; }
+KVQ_API int kvq_integer_kernels(void) { return kvq__int_on(); }
 
 KVQ_API const char *kvq_isa_name(kvq_isa isa) {
     switch (isa) {

@@ -51,23 +51,26 @@ typedef struct cfgspec {
     int vbits;         /* value bits when they differ from bits (0: the same) */
     int key_block;     /* tokens per key block (0: group_size) */
     int pbits;         /* value_param_bits (0: the default) */
+    kvq_arith arith;   /* attention arithmetic (KVQ_ARITH_AUTO: integer where the ISA has it) */
 } cfgspec;
 
 static const cfgspec CFGS[] = {
-    {32, 0, "fp32", "fp32 (hand-written)", "#444444", 0, 0, -1, 0, 0, 0},
-    {16, 0, "kvq-16", "kvq fp16", "#d62728", 0, 0, -1, 0, 0, 0},
-    {8, 0, "kvq-8", "kvq 8-bit", "#ff7f0e", 0, 0, -1, 0, 0, 0},
-    {4, 0, "kvq-4", "kvq 4-bit", "#2ca02c", 0, 0, -1, 0, 0, 0},
-    {3, 0, "kvq-3", "kvq 3-bit", "#1f77b4", 0, 0, -1, 0, 0, 0},
-    {2, 0, "kvq-2", "kvq 2-bit", "#9467bd", 0, 0, -1, 0, 0, 0},
-    {2, 5, "kvq-2x5", "kvq 2-bit + 5% salient", "#8c564b", 0, 0, -1, 0, 0, 0},
-    {2, 10, "kvq-2x10", "kvq 2-bit + 10% salient", "#e377c2", 0, 0, -1, 0, 0, 0},
-    {2, 0, "kvq-2h", "kvq 2-bit + Hadamard rotation", "#17becf", 1, 0, -1, 0, 0, 0},
-    {2, 0, "kvq-2t", "kvq 2-bit, keys per token", "#bcbd22", 0, 1, -1, 0, 0, 0},
-    {2, 0, "kvq-2c0", "kvq 2-bit, min/max ranges", "#7f7f7f", 0, 0, 0, 0, 0, 0},
-    {2, 0, "kvq-2p32", "kvq 2-bit, fp16 value params", "#aec7e8", 0, 0, -1, 0, 0, 32},
-    {2, 0, "kvq-2p16", "kvq 2-bit, 16-bit value params", "#c5b0d5", 0, 0, -1, 0, 0, 16},
-    {3, 0, "kvq-k3v2", "kvq 3-bit K (blocks of 64), 2-bit V (16-bit params)", "#393b79", 0, 0, -1, 2, 64, 16},
+    {32, 0, "fp32", "fp32 (hand-written)", "#444444", 0, 0, -1, 0, 0, 0, KVQ_ARITH_AUTO},
+    {16, 0, "kvq-16", "kvq fp16", "#d62728", 0, 0, -1, 0, 0, 0, KVQ_ARITH_AUTO},
+    {8, 0, "kvq-8", "kvq 8-bit", "#ff7f0e", 0, 0, -1, 0, 0, 0, KVQ_ARITH_AUTO},
+    {4, 0, "kvq-4", "kvq 4-bit", "#2ca02c", 0, 0, -1, 0, 0, 0, KVQ_ARITH_AUTO},
+    {3, 0, "kvq-3", "kvq 3-bit", "#1f77b4", 0, 0, -1, 0, 0, 0, KVQ_ARITH_AUTO},
+    {2, 0, "kvq-2", "kvq 2-bit", "#9467bd", 0, 0, -1, 0, 0, 0, KVQ_ARITH_AUTO},
+    {2, 5, "kvq-2x5", "kvq 2-bit + 5% salient", "#8c564b", 0, 0, -1, 0, 0, 0, KVQ_ARITH_AUTO},
+    {2, 10, "kvq-2x10", "kvq 2-bit + 10% salient", "#e377c2", 0, 0, -1, 0, 0, 0, KVQ_ARITH_AUTO},
+    {2, 0, "kvq-2h", "kvq 2-bit + Hadamard rotation", "#17becf", 1, 0, -1, 0, 0, 0, KVQ_ARITH_AUTO},
+    {2, 0, "kvq-2t", "kvq 2-bit, keys per token", "#bcbd22", 0, 1, -1, 0, 0, 0, KVQ_ARITH_AUTO},
+    {2, 0, "kvq-2c0", "kvq 2-bit, min/max ranges", "#7f7f7f", 0, 0, 0, 0, 0, 0, KVQ_ARITH_AUTO},
+    {2, 0, "kvq-2p32", "kvq 2-bit, fp16 value params", "#aec7e8", 0, 0, -1, 0, 0, 32, KVQ_ARITH_AUTO},
+    {2, 0, "kvq-2p16", "kvq 2-bit, 16-bit value params", "#c5b0d5", 0, 0, -1, 0, 0, 16, KVQ_ARITH_AUTO},
+    {3, 0, "kvq-k3v2", "kvq 3-bit K (blocks of 64), 2-bit V (16-bit params)", "#393b79", 0, 0, -1, 2, 64, 16, KVQ_ARITH_AUTO},
+    {2, 0, "kvq-2f", "kvq 2-bit, float kernels", "#637939", 0, 0, -1, 0, 0, 0, KVQ_ARITH_FLOAT},
+    {3, 0, "kvq-k3v2f", "kvq K3/V2 (as kvq-k3v2), float kernels", "#8c6d31", 0, 0, -1, 2, 64, 16, KVQ_ARITH_FLOAT},
 };
 #define N_CFGS ((int)(sizeof CFGS / sizeof CFGS[0]))
 #define CFG_FP16 1
@@ -547,6 +550,7 @@ typedef struct attn_job {
     fp32cache *fc;
     kvq_cache *kc;
     kvq_attn_params ap;
+    kvq_arith arith;
     const float *q;
     float *out;
     float *states[MAX_THREADS];
@@ -565,6 +569,7 @@ static void attn_part(void *arg, int idx) {
 
 static void attn_call(attn_job *j) {
     int i;
+    kvq_set_arith(j->arith); /* between calls, when no other kvq call runs */
     if (j->parts == 1 && !j->is_fp32) {
         check(kvq_attention(j->kc, j->q, j->out, &j->ap), "kvq_attention");
         return;
@@ -1228,7 +1233,8 @@ static void parse_args(int argc, char **argv, options *o) {
                     char num[8];
                     snprintf(num, sizeof num, "%d", CFGS[c].bits);
                     if ((!strcmp(tok[k], num) && !CFGS[c].salient_pct && !CFGS[c].rotate && !CFGS[c].per_token &&
-                         CFGS[c].search < 0 && !CFGS[c].vbits && !CFGS[c].key_block && !CFGS[c].pbits) ||
+                         CFGS[c].search < 0 && !CFGS[c].vbits && !CFGS[c].key_block && !CFGS[c].pbits &&
+                         CFGS[c].arith == KVQ_ARITH_AUTO) ||
                         !strcmp(tok[k], CFGS[c].name))
                         found = c;
                 }
@@ -1501,6 +1507,7 @@ int main(int argc, char **argv) {
                     j.is_fp32 = bits == 32;
                     j.fc = &fc;
                     j.kc = kc;
+                    j.arith = CFGS[c].arith;
                     j.ap.n_q_heads = o.heads[hi];
                     j.ap.n_queries = 1;
                     j.ap.scale = 0.0f;
