@@ -4622,8 +4622,14 @@ KVQ__INT512_FN float kvq__query_q16_int512(const float *qs, int D, int8_t *hi, i
         const __mmask16 k = kvq__mask_avx512(D - c);
         const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, qs + c), inv));
         const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(128)), 8);
-        _mm_mask_storeu_epi8(hi + c, k, _mm512_cvtepi32_epi8(h));
-        _mm_mask_storeu_epi8(lo + c, k, _mm512_cvtepi32_epi8(_mm512_sub_epi32(v, _mm512_slli_epi32(h, 8))));
+        const __m128i hb = _mm512_cvtepi32_epi8(h), lb = _mm512_cvtepi32_epi8(_mm512_sub_epi32(v, _mm512_slli_epi32(h, 8)));
+        if (k == 0xffff) { /* plain stores: the hot loop's loads are forwarded from them */
+            _mm_storeu_si128((__m128i *)(void *)(hi + c), hb);
+            _mm_storeu_si128((__m128i *)(void *)(lo + c), lb);
+        } else {
+            _mm_mask_storeu_epi8(hi + c, k, hb);
+            _mm_mask_storeu_epi8(lo + c, k, lb);
+        }
     }
     return amax / KVQ__Q16;
 }
@@ -4704,77 +4710,109 @@ KVQ__INT512_FN void kvq__scores_int_avx512(const uint8_t *blk, int D, int G, int
     }
 }
 
-/* The params of n tokens by group: sv[g][t] = s, mv[g][t] = m + s top / 2, gathered from their
-   [t][scale[ng], min[ng]] rows once for all the query heads. */
-KVQ__INT512_FN void kvq__params_by_group_int512(const float *par, int n, int ng, int top, float *sv, float *mv) {
-    const __m512i step = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(2 * ng));
-    const __m512 half = _mm512_set1_ps(0.5f * (float)top);
-    int g, t;
-    for (g = 0; g < ng; g++)
-        for (t = 0; t < n; t += 16) {
-            const __mmask16 k = (__mmask16)(n - t >= 16 ? 0xffff : (1u << (n - t)) - 1u);
-            const float *pt = par + (size_t)t * 2 * ng;
-            const __m512 sc = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, step, pt + g, 4);
-            const __m512 mn = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, step, pt + ng + g, 4);
-            _mm512_storeu_ps(sv + (size_t)g * KVQ__TILE + t, sc);
-            _mm512_storeu_ps(mv + (size_t)g * KVQ__TILE + t, _mm512_fmadd_ps(sc, half, mn));
-        }
+/* Weight vector v's 16 bytes (zeros past the nv vectors). */
+KVQ__INT512_INLINE __m128i kvq__wbytes_int512(const float *wb, int v, int nv, __m512 inv) {
+    if (v >= nv) return _mm_setzero_si128();
+    return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(wb + 16 * v), inv)));
 }
-/* One query head's weights as the bytes of kvq__value_weights, group by group. */
-KVQ__INT512_FN void kvq__value_weights_int512(const float *sv, const float *mv, int n, int ng, const float *pj,
-                                              uint8_t *w8, int32_t *wsum, float *unit, float *bias) {
-    float w[KVQ__TILE];
-    int g, t;
-    for (g = 0; g < ng; g++, sv += KVQ__TILE, mv += KVQ__TILE) {
+/* The weight bytes (kvq__value_weights) of nj <= 4 query heads, laid out for the value pass:
+   w8[j * KVQ__TILE * ng + (t / 4) * 4 ng + 4 g + t % 4] (a dword per group and 4 tokens), with
+   unit and bias at [j * ng + g]. Sixteen weights a vector, lane = (token t, group g) = t ng + g, so
+   T = 16 / ng tokens a vector and the params of those tokens are one 32-float run of par: no
+   transposition. Per head: pass 1 w = p s, its max and the bias by lane, reduced over the lanes of
+   each group by rotations; pass 2 the bytes, token-major, then each 4 tokens' bytes group-major
+   (one vpermb per 64 bytes). ng a power of two <= 16; other counts take the scalar weights. */
+KVQ__INT512_FN void kvq__weights_int512(const float *par, int n, int ng, int top, const float *p, int nj,
+                                        uint8_t *w8, float *unit, float *bias) {
+    const int T = 16 / ng, nv = (n + T - 1) / T, lg = ng == 1 ? 0 : ng == 2 ? 1 : ng == 4 ? 2 : ng == 8 ? 3 : 4;
+    const __m512i lane = KVQ__IOTA16, tok = _mm512_srli_epi32(lane, (unsigned)lg);
+    const __m512i grp = _mm512_and_si512(lane, _mm512_set1_epi32(ng - 1));
+    const __m512i sidx = _mm512_add_epi32(_mm512_slli_epi32(tok, (unsigned)lg + 1), grp); /* s of (t, g) in par */
+    const __m512i midx = _mm512_add_epi32(sidx, _mm512_set1_epi32(ng));
+    const __m512 half = _mm512_set1_ps(0.5f * (float)top);
+    float sv[16 * KVQ__TILE], mv[16 * KVQ__TILE], wb[16 * KVQ__TILE];
+    uint8_t ix[64];
+    __m512i tix;
+    int v, j, s, o;
+    for (v = 0; v < nv; v++) { /* the params of tokens [vT, vT + T): 2 T ng = 32 floats */
+        const int left = (n - v * T) * 2 * ng;
+        const float *pr = par + (size_t)v * 32;
+        const __m512 a = _mm512_maskz_loadu_ps((__mmask16)(left >= 16 ? 0xffff : (1u << left) - 1u), pr);
+        const __m512 b = _mm512_maskz_loadu_ps((__mmask16)(left >= 32 ? 0xffff : left > 16 ? (1u << (left - 16)) - 1u : 0u), pr + 16);
+        const __m512 sc = _mm512_permutex2var_ps(a, sidx, b);
+        _mm512_storeu_ps(sv + 16 * v, sc);
+        _mm512_storeu_ps(mv + 16 * v, _mm512_fmadd_ps(sc, half, _mm512_permutex2var_ps(a, midx, b)));
+    }
+    for (o = 0; o < 64; o += 16) { /* byte o of 64 from o - r + (r % 4) ng + r / 4: group r / 4, token r % 4 */
+        const __m512i ov = _mm512_add_epi32(lane, _mm512_set1_epi32(o)), r = _mm512_and_si512(ov, _mm512_set1_epi32(4 * ng - 1));
+        const __m512i src = _mm512_add_epi32(_mm512_sub_epi32(ov, r), _mm512_add_epi32(_mm512_slli_epi32(_mm512_and_si512(r, _mm512_set1_epi32(3)), (unsigned)lg),
+                                                                                      _mm512_srli_epi32(r, 2)));
+        _mm_storeu_si128((__m128i *)(void *)(ix + o), _mm512_cvtepi32_epi8(src));
+    }
+    tix = _mm512_loadu_si512((const void *)ix);
+    for (j = 0; j < nj; j++) {
+        const float *pj = p + (size_t)j * KVQ__TILE;
+        uint8_t *wj = w8 + (size_t)j * KVQ__TILE * ng;
         __m512 mx = _mm512_set1_ps(KVQ__W_MIN), bv = _mm512_setzero_ps(), inv;
-        __m512i sum = _mm512_setzero_si512();
-        for (t = 0; t < n; t += 16) { /* lanes past n: p = 0 */
-            const __mmask16 k = (__mmask16)(n - t >= 16 ? 0xffff : (1u << (n - t)) - 1u);
-            const __m512 p = _mm512_maskz_loadu_ps(k, pj + t), wv = _mm512_mul_ps(p, _mm512_loadu_ps(sv + t));
-            mx = _mm512_max_ps(mx, wv);
-            bv = _mm512_fmadd_ps(p, _mm512_loadu_ps(mv + t), bv);
-            _mm512_storeu_ps(w + t, wv);
+        for (v = 0; v < nv; v++) {
+            const int left = n - v * T;
+            const __m512 pv = _mm512_permutexvar_ps(tok, _mm512_maskz_loadu_ps((__mmask16)(left >= 16 ? 0xffff : (1u << left) - 1u), pj + v * T));
+            const __m512 w = _mm512_mul_ps(pv, _mm512_loadu_ps(sv + 16 * v));
+            mx = _mm512_max_ps(mx, w);
+            bv = _mm512_fmadd_ps(pv, _mm512_loadu_ps(mv + 16 * v), bv);
+            _mm512_storeu_ps(wb + 16 * v, w);
         }
-        unit[g] = _mm512_reduce_max_ps(mx);
-        inv = _mm512_set1_ps(255.0f / unit[g]);
-        unit[g] /= 510.0f;
-        bias[g] = _mm512_reduce_add_ps(bv);
-        for (t = 0; t < n; t += 16) {
-            const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(w + t), inv));
-            sum = _mm512_add_epi32(sum, v);
-            _mm_storeu_si128((__m128i *)(void *)(w8 + (size_t)g * (KVQ__TILE + 16) + t), _mm512_cvtepi32_epi8(v));
+        for (s = ng; s < 16; s *= 2) { /* every lane of a group: its group's max and sum */
+            const __m512i rot = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(s)), _mm512_set1_epi32(15));
+            mx = _mm512_max_ps(mx, _mm512_permutexvar_ps(rot, mx));
+            bv = _mm512_add_ps(bv, _mm512_permutexvar_ps(rot, bv));
         }
-        wsum[g] = _mm512_reduce_add_epi32(sum);
+        inv = _mm512_div_ps(_mm512_set1_ps(255.0f), mx);
+        _mm512_mask_storeu_ps(unit + j * ng, (__mmask16)((1u << ng) - 1u), _mm512_div_ps(mx, _mm512_set1_ps(510.0f)));
+        _mm512_mask_storeu_ps(bias + j * ng, (__mmask16)((1u << ng) - 1u), bv);
+        for (v = 0; v < nv; v += 4) { /* four vectors' bytes (64: whole quads), made group-major in registers */
+            const __m512i z = _mm512_inserti32x4(
+                _mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(kvq__wbytes_int512(wb, v, nv, inv)),
+                                                      kvq__wbytes_int512(wb, v + 1, nv, inv), 1),
+                                   kvq__wbytes_int512(wb, v + 2, nv, inv), 2),
+                kvq__wbytes_int512(wb, v + 3, nv, inv), 3);
+            _mm512_storeu_si512((void *)(wj + 16 * v), _mm512_permutexvar_epi8(tix, z));
+        }
     }
 }
 
 /* Four tokens' 16 code bytes from byte off of their rows (len <= 16 of them), token k in 128-bit
    lane k; rows past n read as zeros (their weights are 0). */
+KVQ__INT512_INLINE __m128i kvq__row16_int512(const uint8_t *row, int len) {
+    if (len == 16) return _mm_loadu_si128((const __m128i *)(const void *)row);
+    return _mm_maskz_loadu_epi8((__mmask16)((1u << len) - 1u), row);
+}
 KVQ__INT512_INLINE __m512i kvq__rows4_int512(const uint8_t *codes, size_t stride, int t, int n, size_t off, int len) {
     static const uint8_t zero[16] = {0};
-    const __mmask16 k = (__mmask16)((1u << len) - 1u);
-    __m128i r[4];
-    int i;
-    for (i = 0; i < 4; i++) {
-        const uint8_t *row = t + i < n ? codes + stride * (size_t)(t + i) + off : zero;
-        r[i] = len == 16 ? _mm_loadu_si128((const __m128i *)(const void *)row) : _mm_maskz_loadu_epi8(k, row);
-    }
-    return _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(r[0]), r[1], 1), r[2], 2),
-                              r[3], 3);
+    const uint8_t *r0 = codes + stride * (size_t)t + off, *r1 = t + 1 < n ? r0 + stride : zero,
+                  *r2 = t + 2 < n ? r0 + 2 * stride : zero, *r3 = t + 3 < n ? r0 + 3 * stride : zero;
+    const __m512i x = _mm512_castsi128_si512(kvq__row16_int512(r0, len));
+    return _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(x, kvq__row16_int512(r1, len), 1),
+                                                 kvq__row16_int512(r2, len), 2),
+                              kvq__row16_int512(r3, len), 3);
 }
 
 /* Values, 16 channels a vector: per chunk of 16 (low-plane) bytes of the rows, `per` vectors of
-   lane r = channel c0 + 16 m + r, byte k = its code in token t + k. Integer sums per call (accumulators
+   lane r = channel c0 + 16 m + r, byte k = its centred code 2 code - top (s8) in token t + k, so
+   sum_t w8_t (2 code - top) is one vpdpbusd per 4 tokens. Integer sums per call (accumulators
    a<m><j> in registers), then one float step. A chunk shorter than 16 bytes (head_dim 80, ...)
    reads zeros past its end and keeps only its own channels. */
 KVQ__INT512_INLINE void kvq__acc_int_pass512(const uint8_t *codes, size_t stride, int n, int D, int G, const int bits,
-                                             const uint8_t *w8, const int32_t *wsum, const float *unit,
-                                             const float *bias, const int nj, float *const *acc) {
-    const int ng = D / G, b = bits == 4 ? 4 : 2, rowb = D * b / 8, per = 128 / b / 16, top = (1 << bits) - 1;
-    const size_t wstride = (size_t)ng * (KVQ__TILE + 16); /* one head's weights */
-    const __m512i low = _mm512_set1_epi8((char)(bits == 4 ? 15 : 3)), four = _mm512_set1_epi8(4);
-    const __m512i sh = KVQ__SHIFTS(b), ro = KVQ__ROTATES;
+                                             const uint8_t *w8, const float *unit, const float *bias, const int nj,
+                                             float *const *acc) {
+    const int ng = D / G, b = bits == 4 ? 4 : 2, rowb = D * b / 8, per = 128 / b / 16;
+    const size_t wstride = (size_t)KVQ__TILE * ng; /* one head's weight bytes */
+    const __m512i twice = _mm512_set1_epi8((char)(bits == 4 ? 30 : 6)), eight = _mm512_set1_epi8(8);
+    const __m512i top = _mm512_set1_epi8((char)((1 << bits) - 1));
+    /* rotate code i of a run to bits 1.. (2 code), and a 3-bit high-plane bit i % 8 to bit 3 */
+    const __m512i r2 = _mm512_and_si512(_mm512_sub_epi32(_mm512_set1_epi32(1), KVQ__SHIFTS(b)), _mm512_set1_epi32(31));
+    const __m512i rh = _mm512_and_si512(_mm512_sub_epi32(_mm512_set1_epi32(3), _mm512_and_si512(KVQ__IOTA16, _mm512_set1_epi32(7))),
+                                        _mm512_set1_epi32(31));
     __m512i idx[4], hidx[4];
     int m, k, off, t;
     for (m = 0; m < 4; m++) { /* token k's byte of channel 16 m + r, in 128-bit lane k */
@@ -4787,22 +4825,23 @@ KVQ__INT512_INLINE void kvq__acc_int_pass512(const uint8_t *codes, size_t stride
         const uint8_t *wp[4];
         __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
                 a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
-        for (m = 0; m < 4; m++) { /* each vector's group (the last real one for vectors past the chunk) */
-            const int g = (c0 + 16 * (m < nm ? m : nm - 1)) / G;
-            wp[m] = w8 + (size_t)g * (KVQ__TILE + 16);
-        }
+        for (m = 0; m < 4; m++) /* each vector's group (the last real one for vectors past the chunk) */
+            wp[m] = w8 + 4 * (size_t)((c0 + 16 * (m < nm ? m : nm - 1)) / G);
         for (t = 0; t < n; t += 4) {
             const __m512i x = kvq__rows4_int512(codes, stride, t, n, (size_t)off, len);
             const __m512i xh = bits == 3 ? kvq__rows4_int512(codes, stride, t, n, (size_t)(D / 4 + off / 2), len / 2) : x;
+            const size_t wt = (size_t)t * ng; /* token quad t / 4: 4 ng bytes */
             __m512i v;
+#define KVQ__W(m, j) kvq__word_int512((const int8_t *)(const void *)(wp[m] + (j) * wstride + wt))
 #define KVQ__VALUE_VECTOR(m, A0, A1, A2, A3)                                                                       \
-            v = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi8(idx[m], x), sh), low);                  \
+            v = _mm512_and_si512(_mm512_rolv_epi32(_mm512_permutexvar_epi8(idx[m], x), r2), twice);                \
             if (bits == 3) /* ternary logic 0xf8 = a | (b & c) */                                                  \
-                v = _mm512_ternarylogic_epi32(v, _mm512_rolv_epi32(_mm512_permutexvar_epi8(hidx[m], xh), ro), four, 0xf8); \
-            A0 = _mm512_dpbusd_epi32(A0, kvq__word_int512((const int8_t *)(const void *)(wp[m] + t)), v);          \
-            if (nj > 1) A1 = _mm512_dpbusd_epi32(A1, kvq__word_int512((const int8_t *)(const void *)(wp[m] + wstride + t)), v); \
-            if (nj > 2) A2 = _mm512_dpbusd_epi32(A2, kvq__word_int512((const int8_t *)(const void *)(wp[m] + 2 * wstride + t)), v); \
-            if (nj > 3) A3 = _mm512_dpbusd_epi32(A3, kvq__word_int512((const int8_t *)(const void *)(wp[m] + 3 * wstride + t)), v);
+                v = _mm512_ternarylogic_epi32(v, _mm512_rolv_epi32(_mm512_permutexvar_epi8(hidx[m], xh), rh), eight, 0xf8); \
+            v = _mm512_sub_epi8(v, top);                                                                           \
+            A0 = _mm512_dpbusd_epi32(A0, KVQ__W(m, 0), v);                                                         \
+            if (nj > 1) A1 = _mm512_dpbusd_epi32(A1, KVQ__W(m, 1), v);                                             \
+            if (nj > 2) A2 = _mm512_dpbusd_epi32(A2, KVQ__W(m, 2), v);                                             \
+            if (nj > 3) A3 = _mm512_dpbusd_epi32(A3, KVQ__W(m, 3), v);
             KVQ__VALUE_VECTOR(0, a00, a01, a02, a03)
             KVQ__VALUE_VECTOR(1, a10, a11, a12, a13)
             if (per > 2) {
@@ -4810,14 +4849,14 @@ KVQ__INT512_INLINE void kvq__acc_int_pass512(const uint8_t *codes, size_t stride
                 KVQ__VALUE_VECTOR(3, a30, a31, a32, a33)
             }
 #undef KVQ__VALUE_VECTOR
+#undef KVQ__W
         }
         for (m = 0; m < nm; m++) {
             const __m512i am[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
-            for (k = 0; k < nj; k++) { /* acc += unit (2 sum - top W) + bias */
+            for (k = 0; k < nj; k++) { /* acc += unit sum + bias */
                 const int ch = c0 + 16 * m, i = k * ng + ch / G;
-                const __m512i e = _mm512_sub_epi32(_mm512_add_epi32(am[m][k], am[m][k]), _mm512_set1_epi32(top * wsum[i]));
                 _mm512_storeu_ps(acc[k] + ch, _mm512_add_ps(_mm512_loadu_ps(acc[k] + ch),
-                                                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(unit[i]),
+                                                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(am[m][k]), _mm512_set1_ps(unit[i]),
                                                                             _mm512_set1_ps(bias[i]))));
             }
         }
@@ -4826,20 +4865,28 @@ KVQ__INT512_INLINE void kvq__acc_int_pass512(const uint8_t *codes, size_t stride
 KVQ__INT512_FN void kvq__acc_int_avx512(const uint8_t *codes, size_t stride, const float *par, int n, int D, int G,
                                         int bits, const float *p, int nh, float *const *acc) {
     const int ng = D / G, top = (1 << bits) - 1;
-    uint8_t w8[4 * 32 * (KVQ__TILE + 16)];
-    int32_t wsum[4 * 32];
-    float unit[4 * 32], bias[4 * 32], sv[32 * KVQ__TILE], mv[32 * KVQ__TILE]; /* ng <= 32: G >= 16, D <= 512 */
-    int j0, j;
-    kvq__params_by_group_int512(par, n, ng, top, sv, mv);
+    uint8_t w8[4 * 32 * KVQ__TILE + 64];
+    float unit[4 * 32], bias[4 * 32];
+    int j0, j, g, t;
     for (j0 = 0; j0 < nh; j0 += 4) {
         const int nj = nh - j0 < 4 ? nh - j0 : 4;
-        for (j = 0; j < nj; j++)
-            kvq__value_weights_int512(sv, mv, n, ng, p + (size_t)(j0 + j) * KVQ__TILE,
-                                      w8 + (size_t)j * ng * (KVQ__TILE + 16), wsum + j * ng, unit + j * ng, bias + j * ng);
+        if (ng <= 16 && (ng & (ng - 1)) == 0) {
+            kvq__weights_int512(par, n, ng, top, p + (size_t)j0 * KVQ__TILE, nj, w8, unit, bias);
+        } else { /* 3, 5, 6, ... groups: the reference's weights, in the pass's layout */
+            uint8_t wg[KVQ__TILE + 3];
+            for (j = 0; j < nj; j++)
+                for (g = 0; g < ng; g++) {
+                    const int32_t wsum = kvq__value_weights(par, n, ng, g, top, p + (size_t)(j0 + j) * KVQ__TILE, wg,
+                                                            unit + j * ng + g, bias + j * ng + g);
+                    (void)wsum; /* the pass centres its codes instead */
+                    for (t = 0; t < (n + 3) / 4 * 4; t++)
+                        w8[(size_t)j * KVQ__TILE * ng + (size_t)(t / 4) * 4 * ng + 4 * g + t % 4] = wg[t];
+                }
+        }
         switch (bits * 8 + (nj == 4)) {
-        case 17: kvq__acc_int_pass512(codes, stride, n, D, G, 2, w8, wsum, unit, bias, 4, acc + j0); break;
-        case 33: kvq__acc_int_pass512(codes, stride, n, D, G, 4, w8, wsum, unit, bias, 4, acc + j0); break;
-        default: kvq__acc_int_pass512(codes, stride, n, D, G, bits, w8, wsum, unit, bias, nj, acc + j0); break;
+        case 17: kvq__acc_int_pass512(codes, stride, n, D, G, 2, w8, unit, bias, 4, acc + j0); break;
+        case 33: kvq__acc_int_pass512(codes, stride, n, D, G, 4, w8, unit, bias, 4, acc + j0); break;
+        default: kvq__acc_int_pass512(codes, stride, n, D, G, bits, w8, unit, bias, nj, acc + j0); break;
         }
     }
 }

@@ -1502,6 +1502,7 @@ int main(int argc, char **argv) {
     static const int heads[][2] = {{1, 1}, {2, 4}, {4, 2}, {1, 8}, {2, 12}, {3, 1}};
     int devices = 0, i, quick = argc > 1 && strcmp(argv[1], "--quick") == 0, n_cases = quick ? 40 : 240;
     cudaError_t e = cudaGetDeviceCount(&devices);
+    kvq_set_arith(KVQ_ARITH_FLOAT); /* the GPU kernels compute the float scheme: compare with kvq.h's */
     if (e != cudaSuccess || devices == 0) {
         (void)cudaGetLastError();
         printf("skipped: no CUDA device\n");

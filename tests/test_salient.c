@@ -355,10 +355,16 @@ static void test_fused_matches_read(void) {
             for (isa = KVQ_ISA_SCALAR; isa <= KVQ_ISA_NEON; isa++) {
                 double e;
                 if (kvq_set_isa((kvq_isa)isa) != KVQ_OK) continue;
+                kvq_set_arith(KVQ_ARITH_FLOAT); /* exact up to float rounding */
                 CHECK(kvq_attention(c, q, out, &ap) == KVQ_OK, "attention");
                 e = tu_rel_err(out, ref, nout);
                 CHECK(e < 1e-9, "shape %d on %s: fused vs reconstructed %g", sh, kvq_isa_name((kvq_isa)isa), e);
+                kvq_set_arith(KVQ_ARITH_INTEGER); /* the integer scheme's contract: squared error <= 1e-4 */
+                CHECK(kvq_attention(c, q, out, &ap) == KVQ_OK, "attention");
+                e = tu_rel_err(out, ref, nout);
+                CHECK(e <= 1e-4, "shape %d on %s: integer fused vs reconstructed %g", sh, kvq_isa_name((kvq_isa)isa), e);
             }
+            kvq_set_arith(KVQ_ARITH_AUTO);
             kvq_set_isa(KVQ_ISA_SCALAR);
         }
         kvq_cache_destroy(c);

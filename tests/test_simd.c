@@ -2,10 +2,14 @@
    against KVQ_ISA_SCALAR on the same inputs,
    - the quantized bytes are identical (key blocks, value params and codes, sinks, rings),
    - kvq_cache_read() is identical,
-   - attention (and the split API) is within NMSE 1e-6 of scalar,
+   - attention (and the split API) is within NMSE 1e-6 of scalar under the same arithmetic,
+     the float kernels and the integer scheme each (kvq_set_arith),
    over bits 2/3/4/8/16 (also mixed), G 16..128, head_dim 8..256, GQA 1..8,
    several queries, sinks, residual 0 and 128, ragged token counts; at 64K
-   tokens; and on the real KV dumps in ../shared/data when they are there. */
+   tokens; and on the real KV dumps in ../shared/data when they are there.
+   And the integer scheme's contract: within squared relative error 1e-4 of the float
+   kernels' output at 64K tokens (zero-mean values, values with channel means) and on every
+   layer of the three real dumps, on scalar and the best ISA. */
 #define KVQ_IMPLEMENTATION
 #include "../kvq.h"
 #include "test_util.h"
@@ -24,6 +28,7 @@
 
 static int isas[4], n_isas;
 static double worst_nmse;
+static kvq_arith arith = KVQ_ARITH_FLOAT; /* the arithmetic the ISA comparisons run under */
 
 /* Creates a cache under isa and appends K, V in chunks (exercising the ring). */
 static kvq_cache *build(const kvq_config *cfg, kvq_isa isa, const float *K, const float *V, int T) {
@@ -79,6 +84,7 @@ static int same_bytes(const kvq_cache *a, const kvq_cache *b) {
 /* Attention of cache c under isa; split = 1: three token ranges, two KV-head ranges, merged. */
 static int attend(kvq_cache *c, kvq_isa isa, const float *q, const kvq_attn_params *ap, int split, float *out) {
     int T = c->n_tokens, H = c->cfg.n_kv_heads, k, ok = 1;
+    kvq_set_arith(arith);
     kvq_set_isa(isa);
     if (!split) return kvq_attention(c, q, out, ap) == KVQ_OK;
     {
@@ -142,7 +148,9 @@ static void check_shape(const shape *s, int split) {
     CHECK(base != NULL, "scalar cache k%d v%d G%d D%d", s->kb, s->vb, s->G, s->D);
     if (!base) goto done;
     CHECK(kvq_cache_read(base, 0, s->T, Ka, Va) == KVQ_OK, "read");
-    CHECK(attend(base, KVQ_ISA_SCALAR, q, &ap, 0, ref), "scalar attention");
+    /* the integer scheme quantizes weights per call, so a split run is compared with the same split on
+       scalar; under float arithmetic the split run also meets the whole one */
+    CHECK(attend(base, KVQ_ISA_SCALAR, q, &ap, arith == KVQ_ARITH_INTEGER ? split : 0, ref), "scalar attention");
     for (i = 0; i < n_isas; i++) {
         kvq_isa isa = (kvq_isa)isas[i];
         double e;
@@ -250,6 +258,19 @@ static void test_api(void) {
         kvq_set_isa(KVQ_ISA_SCALAR);
     }
     CHECK(!strcmp(kvq_isa_name(KVQ_ISA_AVX512), "avx512") && !strcmp(kvq_isa_name(KVQ_ISA_NEON), "neon"), "names");
+    CHECK(kvq_get_arith() == KVQ_ARITH_AUTO, "the default arithmetic is AUTO");
+    CHECK(kvq_set_arith((kvq_arith)3) == KVQ_ERR_INVALID && kvq_set_arith((kvq_arith)-1) == KVQ_ERR_INVALID &&
+              kvq_get_arith() == KVQ_ARITH_AUTO, "bad arithmetic: nothing changes");
+    CHECK(kvq_set_arith(KVQ_ARITH_FLOAT) == KVQ_OK && !kvq_integer_kernels(), "FLOAT: no integer kernels");
+    CHECK(kvq_set_arith(KVQ_ARITH_INTEGER) == KVQ_OK && kvq_integer_kernels(), "INTEGER: integer kernels");
+    kvq_set_arith(KVQ_ARITH_AUTO);
+    CHECK(!kvq_integer_kernels(), "AUTO on scalar: float kernels");
+    for (i = 0; i < n_isas; i++) { /* AUTO: integer exactly where the ISA has native integer kernels */
+        kvq_set_isa((kvq_isa)isas[i]);
+        printf("AUTO on %s: %s kernels\n", kvq_isa_name((kvq_isa)isas[i]), kvq_integer_kernels() ? "integer" : "float");
+        if (isas[i] == KVQ_ISA_AVX2) CHECK(!kvq_integer_kernels(), "AUTO on avx2: float");
+    }
+    kvq_set_isa(KVQ_ISA_SCALAR);
     printf("ISAs accepted here:");
     for (i = 0; i < n_isas; i++) printf(" %s", kvq_isa_name((kvq_isa)isas[i]));
     printf("%s\n", accepted ? "" : " (none besides scalar)");
@@ -467,13 +488,162 @@ static void test_real(void) {
     printf("real data: worst NMSE vs scalar %.3g\n", worst_nmse);
 }
 
+/* The integer scheme's bytes of a query: q16 = 256 hi + lo rebuilt, |q16| <= 32639, and within
+   half a unit of qs / unit, for random and extreme rows. */
+static void test_query_bytes(void) {
+    tu_rng r = {0x9b};
+    int trial, c, bad = 0;
+    for (trial = 0; trial < 200; trial++) {
+        float qs[512];
+        int8_t hi[512], lo[512];
+        const int D = 8 * (1 + trial % 64);
+        float unit;
+        for (c = 0; c < D; c++) qs[c] = tu_normal(&r) * (trial % 3 == 0 ? 1e-30f : trial % 3 == 1 ? 1.0f : 1e30f);
+        if (trial == 7) for (c = 0; c < D; c++) qs[c] = 0.0f;
+        if (trial == 8) qs[3] = -qs[3] * 1e6f; /* one dominant channel, negative */
+        unit = kvq__query_q16(qs, D, hi, lo);
+        for (c = 0; c < D; c++) {
+            const int q16 = 256 * hi[c] + lo[c];
+            if (q16 > 32639 || q16 < -32639) bad++;
+            if (unit > 0.0f && fabs((double)q16 - (double)qs[c] / unit) > 0.5 + 1e-3 * fabs((double)q16)) bad++;
+            if (unit == 0.0f && q16 != 0) bad++;
+        }
+    }
+    CHECK(bad == 0, "%d query bytes out of contract", bad);
+}
+
+/* The integer scheme against the float kernels on the same cache: squared relative error <= 1e-4
+   (the contract), on scalar (the reference) and the best ISA (the one AUTO picks). */
+#define INT_CONTRACT 1e-4
+static double worst_contract;
+static void check_contract(kvq_cache *c, const float *q, const kvq_attn_params *ap, const char *what) {
+    const size_t nout = (size_t)ap->n_queries * ap->n_q_heads * c->cfg.head_dim;
+    float *f = (float *)tu_alloc(nout * 4), *g = (float *)tu_alloc(nout * 4);
+    const kvq_isa two[2] = {KVQ_ISA_SCALAR, n_isas ? (kvq_isa)isas[n_isas - 1] : KVQ_ISA_SCALAR};
+    int i;
+    for (i = 0; i < (n_isas ? 2 : 1); i++) {
+        double e;
+        kvq_set_isa(two[i]);
+        kvq_set_arith(KVQ_ARITH_FLOAT);
+        CHECK(kvq_attention(c, q, f, ap) == KVQ_OK, "float attention");
+        kvq_set_arith(KVQ_ARITH_INTEGER);
+        CHECK(kvq_attention(c, q, g, ap) == KVQ_OK, "integer attention");
+        e = tu_nmse(g, f, nout);
+        if (e > worst_contract) worst_contract = e;
+        CHECK(e <= INT_CONTRACT, "%s on %s: integer vs float %.3g", what, kvq_isa_name(two[i]), e);
+    }
+    kvq_set_isa(KVQ_ISA_SCALAR);
+    kvq_set_arith(KVQ_ARITH_AUTO);
+    free(f);
+    free(g);
+}
+
+/* 64K tokens (as test_long), the formats the integer scheme covers: 2-, 3- and 4-bit keys and values,
+   K3/V2 in key blocks of 64 with 16-bit value params (kvq_eval's k3v2b64p16), zero-mean values and
+   values with channel means. */
+static void test_integer_long(void) {
+    static const int cfgs[][4] = {{2, 2, 0, 32}, {3, 2, 64, 16}, {4, 4, 0, 32}, {3, 3, 0, 32}}; /* kb, vb, key block, pbits */
+    int kind, ci;
+    for (ci = 0; ci < 4; ci++)
+        for (kind = 0; kind < 2; kind++) {
+            const int T = LONG_T + 13, H = 1, QH = 4, D = LONG_D;
+            const size_t n = (size_t)T * H * D, nout = (size_t)QH * D;
+            float *K = (float *)tu_alloc(n * 4), *V = (float *)tu_alloc(n * 4), *q = (float *)tu_alloc(nout * 4);
+            kvq_config cfg = kvq_default_config(D, H, T);
+            kvq_attn_params ap = {QH, 1, 0.0f};
+            kvq_cache *c = NULL;
+            char what[96];
+            tu_rng r = {0xc0de + (uint64_t)(ci * 2 + kind)};
+#ifdef __aarch64__
+            if (ci > 1) { free(K); free(V); free(q); continue; } /* qemu: the default and K3/V2 */
+#endif
+            cfg.key_bits = cfgs[ci][0];
+            cfg.value_bits = cfgs[ci][1];
+            cfg.key_block = cfgs[ci][2];
+            cfg.value_param_bits = cfgs[ci][3];
+            tu_fill_kv(&r, kind, T, H, D, K, V);
+            tu_fill_q(&r, kind, nout, D, q);
+            CHECK(kvq_cache_create(&c, &cfg) == KVQ_OK && kvq_cache_append(c, K, V, T) == KVQ_OK, "64K cache");
+            snprintf(what, sizeof what, "64K k%d v%d b%d p%d %s", cfgs[ci][0], cfgs[ci][1], cfgs[ci][2], cfgs[ci][3],
+                     kind ? "channel means" : "zero-mean");
+            if (c) check_contract(c, q, &ap, what);
+            kvq_cache_destroy(c);
+            free(K); free(V); free(q);
+        }
+    printf("64K tokens: worst integer-vs-float squared relative error %.3g\n", worst_contract);
+}
+
+/* Every layer of the three dumps (MiniLM too), the last 4 tokens as queries, the default config
+   and K3/V2. */
+static void test_integer_real(void) {
+    static const char *files[] = {"stories260K_gen.kvd", "babyllama105_gen.kvd", "minilm_gpl3.kvd"};
+    const char *dir = getenv("KVQ_SHARED_DATA");
+    double before = worst_contract;
+    char path[1024], err[256];
+    int f, checked = 0;
+    if (!dir) dir = "../shared/data";
+    worst_contract = 0.0;
+    for (f = 0; f < 3; f++) {
+        kvqd_dump d;
+        int layer, ci;
+        snprintf(path, sizeof path, "%s/%s", dir, files[f]);
+        if (kvqd_dump_load(&d, path, err, sizeof err) != KVQD_OK) {
+            printf("integer contract: %s skipped (%s)\n", files[f], err);
+            continue;
+        }
+        for (layer = 0; layer < d.n_layers; layer++)
+            for (ci = 0; ci < 2; ci++) {
+                const int T = d.n_tokens, H = d.n_kv_heads, D = d.head_dim, QH = d.n_heads, nq = 4;
+                const float *Kd = kvqd_dump_tensor(&d, layer, KVQD_KPOST), *Vd = kvqd_dump_tensor(&d, layer, KVQD_V);
+                const float *Qd = kvqd_dump_tensor(&d, layer, KVQD_QPOST);
+                kvq_config cfg = kvq_default_config(D, H, T);
+                kvq_attn_params ap = {QH, nq, 0.0f};
+                kvq_cache *c = NULL;
+                float *K, *V, *q;
+                char what[96];
+                int t, h;
+                if (!Kd || !Vd || !Qd) { CHECK(0, "%s lacks Kpost/V/Qpost", files[f]); break; }
+                if (ci) { cfg.key_bits = 3; cfg.key_block = 64; cfg.value_param_bits = 16; }
+                K = (float *)tu_alloc((size_t)T * H * D * 4);
+                V = (float *)tu_alloc((size_t)T * H * D * 4);
+                q = (float *)tu_alloc((size_t)nq * QH * D * 4);
+                for (t = 0; t < T; t++)
+                    for (h = 0; h < H; h++) {
+                        memcpy(K + ((size_t)t * H + h) * D, Kd + ((size_t)h * T + t) * D, (size_t)D * 4);
+                        memcpy(V + ((size_t)t * H + h) * D, Vd + ((size_t)h * T + t) * D, (size_t)D * 4);
+                    }
+                for (t = 0; t < nq; t++)
+                    for (h = 0; h < QH; h++)
+                        memcpy(q + ((size_t)t * QH + h) * D, Qd + ((size_t)h * T + (T - nq + t)) * D, (size_t)D * 4);
+                CHECK(kvq_cache_create(&c, &cfg) == KVQ_OK && kvq_cache_append(c, K, V, T) == KVQ_OK, "%s", files[f]);
+                snprintf(what, sizeof what, "%s layer %d %s", files[f], layer, ci ? "k3v2b64p16" : "default");
+                if (c) check_contract(c, q, &ap, what);
+                kvq_cache_destroy(c);
+                free(K); free(V); free(q);
+                checked++;
+            }
+        kvqd_dump_free(&d);
+    }
+    printf("real data: %d layer x config pairs, worst integer-vs-float squared relative error %.3g\n", checked,
+           worst_contract);
+    worst_contract = worst_contract > before ? worst_contract : before;
+}
+
 int main(void) {
     test_runtime_pick();
     test_api();
     test_edges();
-    test_grid();
+    test_query_bytes();
+    for (arith = KVQ_ARITH_FLOAT; arith <= KVQ_ARITH_INTEGER; arith = (kvq_arith)(arith + 1)) {
+        printf("-- ISA paths against scalar, %s arithmetic --\n", arith == KVQ_ARITH_FLOAT ? "float" : "integer");
+        worst_nmse = 0.0;
+        test_grid();
+        test_long();
+        test_real();
+    }
+    kvq_set_arith(KVQ_ARITH_AUTO);
     test_rotation_paths();
-    test_long();
-    test_real();
+    test_integer_long();
+    test_integer_real();
     return tu_finish("test_simd");
 }
