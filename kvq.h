@@ -2381,12 +2381,21 @@ static void kvq__scores_key_tokens(const kvq_cache *c, int h, int pos, int n, co
     }
 }
 
-/* End of the tile starting at t: the next segment boundary (sinks, block, ring), at most hi. */
+/* Tokens of the key-block segment a tile may span: whole blocks up to KVQ__TILE, from a multiple
+   of the span (so a range split at a multiple tiles as the whole range does); one block where
+   the cache has a side store (its patch-up works block by block). Several blocks a tile share
+   one softmax update and one value-kernel call. */
+static int kvq__block_span(const kvq_cache *c) { return c->n_salient ? c->kb : KVQ__TILE / c->kb * c->kb; }
+
+/* End of the tile starting at t: the next segment boundary (sinks, blocks, ring), at most hi. */
 static int kvq__tile_end(const kvq_cache *c, int t, int hi) {
-    const int S = c->cfg.sink_tokens, G = c->kb;
+    const int S = c->cfg.sink_tokens, G = c->kb, span = kvq__block_span(c);
     int end;
     if (t < S) end = S < t + G ? S : t + G;
-    else if (t - S < c->n_kblocks * G) end = S + ((t - S) / G + 1) * G;
+    else if (t - S < c->n_kblocks * G) { /* never past the blocks' end */
+        end = ((t - S) / span + 1) * span;
+        end = S + (end < c->n_kblocks * G ? end : c->n_kblocks * G);
+    }
     else if (t - S < c->n_ktok) end = S + c->n_ktok < t + G ? S + c->n_ktok : t + G;
     else end = t + G;
     return end < hi ? end : hi;
@@ -2411,14 +2420,20 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
     for (t0 = lo; t0 < hi;) {
         int t1 = kvq__tile_end(c, t0, hi), n = t1 - t0, pos = t0 - S;
         float *sp = scores; /* scores of token t0, head 0 */
-        if (t0 >= S && pos < c->n_kblocks * G) {
-            const uint8_t *blk = kvq__key_block(c, h, pos / G);
+        if (t0 >= S && pos < c->n_kblocks * G) { /* whole blocks, G scores each, from pos's block */
+            int b;
             if (c->cfg.key_bits != 16) {
-                if (integer && kvq__int_keys(c->cfg.key_bits, G)) kvq__k_scores_int(blk, D, G, c->cfg.key_bits, qs, nh, scores);
-                else kvq__k_scores_codes(blk, D, G, c->cfg.key_bits, qs, nh, scores);
+                const int ik = integer && kvq__int_keys(c->cfg.key_bits, G);
+                for (b = pos / G; b <= (pos + n - 1) / G; b++) {
+                    const uint8_t *blk = kvq__key_block(c, h, b);
+                    float *sb = scores + (size_t)(b - pos / G) * G;
+                    if (ik) kvq__k_scores_int(blk, D, G, c->cfg.key_bits, qs, nh, sb);
+                    else kvq__k_scores_codes(blk, D, G, c->cfg.key_bits, qs, nh, sb);
+                }
                 sp = scores + pos % G;
             } else {
-                for (t = 0; t < n; t++) rows[t] = (const uint16_t *)(const void *)blk + (size_t)(pos % G + t) * D;
+                for (t = 0; t < n; t++)
+                    rows[t] = (const uint16_t *)(const void *)kvq__key_block(c, h, (pos + t) / G) + (size_t)((pos + t) % G) * D;
                 kvq__k_scores_f16(rows, n, D, qs, nh, scores);
             }
         } else if (t0 >= S && pos < c->n_ktok && c->cfg.key_bits != 16) {
@@ -2902,15 +2917,19 @@ static kvq_status kvq__check_batch(void *mem, size_t bytes, kvq_cache *const *ca
     return KVQ_OK;
 }
 
-/* The tile boundary nearest token t of a T-token row of cache c. Tiles end at the sinks' end,
-   every G tokens from 0 inside the sinks and from the sinks' end after them (key blocks,
-   then the ring, which starts at a block's end), and at T: boundaries lie at most G apart,
-   so a cut moves by at most G/2 and no piece starts inside a key block (which the kernels
-   score whole: each piece would pay for all of it). Monotone in t. */
+/* The tile boundary nearest token t of a T-token row of cache c (kvq__tile_end's): every G tokens
+   from 0 inside the sinks, at the sinks' end, every span (kvq__block_span) from there inside the
+   key blocks, at their end, every G tokens after it (the ring), and at T. Boundaries lie at most
+   a span apart, so a cut moves by at most half a span, no piece starts inside a key block (which
+   the kernels score whole: each piece would pay for all of it), and a split row tiles as the
+   whole row does (the integer scheme quantizes weights per tile). Monotone in t. */
 static int kvq__snap_cut(const kvq_cache *c, int t, int T) {
-    const int S = c->cfg.sink_tokens, G = c->kb; /* tiles follow the key blocks */
-    const int a = t < S ? t / G * G : S + (t - S) / G * G;
-    int b = t < S ? (a + G < S ? a + G : S) : a + G;
+    const int S = c->cfg.sink_tokens, G = c->kb, B = S + c->n_kblocks * G;
+    const int step = t < S ? G : t < B ? kvq__block_span(c) : G, base = t < S ? 0 : t < B ? S : B;
+    const int a = base + (t - base) / step * step;
+    int b = a + step;
+    if (t < S && b > S) b = S;
+    if (t >= S && t < B && b > B) b = B;
     if (b > T) b = T;
     return t - a <= b - t ? a : b;
 }
@@ -4605,40 +4624,18 @@ KVQ__INT512_FN __m512i kvq__rows_index_int512(__m512i c, int step) {
     return _mm512_add_epi32(_mm512_mullo_epi32(c, _mm512_set1_epi32(0x01010101)), _mm512_set1_epi32(step * 0x03020100));
 }
 #define KVQ__IOTA16 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+#define KVQ__IOTA64B /* bytes 0..63 */                                                                        \
+    _mm512_add_epi32(_mm512_mullo_epi32(KVQ__IOTA16, _mm512_set1_epi32(0x04040404)), _mm512_set1_epi32(0x03020100))
 /* Lane i's shift of a b-bit code i of a run to bit 0, and rotate of high-plane bit i % 8 to bit 2. */
 #define KVQ__SHIFTS(b) _mm512_and_si512(_mm512_mullo_epi32(KVQ__IOTA16, _mm512_set1_epi32(b)), _mm512_set1_epi32(7))
 #define KVQ__ROTATES _mm512_and_si512(_mm512_sub_epi32(_mm512_set1_epi32(2), _mm512_and_si512(KVQ__IOTA16, _mm512_set1_epi32(7))), _mm512_set1_epi32(31))
 
-/* qs[D] as hi, lo bytes (kvq__query_q16, 16 lanes; cvtps rounds to nearest even, as rintf). */
-KVQ__INT512_FN float kvq__query_q16_int512(const float *qs, int D, int8_t *hi, int8_t *lo) {
-    __m512 mx = _mm512_setzero_ps(), inv;
-    float amax;
-    int c;
-    for (c = 0; c < D; c += 16)
-        mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(kvq__mask_avx512(D - c), qs + c)));
-    amax = _mm512_reduce_max_ps(mx);
-    inv = _mm512_set1_ps(amax > 0.0f ? KVQ__Q16 / amax : 0.0f);
-    for (c = 0; c < D; c += 16) {
-        const __mmask16 k = kvq__mask_avx512(D - c);
-        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, qs + c), inv));
-        const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(128)), 8);
-        const __m128i hb = _mm512_cvtepi32_epi8(h), lb = _mm512_cvtepi32_epi8(_mm512_sub_epi32(v, _mm512_slli_epi32(h, 8)));
-        if (k == 0xffff) { /* plain stores: the hot loop's loads are forwarded from them */
-            _mm_storeu_si128((__m128i *)(void *)(hi + c), hb);
-            _mm_storeu_si128((__m128i *)(void *)(lo + c), lb);
-        } else {
-            _mm_mask_storeu_epi8(hi + c, k, hb);
-            _mm_mask_storeu_epi8(lo + c, k, lb);
-        }
-    }
-    return amax / KVQ__Q16;
-}
 
 /* Scores of 16 tokens at a time over quads of 4 channel rows (rb bytes each, 4 rb <= 128):
    lane t, byte k = the code of token t0 + t in channel c + k. */
-KVQ__INT512_INLINE void kvq__scores_int_pass512(const uint8_t *codes, int D, int G, const int bits, const int8_t *qh,
-                                                const int8_t *ql, const float *unit, const float *bias,
-                                                const int nj, float *s0) {
+KVQ__INT512_INLINE void kvq__scores_int_pass512(const uint8_t *codes, int D, int G, const int bits, const int8_t *qb,
+                                                const float *unit, const float *bias, const int nj, float *s0) {
+    const size_t qstride = 32 * (size_t)((D + 15) / 16); /* one head's query bytes */
     const int rb = G * bits / 8, quad = 4 * rb, b = bits == 4 ? 4 : 2;
     const __mmask64 m0 = quad >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << quad) - 1u;
     const __mmask64 m1 = quad >= 128 ? ~(__mmask64)0 : quad > 64 ? ((__mmask64)1 << (quad - 64)) - 1u : 0;
@@ -4655,18 +4652,19 @@ KVQ__INT512_INLINE void kvq__scores_int_pass512(const uint8_t *codes, int D, int
         __m512i h0 = _mm512_setzero_si512(), h1 = h0, h2 = h0, h3 = h0, l0 = h0, l1 = h0, l2 = h0, l3 = h0;
         const uint8_t *qp = codes;
         for (c4 = 0; c4 < D / 4; c4++, qp += quad) {
+            const int8_t *ql = qb + (c4 / 4) * 32 + (c4 % 4) * 4, *qh = ql + 16; /* channels 4 c4.. */
             const __m512i x0 = _mm512_maskz_loadu_epi8(m0, qp), x1 = quad > 64 ? _mm512_maskz_loadu_epi8(m1, qp + 64) : x0;
             __m512i v = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutex2var_epi8(x0, idx, x1), sh), low);
             if (bits == 3) /* ternary logic 0xf8 = a | (b & c) */
                 v = _mm512_ternarylogic_epi32(v, _mm512_rolv_epi32(_mm512_permutex2var_epi8(x0, hidx, x1), ro), four, 0xf8);
-            h0 = _mm512_dpbusd_epi32(h0, v, kvq__word_int512(qh + 4 * c4));
-            l0 = _mm512_dpbusd_epi32(l0, v, kvq__word_int512(ql + 4 * c4));
-            if (nj > 1) h1 = _mm512_dpbusd_epi32(h1, v, kvq__word_int512(qh + D + 4 * c4));
-            if (nj > 1) l1 = _mm512_dpbusd_epi32(l1, v, kvq__word_int512(ql + D + 4 * c4));
-            if (nj > 2) h2 = _mm512_dpbusd_epi32(h2, v, kvq__word_int512(qh + 2 * D + 4 * c4));
-            if (nj > 2) l2 = _mm512_dpbusd_epi32(l2, v, kvq__word_int512(ql + 2 * D + 4 * c4));
-            if (nj > 3) h3 = _mm512_dpbusd_epi32(h3, v, kvq__word_int512(qh + 3 * D + 4 * c4));
-            if (nj > 3) l3 = _mm512_dpbusd_epi32(l3, v, kvq__word_int512(ql + 3 * D + 4 * c4));
+            h0 = _mm512_dpbusd_epi32(h0, v, kvq__word_int512(qh));
+            l0 = _mm512_dpbusd_epi32(l0, v, kvq__word_int512(ql));
+            if (nj > 1) h1 = _mm512_dpbusd_epi32(h1, v, kvq__word_int512(qh + qstride));
+            if (nj > 1) l1 = _mm512_dpbusd_epi32(l1, v, kvq__word_int512(ql + qstride));
+            if (nj > 2) h2 = _mm512_dpbusd_epi32(h2, v, kvq__word_int512(qh + 2 * qstride));
+            if (nj > 2) l2 = _mm512_dpbusd_epi32(l2, v, kvq__word_int512(ql + 2 * qstride));
+            if (nj > 3) h3 = _mm512_dpbusd_epi32(h3, v, kvq__word_int512(qh + 3 * qstride));
+            if (nj > 3) l3 = _mm512_dpbusd_epi32(l3, v, kvq__word_int512(ql + 3 * qstride));
         }
 #define KVQ__SCORE16(j, h, l)                                                                                     \
         _mm512_storeu_ps(s0 + (j) * KVQ__TILE + t0,                                                                 \
@@ -4679,41 +4677,89 @@ KVQ__INT512_INLINE void kvq__scores_int_pass512(const uint8_t *codes, int D, int
 #undef KVQ__SCORE16
     }
 }
+/* Lane j of the result: max (is_max) or sum of the 16 lanes of v[j], for 16 vectors at once: a
+   tree of 15 pairings (at width w, two vectors' lane halves meet), not 16 reductions. */
+KVQ__INT512_FN __m512 kvq__reduce16_int512(__m512 *v, int is_max) {
+    int w, i, n = 16;
+    for (w = 8; w >= 1; w /= 2, n /= 2) {
+        /* lane l of the pair (v[2i], v[2i+1]): (l / w) 2w + l % w, and that + w */
+        const __m512i iw = _mm512_set1_epi32(w), l = KVQ__IOTA16;
+        const __m512i a = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srlv_epi32(l, _mm512_set1_epi32(w == 8 ? 3 : w == 4 ? 2 : w == 2 ? 1 : 0)),
+                                                              _mm512_add_epi32(iw, iw)),
+                                           _mm512_and_si512(l, _mm512_sub_epi32(iw, _mm512_set1_epi32(1))));
+        const __m512i b = _mm512_add_epi32(a, iw);
+        for (i = 0; i < n / 2; i++) {
+            const __m512 x = _mm512_permutex2var_ps(v[2 * i], a, v[2 * i + 1]), y = _mm512_permutex2var_ps(v[2 * i], b, v[2 * i + 1]);
+            v[i] = is_max ? _mm512_max_ps(x, y) : _mm512_add_ps(x, y);
+        }
+    }
+    return v[0];
+}
+
+/* Scores of a key block, the integer scheme: per query head the bias sum_c q_c m_c and the query
+   bytes of q s (kvq__query_q16) for all heads at once (their reductions in one tree, their
+   divisions in one vdivps), laid out [head][16-channel chunk][lo 16, hi 16] for the pass. The
+   bytes come from q16 + 128 as an int16: its low byte is lo + 128 (flip bit 7), its high byte hi. */
 KVQ__INT512_FN void kvq__scores_int_avx512(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                            float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
     const uint8_t *codes = blk + 4 * (size_t)D;
-    float qs[512], unit[KVQ__HEAD_CHUNK], bias[KVQ__HEAD_CHUNK];
-    int8_t qh[KVQ__HEAD_CHUNK * 512], ql[KVQ__HEAD_CHUNK * 512];
+    const size_t qstride = 32 * (size_t)((D + 15) / 16);
+    float sf[512 + 16], mf[512 + 16], qs[KVQ__HEAD_CHUNK * 512 + 16], unit[16], bias[16]; /* + a chunk's tail */
+    int8_t qb[KVQ__HEAD_CHUNK * 32 * 32];
+    __m512 amax[16], bsum[16], av, inv;
+    /* bytes 0 and 1 of each 32-bit lane: 16 low bytes, then 16 high bytes */
+    const __m512i pick = _mm512_add_epi32(_mm512_set1_epi32(0x0c080400), /* byte 0 of lanes 4 d .. 4 d + 3 */
+                                          _mm512_mullo_epi32(_mm512_and_si512(KVQ__IOTA16, _mm512_set1_epi32(3)), _mm512_set1_epi32(0x10101010)));
+    const __m512i pick2 = _mm512_mask_add_epi32(pick, 0x00f0, pick, _mm512_set1_epi32(0x01010101)); /* bytes 16..: +1 */
     int j, j0, ch;
-    for (j = 0; j < nh; j++) { /* the scaled query as 16-bit integers; the mins are one bias */
-        __m512 bv = _mm512_setzero_ps();
-        for (ch = 0; ch < D; ch += 16) {
+    for (ch = 0; ch < D; ch += 16) { /* the block's scales and mins, once for all heads */
+        const __mmask16 k = kvq__mask_avx512(D - ch);
+        _mm512_storeu_ps(sf + ch, kvq__f16x16_avx512(sc + ch, k));
+        _mm512_storeu_ps(mf + ch, kvq__f16x16_avx512(mn + ch, k));
+    }
+    for (j = 0; j < 16; j++) amax[j] = bsum[j] = _mm512_setzero_ps();
+    for (j = 0; j < nh; j++)
+        for (ch = 0; ch < D; ch += 16) { /* qs = q s, its largest |element|, the bias */
             const __mmask16 k = kvq__mask_avx512(D - ch);
-            const __m512 qv = _mm512_maskz_loadu_ps(k, q + (size_t)j * D + ch);
-            _mm512_mask_storeu_ps(qs + ch, k, _mm512_mul_ps(qv, kvq__f16x16_avx512(sc + ch, k)));
-            bv = _mm512_fmadd_ps(qv, kvq__f16x16_avx512(mn + ch, k), bv);
+            const __m512 qv = _mm512_maskz_loadu_ps(k, q + (size_t)j * D + ch), x = _mm512_mul_ps(qv, _mm512_loadu_ps(sf + ch));
+            _mm512_storeu_ps(qs + (size_t)j * D + ch, x);
+            amax[j] = _mm512_max_ps(amax[j], _mm512_abs_ps(x));
+            bsum[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(mf + ch), bsum[j]);
         }
-        bias[j] = _mm512_reduce_add_ps(bv);
-        unit[j] = kvq__query_q16_int512(qs, D, qh + (size_t)j * D, ql + (size_t)j * D);
+    av = kvq__reduce16_int512(amax, 1);
+    _mm512_storeu_ps(bias, kvq__reduce16_int512(bsum, 0));
+    inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(av, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(KVQ__Q16), av);
+    _mm512_storeu_ps(unit, _mm512_div_ps(av, _mm512_set1_ps(KVQ__Q16)));
+    for (j = 0; j < nh; j++) {
+        const __m512 ij = _mm512_permutexvar_ps(_mm512_set1_epi32(j), inv);
+        for (ch = 0; ch < D; ch += 16) {
+            const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(qs + (size_t)j * D + ch), ij));
+            const __m512i w = _mm512_permutexvar_epi8(pick2, _mm512_add_epi32(v, _mm512_set1_epi32(128)));
+            _mm256_storeu_si256((__m256i *)(void *)(qb + (size_t)j * qstride + (size_t)ch * 2),
+                                _mm256_xor_si256(_mm512_castsi512_si256(w), _mm256_setr_epi64x(-0x7f7f7f7f7f7f7f80LL, -0x7f7f7f7f7f7f7f80LL, 0, 0)));
+        }
     }
     for (j0 = 0; j0 < nh; j0 += 4) {
         const int nj = nh - j0 < 4 ? nh - j0 : 4;
-        const int8_t *h = qh + (size_t)j0 * D, *l = ql + (size_t)j0 * D;
+        const int8_t *qj = qb + (size_t)j0 * qstride;
         float *s0 = scores + (size_t)j0 * KVQ__TILE;
         switch (bits * 8 + (nj == 4)) { /* constant bits and head count in the hot loop */
-        case 17: kvq__scores_int_pass512(codes, D, G, 2, h, l, unit + j0, bias + j0, 4, s0); break;
-        case 25: kvq__scores_int_pass512(codes, D, G, 3, h, l, unit + j0, bias + j0, 4, s0); break;
-        case 33: kvq__scores_int_pass512(codes, D, G, 4, h, l, unit + j0, bias + j0, 4, s0); break;
-        default: kvq__scores_int_pass512(codes, D, G, bits, h, l, unit + j0, bias + j0, nj, s0); break;
+        case 17: kvq__scores_int_pass512(codes, D, G, 2, qj, unit + j0, bias + j0, 4, s0); break;
+        case 25: kvq__scores_int_pass512(codes, D, G, 3, qj, unit + j0, bias + j0, 4, s0); break;
+        case 33: kvq__scores_int_pass512(codes, D, G, 4, qj, unit + j0, bias + j0, 4, s0); break;
+        default: kvq__scores_int_pass512(codes, D, G, bits, qj, unit + j0, bias + j0, nj, s0); break;
         }
     }
 }
 
-/* Weight vector v's 16 bytes (zeros past the nv vectors). */
-KVQ__INT512_INLINE __m128i kvq__wbytes_int512(const float *wb, int v, int nv, __m512 inv) {
+/* Weight vector v's 16 bytes (zeros past the nv vectors), their sum by lane added to *sum. */
+KVQ__INT512_INLINE __m128i kvq__wbytes_int512(const float *wb, int v, int nv, __m512 inv, __m512i *sum) {
+    __m512i w;
     if (v >= nv) return _mm_setzero_si128();
-    return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(wb + 16 * v), inv)));
+    w = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(wb + 16 * v), inv));
+    *sum = _mm512_add_epi32(*sum, w);
+    return _mm512_cvtepi32_epi8(w);
 }
 /* The weight bytes (kvq__value_weights) of nj <= 4 query heads, laid out for the value pass:
    w8[j * KVQ__TILE * ng + (t / 4) * 4 ng + 4 g + t % 4] (a dword per group and 4 tokens), with
@@ -4723,7 +4769,7 @@ KVQ__INT512_INLINE __m128i kvq__wbytes_int512(const float *wb, int v, int nv, __
    each group by rotations; pass 2 the bytes, token-major, then each 4 tokens' bytes group-major
    (one vpermb per 64 bytes). ng a power of two <= 16; other counts take the scalar weights. */
 KVQ__INT512_FN void kvq__weights_int512(const float *par, int n, int ng, int top, const float *p, int nj,
-                                        uint8_t *w8, float *unit, float *bias) {
+                                        uint8_t *w8, int32_t *wsum, float *unit, float *bias) {
     const int T = 16 / ng, nv = (n + T - 1) / T, lg = ng == 1 ? 0 : ng == 2 ? 1 : ng == 4 ? 2 : ng == 8 ? 3 : 4;
     const __m512i lane = KVQ__IOTA16, tok = _mm512_srli_epi32(lane, (unsigned)lg);
     const __m512i grp = _mm512_and_si512(lane, _mm512_set1_epi32(ng - 1));
@@ -4770,14 +4816,18 @@ KVQ__INT512_FN void kvq__weights_int512(const float *par, int n, int ng, int top
         inv = _mm512_div_ps(_mm512_set1_ps(255.0f), mx);
         _mm512_mask_storeu_ps(unit + j * ng, (__mmask16)((1u << ng) - 1u), _mm512_div_ps(mx, _mm512_set1_ps(510.0f)));
         _mm512_mask_storeu_ps(bias + j * ng, (__mmask16)((1u << ng) - 1u), bv);
+        __m512i ws = _mm512_setzero_si512();
         for (v = 0; v < nv; v += 4) { /* four vectors' bytes (64: whole quads), made group-major in registers */
+            const __m128i b0 = kvq__wbytes_int512(wb, v, nv, inv, &ws), b1 = kvq__wbytes_int512(wb, v + 1, nv, inv, &ws);
+            const __m128i b2 = kvq__wbytes_int512(wb, v + 2, nv, inv, &ws), b3 = kvq__wbytes_int512(wb, v + 3, nv, inv, &ws);
             const __m512i z = _mm512_inserti32x4(
-                _mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(kvq__wbytes_int512(wb, v, nv, inv)),
-                                                      kvq__wbytes_int512(wb, v + 1, nv, inv), 1),
-                                   kvq__wbytes_int512(wb, v + 2, nv, inv), 2),
-                kvq__wbytes_int512(wb, v + 3, nv, inv), 3);
+                _mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(b0), b1, 1), b2, 2), b3, 3);
             _mm512_storeu_si512((void *)(wj + 16 * v), _mm512_permutexvar_epi8(tix, z));
         }
+        for (s = ng; s < 16; s *= 2) /* W of each group */
+            ws = _mm512_add_epi32(ws, _mm512_permutexvar_epi32(_mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(s)),
+                                                                               _mm512_set1_epi32(15)), ws));
+        _mm512_mask_storeu_epi32(wsum + j * ng, (__mmask16)((1u << ng) - 1u), ws);
     }
 }
 
@@ -4803,16 +4853,12 @@ KVQ__INT512_INLINE __m512i kvq__rows4_int512(const uint8_t *codes, size_t stride
    a<m><j> in registers), then one float step. A chunk shorter than 16 bytes (head_dim 80, ...)
    reads zeros past its end and keeps only its own channels. */
 KVQ__INT512_INLINE void kvq__acc_int_pass512(const uint8_t *codes, size_t stride, int n, int D, int G, const int bits,
-                                             const uint8_t *w8, const float *unit, const float *bias, const int nj,
-                                             float *const *acc) {
+                                             const uint8_t *w8, const int32_t *wsum, const float *unit,
+                                             const float *bias, const int nj, float *const *acc) {
     const int ng = D / G, b = bits == 4 ? 4 : 2, rowb = D * b / 8, per = 128 / b / 16;
     const size_t wstride = (size_t)KVQ__TILE * ng; /* one head's weight bytes */
-    const __m512i twice = _mm512_set1_epi8((char)(bits == 4 ? 30 : 6)), eight = _mm512_set1_epi8(8);
-    const __m512i top = _mm512_set1_epi8((char)((1 << bits) - 1));
-    /* rotate code i of a run to bits 1.. (2 code), and a 3-bit high-plane bit i % 8 to bit 3 */
-    const __m512i r2 = _mm512_and_si512(_mm512_sub_epi32(_mm512_set1_epi32(1), KVQ__SHIFTS(b)), _mm512_set1_epi32(31));
-    const __m512i rh = _mm512_and_si512(_mm512_sub_epi32(_mm512_set1_epi32(3), _mm512_and_si512(KVQ__IOTA16, _mm512_set1_epi32(7))),
-                                        _mm512_set1_epi32(31));
+    const __m512i sh = KVQ__SHIFTS(b), ro = KVQ__ROTATES, four = _mm512_set1_epi8(4);
+    const __m512i low = _mm512_set1_epi8((char)((1 << bits) - 1));
     __m512i idx[4], hidx[4];
     int m, k, off, t;
     for (m = 0; m < 4; m++) { /* token k's byte of channel 16 m + r, in 128-bit lane k */
@@ -4834,10 +4880,10 @@ KVQ__INT512_INLINE void kvq__acc_int_pass512(const uint8_t *codes, size_t stride
             __m512i v;
 #define KVQ__W(m, j) kvq__word_int512((const int8_t *)(const void *)(wp[m] + (j) * wstride + wt))
 #define KVQ__VALUE_VECTOR(m, A0, A1, A2, A3)                                                                       \
-            v = _mm512_and_si512(_mm512_rolv_epi32(_mm512_permutexvar_epi8(idx[m], x), r2), twice);                \
-            if (bits == 3) /* ternary logic 0xf8 = a | (b & c) */                                                  \
-                v = _mm512_ternarylogic_epi32(v, _mm512_rolv_epi32(_mm512_permutexvar_epi8(hidx[m], xh), rh), eight, 0xf8); \
-            v = _mm512_sub_epi8(v, top);                                                                           \
+            v = _mm512_srlv_epi32(_mm512_permutexvar_epi8(idx[m], x), sh);                                         \
+            if (bits == 3) /* ternary logic 0xd8 = c ? b : a, bitwise: bit 2 from the high plane */               \
+                v = _mm512_ternarylogic_epi32(v, _mm512_rolv_epi32(_mm512_permutexvar_epi8(hidx[m], xh), ro), four, 0xd8); \
+            v = _mm512_and_si512(v, low);                                                                          \
             A0 = _mm512_dpbusd_epi32(A0, KVQ__W(m, 0), v);                                                         \
             if (nj > 1) A1 = _mm512_dpbusd_epi32(A1, KVQ__W(m, 1), v);                                             \
             if (nj > 2) A2 = _mm512_dpbusd_epi32(A2, KVQ__W(m, 2), v);                                             \
@@ -4853,10 +4899,11 @@ KVQ__INT512_INLINE void kvq__acc_int_pass512(const uint8_t *codes, size_t stride
         }
         for (m = 0; m < nm; m++) {
             const __m512i am[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
-            for (k = 0; k < nj; k++) { /* acc += unit sum + bias */
+            for (k = 0; k < nj; k++) { /* acc += unit (2 sum - top W) + bias */
                 const int ch = c0 + 16 * m, i = k * ng + ch / G;
+                const __m512i e = _mm512_sub_epi32(_mm512_add_epi32(am[m][k], am[m][k]), _mm512_set1_epi32(((1 << bits) - 1) * wsum[i]));
                 _mm512_storeu_ps(acc[k] + ch, _mm512_add_ps(_mm512_loadu_ps(acc[k] + ch),
-                                                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(am[m][k]), _mm512_set1_ps(unit[i]),
+                                                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(unit[i]),
                                                                             _mm512_set1_ps(bias[i]))));
             }
         }
@@ -4866,27 +4913,27 @@ KVQ__INT512_FN void kvq__acc_int_avx512(const uint8_t *codes, size_t stride, con
                                         int bits, const float *p, int nh, float *const *acc) {
     const int ng = D / G, top = (1 << bits) - 1;
     uint8_t w8[4 * 32 * KVQ__TILE + 64];
+    int32_t wsum[4 * 32];
     float unit[4 * 32], bias[4 * 32];
     int j0, j, g, t;
     for (j0 = 0; j0 < nh; j0 += 4) {
         const int nj = nh - j0 < 4 ? nh - j0 : 4;
         if (ng <= 16 && (ng & (ng - 1)) == 0) {
-            kvq__weights_int512(par, n, ng, top, p + (size_t)j0 * KVQ__TILE, nj, w8, unit, bias);
+            kvq__weights_int512(par, n, ng, top, p + (size_t)j0 * KVQ__TILE, nj, w8, wsum, unit, bias);
         } else { /* 3, 5, 6, ... groups: the reference's weights, in the pass's layout */
             uint8_t wg[KVQ__TILE + 3];
             for (j = 0; j < nj; j++)
                 for (g = 0; g < ng; g++) {
-                    const int32_t wsum = kvq__value_weights(par, n, ng, g, top, p + (size_t)(j0 + j) * KVQ__TILE, wg,
-                                                            unit + j * ng + g, bias + j * ng + g);
-                    (void)wsum; /* the pass centres its codes instead */
+                    wsum[j * ng + g] = kvq__value_weights(par, n, ng, g, top, p + (size_t)(j0 + j) * KVQ__TILE, wg,
+                                                          unit + j * ng + g, bias + j * ng + g);
                     for (t = 0; t < (n + 3) / 4 * 4; t++)
                         w8[(size_t)j * KVQ__TILE * ng + (size_t)(t / 4) * 4 * ng + 4 * g + t % 4] = wg[t];
                 }
         }
         switch (bits * 8 + (nj == 4)) {
-        case 17: kvq__acc_int_pass512(codes, stride, n, D, G, 2, w8, unit, bias, 4, acc + j0); break;
-        case 33: kvq__acc_int_pass512(codes, stride, n, D, G, 4, w8, unit, bias, 4, acc + j0); break;
-        default: kvq__acc_int_pass512(codes, stride, n, D, G, bits, w8, unit, bias, nj, acc + j0); break;
+        case 17: kvq__acc_int_pass512(codes, stride, n, D, G, 2, w8, wsum, unit, bias, 4, acc + j0); break;
+        case 33: kvq__acc_int_pass512(codes, stride, n, D, G, 4, w8, wsum, unit, bias, 4, acc + j0); break;
+        default: kvq__acc_int_pass512(codes, stride, n, D, G, bits, w8, wsum, unit, bias, nj, acc + j0); break;
         }
     }
 }

@@ -141,7 +141,7 @@ static void batch_free(batch *b) {
 }
 
 /* The plan's pieces tile every row [0, T) in line order, threads in order; each thread's share
-   is less than G + 1 from the mean; at most 2 (n - 1) states; returns the threads that hold a
+   is less than a tile span + 1 from the mean (kvq__block_span: the whole blocks one tile covers); at most 2 (n - 1) states; returns the threads that hold a
    piece of sequence 0. */
 static int check_plan(const kvq_batch *p, const batch *b, int n_threads, const char *what) {
     double work[MAX_THREADS] = {0}, W = 0.0, mean;
@@ -149,7 +149,7 @@ static int check_plan(const kvq_batch *p, const batch *b, int n_threads, const c
     int held[MAX_THREADS] = {0};
     for (s = 0; s < b->n; s++) {
         const int T = kvq_cache_tokens(b->c[s]);
-        if (b->c[s]->kb > Gmax) Gmax = b->c[s]->kb; /* tokens per key block */
+        if (kvq__block_span(b->c[s]) > Gmax) Gmax = kvq__block_span(b->c[s]); /* tokens one tile may span */
         W += (double)T * H;
         for (h = 0; h < H; h++) {
             int t = 0;
@@ -170,7 +170,7 @@ static int check_plan(const kvq_batch *p, const batch *b, int n_threads, const c
     CHECK(p->n_states <= 2 * (n_threads - 1), "%s: %d states for %d threads", what, p->n_states, n_threads);
     mean = W / n_threads;
     for (k = 0; k < n_threads; k++) {
-        CHECK(fabs(work[k] - mean) < Gmax + 1, "%s, %d threads: thread %d has %.0f of %.0f, mean %.1f, G %d", what,
+        CHECK(fabs(work[k] - mean) < Gmax + 1, "%s, %d threads: thread %d has %.0f of %.0f, mean %.1f, span %d", what,
               n_threads, k, work[k], W, mean, Gmax);
         holders += held[k];
     }

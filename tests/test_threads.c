@@ -270,7 +270,11 @@ int main(void) {
         ok &= jobs[t].st == KVQ_OK && memcmp(outs + nout * t, serial, nout * 4) == 0;
     CHECK(ok, "concurrent kvq_attention calls differ from the serial one");
 
-    /* split: two token ranges (two states) x two KV-head ranges (rows of each state) */
+    /* split: two token ranges (two states) x two KV-head ranges (rows of each state); float arithmetic,
+       whose split runs equal the whole one to rounding (the integer scheme quantizes weights per tile,
+       and 700 is no tile boundary) */
+    kvq_set_arith(KVQ_ARITH_FLOAT);
+    CHECK(kvq_attention(c, q, serial, &ap) == KVQ_OK, "serial attention, float");
     sf = kvq_attention_state_floats(c, &ap);
     st[0] = (float *)tu_alloc(sf * 4);
     st[1] = (float *)tu_alloc(sf * 4);
@@ -296,6 +300,7 @@ int main(void) {
         rr += serial[i] * serial[i];
     }
     CHECK(e / rr < 1e-10, "threaded split differs: %g", e / rr);
+    kvq_set_arith(KVQ_ARITH_AUTO);
     kvq_cache_destroy(c);
     test_locked_appends(k, v, q);
     test_batch_threads(k, v);
