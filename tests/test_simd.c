@@ -488,6 +488,27 @@ static void test_real(void) {
     printf("real data: worst NMSE vs scalar %.3g\n", worst_nmse);
 }
 
+/* 16-bit value params decode to the same floats on every path (every ng from 1 to 20, ragged n). */
+static void test_params16(void) {
+    tu_rng r = {0x1616};
+    int ng, n, i, k, bad = 0;
+    for (ng = 1; ng <= 20; ng++)
+        for (n = 1; n <= 40; n += 3) {
+            uint16_t p[40 * 20];
+            float ref[2 * 40 * 20], out[2 * 40 * 20];
+            for (k = 0; k < n * ng; k++) p[k] = (uint16_t)(tu_next(&r) % 0xf8 | (tu_next(&r) & 0xff) << 8);
+            kvq_set_isa(KVQ_ISA_SCALAR);
+            kvq__dispatch_params16(p, n, ng, ref);
+            for (i = 0; i < n_isas; i++) {
+                kvq_set_isa((kvq_isa)isas[i]);
+                kvq__dispatch_params16(p, n, ng, out);
+                if (memcmp(out, ref, (size_t)n * 2 * ng * sizeof(float))) bad++;
+            }
+        }
+    kvq_set_isa(KVQ_ISA_SCALAR);
+    CHECK(bad == 0, "%d 16-bit param decodes differ from scalar", bad);
+}
+
 /* The integer scheme's bytes of a query: q16 = 256 hi + lo rebuilt, |q16| <= 32639, and within
    half a unit of qs / unit, for random and extreme rows. */
 static void test_query_bytes(void) {
@@ -634,6 +655,7 @@ int main(void) {
     test_api();
     test_edges();
     test_query_bytes();
+    test_params16();
     for (arith = KVQ_ARITH_FLOAT; arith <= KVQ_ARITH_INTEGER; arith = (kvq_arith)(arith + 1)) {
         printf("-- ISA paths against scalar, %s arithmetic --\n", arith == KVQ_ARITH_FLOAT ? "float" : "integer");
         worst_nmse = 0.0;
