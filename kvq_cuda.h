@@ -911,7 +911,9 @@ __global__ void kvq__cu_rotate_kernel(const float *src, float *dst, size_t rows,
 }
 
 /* ---------------------------------------------------------------------------
-   Attention (FlashDecoding): kvq.h's Attention section on the GPU. Grid: x = (query, KV
+   Attention (FlashDecoding): kvq.h's Attention section on the GPU, its float scheme (kvq.h's
+   integer kernels, kvq_set_arith, are CPU only: tests/test_cuda.cu compares with kvq.h under
+   KVQ_ARITH_FLOAT). Grid: x = (query, KV
    head, slice of <= 8 query heads of its group), y = token chunk, z = sequence. A block is
    one kvq__attend_query over its chunk (kvq__cu_attend_query): it walks the chunk in tiles
    of 32 tokens, one per lane (unlike kvq.h's tiles, one may cross a segment boundary: each

@@ -757,7 +757,7 @@ static int write_csv(const results *R, const char *cpu, const char *date, const 
     fprintf(f, "# cpu: %s\n# date: %s\n# kvq: %d.%d.%d", cpu, date, KVQ_VERSION_MAJOR, KVQ_VERSION_MINOR,
             KVQ_VERSION_PATCH);
 #ifdef KVQ_HAS_ISA_API
-    fprintf(f, ", ISA %s", kvq_isa_name(kvq_get_isa()));
+    fprintf(f, ", ISA %s, %s kernels", kvq_isa_name(kvq_get_isa()), kvq_integer_kernels() ? "integer" : "float");
 #endif
     fprintf(f, "\n");
     fprintf(f, "kind,config,key_bits,value_bits,n_q_heads,n_kv_heads,head_dim,threads,n_tokens,reps,median_ms,"
@@ -1147,7 +1147,7 @@ static void usage(FILE *f) {
             "  --quick            smoke test: N 1K,4K, short timing, 4K-token append\n"
             "  --n LIST           context lengths, e.g. 1K,4K,16K,64K (default)\n"
             "  --configs LIST     from fp32,16,8,4,3,2,kvq-2x5,kvq-2x10,kvq-2h,kvq-2t,kvq-2c0,kvq-2p32,kvq-2p16,\n"
-            "                     kvq-k3v2 (default: all);\n"
+            "                     kvq-k3v2,kvq-2f,kvq-k3v2f (default: all);\n"
             "                     16 = kvq fp16\n"
             "  --threads LIST     e.g. 1,2 (default), at most %d\n"
             "  --heads LIST       gqa (32 q / 8 kv), mha (8 / 8); default gqa,mha\n"
@@ -1420,7 +1420,8 @@ int main(int argc, char **argv) {
     printf("kvq bench: kvq %d.%d.%d (kvq_version_number %d)\n", KVQ_VERSION_MAJOR, KVQ_VERSION_MINOR,
            KVQ_VERSION_PATCH, kvq_version_number());
 #ifdef KVQ_HAS_ISA_API
-    printf("kvq ISA: %s\n", kvq_isa_name(kvq_get_isa()));
+    printf("kvq ISA: %s; attention arithmetic (AUTO): %s kernels (configs ending in f: float kernels)\n",
+           kvq_isa_name(kvq_get_isa()), kvq_integer_kernels() ? "integer" : "float");
 #else
     printf("kvq ISA: (kvq.h has no ISA query; scalar or compile-time selected)\n");
 #endif
