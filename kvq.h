@@ -4734,21 +4734,23 @@ KVQ__INT512_INLINE void kvq__scores_int_pass512(const uint8_t *codes, int D, int
 #undef KVQ__SCORE16
     }
 }
-/* Lane j of the result: max (is_max) or sum of the 16 lanes of v[j], for 16 vectors at once: a
-   tree of 15 pairings (at width w, two vectors' lane halves meet), not 16 reductions. */
-KVQ__INT512_FN __m512 kvq__reduce16_int512(__m512 *v, int is_max) {
-    int w, i, n = 16;
-    for (w = 8; w >= 1; w /= 2, n /= 2) {
+/* Lane j of the result: max (is_max) or sum of the 16 lanes of v[j], for n <= 16 vectors at once
+   (lanes n.. undefined): a tree of pairings (at width w, two vectors' lane halves meet), not n
+   reductions. v is overwritten. */
+KVQ__INT512_FN __m512 kvq__reduce16_int512(__m512 *v, int n, int is_max) {
+    int w, i;
+    for (w = 8; w >= 1; w /= 2) {
         /* lane l of the pair (v[2i], v[2i+1]): (l / w) 2w + l % w, and that + w */
-        const __m512i iw = _mm512_set1_epi32(w), l = KVQ__IOTA16;
         const unsigned lw = w == 8 ? 3u : w == 4 ? 2u : w == 2 ? 1u : 0u;
-        const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(l, lw), lw + 1),
-                                           _mm512_and_si512(l, _mm512_sub_epi32(iw, _mm512_set1_epi32(1))));
-        const __m512i b = _mm512_add_epi32(a, iw);
-        for (i = 0; i < n / 2; i++) {
+        const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(KVQ__IOTA16, lw), lw + 1),
+                                           _mm512_and_si512(KVQ__IOTA16, _mm512_set1_epi32(w - 1)));
+        const __m512i b = _mm512_add_epi32(a, _mm512_set1_epi32(w));
+        if (n % 2) v[n] = v[n - 1]; /* a defined partner for the last one */
+        for (i = 0; 2 * i < n; i++) {
             const __m512 x = _mm512_permutex2var_ps(v[2 * i], a, v[2 * i + 1]), y = _mm512_permutex2var_ps(v[2 * i], b, v[2 * i + 1]);
             v[i] = is_max ? _mm512_max_ps(x, y) : _mm512_add_ps(x, y);
         }
+        n = (n + 1) / 2;
     }
     return v[0];
 }
@@ -4764,7 +4766,7 @@ KVQ__INT512_FN void kvq__scores_int_avx512(const uint8_t *blk, int D, int G, int
     const size_t qstride = 32 * (size_t)((D + 15) / 16);
     float sf[512 + 16], mf[512 + 16], qs[KVQ__HEAD_CHUNK * 512 + 16], unit[16], bias[16]; /* + a chunk's tail */
     int8_t qb[KVQ__HEAD_CHUNK * 32 * 32];
-    __m512 amax[16], bsum[16], av, inv;
+    __m512 amax[KVQ__HEAD_CHUNK + 1], bsum[KVQ__HEAD_CHUNK + 1], av, inv;
     /* bytes 0 and 1 of each 32-bit lane: 16 low bytes, then 16 high bytes */
     const __m512i pick = _mm512_setr_epi32(0x0c080400, 0x1c181410, 0x2c282420, 0x3c383430, 0x0d090501, 0x1d191511,
                                            0x2d292521, 0x3d393531, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -4774,7 +4776,7 @@ KVQ__INT512_FN void kvq__scores_int_avx512(const uint8_t *blk, int D, int G, int
         _mm512_storeu_ps(sf + ch, kvq__f16x16_avx512(sc + ch, k));
         _mm512_storeu_ps(mf + ch, kvq__f16x16_avx512(mn + ch, k));
     }
-    for (j = 0; j < 16; j++) amax[j] = bsum[j] = _mm512_setzero_ps();
+    for (j = 0; j < nh; j++) amax[j] = bsum[j] = _mm512_setzero_ps();
     for (j = 0; j < nh; j++)
         for (ch = 0; ch < D; ch += 16) { /* qs = q s, its largest |element|, the bias */
             const __mmask16 k = kvq__mask_avx512(D - ch);
@@ -4783,8 +4785,8 @@ KVQ__INT512_FN void kvq__scores_int_avx512(const uint8_t *blk, int D, int G, int
             amax[j] = _mm512_max_ps(amax[j], _mm512_abs_ps(x));
             bsum[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(mf + ch), bsum[j]);
         }
-    av = kvq__reduce16_int512(amax, 1);
-    _mm512_storeu_ps(bias, kvq__reduce16_int512(bsum, 0));
+    av = kvq__reduce16_int512(amax, nh, 1);
+    _mm512_storeu_ps(bias, kvq__reduce16_int512(bsum, nh, 0));
     inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(av, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(KVQ__Q16), av);
     _mm512_storeu_ps(unit, _mm512_div_ps(av, _mm512_set1_ps(KVQ__Q16)));
     for (j = 0; j < nh; j++) {
