@@ -115,8 +115,9 @@ fuzz: $(addprefix $(B)/fuzz_,$(FUZZ_TARGETS))
 # Each tool sees kvq.h through tests/compile_b.c once per kernel set: portable C (no -march,
 # scalar only); x86 with KVQ_RUNTIME_DISPATCH (AVX2 and AVX-512 under target attributes,
 # cpuid dispatch); x86 with -m flags, AVX2 then AVX-512 (static dispatch, as -march=native
-# builds); aarch64 (NEON; skipped without $(AARCH64_CC), whose headers `make neon` needs
-# too). cppcheck does not run a compiler, so it gets the macros those flags define.
+# builds); aarch64 (NEON, with the dot product kernels, $(NEON_ARCH); gcc -fanalyzer sees the
+# plain armv8-a build; skipped without $(AARCH64_CC), whose headers `make neon` needs too).
+# cppcheck does not run a compiler, so it gets the macros those flags define.
 # clang-tidy reports nothing in a header unless told: --header-filter lets kvq.h's through.
 # gcc -fanalyzer takes ~90 s on a SIMD build: x86 only as the dispatch build (the same
 # kernels as the -m builds). Every step runs; lint fails at the end if one failed.
@@ -134,7 +135,7 @@ lint:
 	step $(LINT_CPPCHECK) $(LINT_DEF_X86) -DKVQ_RUNTIME_DISPATCH tests/compile_b.c; \
 	step $(LINT_CPPCHECK) $(LINT_DEF_AVX2) tests/compile_b.c; \
 	step $(LINT_CPPCHECK) $(LINT_DEF_512) tests/compile_b.c; \
-	step $(LINT_CPPCHECK) -D__GNUC__ -D__aarch64__ tests/compile_b.c; \
+	step $(LINT_CPPCHECK) -D__GNUC__ -D__aarch64__ -D__ARM_FEATURE_DOTPROD tests/compile_b.c; \
 	step $(LINT_TIDY) tests/compile_b.c tests/test_serialize.c -- -std=c99 -I. -DKVQ_NO_RUNTIME_DISPATCH; \
 	step $(LINT_TIDY) tests/compile_b.c -- -std=c99 -I. -DKVQ_RUNTIME_DISPATCH; \
 	step $(LINT_TIDY) tests/compile_b.c -- -std=c99 -I. $(LINT_AVX2); \
@@ -142,7 +143,7 @@ lint:
 	step gcc -std=c99 -fanalyzer -Werror -DKVQ_NO_RUNTIME_DISPATCH -c -o /dev/null tests/compile_b.c; \
 	step gcc -std=c99 -fanalyzer -Werror -DKVQ_RUNTIME_DISPATCH -c -o /dev/null tests/compile_b.c; \
 	if command -v $(AARCH64_CC) >/dev/null; then \
-	  step $(LINT_TIDY) tests/compile_b.c -- -std=c99 -I. --target=aarch64-linux-gnu; \
+	  step $(LINT_TIDY) tests/compile_b.c -- -std=c99 -I. --target=aarch64-linux-gnu $(NEON_ARCH); \
 	  step $(AARCH64_CC) -std=c99 -fanalyzer -Werror -c -o /dev/null tests/compile_b.c; \
 	else echo "lint: NEON skipped: $(AARCH64_CC) not found"; fi; \
 	exit $$st
@@ -151,11 +152,17 @@ lint:
 check: test asan ubsan tsan neon lint fuzz cuda-emu cuda-emu-asan package
 
 # ---- NEON: cross-compiled, run under qemu -----------------------------------
+# The tests target Armv8.2 with the dot product (sdot, udot: the integer attention kernels;
+# qemu's default cpu has them). A plain armv8-a build, where those kernels are the scalar
+# ones, is compiled too (neon_plain.o), so the fallback keeps building.
 NEON_TESTS = core simd serialize rotate salient batch runtime
+NEON_ARCH  = -march=armv8.2-a+dotprod
 $(B)/neon_%: tests/test_%.c $(HDR) | $(B)
-	$(AARCH64_CC) $(WARN) -O2 -static -o $@ $< -lm
+	$(AARCH64_CC) $(WARN) -O2 -static $(NEON_ARCH) -o $@ $< -lm
+$(B)/neon_plain.o: tests/compile_b.c kvq.h | $(B)
+	$(AARCH64_CC) $(WARN) -O2 -march=armv8-a -c -o $@ tests/compile_b.c
 # the aarch64 run also loads a cache image saved by the native build
-neon: $(addprefix $(B)/neon_,$(NEON_TESTS)) $(B)/test_serialize
+neon: $(addprefix $(B)/neon_,$(NEON_TESTS)) $(B)/neon_plain.o $(B)/test_serialize
 	mkdir -p $(B)/xplat && $(B)/test_serialize --write $(B)/xplat >/dev/null
 	tests/run_all.sh "$(QEMU) $(B)/neon_core" "$(QEMU) $(B)/neon_simd" "$(QEMU) $(B)/neon_rotate" \
 	  "$(QEMU) $(B)/neon_salient" "$(QEMU) $(B)/neon_batch" "$(QEMU) $(B)/neon_runtime" \

@@ -317,9 +317,10 @@ KVQ_API const char *kvq_isa_name(kvq_isa isa);
    attention"). KVQ_ARITH_INTEGER: integer dot products on the codes (a 16-bit query, 8-bit
    softmax weights), within squared relative error 1e-4 of the float kernels' output.
    KVQ_ARITH_FLOAT: the float kernels, the reference. KVQ_ARITH_AUTO (the default): integer
-   where the active ISA has native integer kernels (AVX-512 with VNNI and VBMI), float
-   elsewhere. INTEGER on another ISA runs the same integer scheme in portable C (slow: for
-   tests). Like kvq_set_isa, not thread-safe; KVQ_ERR_INVALID for a value out of the enum. */
+   where the active ISA has native integer kernels (AVX-512 with VNNI and VBMI; NEON built for
+   the Armv8.2 dot product, -march=armv8.2-a+dotprod), float elsewhere. INTEGER on another ISA
+   runs the same integer scheme in portable C (slow: for tests). Like kvq_set_isa, not
+   thread-safe; KVQ_ERR_INVALID for a value out of the enum. */
 typedef enum kvq_arith { KVQ_ARITH_AUTO = 0, KVQ_ARITH_FLOAT = 1, KVQ_ARITH_INTEGER = 2 } kvq_arith;
 KVQ_API kvq_status  kvq_set_arith(kvq_arith a);
 KVQ_API kvq_arith   kvq_get_arith(void);
@@ -438,6 +439,11 @@ extern "C" {
 #define KVQ__HAVE_AVX512_INT 1
 #else
 #define KVQ__HAVE_AVX512_INT 0
+#endif
+#if KVQ__HAVE_NEON && defined(__ARM_FEATURE_DOTPROD) /* sdot, udot (Armv8.2) */
+#define KVQ__HAVE_NEON_INT 1
+#else
+#define KVQ__HAVE_NEON_INT 0
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -5006,8 +5012,10 @@ KVQ__INT512_FN void kvq__acc_int_avx512(const uint8_t *codes, size_t stride, con
 typedef struct kvq__f32x8 { float32x4_t lo, hi; } kvq__f32x8;
 #define kvq__search_group_neon kvq__search_group_scalar /* aarch64's baseline has NEON already */
 #define kvq__params16_neon kvq__params16_scalar
-#define kvq__scores_int_neon kvq__scores_int_scalar /* no native integer kernels yet: the reference */
+#if !KVQ__HAVE_NEON_INT /* the integer kernels need Armv8.2's sdot/udot: the reference */
+#define kvq__scores_int_neon kvq__scores_int_scalar
 #define kvq__acc_int_neon kvq__acc_int_scalar
+#endif
 #define kvq__search_columns_neon kvq__search_columns_scalar
 
 /* A run of 2 or 4 bits as one word. */
@@ -5298,6 +5306,416 @@ static void kvq__butterflies_neon(float *x, int n, int len) {
             vst1q_f32(x + j + len, vsubq_f32(a, b));
         }
 }
+
+/* ---- NEON integer attention (Armv8.2 dot product: sdot for keys, udot for values), the scheme of
+   "Integer attention", the AVX-512 kernels' design in 128 bits. A 32-bit lane holds 4 bytes: for keys
+   one token's codes of 4 channels (s8, against 4 query bytes), for values one channel's codes of 4
+   tokens (u8, against 4 weight bytes). kvq__lanes16_neon builds them from 16 codes of 4 rows: a table
+   lookup transposes the rows' bytes (lane m = byte m of each row) and a byte shift by 2 s brings
+   the code at 4 m + s to bit 0, so vector s holds positions 4 m + s (4 bits: 8 (s/2) + 2 m + s%2),
+   which vst4q / vld4q (vst2q / vld2q) put back in order. The shifted bytes keep the row's higher
+   codes above: a dot product is linear, so sum(code_s) = sum(v_s) - 4 sum(v_{s+1}) takes them out
+   once per call (kvq__unmask_neon) rather than a mask per vector; a key byte must stay below 128
+   (sdot reads it signed), so keys mask their lowest code. Without __ARM_FEATURE_DOTPROD (plain
+   armv8-a) the scalar kernels run. ---- */
+#if KVQ__HAVE_NEON_INT
+/* tbl indices, lane m byte k = row k's byte m: of 4 rows of 4 bytes (row k at 4 k); of 4 rows of 2
+   high-plane bytes (row k at 2 k; lane m takes byte m / 2, whose nibble m % 2 it keeps) */
+static const uint8_t kvq__tr4_neon[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+static const uint8_t kvq__tr2_neon[16] = {0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7};
+static const int8_t kvq__nib_neon[16] = {0, 0, 0, 0, -4, -4, -4, -4, 0, 0, 0, 0, -4, -4, -4, -4};
+
+/* 4 bytes of 4 rows rs apart, row k in lane k (ld1r, then ld1 to lanes 1-3). */
+static KVQ__INLINE uint8x16_t kvq__rows4x4_neon(const uint8_t *p, size_t rs) {
+    uint32_t w0, w1, w2, w3;
+    memcpy(&w0, p, 4);
+    memcpy(&w1, p + rs, 4);
+    memcpy(&w2, p + 2 * rs, 4);
+    memcpy(&w3, p + 3 * rs, 4);
+    return vreinterpretq_u8_u32(vsetq_lane_u32(w3, vsetq_lane_u32(w2, vsetq_lane_u32(w1, vdupq_n_u32(w0), 1), 2), 3));
+}
+/* 2 bytes of 4 rows, row k at bytes 2 k, 2 k + 1 (the upper half repeats row 0). */
+static KVQ__INLINE uint8x16_t kvq__rows4x2_neon(const uint8_t *p, size_t rs) {
+    uint16_t h0, h1, h2, h3;
+    memcpy(&h0, p, 2);
+    memcpy(&h1, p + rs, 2);
+    memcpy(&h2, p + 2 * rs, 2);
+    memcpy(&h3, p + 3 * rs, 2);
+    return vreinterpretq_u8_u16(vsetq_lane_u16(h3, vsetq_lane_u16(h2, vsetq_lane_u16(h1, vdupq_n_u16(h0), 1), 2), 3));
+}
+
+/* The 16 codes from position i (a multiple of 16) of 4 packed rows rs bytes apart, as 4 vectors:
+   lane m, byte k of v[s] = row k's code at i + 4 m + s (4 bits: i + 8 (s/2) + 2 m + s%2). p is the
+   run at i (i * bits / 8; at 3 bits its low plane's, i / 4), hp the high plane's 2 bytes (3 bits).
+   The codes are exact but for those v[s] that still carry the higher codes of their byte (unmasked:
+   2 bits: v[1..3], and v[0] with raw; 4 bits with raw: v[0], v[2]), whose sums kvq__unmask_neon
+   fixes. raw (values): every byte may reach 255; otherwise (keys) each stays below 64. */
+static KVQ__INLINE uint8x16x4_t kvq__lanes16_neon(const uint8_t *p, const uint8_t *hp, size_t rs, const int bits,
+                                                  const int raw) {
+    uint8x16x4_t v;
+    if (bits == 4) { /* 8 bytes a row: bytes 0-3 hold positions 0-7, bytes 4-7 positions 8-15 */
+        const uint8x16_t r02 = vcombine_u8(vld1_u8(p), vld1_u8(p + 2 * rs));
+        const uint8x16_t r13 = vcombine_u8(vld1_u8(p + rs), vld1_u8(p + 3 * rs));
+        const uint8x16_t r01 = vzip1q_u8(r02, r13), r23 = vzip2q_u8(r02, r13); /* byte pairs of rows 0 1, 2 3 */
+        const uint8x16_t w0 = vreinterpretq_u8_u16(vzip1q_u16(vreinterpretq_u16_u8(r01), vreinterpretq_u16_u8(r23)));
+        const uint8x16_t w1 = vreinterpretq_u8_u16(vzip2q_u16(vreinterpretq_u16_u8(r01), vreinterpretq_u16_u8(r23)));
+        v.val[0] = raw ? w0 : vandq_u8(w0, vdupq_n_u8(15));
+        v.val[1] = vshrq_n_u8(w0, 4);
+        v.val[2] = raw ? w1 : vandq_u8(w1, vdupq_n_u8(15));
+        v.val[3] = vshrq_n_u8(w1, 4);
+    } else {
+        const uint8x16_t w = vqtbl1q_u8(kvq__rows4x4_neon(p, rs), vld1q_u8(kvq__tr4_neon));
+        v.val[0] = raw || bits == 3 ? w : vandq_u8(w, vdupq_n_u8(3));
+        v.val[1] = vshrq_n_u8(w, 2);
+        v.val[2] = vshrq_n_u8(w, 4);
+        v.val[3] = vshrq_n_u8(w, 6);
+        if (bits == 3) { /* bit s of h = the high bit at 4 m + s (odd lanes: their byte's upper nibble, shifted
+                            down); (h << (7 - s)) >> 7 isolates it; shift left and insert sets it above 2 bits */
+            const uint8x16_t h = vshlq_u8(vqtbl1q_u8(kvq__rows4x2_neon(hp, rs), vld1q_u8(kvq__tr2_neon)),
+                                          vld1q_s8(kvq__nib_neon));
+            v.val[0] = vsliq_n_u8(v.val[0], vshrq_n_u8(vshlq_n_u8(h, 7), 7), 2);
+            v.val[1] = vsliq_n_u8(v.val[1], vshrq_n_u8(vshlq_n_u8(h, 6), 7), 2);
+            v.val[2] = vsliq_n_u8(v.val[2], vshrq_n_u8(vshlq_n_u8(h, 5), 7), 2);
+            v.val[3] = vsliq_n_u8(v.val[3], vshrq_n_u8(vshlq_n_u8(h, 4), 7), 2);
+        }
+    }
+    return v;
+}
+
+/* Sums d[s] over kvq__lanes16_neon's vectors as sums over the codes: an unmasked 2-bit byte is
+   code_s + 4 code_{s+1} + ..., so sum(code_s) = d[s] - 4 d[s+1] (4 bits: d[s] - 16 d[s+1]); lowest
+   first, so each step reads its d[s+1] unchanged. Exact in int32 (mod 2^32 for the u32 sums). */
+static KVQ__INLINE int32x4x4_t kvq__unmask_neon(int32x4x4_t d, const int bits, const int raw) {
+    if (bits == 2) {
+        if (raw) d.val[0] = vmlsq_n_s32(d.val[0], d.val[1], 4);
+        d.val[1] = vmlsq_n_s32(d.val[1], d.val[2], 4);
+        d.val[2] = vmlsq_n_s32(d.val[2], d.val[3], 4);
+    } else if (bits == 4 && raw) {
+        d.val[0] = vmlsq_n_s32(d.val[0], d.val[1], 16);
+        d.val[2] = vmlsq_n_s32(d.val[2], d.val[3], 16);
+    }
+    return d;
+}
+
+/* 16 floats at o in the order of kvq__lanes16_neon's vectors, and back. */
+static KVQ__INLINE float32x4x4_t kvq__load16_neon(const float *o, const int bits) {
+    float32x4x4_t f;
+    if (bits == 4) {
+        const float32x4x2_t a = vld2q_f32(o), b = vld2q_f32(o + 8);
+        f.val[0] = a.val[0];
+        f.val[1] = a.val[1];
+        f.val[2] = b.val[0];
+        f.val[3] = b.val[1];
+        return f;
+    }
+    return vld4q_f32(o);
+}
+static KVQ__INLINE void kvq__store16_neon(float *o, float32x4x4_t f, const int bits) {
+    if (bits == 4) {
+        float32x4x2_t a, b;
+        a.val[0] = f.val[0];
+        a.val[1] = f.val[1];
+        b.val[0] = f.val[2];
+        b.val[1] = f.val[3];
+        vst2q_f32(o, a);
+        vst2q_f32(o + 8, b);
+    } else {
+        vst4q_f32(o, f);
+    }
+}
+
+/* One head's query for the integer keys: the bytes hi, lo of kvq__query_q16 (vcvtnq rounds to
+   nearest even, as rintf), per 8 channels 16 bytes in qb: hi of the 8, then lo (one vector, the
+   4-byte words of two channel quads); *bias = sum_c q_c m_c. Returns the unit amax / 32639. */
+static float kvq__query_int_neon(const float *q, const uint16_t *sc, const uint16_t *mn, int D, int8_t *qb,
+                                 float *bias) {
+    float qs[512], amax;
+    float32x4_t mx = vdupq_n_f32(0.0f), b = mx, inv;
+    int c;
+    for (c = 0; c < D; c += 8) {
+        const float32x4_t q0 = vld1q_f32(q + c), v0 = vmulq_f32(q0, kvq__f16x4_neon(sc + c));
+        const float32x4_t q1 = vld1q_f32(q + c + 4), v1 = vmulq_f32(q1, kvq__f16x4_neon(sc + c + 4));
+        vst1q_f32(qs + c, v0);
+        vst1q_f32(qs + c + 4, v1);
+        mx = vmaxq_f32(mx, vmaxq_f32(vabsq_f32(v0), vabsq_f32(v1)));
+        b = vfmaq_f32(vfmaq_f32(b, q0, kvq__f16x4_neon(mn + c)), q1, kvq__f16x4_neon(mn + c + 4));
+    }
+    amax = vmaxvq_f32(mx);
+    *bias = vaddvq_f32(b);
+    inv = vdupq_n_f32(amax > 0.0f ? KVQ__Q16 / amax : 0.0f);
+    /* per 8 channels v = rint(qs inv), |v| <= 32639 (int16); hi = floor((v + 128) / 256), a rounding
+       narrowing shift, and lo = v - 256 hi, v's low byte */
+    for (c = 0; c < D; c += 8) {
+        const int16x8_t v = vcombine_s16(vmovn_s32(vcvtnq_s32_f32(vmulq_f32(vld1q_f32(qs + c), inv))),
+                                         vmovn_s32(vcvtnq_s32_f32(vmulq_f32(vld1q_f32(qs + c + 4), inv))));
+        vst1q_s8(qb + 2 * c, vcombine_s8(vrshrn_n_s16(v, 8), vmovn_s16(v)));
+    }
+    return amax / KVQ__Q16;
+}
+
+/* Scores of a block, 16 tokens at a time for nj <= 2 heads: per 8 channels the two quads of rows
+   x (channels c..c+3) and y (c+4..c+7) against the words of qb's vector, lanes 0-1 hi, 2-3 lo;
+   per head the sums H.val[s] (hi) and L.val[s] (lo) of vector s, then score = (256 H + L) unit + bias.
+   (Written out, not looped: gcc keeps looped-over accumulator arrays in memory.) */
+#define KVQ__SDOT4(A, v, qv, lane) /* A.val[s] += v.val[s] . qv's word lane */                                        \
+    (A).val[0] = vdotq_laneq_s32((A).val[0], vreinterpretq_s8_u8((v).val[0]), qv, lane);                              \
+    (A).val[1] = vdotq_laneq_s32((A).val[1], vreinterpretq_s8_u8((v).val[1]), qv, lane);                              \
+    (A).val[2] = vdotq_laneq_s32((A).val[2], vreinterpretq_s8_u8((v).val[2]), qv, lane);                              \
+    (A).val[3] = vdotq_laneq_s32((A).val[3], vreinterpretq_s8_u8((v).val[3]), qv, lane);
+#define KVQ__SDOT8(H, L, qv)                                                                                          \
+    KVQ__SDOT4(H, x, qv, 0) KVQ__SDOT4(H, y, qv, 1) KVQ__SDOT4(L, x, qv, 2) KVQ__SDOT4(L, y, qv, 3)
+static KVQ__INLINE float32x4_t kvq__score4_neon(int32x4_t h, int32x4_t l, float unit, float bias) {
+    return vfmaq_n_f32(vdupq_n_f32(bias), vcvtq_f32_s32(vmlaq_n_s32(l, h, 256)), unit);
+}
+static KVQ__INLINE void kvq__scores16_neon(int32x4x4_t h, int32x4x4_t l, const int bits, float unit, float bias,
+                                           float *o) {
+    float32x4x4_t f;
+    h = kvq__unmask_neon(h, bits, 0);
+    l = kvq__unmask_neon(l, bits, 0);
+    f.val[0] = kvq__score4_neon(h.val[0], l.val[0], unit, bias);
+    f.val[1] = kvq__score4_neon(h.val[1], l.val[1], unit, bias);
+    f.val[2] = kvq__score4_neon(h.val[2], l.val[2], unit, bias);
+    f.val[3] = kvq__score4_neon(h.val[3], l.val[3], unit, bias);
+    kvq__store16_neon(o, f, bits);
+}
+static KVQ__INLINE void kvq__scores_int_pass_neon(const uint8_t *codes, int D, int G, const int bits, const int8_t *qb,
+                                                  const float *unit, const float *bias, const int nj, float *s0) {
+    const size_t rb = (size_t)G * bits / 8;
+    const int32x4_t z = vdupq_n_s32(0);
+    int t0, c;
+    for (t0 = 0; t0 < G; t0 += 16) {
+        const uint8_t *p = codes + kvq__run_at(t0, bits), *hp = kvq__hi_ptr(codes, G, t0, bits);
+        int32x4x4_t h0 = {{z, z, z, z}}, l0 = h0, h1 = h0, l1 = h0;
+        for (c = 0; c < D; c += 8) {
+            const int8x16_t q0 = vld1q_s8(qb + 2 * c), q1 = nj > 1 ? vld1q_s8(qb + 2 * D + 2 * c) : q0;
+            const size_t at = (size_t)c * rb;
+            const uint8x16x4_t x = kvq__lanes16_neon(p + at, hp + at, rb, bits, 0);
+            const uint8x16x4_t y = kvq__lanes16_neon(p + at + 4 * rb, hp + at + 4 * rb, rb, bits, 0);
+            KVQ__SDOT8(h0, l0, q0)
+            if (nj > 1) {
+                KVQ__SDOT8(h1, l1, q1)
+            }
+        }
+        kvq__scores16_neon(h0, l0, bits, unit[0], bias[0], s0 + t0);
+        if (nj > 1) kvq__scores16_neon(h1, l1, bits, unit[1], bias[1], s0 + KVQ__TILE + t0);
+    }
+}
+#undef KVQ__SDOT8
+#undef KVQ__SDOT4
+static void kvq__scores_int_neon(const uint8_t *blk, int D, int G, int bits, const float *q, int nh, float *scores) {
+    const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
+    const uint8_t *codes = blk + 4 * (size_t)D;
+    int8_t qb[KVQ__HEAD_CHUNK * 2 * 512];
+    float unit[KVQ__HEAD_CHUNK], bias[KVQ__HEAD_CHUNK];
+    int j, j0;
+    KVQ_ASSERT(kvq__int_keys(bits, G) && nh <= KVQ__HEAD_CHUNK && D <= 512);
+    for (j = 0; j < nh; j++)
+        unit[j] = kvq__query_int_neon(q + (size_t)j * D, sc, mn, D, qb + (size_t)j * 2 * D, &bias[j]);
+    for (j0 = 0; j0 < nh; j0 += 2) {
+        const int8_t *qj = qb + (size_t)j0 * 2 * D;
+        float *s0 = scores + (size_t)j0 * KVQ__TILE;
+        switch (bits * 8 + (nh - j0 < 2 ? 1 : 2)) { /* constant bits and head count in the hot loop */
+        case 17: kvq__scores_int_pass_neon(codes, D, G, 2, qj, unit + j0, bias + j0, 1, s0); break;
+        case 18: kvq__scores_int_pass_neon(codes, D, G, 2, qj, unit + j0, bias + j0, 2, s0); break;
+        case 25: kvq__scores_int_pass_neon(codes, D, G, 3, qj, unit + j0, bias + j0, 1, s0); break;
+        case 26: kvq__scores_int_pass_neon(codes, D, G, 3, qj, unit + j0, bias + j0, 2, s0); break;
+        case 33: kvq__scores_int_pass_neon(codes, D, G, 4, qj, unit + j0, bias + j0, 1, s0); break;
+        default: kvq__scores_int_pass_neon(codes, D, G, 4, qj, unit + j0, bias + j0, 2, s0); break;
+        }
+    }
+}
+
+/* 4 rows of 4 floats, rs apart, transposed: lane k of vector i = row k's float i. */
+static KVQ__INLINE float32x4x4_t kvq__tr4x4_neon(const float *p, size_t rs) {
+    const float32x4_t r0 = vld1q_f32(p), r1 = vld1q_f32(p + rs), r2 = vld1q_f32(p + 2 * rs), r3 = vld1q_f32(p + 3 * rs);
+    const float64x2_t a = vreinterpretq_f64_f32(vtrn1q_f32(r0, r1)), b = vreinterpretq_f64_f32(vtrn2q_f32(r0, r1));
+    const float64x2_t c = vreinterpretq_f64_f32(vtrn1q_f32(r2, r3)), d = vreinterpretq_f64_f32(vtrn2q_f32(r2, r3));
+    float32x4x4_t v;
+    v.val[0] = vreinterpretq_f32_f64(vtrn1q_f64(a, c));
+    v.val[1] = vreinterpretq_f32_f64(vtrn1q_f64(b, d));
+    v.val[2] = vreinterpretq_f32_f64(vtrn2q_f64(a, c));
+    v.val[3] = vreinterpretq_f32_f64(vtrn2q_f64(b, d));
+    return v;
+}
+/* The params of n tokens by group, sv[g n16 + t] = s and mv[g n16 + t] = m + s top / 2, zero from n
+   to n16 (those tokens weigh 0), from their [t][scale[ng], min[ng]] rows once for all heads: 4
+   tokens x 4 groups a transpose (ng % 4 == 0), the rest one by one. m + s top / 2 unfused, as the
+   reference's (the bias sums its terms in another order). */
+static void kvq__params_by_group_neon(const float *par, int n, int n16, int ng, int top, float *sv, float *mv) {
+    const size_t rs = 2 * (size_t)ng;
+    const float half = 0.5f * (float)top;
+    int g, t = 0, i;
+    if (ng % 4 == 0)
+        for (; t + 4 <= n; t += 4)
+            for (g = 0; g < ng; g += 4) {
+                const float32x4x4_t s = kvq__tr4x4_neon(par + (size_t)t * rs + g, rs);
+                const float32x4x4_t m = kvq__tr4x4_neon(par + (size_t)t * rs + ng + g, rs);
+                float *so = sv + (size_t)g * n16 + t, *mo = mv + (size_t)g * n16 + t;
+                vst1q_f32(so, s.val[0]);
+                vst1q_f32(so + n16, s.val[1]);
+                vst1q_f32(so + 2 * n16, s.val[2]);
+                vst1q_f32(so + 3 * n16, s.val[3]);
+                vst1q_f32(mo, vaddq_f32(m.val[0], vmulq_n_f32(s.val[0], half)));
+                vst1q_f32(mo + n16, vaddq_f32(m.val[1], vmulq_n_f32(s.val[1], half)));
+                vst1q_f32(mo + 2 * n16, vaddq_f32(m.val[2], vmulq_n_f32(s.val[2], half)));
+                vst1q_f32(mo + 3 * n16, vaddq_f32(m.val[3], vmulq_n_f32(s.val[3], half)));
+            }
+    for (g = 0; g < ng; g++)
+        for (i = t; i < n16; i++) {
+            sv[(size_t)g * n16 + i] = i < n ? par[(size_t)i * rs + g] : 0.0f;
+            mv[(size_t)g * n16 + i] = i < n ? par[(size_t)i * rs + ng + g] + sv[(size_t)g * n16 + i] * half : 0.0f;
+        }
+}
+/* rint(w inv) of 4 weights, as int16 (values 0-255). */
+static KVQ__INLINE int16x4_t kvq__w8x4_neon(const float *w, float32x4_t inv) {
+    return vmovn_s32(vcvtnq_s32_f32(vmulq_f32(vld1q_f32(w), inv)));
+}
+/* One head's weights pj[n16] (zero past n) as the bytes of kvq__value_weights, group by group:
+   w8[g n16 + t], their sum wsum[g], unit[g] = wmax / 510, bias[g] = sum_t p_t mv_t. */
+#define KVQ__WEIGHTS4(i) /* w = p s of tokens i..i+3, their max and bias */                                   \
+    {                                                                                                             \
+        const float32x4_t p = vld1q_f32(pj + (i)), wv = vmulq_f32(p, vld1q_f32(sv + (i)));                        \
+        mx = vmaxq_f32(mx, wv);                                                                                   \
+        b = vfmaq_f32(b, p, vld1q_f32(mv + (i)));                                                                 \
+        vst1q_f32(w + (i), wv);                                                                                   \
+    }
+static void kvq__value_weights_neon(const float *sv, const float *mv, int n16, int ng, const float *pj, uint8_t *w8,
+                                    int32_t *wsum, float *unit, float *bias) {
+    float w[KVQ__TILE];
+    int g, t;
+    for (g = 0; g < ng; g++, sv += n16, mv += n16, w8 += n16) {
+        float32x4_t mx = vdupq_n_f32(KVQ__W_MIN), b = vdupq_n_f32(0.0f), inv;
+        uint32_t sum = 0;
+        for (t = 0; t < n16; t += 16) { /* w = p s first, as the reference */
+            KVQ__WEIGHTS4(t)
+            KVQ__WEIGHTS4(t + 4)
+            KVQ__WEIGHTS4(t + 8)
+            KVQ__WEIGHTS4(t + 12)
+        }
+        unit[g] = vmaxvq_f32(mx);
+        inv = vdupq_n_f32(255.0f / unit[g]);
+        unit[g] /= 510.0f;
+        bias[g] = vaddvq_f32(b);
+        for (t = 0; t < n16; t += 16) { /* rint(w 255 / wmax), its low byte as (uint8_t)(int) */
+            const int16x8_t h0 = vcombine_s16(kvq__w8x4_neon(w + t, inv), kvq__w8x4_neon(w + t + 4, inv));
+            const int16x8_t h1 = vcombine_s16(kvq__w8x4_neon(w + t + 8, inv), kvq__w8x4_neon(w + t + 12, inv));
+            const uint8x16_t w16 =
+                vcombine_u8(vmovn_u16(vreinterpretq_u16_s16(h0)), vmovn_u16(vreinterpretq_u16_s16(h1)));
+            vst1q_u8(w8 + t, w16);
+            sum += vaddlvq_u8(w16);
+        }
+        wsum[g] = (int32_t)sum;
+    }
+}
+#undef KVQ__WEIGHTS4
+
+/* acc[c] += unit (2 sum_c - top W) + bias for the 16 channels of a[] (kvq__lanes16_neon's order). */
+static KVQ__INLINE float32x4_t kvq__flush4_neon(float32x4_t o, int32x4_t d, int32_t topw, float unit, float bias) {
+    const float32x4_t e = vcvtq_f32_s32(vsubq_s32(vaddq_s32(d, d), vdupq_n_s32(topw)));
+    return vaddq_f32(o, vfmaq_n_f32(vdupq_n_f32(bias), e, unit));
+}
+static KVQ__INLINE void kvq__flush16_neon(uint32x4x4_t a, const int bits, int32_t topw, float unit, float bias,
+                                          float *o) {
+    int32x4x4_t d;
+    float32x4x4_t f = kvq__load16_neon(o, bits);
+    d.val[0] = vreinterpretq_s32_u32(a.val[0]);
+    d.val[1] = vreinterpretq_s32_u32(a.val[1]);
+    d.val[2] = vreinterpretq_s32_u32(a.val[2]);
+    d.val[3] = vreinterpretq_s32_u32(a.val[3]);
+    d = kvq__unmask_neon(d, bits, 1);
+    f.val[0] = kvq__flush4_neon(f.val[0], d.val[0], topw, unit, bias);
+    f.val[1] = kvq__flush4_neon(f.val[1], d.val[1], topw, unit, bias);
+    f.val[2] = kvq__flush4_neon(f.val[2], d.val[2], topw, unit, bias);
+    f.val[3] = kvq__flush4_neon(f.val[3], d.val[3], topw, unit, bias);
+    kvq__store16_neon(o, f, bits);
+}
+/* Values, 16 channels (of one group: G % 16 == 0) at a time for nj <= 4 heads: per 4 tokens a
+   vector s of lanes = channels (kvq__lanes16_neon over the 4 token rows), dotted with the tokens'
+   weight bytes, lane i of the head's weight vector of 16 tokens. The last 16 tokens past n read
+   the zero-padded copy tail (rows rowb bytes apart; their weights are 0). */
+#define KVQ__UDOT4(A, w, i) /* A.val[s] += x.val[s] . w's word i */                                                   \
+    (A).val[0] = vdotq_laneq_u32((A).val[0], x.val[0], w, i);                                                         \
+    (A).val[1] = vdotq_laneq_u32((A).val[1], x.val[1], w, i);                                                         \
+    (A).val[2] = vdotq_laneq_u32((A).val[2], x.val[2], w, i);                                                         \
+    (A).val[3] = vdotq_laneq_u32((A).val[3], x.val[3], w, i);
+#define KVQ__VSTEP(i) /* tokens t + 4 i .. t + 4 i + 3 */                                                             \
+    x = kvq__lanes16_neon(r + 4 * (i) * rs + lo, r + 4 * (i) * rs + hi, rs, bits, 1);                                 \
+    KVQ__UDOT4(a0, w0, i)                                                                                             \
+    if (nj > 1) {                                                                                                     \
+        KVQ__UDOT4(a1, w1, i)                                                                                         \
+    }                                                                                                                 \
+    if (nj > 2) {                                                                                                     \
+        KVQ__UDOT4(a2, w2, i)                                                                                         \
+    }                                                                                                                 \
+    if (nj > 3) {                                                                                                     \
+        KVQ__UDOT4(a3, w3, i)                                                                                         \
+    }
+static KVQ__INLINE void kvq__acc_int_pass_neon(const uint8_t *codes, size_t stride, const uint8_t *tail, int n, int D,
+                                               int G, const int bits, const uint8_t *w8, const int32_t *wsum,
+                                               const float *unit, const float *bias, const int nj, float *const *acc) {
+    const int ng = D / G, n16 = (n + 15) / 16 * 16, top = (1 << bits) - 1;
+    const size_t rowb = (size_t)D * bits / 8, hw = (size_t)ng * (size_t)n16; /* a head's weights */
+    const uint32x4_t z = vdupq_n_u32(0);
+    int c0, t;
+    for (c0 = 0; c0 < D; c0 += 16) {
+        const int g = c0 / G;
+        const size_t lo = kvq__run_at(c0, bits), hi = bits == 3 ? kvq__hi_at(D, c0) : lo;
+        const uint8_t *w = w8 + (size_t)g * n16;
+        uint32x4x4_t a0 = {{z, z, z, z}}, a1 = a0, a2 = a0, a3 = a0;
+        for (t = 0; t < n16; t += 16) {
+            const uint8_t *r = t + 16 <= n ? codes + stride * (size_t)t : tail;
+            const size_t rs = t + 16 <= n ? stride : rowb;
+            const uint8x16_t w0 = vld1q_u8(w + t), w1 = nj > 1 ? vld1q_u8(w + hw + t) : w0;
+            const uint8x16_t w2 = nj > 2 ? vld1q_u8(w + 2 * hw + t) : w0, w3 = nj > 3 ? vld1q_u8(w + 3 * hw + t) : w0;
+            uint8x16x4_t x;
+            KVQ__VSTEP(0)
+            KVQ__VSTEP(1)
+            KVQ__VSTEP(2)
+            KVQ__VSTEP(3)
+        }
+        kvq__flush16_neon(a0, bits, top * wsum[g], unit[g], bias[g], acc[0] + c0);
+        if (nj > 1) kvq__flush16_neon(a1, bits, top * wsum[ng + g], unit[ng + g], bias[ng + g], acc[1] + c0);
+        if (nj > 2) kvq__flush16_neon(a2, bits, top * wsum[2 * ng + g], unit[2 * ng + g], bias[2 * ng + g],
+                                      acc[2] + c0);
+        if (nj > 3) kvq__flush16_neon(a3, bits, top * wsum[3 * ng + g], unit[3 * ng + g], bias[3 * ng + g],
+                                      acc[3] + c0);
+    }
+}
+#undef KVQ__VSTEP
+#undef KVQ__UDOT4
+static void kvq__acc_int_neon(const uint8_t *codes, size_t stride, const float *par, int n, int D, int G, int bits,
+                              const float *p, int nh, float *const *acc) {
+    const int ng = D / G, n16 = (n + 15) / 16 * 16, top = (1 << bits) - 1;
+    const size_t rowb = (size_t)D * bits / 8, hw = (size_t)ng * (size_t)n16;
+    float sv[KVQ__WMAX + 15 * 32], mv[KVQ__WMAX + 15 * 32], pz[KVQ__TILE]; /* n ng <= KVQ__WMAX, ng <= 32 */
+    float unit[4 * 32], bias[4 * 32];
+    int32_t wsum[4 * 32];
+    uint8_t w8[4 * (KVQ__WMAX + 15 * 32)], tail[16 * 256];
+    int j0, j, t;
+    KVQ_ASSERT(kvq__int_values(bits, D, G) && n >= 1 && n <= KVQ__TILE && n * ng <= KVQ__WMAX);
+    if (n % 16) { /* the last rows and zeros, to 16 */
+        memset(tail, 0, 16 * rowb);
+        for (t = n / 16 * 16; t < n; t++) memcpy(tail + (size_t)(t % 16) * rowb, codes + stride * (size_t)t, rowb);
+    }
+    kvq__params_by_group_neon(par, n, n16, ng, top, sv, mv);
+    memset(pz, 0, sizeof pz);
+    for (j0 = 0; j0 < nh; j0 += 4) {
+        const int nj = nh - j0 < 4 ? nh - j0 : 4;
+        for (j = 0; j < nj; j++) {
+            memcpy(pz, p + (size_t)(j0 + j) * KVQ__TILE, (size_t)n * sizeof(float));
+            kvq__value_weights_neon(sv, mv, n16, ng, pz, w8 + j * hw, wsum + j * ng, unit + j * ng, bias + j * ng);
+        }
+        switch (bits * 8 + (nj == 4)) { /* constant bits (and 4 heads) in the hot loop */
+        case 16: kvq__acc_int_pass_neon(codes, stride, tail, n, D, G, 2, w8, wsum, unit, bias, nj, acc + j0); break;
+        case 17: kvq__acc_int_pass_neon(codes, stride, tail, n, D, G, 2, w8, wsum, unit, bias, 4, acc + j0); break;
+        case 24: kvq__acc_int_pass_neon(codes, stride, tail, n, D, G, 3, w8, wsum, unit, bias, nj, acc + j0); break;
+        case 25: kvq__acc_int_pass_neon(codes, stride, tail, n, D, G, 3, w8, wsum, unit, bias, 4, acc + j0); break;
+        case 32: kvq__acc_int_pass_neon(codes, stride, tail, n, D, G, 4, w8, wsum, unit, bias, nj, acc + j0); break;
+        default: kvq__acc_int_pass_neon(codes, stride, tail, n, D, G, 4, w8, wsum, unit, bias, 4, acc + j0); break;
+        }
+    }
+}
+#endif /* KVQ__HAVE_NEON_INT */
 #endif /* KVQ__HAVE_NEON */
 
 /* ---------------------------------------------------------------------------
@@ -5410,7 +5828,9 @@ KVQ_API kvq_isa kvq_get_isa(void) { return (kvq_isa)kvq__kern(); }
 
 /* kvq_set_arith's choice; read by every attention call, written only by kvq_set_arith. */
 static int kvq__arith_state = KVQ_ARITH_AUTO;
-static int kvq__native_int(int isa) { return isa == KVQ_ISA_AVX512 && KVQ__HAVE_AVX512_INT; }
+static int kvq__native_int(int isa) {
+    return (isa == KVQ_ISA_AVX512 && KVQ__HAVE_AVX512_INT) || (isa == KVQ_ISA_NEON && KVQ__HAVE_NEON_INT);
+}
 static int kvq__int_on(void) {
     return kvq__arith_state == KVQ_ARITH_INTEGER || (kvq__arith_state == KVQ_ARITH_AUTO && kvq__native_int(kvq__kern()));
 }
