@@ -4206,8 +4206,291 @@ KVQ__AVX2_FN void kvq__butterflies_avx2(float *x, int n, int len) {
             _mm256_storeu_ps(x + j + len, _mm256_sub_ps(a, b));
         }
 }
-#define kvq__scores_int_avx2 kvq__scores_int_scalar /* no AVX2 integer kernels yet: the reference */
-#define kvq__acc_int_avx2 kvq__acc_int_scalar
+/* ---- AVX2 integer attention, the scheme of "Integer attention". No vpdpbusd here: vpmaddubsw
+   (u8 x s8, adjacent products summed to 16 bits) on word lanes that each hold two codes of one
+   token (keys: channels c, c + 1) or of one channel (values: tokens t, t + 1), summed in 16 bits
+   for K = 8 << (4 - bits) pairs (the bounds below), then widened to 32. ---- */
+
+/* Two packed rows of n codes, a and b, as 16 word lanes: codes [i, i + 16) (i a multiple of 16),
+   dword d = bytes (a_{i+d}, b_{i+d}, a_{i+8+d}, b_{i+8+d}). Each row's bytes of those codes are read
+   exactly (8, 4, or 4 + 2 bytes); one broadcast per row, a blend, a byte shuffle gathers each
+   lane's bytes and a per-lane shift brings its codes to bit 0 (a 3-bit high plane's bit d to 2). */
+KVQ__AVX2_INLINE __m256i kvq__pair16_avx2(const uint8_t *a, const uint8_t *b, int n, int i, const int bits) {
+    __m256i v;
+    int32_t x, y;
+    if (bits == 4) { /* byte k holds codes 2k, 2k + 1; qwords (a, b, a, b) */
+        long long x8, y8;
+        memcpy(&x8, a + i / 2, 8);
+        memcpy(&y8, b + i / 2, 8);
+        v = _mm256_blend_epi32(_mm256_set1_epi64x(x8), _mm256_set1_epi64x(y8), 0xcc);
+        v = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 8, 4, 12, 0, 8, 4, 12, 1, 9, 5, 13, 1, 9, 5, 13, 2, 10, 6, 14, 2,
+                                                    10, 6, 14, 3, 11, 7, 15, 3, 11, 7, 15));
+        return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)), _mm256_set1_epi8(15));
+    }
+    memcpy(&x, a + i / 4, 4); /* 2 bits, or a 3-bit low plane: byte k holds codes 4k..4k+3 */
+    memcpy(&y, b + i / 4, 4);
+    v = _mm256_blend_epi32(_mm256_set1_epi32(x), _mm256_set1_epi32(y), 0xaa); /* dwords (a, b, ...) */
+    v = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 4, 2, 6, 0, 4, 2, 6, 0, 4, 2, 6, 0, 4, 2, 6, 1, 5, 3, 7, 1, 5, 3, 7, 1,
+                                                5, 3, 7, 1, 5, 3, 7));
+    v = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)), _mm256_set1_epi8(3));
+    if (bits == 3) { /* high planes: byte k holds bit 2 of codes 8k..8k+7 */
+        uint16_t ha, hb;
+        __m256i h;
+        memcpy(&ha, a + kvq__hi_at(n, i), 2);
+        memcpy(&hb, b + kvq__hi_at(n, i), 2);
+        h = _mm256_shuffle_epi8(_mm256_set1_epi32((int)((uint32_t)ha | (uint32_t)hb << 16)), /* (a0, b0, a1, b1) */
+                                _mm256_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15, 0, 2, 1, 3, 4, 6, 5,
+                                                 7, 8, 10, 9, 11, 12, 14, 13, 15));
+        h = _mm256_slli_epi32(_mm256_srlv_epi32(h, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), 2);
+        v = _mm256_or_si256(v, _mm256_and_si256(h, _mm256_set1_epi8(4)));
+    }
+    return v;
+}
+/* 32-bit sums of kvq__pair16_avx2's lanes, a from its words' unpacklo (codes 0, 8, 1, 9 | 4, 12,
+   5, 13), b from unpackhi (2, 10, 3, 11 | 6, 14, 7, 15), as codes 0-7 and 8-15. */
+KVQ__AVX2_INLINE void kvq__pair_order_avx2(__m256 a, __m256 b, __m256 *lo, __m256 *hi) {
+    *lo = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    *hi = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+}
+/* 8 lanes x_0..x_7 (their low bytes) as 4 pair words (x_2k, x_2k+1, x_2k, x_2k+1). */
+KVQ__AVX2_FN void kvq__store_pairs_avx2(int32_t *dst, __m256i x) {
+    x = _mm256_shuffle_epi8(x, _mm256_setr_epi8(0, 4, 0, 4, 8, 12, 8, 12, 0, 4, 0, 4, 8, 12, 8, 12, 0, 4, 0, 4, 8, 12, 8,
+                                                12, 0, 4, 0, 4, 8, 12, 8, 12));
+    _mm_storeu_si128((__m128i *)(void *)dst, _mm256_castsi256_si128(_mm256_permute4x64_epi64(x, 0x08)));
+}
+KVQ__AVX2_FN float kvq__hmax_avx2(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+KVQ__AVX2_FN int32_t kvq__hsum_epi32_avx2(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)));
+}
+
+/* qs[D] as kvq__query_q16's bytes (cvtps rounds to nearest even, as rintf), paired for the key
+   lanes: qh[p] = (hi_2p, hi_2p+1) twice, ql[p] likewise lo; returns the unit amax / 32639. */
+KVQ__AVX2_FN float kvq__query_pairs_avx2(const float *qs, int D, int32_t *qh, int32_t *ql) {
+    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mx = _mm256_setzero_ps(), inv;
+    float amax;
+    int c;
+    for (c = 0; c < D; c += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(qs + c), abs));
+    amax = kvq__hmax_avx2(mx);
+    inv = _mm256_set1_ps(amax > 0.0f ? KVQ__Q16 / amax : 0.0f);
+    for (c = 0; c < D; c += 8) {
+        const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(qs + c), inv));
+        const __m256i h = _mm256_srai_epi32(_mm256_add_epi32(v, _mm256_set1_epi32(128)), 8);
+        kvq__store_pairs_avx2(qh + c / 2, h);
+        kvq__store_pairs_avx2(ql + c / 2, _mm256_sub_epi32(v, _mm256_slli_epi32(h, 8)));
+    }
+    return amax / KVQ__Q16;
+}
+
+/* Scores of 16 tokens at a time for nj <= 4 heads (bits and nj constant where inlined). A channel
+   pair adds code x hi and code x lo to 16-bit lanes, |each| <= 2 top 128: K pairs stay within
+   int16 (30720 at 4 bits), then (lo, hi) x (1, 256) widens them to 256 hi + lo. */
+KVQ__AVX2_INLINE void kvq__scores_int_pass_avx2(const uint8_t *codes, int D, int G, const int bits, const int32_t *qh,
+                                                const int32_t *ql, const float *unit, const float *bias, const int nj,
+                                                float *s0) {
+    const size_t rb = (size_t)G * bits / 8;
+    const int np = D / 2, K = 8 << (4 - bits);
+    const __m256i z = _mm256_setzero_si256(), w = _mm256_set1_epi32(0x01000001);
+    int t0, p0, p;
+    for (t0 = 0; t0 < G; t0 += 16) {
+        __m256i a0 = z, b0 = z, a1 = z, b1 = z, a2 = z, b2 = z, a3 = z, b3 = z;
+        for (p0 = 0; p0 < np; p0 += K) {
+            const int p1 = np - p0 < K ? np : p0 + K;
+            __m256i h0 = z, l0 = z, h1 = z, l1 = z, h2 = z, l2 = z, h3 = z, l3 = z;
+            for (p = p0; p < p1; p++) {
+                const uint8_t *r = codes + 2 * rb * (size_t)p;
+                const __m256i v = kvq__pair16_avx2(r, r + rb, G, t0, bits);
+#define KVQ__PAIR_DOT(j, h, l)                                                                                    \
+                h = _mm256_add_epi16(h, _mm256_maddubs_epi16(v, _mm256_set1_epi32(qh[(j) * np + p])));            \
+                l = _mm256_add_epi16(l, _mm256_maddubs_epi16(v, _mm256_set1_epi32(ql[(j) * np + p])));
+                KVQ__PAIR_DOT(0, h0, l0)
+                if (nj > 1) { KVQ__PAIR_DOT(1, h1, l1) }
+                if (nj > 2) { KVQ__PAIR_DOT(2, h2, l2) }
+                if (nj > 3) { KVQ__PAIR_DOT(3, h3, l3) }
+#undef KVQ__PAIR_DOT
+            }
+#define KVQ__WIDEN(a, b, h, l)                                                                                    \
+            a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_unpacklo_epi16(l, h), w));                            \
+            b = _mm256_add_epi32(b, _mm256_madd_epi16(_mm256_unpackhi_epi16(l, h), w));
+            KVQ__WIDEN(a0, b0, h0, l0)
+            if (nj > 1) { KVQ__WIDEN(a1, b1, h1, l1) }
+            if (nj > 2) { KVQ__WIDEN(a2, b2, h2, l2) }
+            if (nj > 3) { KVQ__WIDEN(a3, b3, h3, l3) }
+#undef KVQ__WIDEN
+        }
+#define KVQ__SCORES16(j, a, b)                                                                                    \
+        {                                                                                                         \
+            const __m256 u = _mm256_set1_ps(unit[j]), c = _mm256_set1_ps(bias[j]);                                \
+            __m256 lo, hi;                                                                                        \
+            kvq__pair_order_avx2(_mm256_fmadd_ps(_mm256_cvtepi32_ps(a), u, c), _mm256_fmadd_ps(_mm256_cvtepi32_ps(b), u, c), \
+                                 &lo, &hi);                                                                       \
+            _mm256_storeu_ps(s0 + (j) * KVQ__TILE + t0, lo);                                                      \
+            _mm256_storeu_ps(s0 + (j) * KVQ__TILE + t0 + 8, hi);                                                  \
+        }
+        KVQ__SCORES16(0, a0, b0)
+        if (nj > 1) KVQ__SCORES16(1, a1, b1)
+        if (nj > 2) KVQ__SCORES16(2, a2, b2)
+        if (nj > 3) KVQ__SCORES16(3, a3, b3)
+#undef KVQ__SCORES16
+    }
+}
+KVQ__AVX2_FN void kvq__scores_int_avx2(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
+                                       float *scores) {
+    const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
+    const uint8_t *codes = blk + 4 * (size_t)D;
+    float qs[512], unit[KVQ__HEAD_CHUNK], bias[KVQ__HEAD_CHUNK];
+    int32_t qh[KVQ__HEAD_CHUNK * 256], ql[KVQ__HEAD_CHUNK * 256];
+    int j, j0, ch;
+    for (j = 0; j < nh; j++) { /* the scaled query as 16-bit integers; the mins are one bias */
+        __m256 b = _mm256_setzero_ps();
+        for (ch = 0; ch < D; ch += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + (size_t)j * D + ch);
+            _mm256_storeu_ps(qs + ch, _mm256_mul_ps(qv, kvq__f16x8_avx2(sc + ch)));
+            b = _mm256_fmadd_ps(qv, kvq__f16x8_avx2(mn + ch), b);
+        }
+        bias[j] = kvq__hsum_avx2(b);
+        unit[j] = kvq__query_pairs_avx2(qs, D, qh + (size_t)j * D / 2, ql + (size_t)j * D / 2);
+    }
+    for (j0 = 0; j0 < nh; j0 += 4) {
+        const int nj = nh - j0 < 4 ? nh - j0 : 4;
+        const int32_t *h = qh + (size_t)j0 * D / 2, *l = ql + (size_t)j0 * D / 2;
+        float *s0 = scores + (size_t)j0 * KVQ__TILE;
+        switch (bits * 8 + (nj == 4)) { /* constant bits and head count in the hot loop */
+        case 17: kvq__scores_int_pass_avx2(codes, D, G, 2, h, l, unit + j0, bias + j0, 4, s0); break;
+        case 25: kvq__scores_int_pass_avx2(codes, D, G, 3, h, l, unit + j0, bias + j0, 4, s0); break;
+        case 33: kvq__scores_int_pass_avx2(codes, D, G, 4, h, l, unit + j0, bias + j0, 4, s0); break;
+        default: kvq__scores_int_pass_avx2(codes, D, G, bits, h, l, unit + j0, bias + j0, nj, s0); break;
+        }
+    }
+}
+
+/* The params of n tokens by group, rows of tn (n rounded up to 8, zeros past n): sv[g][t] = s,
+   mv[g][t] = m + s top / 2, from their [t][scale[ng], min[ng]] rows once for all the heads. */
+static void kvq__params_by_group_avx2(const float *par, int n, int tn, int ng, int top, float *sv, float *mv) {
+    const float half = 0.5f * (float)top;
+    int g, t;
+    for (g = 0; g < ng; g++, sv += tn, mv += tn) {
+        for (t = 0; t < n; t++) {
+            const float s = par[(size_t)t * 2 * ng + g];
+            sv[t] = s;
+            mv[t] = par[(size_t)t * 2 * ng + ng + g] + s * half;
+        }
+        for (; t < tn; t++) sv[t] = mv[t] = 0.0f;
+    }
+}
+/* One query head's weights as kvq__value_weights' bytes, group g's as pair words for the value
+   lanes: wd[g * tn / 2 + k] = (w8_2k, w8_2k+1) twice; wsum, unit, bias per group. */
+KVQ__AVX2_FN void kvq__value_weights_avx2(const float *sv, const float *mv, int n, int tn, int ng, const float *pj,
+                                          int32_t *wd, int32_t *wsum, float *unit, float *bias) {
+    float pt[KVQ__TILE], w[KVQ__TILE];
+    int g, t;
+    for (t = 0; t < tn; t += 8) /* p past n: 0 (and never read) */
+        _mm256_storeu_ps(pt + t, _mm256_maskload_ps(pj + t, _mm256_cmpgt_epi32(_mm256_set1_epi32(n - t),
+                                                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+    for (g = 0; g < ng; g++, sv += tn, mv += tn, wd += tn / 2) {
+        __m256 mx = _mm256_set1_ps(KVQ__W_MIN), bv = _mm256_setzero_ps(), inv;
+        __m256i sum = _mm256_setzero_si256();
+        for (t = 0; t < tn; t += 8) {
+            const __m256 p = _mm256_loadu_ps(pt + t), wv = _mm256_mul_ps(p, _mm256_loadu_ps(sv + t));
+            mx = _mm256_max_ps(mx, wv);
+            bv = _mm256_fmadd_ps(p, _mm256_loadu_ps(mv + t), bv);
+            _mm256_storeu_ps(w + t, wv);
+        }
+        unit[g] = kvq__hmax_avx2(mx);
+        inv = _mm256_set1_ps(255.0f / unit[g]);
+        unit[g] /= 510.0f;
+        bias[g] = kvq__hsum_avx2(bv);
+        for (t = 0; t < tn; t += 8) {
+            const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(w + t), inv));
+            sum = _mm256_add_epi32(sum, v);
+            kvq__store_pairs_avx2(wd + t / 2, v);
+        }
+        wsum[g] = kvq__hsum_epi32_avx2(sum);
+    }
+}
+
+/* Values, 16 channels a vector (one group: G % 16 == 0), over token pairs for nj <= 4 heads: the
+   16-bit sums of w8 x code, unsigned, stay below 2^16 for K pairs (8 x 2 x 255 x 15 = 61200 at 4
+   bits), then widen; one float step per vector. A pair's second row past n is a zero row. */
+KVQ__AVX2_INLINE void kvq__acc_int_pass_avx2(const uint8_t *codes, size_t stride, int n, int D, int G, const int bits,
+                                             const int32_t *wd, int tn, const int32_t *wsum, const float *unit,
+                                             const float *bias, const int nj, float *const *acc) {
+    static const uint8_t zero[256] = {0}; /* D <= 512 codes of 4 bits */
+    const int ng = D / G, np = (n + 1) / 2, K = 8 << (4 - bits), top = (1 << bits) - 1;
+    const size_t hs = (size_t)ng * (size_t)tn / 2; /* one head's pair words */
+    const __m256i z = _mm256_setzero_si256();
+    int c0, p0, p;
+    for (c0 = 0; c0 < D; c0 += 16) {
+        const int g = c0 / G;
+        const int32_t *wg = wd + (size_t)g * (size_t)tn / 2;
+        __m256i a0 = z, b0 = z, a1 = z, b1 = z, a2 = z, b2 = z, a3 = z, b3 = z;
+        for (p0 = 0; p0 < np; p0 += K) {
+            const int p1 = np - p0 < K ? np : p0 + K;
+            __m256i s0 = z, s1 = z, s2 = z, s3 = z;
+            for (p = p0; p < p1; p++) {
+                const uint8_t *ra = codes + stride * (size_t)(2 * p), *rb = 2 * p + 1 < n ? ra + stride : zero;
+                const __m256i v = kvq__pair16_avx2(ra, rb, D, c0, bits);
+                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_set1_epi32(wg[p]), v));
+                if (nj > 1) s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_set1_epi32(wg[hs + p]), v));
+                if (nj > 2) s2 = _mm256_add_epi16(s2, _mm256_maddubs_epi16(_mm256_set1_epi32(wg[2 * hs + p]), v));
+                if (nj > 3) s3 = _mm256_add_epi16(s3, _mm256_maddubs_epi16(_mm256_set1_epi32(wg[3 * hs + p]), v));
+            }
+#define KVQ__WIDEN(a, b, s)                                                                                       \
+            a = _mm256_add_epi32(a, _mm256_unpacklo_epi16(s, z));                                                  \
+            b = _mm256_add_epi32(b, _mm256_unpackhi_epi16(s, z));
+            KVQ__WIDEN(a0, b0, s0)
+            if (nj > 1) { KVQ__WIDEN(a1, b1, s1) }
+            if (nj > 2) { KVQ__WIDEN(a2, b2, s2) }
+            if (nj > 3) { KVQ__WIDEN(a3, b3, s3) }
+#undef KVQ__WIDEN
+        }
+#define KVQ__VALUES16(j, a, b)                                                                                    \
+        { /* acc += unit (2 sum - top W) + bias */                                                                \
+            const int i = (j) * ng + g;                                                                           \
+            const __m256i tw = _mm256_set1_epi32(top * wsum[i]);                                                  \
+            const __m256 u = _mm256_set1_ps(unit[i]), c = _mm256_set1_ps(bias[i]);                                \
+            __m256 lo, hi;                                                                                        \
+            kvq__pair_order_avx2(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_add_epi32(a, a), tw)), u, c), \
+                                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_add_epi32(b, b), tw)), u, c), \
+                                 &lo, &hi);                                                                       \
+            _mm256_storeu_ps(acc[j] + c0, _mm256_add_ps(_mm256_loadu_ps(acc[j] + c0), lo));                       \
+            _mm256_storeu_ps(acc[j] + c0 + 8, _mm256_add_ps(_mm256_loadu_ps(acc[j] + c0 + 8), hi));               \
+        }
+        KVQ__VALUES16(0, a0, b0)
+        if (nj > 1) KVQ__VALUES16(1, a1, b1)
+        if (nj > 2) KVQ__VALUES16(2, a2, b2)
+        if (nj > 3) KVQ__VALUES16(3, a3, b3)
+#undef KVQ__VALUES16
+    }
+}
+/* n x ng <= KVQ__WMAX (the caller's params, kvq__value_chunk). */
+KVQ__AVX2_FN void kvq__acc_int_avx2(const uint8_t *codes, size_t stride, const float *par, int n, int D, int G,
+                                    int bits, const float *p, int nh, float *const *acc) {
+    const int ng = D / G, top = (1 << bits) - 1, tn = (n + 7) & ~7;
+    float sv[KVQ__WMAX + 8 * 32], mv[KVQ__WMAX + 8 * 32], unit[4 * 32], bias[4 * 32]; /* ng <= 32: G >= 16, D <= 512 */
+    int32_t wd[4 * (KVQ__WMAX + 8 * 32) / 2], wsum[4 * 32];
+    int j0, j;
+    kvq__params_by_group_avx2(par, n, tn, ng, top, sv, mv);
+    for (j0 = 0; j0 < nh; j0 += 4) {
+        const int nj = nh - j0 < 4 ? nh - j0 : 4;
+        for (j = 0; j < nj; j++)
+            kvq__value_weights_avx2(sv, mv, n, tn, ng, p + (size_t)(j0 + j) * KVQ__TILE, wd + (size_t)j * ng * tn / 2,
+                                    wsum + j * ng, unit + j * ng, bias + j * ng);
+        switch (bits * 8 + (nj == 4)) {
+        case 17: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 2, wd, tn, wsum, unit, bias, 4, acc + j0); break;
+        case 25: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 3, wd, tn, wsum, unit, bias, 4, acc + j0); break;
+        case 33: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 4, wd, tn, wsum, unit, bias, 4, acc + j0); break;
+        default: kvq__acc_int_pass_avx2(codes, stride, n, D, G, bits, wd, tn, wsum, unit, bias, nj, acc + j0); break;
+        }
+    }
+}
 #endif /* KVQ__HAVE_AVX2 */
 
 /* ---- AVX-512 (F/BW/DQ/VL): 16 lanes; a D % 16 == 8 tail is masked. Quantize and
