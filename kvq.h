@@ -318,8 +318,9 @@ KVQ_API const char *kvq_isa_name(kvq_isa isa);
    softmax weights), within squared relative error 1e-4 of the float kernels' output.
    KVQ_ARITH_FLOAT: the float kernels, the reference. KVQ_ARITH_AUTO (the default): integer
    where the active ISA has native integer kernels (AVX-512 with VNNI and VBMI), float
-   elsewhere. INTEGER on another ISA runs the same integer scheme in portable C (slow: for
-   tests). Like kvq_set_isa, not thread-safe; KVQ_ERR_INVALID for a value out of the enum. */
+   elsewhere. INTEGER on another ISA runs the same integer scheme: AVX2 kernels (vpmaddubsw) on
+   AVX2 and on AVX-512 without VNNI or VBMI, portable C on NEON and scalar (slow: for tests).
+   Like kvq_set_isa, not thread-safe; KVQ_ERR_INVALID for a value out of the enum. */
 typedef enum kvq_arith { KVQ_ARITH_AUTO = 0, KVQ_ARITH_FLOAT = 1, KVQ_ARITH_INTEGER = 2 } kvq_arith;
 KVQ_API kvq_status  kvq_set_arith(kvq_arith a);
 KVQ_API kvq_arith   kvq_get_arith(void);
