@@ -4394,6 +4394,9 @@ KVQ__AVX2_FN void kvq__scores_int_avx2(const uint8_t *blk, int D, int G, int bit
         case 17: kvq__scores_int_pass_avx2(codes, D, G, 2, h, l, unit + j0, bias + j0, 4, s0); break;
         case 25: kvq__scores_int_pass_avx2(codes, D, G, 3, h, l, unit + j0, bias + j0, 4, s0); break;
         case 33: kvq__scores_int_pass_avx2(codes, D, G, 4, h, l, unit + j0, bias + j0, 4, s0); break;
+        case 16: kvq__scores_int_pass_avx2(codes, D, G, 2, h, l, unit + j0, bias + j0, nj, s0); break;
+        case 24: kvq__scores_int_pass_avx2(codes, D, G, 3, h, l, unit + j0, bias + j0, nj, s0); break;
+        case 32: kvq__scores_int_pass_avx2(codes, D, G, 4, h, l, unit + j0, bias + j0, nj, s0); break;
         default: kvq__scores_int_pass_avx2(codes, D, G, bits, h, l, unit + j0, bias + j0, nj, s0); break;
         }
     }
@@ -4543,6 +4546,9 @@ KVQ__AVX2_FN void kvq__acc_int_avx2(const uint8_t *codes, size_t stride, const f
         case 17: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 2, wd, hs, gs, wsum, unit, bias, 4, acc + j0); break;
         case 25: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 3, wd, hs, gs, wsum, unit, bias, 4, acc + j0); break;
         case 33: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 4, wd, hs, gs, wsum, unit, bias, 4, acc + j0); break;
+        case 16: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 2, wd, hs, gs, wsum, unit, bias, nj, acc + j0); break;
+        case 24: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 3, wd, hs, gs, wsum, unit, bias, nj, acc + j0); break;
+        case 32: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 4, wd, hs, gs, wsum, unit, bias, nj, acc + j0); break;
         default:
             kvq__acc_int_pass_avx2(codes, stride, n, D, G, bits, wd, hs, gs, wsum, unit, bias, nj, acc + j0);
             break;
