@@ -317,10 +317,11 @@ KVQ_API const char *kvq_isa_name(kvq_isa isa);
    attention"). KVQ_ARITH_INTEGER: integer dot products on the codes (a 16-bit query, 8-bit
    softmax weights), within squared relative error 1e-4 of the float kernels' output.
    KVQ_ARITH_FLOAT: the float kernels, the reference. KVQ_ARITH_AUTO (the default): integer
-   where the active ISA has native integer kernels (AVX-512 with VNNI and VBMI; NEON built for
-   the Armv8.2 dot product, -march=armv8.2-a+dotprod), float elsewhere. INTEGER on another ISA
-   runs the same integer scheme in portable C (slow: for tests). Like kvq_set_isa, not
-   thread-safe; KVQ_ERR_INVALID for a value out of the enum. */
+   where the active ISA has native integer kernels (AVX-512 with VNNI and VBMI; AVX2, with
+   vpmaddubsw; NEON built for the Armv8.2 dot product, -march=armv8.2-a+dotprod), float
+   elsewhere (AVX-512 without VNNI or VBMI runs the AVX2 integer kernels). INTEGER on scalar and
+   plain NEON runs the same integer scheme in portable C (slow: for tests). Like kvq_set_isa,
+   not thread-safe; KVQ_ERR_INVALID for a value out of the enum. */
 typedef enum kvq_arith { KVQ_ARITH_AUTO = 0, KVQ_ARITH_FLOAT = 1, KVQ_ARITH_INTEGER = 2 } kvq_arith;
 KVQ_API kvq_status  kvq_set_arith(kvq_arith a);
 KVQ_API kvq_arith   kvq_get_arith(void);
@@ -4250,8 +4251,354 @@ KVQ__AVX2_FN void kvq__butterflies_avx2(float *x, int n, int len) {
         }
 }
 #define kvq__params16_avx2 kvq__params16_scalar
-#define kvq__scores_int_avx2 kvq__scores_int_scalar /* no AVX2 integer kernels yet: the reference */
-#define kvq__acc_int_avx2 kvq__acc_int_scalar
+/* ---- AVX2 integer attention, the scheme of "Integer attention". No vpdpbusd here: vpmaddubsw
+   (u8 x s8, adjacent products summed to 16 bits) on word lanes that each hold two codes of one
+   token (keys: channels c, c + 1) or of one channel (values: tokens t, t + 1), summed in 16 bits
+   for K = 8 << (4 - bits) pairs (the bounds below), then widened to 32. Two codes a lane, not
+   the AVX-512 kernels' four: two rows make a vector with one blend (four rows, of a key block
+   up to 128 bytes apart, would need a gather), and 16 lanes of 16 bits take 16 tokens or
+   channels a step. ---- */
+
+/* Two packed rows of n codes, a and b, as 16 word lanes: codes [i, i + 16) (i a multiple of 16),
+   dword d = bytes (a_{i+d}, b_{i+d}, a_{i+8+d}, b_{i+8+d}). Each row's bytes of those codes are read
+   exactly (8, 4, or 4 + 2 bytes); one broadcast per row, a blend, a byte shuffle gathers each
+   lane's bytes and a per-lane shift brings its codes to bit 0 (a 3-bit high plane's bit d to 2). */
+KVQ__AVX2_INLINE __m256i kvq__pair16_avx2(const uint8_t *a, const uint8_t *b, int n, int i, const int bits) {
+    __m256i v;
+    int32_t x, y;
+    if (bits == 4) { /* byte k holds codes 2k, 2k + 1; qwords (a, b, a, b) */
+        long long x8, y8;
+        memcpy(&x8, a + i / 2, 8);
+        memcpy(&y8, b + i / 2, 8);
+        v = _mm256_blend_epi32(_mm256_set1_epi64x(x8), _mm256_set1_epi64x(y8), 0xcc);
+        v = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 8, 4, 12, 0, 8, 4, 12, 1, 9, 5, 13, 1, 9, 5, 13, 2, 10, 6, 14, 2,
+                                                    10, 6, 14, 3, 11, 7, 15, 3, 11, 7, 15));
+        return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)), _mm256_set1_epi8(15));
+    }
+    memcpy(&x, a + i / 4, 4); /* 2 bits, or a 3-bit low plane: byte k holds codes 4k..4k+3 */
+    memcpy(&y, b + i / 4, 4);
+    v = _mm256_blend_epi32(_mm256_set1_epi32(x), _mm256_set1_epi32(y), 0xaa); /* dwords (a, b, ...) */
+    v = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 4, 2, 6, 0, 4, 2, 6, 0, 4, 2, 6, 0, 4, 2, 6, 1, 5, 3, 7, 1, 5, 3,
+                                                7, 1, 5, 3, 7, 1, 5, 3, 7));
+    v = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)), _mm256_set1_epi8(3));
+    if (bits == 3) { /* high planes: byte k holds bit 2 of codes 8k..8k+7 */
+        uint16_t ha, hb;
+        __m256i h;
+        memcpy(&ha, a + kvq__hi_at(n, i), 2);
+        memcpy(&hb, b + kvq__hi_at(n, i), 2);
+        h = _mm256_shuffle_epi8(_mm256_set1_epi32((int)((uint32_t)ha | (uint32_t)hb << 16)), /* (a0, b0, a1, b1) */
+                                _mm256_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15, 0, 2, 1, 3, 4, 6,
+                                                 5, 7, 8, 10, 9, 11, 12, 14, 13, 15));
+        h = _mm256_slli_epi32(_mm256_srlv_epi32(h, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), 2);
+        v = _mm256_or_si256(v, _mm256_and_si256(h, _mm256_set1_epi8(4)));
+    }
+    return v;
+}
+/* 32-bit sums of kvq__pair16_avx2's lanes, a from its words' unpacklo (codes 0, 8, 1, 9 | 4, 12,
+   5, 13), b from unpackhi (2, 10, 3, 11 | 6, 14, 7, 15), as codes 0-7 and 8-15. */
+KVQ__AVX2_INLINE void kvq__pair_order_avx2(__m256 a, __m256 b, __m256 *lo, __m256 *hi) {
+    *lo = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    *hi = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+}
+KVQ__AVX2_FN float kvq__hmax_avx2(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* kvq__query_q16's bytes of qs[D] x inv (cvtps rounds to nearest even, as rintf), 16 channels a
+   step, as pair words for the key lanes: qh[p] = (hi_2p, hi_2p+1) twice, ql[p] likewise lo. With
+   x = q16 + 128 (in int16: |q16| <= 32639), hi is x's high byte and lo its low byte less 128. */
+KVQ__AVX2_FN void kvq__query_pairs_avx2(const float *qs, int D, float inv, int32_t *qh, int32_t *ql) {
+    const __m256 vi = _mm256_set1_ps(inv);
+    const __m256i hb = _mm256_setr_epi8(1, 3, 1, 3, 5, 7, 5, 7, 9, 11, 9, 11, 13, 15, 13, 15, 1, 3, 1, 3, 5, 7, 5, 7, 9,
+                                        11, 9, 11, 13, 15, 13, 15);
+    const __m256i lb = _mm256_setr_epi8(0, 2, 0, 2, 4, 6, 4, 6, 8, 10, 8, 10, 12, 14, 12, 14, 0, 2, 0, 2, 4, 6, 4, 6, 8,
+                                        10, 8, 10, 12, 14, 12, 14);
+    int c;
+    for (c = 0; c < D; c += 16) { /* D % 16 == 8: the last step's second half is zeros, not stored */
+        const __m256i v0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(qs + c), vi));
+        const __m256i v1 = c + 8 < D ? _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(qs + c + 8), vi))
+                                     : _mm256_setzero_si256();
+        const __m256i x = _mm256_add_epi16(_mm256_permute4x64_epi64(_mm256_packs_epi32(v0, v1), 0xd8),
+                                           _mm256_set1_epi16(128)); /* channels c..c+15 in order */
+        const __m256i h = _mm256_shuffle_epi8(x, hb);
+        const __m256i l = _mm256_xor_si256(_mm256_shuffle_epi8(x, lb), _mm256_set1_epi8(-128));
+        if (c + 8 < D) {
+            _mm256_storeu_si256((__m256i *)(void *)(qh + c / 2), h);
+            _mm256_storeu_si256((__m256i *)(void *)(ql + c / 2), l);
+        } else {
+            _mm_storeu_si128((__m128i *)(void *)(qh + c / 2), _mm256_castsi256_si128(h));
+            _mm_storeu_si128((__m128i *)(void *)(ql + c / 2), _mm256_castsi256_si128(l));
+        }
+    }
+}
+
+KVQ__AVX2_INLINE __m256i kvq__load8_avx2(const int32_t *e) {
+    return _mm256_loadu_si256((const __m256i *)(const void *)e);
+}
+/* e[0..8) += x: a 32-bit sum kept in memory (not in registers across the loops that feed it). */
+KVQ__AVX2_INLINE void kvq__add8_avx2(int32_t *e, __m256i x) {
+    _mm256_storeu_si256((__m256i *)(void *)e, _mm256_add_epi32(kvq__load8_avx2(e), x));
+}
+
+/* Scores of nj <= 4 heads, 16 tokens a vector (bits and nj constant where inlined). A channel pair
+   adds code x hi and code x lo to 16-bit lanes, |each| <= 2 top 128: K pairs stay within int16
+   (30720 at 4 bits), then (lo, hi) x (1, 256) widens them to 256 hi + lo, summed in sum[t0][j]. */
+KVQ__AVX2_INLINE void kvq__scores_int_pass_avx2(const uint8_t *codes, int D, int G, const int bits, const int32_t *qh,
+                                                const int32_t *ql, const float *unit, const float *bias, const int nj,
+                                                float *s0) {
+    const size_t rb = (size_t)G * bits / 8;
+    const int np = D / 2, K = 8 << (4 - bits);
+    const __m256i z = _mm256_setzero_si256(), w = _mm256_set1_epi32(0x01000001);
+    int32_t sum[KVQ__TILE * 4]; /* [t0 / 16][j][16] */
+    int t0, p0, p, j;
+    for (t0 = 0; t0 < 4 * G; t0 += 8) _mm256_storeu_si256((__m256i *)(void *)(sum + t0), z);
+    for (p0 = 0; p0 < np; p0 += K) {
+        const int p1 = np - p0 < K ? np : p0 + K;
+        for (t0 = 0; t0 < G; t0 += 16) {
+            int32_t *e = sum + 4 * t0;
+            __m256i h0 = z, l0 = z, h1 = z, l1 = z, h2 = z, l2 = z, h3 = z, l3 = z;
+            for (p = p0; p < p1; p++) {
+                const uint8_t *r = codes + 2 * rb * (size_t)p;
+                const __m256i v = kvq__pair16_avx2(r, r + rb, G, t0, bits);
+#define KVQ__PAIR_DOT(j, h, l)                                                                                    \
+                h = _mm256_add_epi16(h, _mm256_maddubs_epi16(v, _mm256_set1_epi32(qh[(j) * np + p])));            \
+                l = _mm256_add_epi16(l, _mm256_maddubs_epi16(v, _mm256_set1_epi32(ql[(j) * np + p])));
+                KVQ__PAIR_DOT(0, h0, l0)
+                if (nj > 1) { KVQ__PAIR_DOT(1, h1, l1) }
+                if (nj > 2) { KVQ__PAIR_DOT(2, h2, l2) }
+                if (nj > 3) { KVQ__PAIR_DOT(3, h3, l3) }
+#undef KVQ__PAIR_DOT
+            }
+#define KVQ__WIDEN(j, h, l)                                                                                       \
+            kvq__add8_avx2(e + 16 * (j), _mm256_madd_epi16(_mm256_unpacklo_epi16(l, h), w));                      \
+            kvq__add8_avx2(e + 16 * (j) + 8, _mm256_madd_epi16(_mm256_unpackhi_epi16(l, h), w));
+            KVQ__WIDEN(0, h0, l0)
+            if (nj > 1) { KVQ__WIDEN(1, h1, l1) }
+            if (nj > 2) { KVQ__WIDEN(2, h2, l2) }
+            if (nj > 3) { KVQ__WIDEN(3, h3, l3) }
+#undef KVQ__WIDEN
+        }
+    }
+    for (t0 = 0; t0 < G; t0 += 16)
+        for (j = 0; j < nj; j++) {
+            const int32_t *e = sum + 4 * t0 + 16 * j;
+            const __m256 u = _mm256_set1_ps(unit[j]), c = _mm256_set1_ps(bias[j]);
+            __m256 lo, hi;
+            kvq__pair_order_avx2(_mm256_fmadd_ps(_mm256_cvtepi32_ps(kvq__load8_avx2(e)), u, c),
+                                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(kvq__load8_avx2(e + 8)), u, c), &lo, &hi);
+            _mm256_storeu_ps(s0 + (size_t)j * KVQ__TILE + t0, lo);
+            _mm256_storeu_ps(s0 + (size_t)j * KVQ__TILE + t0 + 8, hi);
+        }
+}
+KVQ__AVX2_FN void kvq__scores_int_avx2(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
+                                       float *scores) {
+    const uint16_t *sc = (const uint16_t *)(const void *)blk;
+    const uint8_t *codes = blk + 4 * (size_t)D;
+    const __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)); /* |x|: the sign bit off */
+    float qs[KVQ__HEAD_CHUNK * 512], scale[512], mins[512], amax[KVQ__HEAD_CHUNK + 7] = {0}, inv[KVQ__HEAD_CHUNK + 7],
+          unit[KVQ__HEAD_CHUNK + 7], bias[KVQ__HEAD_CHUNK];
+    int32_t qh[KVQ__HEAD_CHUNK * 256], ql[KVQ__HEAD_CHUNK * 256];
+    int j, j0, ch;
+    kvq__to_f32_avx2(scale, sc, D);
+    kvq__to_f32_avx2(mins, sc + D, D);
+    for (j = 0; j < nh; j++) { /* the scaled query and its largest magnitude; the mins are one bias */
+        const float *qj = q + (size_t)j * D;
+        float *sj = qs + (size_t)j * D;
+        __m256 b0 = _mm256_setzero_ps(), b1 = b0, m0 = b0, m1 = b0, v;
+        for (ch = 0; ch < D; ch += 16) { /* two chains: the sums' latency, not the work, bounds this loop */
+            v = _mm256_loadu_ps(qj + ch);
+            b0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(mins + ch), b0);
+            _mm256_storeu_ps(sj + ch, v = _mm256_mul_ps(v, _mm256_loadu_ps(scale + ch)));
+            m0 = _mm256_max_ps(m0, _mm256_and_ps(v, mag));
+            if (ch + 8 == D) break;
+            v = _mm256_loadu_ps(qj + ch + 8);
+            b1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(mins + ch + 8), b1);
+            _mm256_storeu_ps(sj + ch + 8, v = _mm256_mul_ps(v, _mm256_loadu_ps(scale + ch + 8)));
+            m1 = _mm256_max_ps(m1, _mm256_and_ps(v, mag));
+        }
+        bias[j] = kvq__hsum_avx2(_mm256_add_ps(b0, b1));
+        amax[j] = kvq__hmax_avx2(_mm256_max_ps(m0, m1));
+    }
+    for (j = 0; j < nh; j += 8) { /* inv = 32639 / amax (0 where amax is 0), unit = amax / 32639: 8 heads a division */
+        const __m256 a = _mm256_loadu_ps(amax + j);
+        _mm256_storeu_ps(inv + j, _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(KVQ__Q16), a),
+                                                _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GT_OQ)));
+        _mm256_storeu_ps(unit + j, _mm256_div_ps(a, _mm256_set1_ps(KVQ__Q16)));
+    }
+    for (j = 0; j < nh; j++)
+        kvq__query_pairs_avx2(qs + (size_t)j * D, D, inv[j], qh + (size_t)j * D / 2, ql + (size_t)j * D / 2);
+    for (j0 = 0; j0 < nh; j0 += 4) {
+        const int nj = nh - j0 < 4 ? nh - j0 : 4;
+        const int32_t *h = qh + (size_t)j0 * D / 2, *l = ql + (size_t)j0 * D / 2;
+        float *s0 = scores + (size_t)j0 * KVQ__TILE;
+        switch (bits * 8 + (nj == 4)) { /* constant bits and head count in the hot loop */
+        case 17: kvq__scores_int_pass_avx2(codes, D, G, 2, h, l, unit + j0, bias + j0, 4, s0); break;
+        case 25: kvq__scores_int_pass_avx2(codes, D, G, 3, h, l, unit + j0, bias + j0, 4, s0); break;
+        case 33: kvq__scores_int_pass_avx2(codes, D, G, 4, h, l, unit + j0, bias + j0, 4, s0); break;
+        case 16: kvq__scores_int_pass_avx2(codes, D, G, 2, h, l, unit + j0, bias + j0, nj, s0); break;
+        case 24: kvq__scores_int_pass_avx2(codes, D, G, 3, h, l, unit + j0, bias + j0, nj, s0); break;
+        case 32: kvq__scores_int_pass_avx2(codes, D, G, 4, h, l, unit + j0, bias + j0, nj, s0); break;
+        default: kvq__scores_int_pass_avx2(codes, D, G, bits, h, l, unit + j0, bias + j0, nj, s0); break;
+        }
+    }
+}
+
+/* Byte weights of one token for 8 groups: rint(p s x inv), w = p s first (the scalar's rounding). */
+KVQ__AVX2_INLINE __m256i kvq__w8_avx2(__m256 s, float p, __m256 inv) {
+    return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(p), s), inv));
+}
+/* Weights w0 (token t) and w1 (t + 1) of head j as its pair words (w0, w1) twice at wd + j hs. */
+#define KVQ__PAIR_WORDS(j, inv, sum)                                                                              \
+    {                                                                                                             \
+        const __m256i w0 = kvq__w8_avx2(s0, p[(j) * KVQ__TILE + t], inv);                                         \
+        const __m256i w1 = t + 1 < n ? kvq__w8_avx2(s1, p[(j) * KVQ__TILE + t + 1], inv) : _mm256_setzero_si256(); \
+        const __m256i x = _mm256_or_si256(w0, _mm256_slli_epi32(w1, 8));                                         \
+        sum = _mm256_add_epi32(sum, _mm256_add_epi32(w0, w1));                                                    \
+        _mm256_storeu_si256((__m256i *)(void *)(wp + (j) * hs), _mm256_or_si256(x, _mm256_slli_epi32(x, 16)));    \
+    }
+/* The weights of nj <= 4 query heads (kvq__value_weights' bytes) for n tokens, a lane per group, 8
+   groups a vector (masked past ng; params rows [t][scale[ng], min[ng]]): head j's pair words
+   wd[j hs + k gs + g] = (w8_2k, w8_2k+1) twice for the value lanes, and at [j gs + g] its unit,
+   bias (summed in the scalar's order, the heads side by side) and W = sum w8. A token past n
+   weighs 0. */
+KVQ__AVX2_INLINE void kvq__value_weights_avx2(const float *par, int n, int ng, int gs, int top, const float *p,
+                                              const int nj, int32_t *wd, size_t hs, int32_t *wsum, float *unit,
+                                              float *bias) {
+    const __m256 half = _mm256_set1_ps(0.5f * (float)top), zero = _mm256_setzero_ps();
+    const size_t row = 2 * (size_t)ng;
+    int g0, t;
+    for (g0 = 0; g0 < ng; g0 += 8) {
+        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(ng - g0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const float *pg = par + g0;
+        __m256 x0 = _mm256_set1_ps(KVQ__W_MIN), x1 = x0, x2 = x0, x3 = x0, b0 = zero, b1 = zero, b2 = zero, b3 = zero;
+        __m256i u0 = _mm256_setzero_si256(), u1 = u0, u2 = u0, u3 = u0;
+        for (t = 0; t < n; t++) { /* wmax = max p s, bias = sum p (m + s top / 2) */
+            const __m256 s = _mm256_maskload_ps(pg + row * (size_t)t, m);
+            const __m256 mv = _mm256_fmadd_ps(s, half, _mm256_maskload_ps(pg + row * (size_t)t + ng, m));
+#define KVQ__MAX_BIAS(j, x, b)                                                                                    \
+            {                                                                                                     \
+                const __m256 pv = _mm256_set1_ps(p[(j) * KVQ__TILE + t]);                                         \
+                x = _mm256_max_ps(x, _mm256_mul_ps(pv, s));                                                       \
+                b = _mm256_fmadd_ps(pv, mv, b);                                                                   \
+            }
+            KVQ__MAX_BIAS(0, x0, b0)
+            if (nj > 1) KVQ__MAX_BIAS(1, x1, b1)
+            if (nj > 2) KVQ__MAX_BIAS(2, x2, b2)
+            if (nj > 3) KVQ__MAX_BIAS(3, x3, b3)
+#undef KVQ__MAX_BIAS
+        }
+#define KVQ__UNIT_INV(j, x, b) /* unit = wmax / 510, then x = 255 / wmax in place */                          \
+        {                                                                                                         \
+            _mm256_storeu_ps(unit + (j) * gs + g0, _mm256_div_ps(x, _mm256_set1_ps(510.0f)));                     \
+            _mm256_storeu_ps(bias + (j) * gs + g0, b);                                                            \
+            x = _mm256_div_ps(_mm256_set1_ps(255.0f), x);                                                         \
+        }
+        KVQ__UNIT_INV(0, x0, b0)
+        if (nj > 1) KVQ__UNIT_INV(1, x1, b1)
+        if (nj > 2) KVQ__UNIT_INV(2, x2, b2)
+        if (nj > 3) KVQ__UNIT_INV(3, x3, b3)
+#undef KVQ__UNIT_INV
+        for (t = 0; t < n; t += 2) {
+            int32_t *wp = wd + (size_t)(t / 2) * gs + g0;
+            const __m256 s0 = _mm256_maskload_ps(pg + row * (size_t)t, m);
+            const __m256 s1 = t + 1 < n ? _mm256_maskload_ps(pg + row * (size_t)(t + 1), m) : zero;
+            KVQ__PAIR_WORDS(0, x0, u0)
+            if (nj > 1) KVQ__PAIR_WORDS(1, x1, u1)
+            if (nj > 2) KVQ__PAIR_WORDS(2, x2, u2)
+            if (nj > 3) KVQ__PAIR_WORDS(3, x3, u3)
+        }
+        _mm256_storeu_si256((__m256i *)(void *)(wsum + g0), u0);
+        if (nj > 1) _mm256_storeu_si256((__m256i *)(void *)(wsum + gs + g0), u1);
+        if (nj > 2) _mm256_storeu_si256((__m256i *)(void *)(wsum + 2 * gs + g0), u2);
+        if (nj > 3) _mm256_storeu_si256((__m256i *)(void *)(wsum + 3 * gs + g0), u3);
+    }
+}
+#undef KVQ__PAIR_WORDS
+
+/* Values, 16 channels a vector (one group: G % 16 == 0), over token pairs for nj <= 4 heads: the
+   16-bit sums of w8 x code, unsigned, stay below 2^16 for K pairs (8 x 2 x 255 x 15 = 61200 at 4
+   bits), then widen; one float step per vector. A pair's second row past n is a zero row. */
+KVQ__AVX2_INLINE void kvq__acc_int_pass_avx2(const uint8_t *codes, size_t stride, int n, int D, int G, const int bits,
+                                             const int32_t *wd, size_t hs, int gs, const int32_t *wsum,
+                                             const float *unit, const float *bias, const int nj, float *const *acc) {
+    static const uint8_t zero[256] = {0}; /* D <= 512 codes of 4 bits */
+    const int np = (n + 1) / 2, K = 8 << (4 - bits), top = (1 << bits) - 1;
+    const __m256i z = _mm256_setzero_si256();
+    int c0, p0, p;
+    for (c0 = 0; c0 < D; c0 += 16) {
+        const int g = c0 / G;
+        const int32_t *wg = wd + g; /* head j, pair p: wg[j * hs + p * gs] */
+        __m256i a0 = z, b0 = z, a1 = z, b1 = z, a2 = z, b2 = z, a3 = z, b3 = z;
+        for (p0 = 0; p0 < np; p0 += K) {
+            const int p1 = np - p0 < K ? np : p0 + K;
+            __m256i s0 = z, s1 = z, s2 = z, s3 = z;
+            for (p = p0; p < p1; p++) {
+                const uint8_t *ra = codes + stride * (size_t)(2 * p), *rb = 2 * p + 1 < n ? ra + stride : zero;
+                const __m256i v = kvq__pair16_avx2(ra, rb, D, c0, bits);
+                const int32_t *w = wg + (size_t)p * gs;
+                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_set1_epi32(w[0]), v));
+                if (nj > 1) s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_set1_epi32(w[hs]), v));
+                if (nj > 2) s2 = _mm256_add_epi16(s2, _mm256_maddubs_epi16(_mm256_set1_epi32(w[2 * hs]), v));
+                if (nj > 3) s3 = _mm256_add_epi16(s3, _mm256_maddubs_epi16(_mm256_set1_epi32(w[3 * hs]), v));
+            }
+#define KVQ__WIDEN(a, b, s)                                                                                       \
+            a = _mm256_add_epi32(a, _mm256_unpacklo_epi16(s, z));                                                  \
+            b = _mm256_add_epi32(b, _mm256_unpackhi_epi16(s, z));
+            KVQ__WIDEN(a0, b0, s0)
+            if (nj > 1) { KVQ__WIDEN(a1, b1, s1) }
+            if (nj > 2) { KVQ__WIDEN(a2, b2, s2) }
+            if (nj > 3) { KVQ__WIDEN(a3, b3, s3) }
+#undef KVQ__WIDEN
+        }
+#define KVQ__VALUES16(j, a, b)                                                                                    \
+        { /* acc += unit (2 sum - top W) + bias */                                                                \
+            const int i = (j) * gs + g;                                                                           \
+            const __m256i tw = _mm256_set1_epi32(top * wsum[i]);                                                  \
+            const __m256 u = _mm256_set1_ps(unit[i]), c = _mm256_set1_ps(bias[i]);                                \
+            const __m256 ea = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_add_epi32(a, a), tw));                   \
+            const __m256 eb = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_add_epi32(b, b), tw));                   \
+            __m256 lo, hi;                                                                                        \
+            kvq__pair_order_avx2(_mm256_fmadd_ps(ea, u, c), _mm256_fmadd_ps(eb, u, c), &lo, &hi);                 \
+            _mm256_storeu_ps(acc[j] + c0, _mm256_add_ps(_mm256_loadu_ps(acc[j] + c0), lo));                       \
+            _mm256_storeu_ps(acc[j] + c0 + 8, _mm256_add_ps(_mm256_loadu_ps(acc[j] + c0 + 8), hi));               \
+        }
+        KVQ__VALUES16(0, a0, b0)
+        if (nj > 1) KVQ__VALUES16(1, a1, b1)
+        if (nj > 2) KVQ__VALUES16(2, a2, b2)
+        if (nj > 3) KVQ__VALUES16(3, a3, b3)
+#undef KVQ__VALUES16
+    }
+}
+/* n x ng <= KVQ__WMAX (the caller's params, kvq__value_chunk), n <= KVQ__TILE: a head's pair words
+   (n + 1) / 2 x (ng rounded up to 8) fit wd's share. */
+KVQ__AVX2_FN void kvq__acc_int_avx2(const uint8_t *codes, size_t stride, const float *par, int n, int D, int G,
+                                    int bits, const float *p, int nh, float *const *acc) {
+    const int ng = D / G, gs = (ng + 7) & ~7, top = (1 << bits) - 1;
+    const size_t hs = (size_t)(n + 1) / 2 * (size_t)gs;
+    float unit[4 * 32], bias[4 * 32]; /* ng <= 32: G >= 16, D <= 512 */
+    int32_t wd[4 * (KVQ__WMAX / 2 + 4 * KVQ__TILE)], wsum[4 * 32];
+    int j0;
+    for (j0 = 0; j0 < nh; j0 += 4) {
+        const int nj = nh - j0 < 4 ? nh - j0 : 4;
+        const float *p0 = p + (size_t)j0 * KVQ__TILE;
+        if (nj == 4) kvq__value_weights_avx2(par, n, ng, gs, top, p0, 4, wd, hs, wsum, unit, bias);
+        else kvq__value_weights_avx2(par, n, ng, gs, top, p0, nj, wd, hs, wsum, unit, bias);
+        switch (bits * 8 + (nj == 4)) {
+        case 17: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 2, wd, hs, gs, wsum, unit, bias, 4, acc + j0); break;
+        case 25: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 3, wd, hs, gs, wsum, unit, bias, 4, acc + j0); break;
+        case 33: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 4, wd, hs, gs, wsum, unit, bias, 4, acc + j0); break;
+        case 16: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 2, wd, hs, gs, wsum, unit, bias, nj, acc + j0); break;
+        case 24: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 3, wd, hs, gs, wsum, unit, bias, nj, acc + j0); break;
+        case 32: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 4, wd, hs, gs, wsum, unit, bias, nj, acc + j0); break;
+        default:
+            kvq__acc_int_pass_avx2(codes, stride, n, D, G, bits, wd, hs, gs, wsum, unit, bias, nj, acc + j0);
+            break;
+        }
+    }
+}
 #endif /* KVQ__HAVE_AVX2 */
 
 /* ---- AVX-512 (F/BW/DQ/VL): 16 lanes; a D % 16 == 8 tail is masked. Quantize and
@@ -5829,7 +6176,7 @@ KVQ_API kvq_isa kvq_get_isa(void) { return (kvq_isa)kvq__kern(); }
 /* kvq_set_arith's choice; read by every attention call, written only by kvq_set_arith. */
 static int kvq__arith_state = KVQ_ARITH_AUTO;
 static int kvq__native_int(int isa) {
-    return (isa == KVQ_ISA_AVX512 && KVQ__HAVE_AVX512_INT) || (isa == KVQ_ISA_NEON && KVQ__HAVE_NEON_INT);
+    return isa == KVQ_ISA_AVX512 || isa == KVQ_ISA_AVX2 || (isa == KVQ_ISA_NEON && KVQ__HAVE_NEON_INT);
 }
 static int kvq__int_on(void) {
     return kvq__arith_state == KVQ_ARITH_INTEGER || (kvq__arith_state == KVQ_ARITH_AUTO && kvq__native_int(kvq__kern()));

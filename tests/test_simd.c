@@ -268,7 +268,8 @@ static void test_api(void) {
     for (i = 0; i < n_isas; i++) { /* AUTO: integer exactly where the ISA has native integer kernels */
         kvq_set_isa((kvq_isa)isas[i]);
         printf("AUTO on %s: %s kernels\n", kvq_isa_name((kvq_isa)isas[i]), kvq_integer_kernels() ? "integer" : "float");
-        if (isas[i] == KVQ_ISA_AVX2) CHECK(!kvq_integer_kernels(), "AUTO on avx2: float");
+        CHECK(kvq_integer_kernels() == (isas[i] != KVQ_ISA_NEON || KVQ__HAVE_NEON_INT), "AUTO on %s: integer",
+              kvq_isa_name((kvq_isa)isas[i]));
     }
     kvq_set_isa(KVQ_ISA_SCALAR);
     printf("ISAs accepted here:");
