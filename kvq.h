@@ -4957,6 +4957,11 @@ KVQ__AVX512_FN void kvq__search_columns_avx512(const float *xb, int G, const uin
                                                const float *lo, const float *hi, kvq__qparams *best) {
     kvq__search_columns_body(xb, G, w, bits, steps, lo, hi, best);
 }
+#if defined(__GNUC__) && !defined(__clang__) /* as above (PR105593) */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 /* 16-bit value params (kvq__params16), 16 at a time where ng is a power of two <= 16: lanes
    (token, group), T = 16 / ng tokens, decoded exactly as kvq__e5m3 and kvq__min16 do, then
    two permutes write the T tokens' rows [scale[ng], min[ng]]. */
@@ -4996,6 +5001,9 @@ KVQ__AVX512_FN void kvq__params16_avx512(const uint16_t *par, int n, int ng, flo
                                   _mm512_permutex2var_ps(sc, hi, mn));
     }
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 /* AVX-512 shares the AVX2 conversions and quantizers */
 #define kvq__to_f16_avx512 kvq__to_f16_avx2
 #define kvq__to_f32_avx512 kvq__to_f32_avx2
@@ -5022,6 +5030,11 @@ KVQ__AVX512_FN void kvq__butterflies_avx512(float *x, int n, int len) {
    lanes are built in registers from the stored rows: one vpermb gathers each lane's bytes, a
    per-lane shift (or rotate, for a 3-bit high plane) brings its codes to bit 0. ---- */
 #if KVQ__HAVE_AVX512_INT
+#if defined(__GNUC__) && !defined(__clang__) /* g++ 12 warns inside its own AVX-512 intrinsics (PR105593) */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #define KVQ__INT512_FN static KVQ__TARGET_AVX512_INT
 #define KVQ__INT512_INLINE static KVQ__INLINE KVQ__TARGET_AVX512_INT
 
@@ -5348,6 +5361,9 @@ KVQ__INT512_FN void kvq__acc_int_avx512(const uint8_t *codes, size_t stride, con
         }
     }
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #else
 #define kvq__scores_int_avx512 kvq__scores_int_avx2 /* AVX-512 without VNNI or VBMI */
 #define kvq__acc_int_avx512 kvq__acc_int_avx2
