@@ -2424,6 +2424,29 @@ static int kvq__tile_end(const kvq_cache *c, int t, int hi) {
     return end < hi ? end : hi;
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+#define KVQ__PREFETCH(p) __builtin_prefetch((p), 0, 0)
+#else
+#define KVQ__PREFETCH(p) ((void)(p))
+#endif
+/* Starts loading the quantized key blocks and values of tokens [t0, t1) of head h (the tile after
+   the one being computed): at 64K tokens the cache streams from DRAM, and the tiles' few streams
+   stalled on it without this (one prefetch per 64-byte line, about one per token). */
+static void kvq__prefetch_tile(const kvq_cache *c, int h, int t0, int t1) {
+    const int S = c->cfg.sink_tokens, G = c->kb;
+    int p0 = t0 - S, p1 = t1 - S, b;
+    size_t i, n;
+    const uint8_t *x;
+    if (p0 < 0 || p1 <= p0) return;
+    for (b = p0 / G; b < c->n_kblocks && b * G < p1; b++)
+        for (x = kvq__key_block(c, h, b), i = 0; i < c->kblock_bytes; i += 64) KVQ__PREFETCH(x + i);
+    if (p1 > c->n_vquant) p1 = c->n_vquant;
+    if (p1 <= p0) return;
+    n = (size_t)(p1 - p0);
+    for (x = kvq__value_codes(c, h, p0), i = 0; i < n * c->vcode_bytes; i += 64) KVQ__PREFETCH(x + i);
+    for (x = (const uint8_t *)kvq__value_params(c, h, p0), i = 0; i < n * c->vparam_bytes; i += 64) KVQ__PREFETCH(x + i);
+}
+
 /* Online softmax over tokens [lo, hi) of head h, for nh <= KVQ__HEAD_CHUNK query vectors
    q[j*D]. Tiles outside, heads inside: each tile of K and V is read once for all nh heads. */
 static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh, float scale, int lo, int hi,
@@ -2443,6 +2466,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
     for (t0 = lo; t0 < hi;) {
         int t1 = kvq__tile_end(c, t0, hi), n = t1 - t0, pos = t0 - S;
         float *sp = scores; /* scores of token t0, head 0 */
+        if (t1 < hi) kvq__prefetch_tile(c, h, t1, kvq__tile_end(c, t1, hi));
         if (t0 >= S && pos < c->n_kblocks * G) { /* whole blocks, G scores each, from pos's block */
             int b;
             if (c->cfg.key_bits != 16) {
