@@ -67,11 +67,11 @@
 #define KVQ_H_INCLUDED
 
 #define KVQ_VERSION_MAJOR 0
-#define KVQ_VERSION_MINOR 3
+#define KVQ_VERSION_MINOR 4
 #define KVQ_VERSION_PATCH 0
 #define KVQ_VERSION_NUMBER \
     (KVQ_VERSION_MAJOR * 10000 + KVQ_VERSION_MINOR * 100 + KVQ_VERSION_PATCH)
-#define KVQ_VERSION_STRING "0.3.0" /* MAJOR.MINOR.PATCH; CHANGELOG.md says what each changed */
+#define KVQ_VERSION_STRING "0.4.0" /* MAJOR.MINOR.PATCH; CHANGELOG.md says what each changed */
 
 #include <stddef.h>
 #include <stdint.h>
