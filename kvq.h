@@ -275,7 +275,8 @@ KVQ_API kvq_status kvq_attention_state_init(const kvq_cache *c, const kvq_attn_p
    kvq_attention checks it (so a cache with fewer than p->n_queries tokens is refused), and
    no output may overlap another output, any query, any cache or the plan's memory. It cuts
    the work (tokens x KV heads over all sequences) into n_threads shares, each less than
-   G + 1 from the mean (G the largest group_size: one tile), so one 64K-token sequence among
+   one tile + 1 from the mean (a tile: up to 128 tokens of whole key blocks; one block in a
+   cache with a side store), cut where a single call's tiles end, so one 64K-token sequence among
    many short ones is spread over every thread. The plan lives in mem (any alignment;
    kvq_batch_plan_bytes() sizes it, 0 for bad arguments, and less gives KVQ_ERR_BUFFER) and
    binds caches, q and out: do not move it, change q, or append to the caches until the batch
@@ -4388,8 +4389,8 @@ KVQ__AVX2_INLINE void kvq__scores_int_pass_avx2(const uint8_t *codes, int D, int
                 const uint8_t *r = codes + 2 * rb * (size_t)p;
                 const __m256i v = kvq__pair16_avx2(r, r + rb, G, t0, bits);
 #define KVQ__PAIR_DOT(j, h, l)                                                                                    \
-                h = _mm256_add_epi16(h, _mm256_maddubs_epi16(v, _mm256_set1_epi32(qh[(j) * np + p])));            \
-                l = _mm256_add_epi16(l, _mm256_maddubs_epi16(v, _mm256_set1_epi32(ql[(j) * np + p])));
+                (h) = _mm256_add_epi16(h, _mm256_maddubs_epi16(v, _mm256_set1_epi32(qh[(j) * np + p])));          \
+                (l) = _mm256_add_epi16(l, _mm256_maddubs_epi16(v, _mm256_set1_epi32(ql[(j) * np + p])));
                 KVQ__PAIR_DOT(0, h0, l0)
                 if (nj > 1) { KVQ__PAIR_DOT(1, h1, l1) }
                 if (nj > 2) { KVQ__PAIR_DOT(2, h2, l2) }
@@ -4480,7 +4481,7 @@ KVQ__AVX2_INLINE __m256i kvq__w8_avx2(__m256 s, float p, __m256 inv) {
         const __m256i w0 = kvq__w8_avx2(s0, p[(j) * KVQ__TILE + t], inv);                                         \
         const __m256i w1 = t + 1 < n ? kvq__w8_avx2(s1, p[(j) * KVQ__TILE + t + 1], inv) : _mm256_setzero_si256(); \
         const __m256i x = _mm256_or_si256(w0, _mm256_slli_epi32(w1, 8));                                         \
-        sum = _mm256_add_epi32(sum, _mm256_add_epi32(w0, w1));                                                    \
+        (sum) = _mm256_add_epi32(sum, _mm256_add_epi32(w0, w1));                                                  \
         _mm256_storeu_si256((__m256i *)(void *)(wp + (j) * hs), _mm256_or_si256(x, _mm256_slli_epi32(x, 16)));    \
     }
 /* The weights of nj <= 4 query heads (kvq__value_weights' bytes) for n tokens, a lane per group, 8
@@ -4505,8 +4506,8 @@ KVQ__AVX2_INLINE void kvq__value_weights_avx2(const float *par, int n, int ng, i
 #define KVQ__MAX_BIAS(j, x, b)                                                                                    \
             {                                                                                                     \
                 const __m256 pv = _mm256_set1_ps(p[(j) * KVQ__TILE + t]);                                         \
-                x = _mm256_max_ps(x, _mm256_mul_ps(pv, s));                                                       \
-                b = _mm256_fmadd_ps(pv, mv, b);                                                                   \
+                (x) = _mm256_max_ps(x, _mm256_mul_ps(pv, s));                                                     \
+                (b) = _mm256_fmadd_ps(pv, mv, b);                                                                 \
             }
             KVQ__MAX_BIAS(0, x0, b0)
             if (nj > 1) KVQ__MAX_BIAS(1, x1, b1)
@@ -4518,7 +4519,7 @@ KVQ__AVX2_INLINE void kvq__value_weights_avx2(const float *par, int n, int ng, i
         {                                                                                                         \
             _mm256_storeu_ps(unit + (j) * gs + g0, _mm256_div_ps(x, _mm256_set1_ps(510.0f)));                     \
             _mm256_storeu_ps(bias + (j) * gs + g0, b);                                                            \
-            x = _mm256_div_ps(_mm256_set1_ps(255.0f), x);                                                         \
+            (x) = _mm256_div_ps(_mm256_set1_ps(255.0f), x);                                                       \
         }
         KVQ__UNIT_INV(0, x0, b0)
         if (nj > 1) KVQ__UNIT_INV(1, x1, b1)
@@ -4569,8 +4570,8 @@ KVQ__AVX2_INLINE void kvq__acc_int_pass_avx2(const uint8_t *codes, size_t stride
                 if (nj > 3) s3 = _mm256_add_epi16(s3, _mm256_maddubs_epi16(_mm256_set1_epi32(w[3 * hs]), v));
             }
 #define KVQ__WIDEN(a, b, s)                                                                                       \
-            a = _mm256_add_epi32(a, _mm256_unpacklo_epi16(s, z));                                                  \
-            b = _mm256_add_epi32(b, _mm256_unpackhi_epi16(s, z));
+            (a) = _mm256_add_epi32(a, _mm256_unpacklo_epi16(s, z));                                                \
+            (b) = _mm256_add_epi32(b, _mm256_unpackhi_epi16(s, z));
             KVQ__WIDEN(a0, b0, s0)
             if (nj > 1) { KVQ__WIDEN(a1, b1, s1) }
             if (nj > 2) { KVQ__WIDEN(a2, b2, s2) }
@@ -5323,19 +5324,19 @@ KVQ__INT512_INLINE void kvq__acc_int_pass512(const uint8_t *codes, size_t stride
             wp[m] = w8 + 4 * (size_t)((c0 + 16 * (m < nm ? m : nm - 1)) / G);
         for (t = 0; t < n; t += 4) {
             const __m512i x = kvq__rows4_int512(codes, stride, t, n, (size_t)off, len);
-            const __m512i xh = bits == 3 ? kvq__rows4_int512(codes, stride, t, n, (size_t)(D / 4 + off / 2), len / 2) : x;
+            const __m512i xh = bits == 3 ? kvq__rows4_int512(codes, stride, t, n, (size_t)D / 4 + (size_t)off / 2, len / 2) : x;
             const size_t wt = (size_t)t * ng; /* token quad t / 4: 4 ng bytes */
             __m512i v;
-#define KVQ__W(m, j) kvq__word_int512((const int8_t *)(const void *)(wp[m] + (j) * wstride + wt))
+#define KVQ__W(m, j) kvq__word_int512((const int8_t *)(const void *)(wp[(m)] + (j) * wstride + wt))
 #define KVQ__VALUE_VECTOR(m, A0, A1, A2, A3)                                                                       \
-            v = _mm512_srlv_epi32(_mm512_permutexvar_epi8(idx[m], x), sh);                                         \
+            v = _mm512_srlv_epi32(_mm512_permutexvar_epi8(idx[(m)], x), sh);                                         \
             if (bits == 3) /* ternary logic 0xd8 = c ? b : a, bitwise: bit 2 from the high plane */               \
-                v = _mm512_ternarylogic_epi32(v, _mm512_rolv_epi32(_mm512_permutexvar_epi8(hidx[m], xh), ro), four, 0xd8); \
+                v = _mm512_ternarylogic_epi32(v, _mm512_rolv_epi32(_mm512_permutexvar_epi8(hidx[(m)], xh), ro), four, 0xd8); \
             v = _mm512_and_si512(v, low);                                                                          \
-            A0 = _mm512_dpbusd_epi32(A0, KVQ__W(m, 0), v);                                                         \
-            if (nj > 1) A1 = _mm512_dpbusd_epi32(A1, KVQ__W(m, 1), v);                                             \
-            if (nj > 2) A2 = _mm512_dpbusd_epi32(A2, KVQ__W(m, 2), v);                                             \
-            if (nj > 3) A3 = _mm512_dpbusd_epi32(A3, KVQ__W(m, 3), v);
+            (A0) = _mm512_dpbusd_epi32(A0, KVQ__W(m, 0), v);                                                       \
+            if (nj > 1) (A1) = _mm512_dpbusd_epi32(A1, KVQ__W(m, 1), v);                                           \
+            if (nj > 2) (A2) = _mm512_dpbusd_epi32(A2, KVQ__W(m, 2), v);                                           \
+            if (nj > 3) (A3) = _mm512_dpbusd_epi32(A3, KVQ__W(m, 3), v);
             KVQ__VALUE_VECTOR(0, a00, a01, a02, a03)
             KVQ__VALUE_VECTOR(1, a10, a11, a12, a13)
             if (per > 2) {
