@@ -437,12 +437,14 @@ extern "C" {
 #define KVQ__HAVE_SIMD (KVQ__HAVE_AVX2 || KVQ__HAVE_AVX512 || KVQ__HAVE_NEON)
 /* The AVX-512 integer attention kernels need VNNI (vpdpbusd) and VBMI (vpermb); a runtime-dispatch
    build requires both of an AVX-512 CPU (older ones take the AVX2 kernels there). */
-#if KVQ__HAVE_AVX512 && (KVQ__RUNTIME || (defined(__AVX512VNNI__) && defined(__AVX512VBMI__)))
+/* KVQ__ANALYZER (make lint's gcc -fanalyzer steps, which take over 10 minutes on the unrolled integer
+   kernels) takes the portable integer kernels instead; clang-tidy and cppcheck see the SIMD ones. */
+#if KVQ__HAVE_AVX512 && (KVQ__RUNTIME || (defined(__AVX512VNNI__) && defined(__AVX512VBMI__))) && !defined(KVQ__ANALYZER)
 #define KVQ__HAVE_AVX512_INT 1
 #else
 #define KVQ__HAVE_AVX512_INT 0
 #endif
-#if KVQ__HAVE_NEON && defined(__ARM_FEATURE_DOTPROD) /* sdot, udot (Armv8.2) */
+#if KVQ__HAVE_NEON && defined(__ARM_FEATURE_DOTPROD) && !defined(KVQ__ANALYZER) /* sdot, udot (Armv8.2) */
 #define KVQ__HAVE_NEON_INT 1
 #else
 #define KVQ__HAVE_NEON_INT 0
@@ -4276,6 +4278,7 @@ KVQ__AVX2_FN void kvq__butterflies_avx2(float *x, int n, int len) {
         }
 }
 #define kvq__params16_avx2 kvq__params16_scalar
+#if !defined(KVQ__ANALYZER) /* make lint's gcc -fanalyzer: the integer kernels are the reference there */
 /* ---- AVX2 integer attention, the scheme of "Integer attention". No vpdpbusd here: vpmaddubsw
    (u8 x s8, adjacent products summed to 16 bits) on word lanes that each hold two codes of one
    token (keys: channels c, c + 1) or of one channel (values: tokens t, t + 1), summed in 16 bits
@@ -4624,6 +4627,10 @@ KVQ__AVX2_FN void kvq__acc_int_avx2(const uint8_t *codes, size_t stride, const f
         }
     }
 }
+#else
+#define kvq__scores_int_avx2 kvq__scores_int_scalar
+#define kvq__acc_int_avx2 kvq__acc_int_scalar
+#endif /* !KVQ__ANALYZER */
 #endif /* KVQ__HAVE_AVX2 */
 
 /* ---- AVX-512 (F/BW/DQ/VL): 16 lanes; a D % 16 == 8 tail is masked. Quantize and
