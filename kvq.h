@@ -249,7 +249,12 @@ KVQ_API kvq_status kvq_attention_prefill_partial(const kvq_cache *c, const float
    (rotated back to the caller's space). Partial calls only read the cache: any number may
    run concurrently, into distinct states or disjoint rows of one. They record no salience
    (a partial sees no final softmax): with salient_ratio > 0 and the attention policy, call
-   kvq_attention, or tokens are chosen by the error policy. */
+   kvq_attention, or tokens are chosen by the error policy. With the integer kernels
+   (kvq_set_arith) softmax weights are quantized per run of tokens from a tile's start: a
+   token range that begins inside a tile (a tile: the whole key blocks that fit in 128 tokens,
+   from a multiple of that span after the sinks) runs other runs than the whole call, so the merged
+   output matches it within the integer contract (1e-4), not to rounding; ranges cut at tile
+   boundaries, as kvq_batch_plan cuts them, match it to rounding. */
 /* The rotation M = H diag(signs(seed)) / sqrt(n) that KVQ_ROTATE_HADAMARD applies, and its
    inverse M^T, in place on x[0..n); n a multiple of 8 from 8 to 512. */
 KVQ_API kvq_status kvq_hadamard(float *x, int n, unsigned seed);
