@@ -45,11 +45,14 @@ project(kvq_consumer C)
 if(KVQ_SOURCE)
   add_subdirectory(${KVQ_SOURCE} kvq)
 else()
-  find_package(kvq 0.3 REQUIRED)
+  find_package(kvq @KVQ_MAJOR_MINOR@ REQUIRED)
 endif()
 add_executable(app main.c)
 target_link_libraries(app PRIVATE kvq::kvq)
 CM
+# the version asked for is this kvq.h's MAJOR.MINOR
+mm=$(sed -n 's/^#define KVQ_VERSION_STRING "\([0-9]*\.[0-9]*\)\..*/\1/p' "$here/kvq.h")
+sed "s/@KVQ_MAJOR_MINOR@/$mm/" "$work/app/CMakeLists.txt" > "$work/app/CMakeLists.v" && mv "$work/app/CMakeLists.v" "$work/app/CMakeLists.txt"
 
 # 1. make install, then pkg-config and find_package against it
 step make-install make -C "$here" -s install PREFIX="$work/prefix-make"
@@ -63,7 +66,7 @@ step cmake-install sh -c "cmake -S '$here' -B '$work/kvq-build' -DCMAKE_INSTALL_
     cmake --install '$work/kvq-build'"
 step find-package-cmake sh -c "cmake -S '$work/app' -B '$work/b2' -DCMAKE_PREFIX_PATH='$work/prefix-cmake' &&
     cmake --build '$work/b2' && '$work/b2/app'"
-step find-package-refuses-9 sh -c "sed 's/find_package(kvq 0.3 REQUIRED)/find_package(kvq 9.0 REQUIRED)/' '$work/app/CMakeLists.txt' > '$work/app/CMakeLists.9' &&
+step find-package-refuses-9 sh -c "sed 's/find_package(kvq [0-9.]* REQUIRED)/find_package(kvq 9.0 REQUIRED)/' '$work/app/CMakeLists.txt' > '$work/app/CMakeLists.9' &&
     mkdir -p '$work/app9' && cp '$work/app/main.c' '$work/app9/' && cp '$work/app/CMakeLists.9' '$work/app9/CMakeLists.txt' &&
     ! cmake -S '$work/app9' -B '$work/b9' -DCMAKE_PREFIX_PATH='$work/prefix-cmake'"
 # 3. add_subdirectory on the source tree
