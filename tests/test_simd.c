@@ -414,6 +414,28 @@ static void test_long(void) {
         }
 }
 
+/* A dump layer in append's layout: K, V [T][H][D] and the last nq tokens' queries [nq][QH][D]
+   (allocated here); 0 when the dump lacks Kpost, V or Qpost. */
+static int dump_layer(const kvqd_dump *d, int layer, int nq, float **K, float **V, float **q) {
+    const int T = d->n_tokens, H = d->n_kv_heads, D = d->head_dim, QH = d->n_heads;
+    const float *Kd = kvqd_dump_tensor(d, layer, KVQD_KPOST), *Vd = kvqd_dump_tensor(d, layer, KVQD_V);
+    const float *Qd = kvqd_dump_tensor(d, layer, KVQD_QPOST);
+    int t, h;
+    if (!Kd || !Vd || !Qd) return 0;
+    *K = (float *)tu_alloc((size_t)T * H * D * 4);
+    *V = (float *)tu_alloc((size_t)T * H * D * 4);
+    *q = (float *)tu_alloc((size_t)nq * QH * D * 4);
+    for (t = 0; t < T; t++)
+        for (h = 0; h < H; h++) {
+            memcpy(*K + ((size_t)t * H + h) * D, Kd + ((size_t)h * T + t) * D, (size_t)D * 4);
+            memcpy(*V + ((size_t)t * H + h) * D, Vd + ((size_t)h * T + t) * D, (size_t)D * 4);
+        }
+    for (t = 0; t < nq; t++)
+        for (h = 0; h < QH; h++)
+            memcpy(*q + ((size_t)t * QH + h) * D, Qd + ((size_t)h * T + (T - nq + t)) * D, (size_t)D * 4);
+    return 1;
+}
+
 /* Real keys, values and queries: every layer of the KV dumps, the last 4 tokens as queries. */
 static void test_real(void) {
     static const char *files[] = {"stories260K_gen.kvd", "babyllama105_gen.kvd"};
@@ -439,29 +461,16 @@ static void test_real(void) {
         for (layer = 0; layer < d.n_layers; layer++)
             for (bi = 0; bi < 3; bi++) {
                 const int T = d.n_tokens, H = d.n_kv_heads, D = d.head_dim, QH = d.n_heads, nq = 4;
-                const float *Kd = kvqd_dump_tensor(&d, layer, KVQD_KPOST), *Vd = kvqd_dump_tensor(&d, layer, KVQD_V);
-                const float *Qd = kvqd_dump_tensor(&d, layer, KVQD_QPOST);
                 float *K, *V, *q, *ref, *out;
                 kvq_config cfg = kvq_default_config(D, H, T);
                 kvq_attn_params ap;
                 kvq_cache *base, *c;
-                int t, h, i;
-                if (!Kd || !Vd || !Qd) { CHECK(0, "%s lacks Kpost/V/Qpost", files[f]); break; }
+                int i;
+                if (!dump_layer(&d, layer, nq, &K, &V, &q)) { CHECK(0, "%s lacks Kpost/V/Qpost", files[f]); break; }
                 cfg.key_bits = cfg.value_bits = bits[bi];
                 cfg.group_size = 16;
-                K = (float *)tu_alloc((size_t)T * H * D * 4);
-                V = (float *)tu_alloc((size_t)T * H * D * 4);
-                q = (float *)tu_alloc((size_t)nq * QH * D * 4);
                 ref = (float *)tu_alloc((size_t)nq * QH * D * 4);
                 out = (float *)tu_alloc((size_t)nq * QH * D * 4);
-                for (t = 0; t < T; t++)
-                    for (h = 0; h < H; h++) {
-                        memcpy(K + ((size_t)t * H + h) * D, Kd + ((size_t)h * T + t) * D, (size_t)D * 4);
-                        memcpy(V + ((size_t)t * H + h) * D, Vd + ((size_t)h * T + t) * D, (size_t)D * 4);
-                    }
-                for (t = 0; t < nq; t++)
-                    for (h = 0; h < QH; h++)
-                        memcpy(q + ((size_t)t * QH + h) * D, Qd + ((size_t)h * T + (T - nq + t)) * D, (size_t)D * 4);
                 ap.n_q_heads = QH;
                 ap.n_queries = nq;
                 ap.scale = 0.0f;
@@ -616,27 +625,13 @@ static void test_integer_real(void) {
         for (layer = 0; layer < d.n_layers; layer++)
             for (ci = 0; ci < 2; ci++) {
                 const int T = d.n_tokens, H = d.n_kv_heads, D = d.head_dim, QH = d.n_heads, nq = 4;
-                const float *Kd = kvqd_dump_tensor(&d, layer, KVQD_KPOST), *Vd = kvqd_dump_tensor(&d, layer, KVQD_V);
-                const float *Qd = kvqd_dump_tensor(&d, layer, KVQD_QPOST);
                 kvq_config cfg = kvq_default_config(D, H, T);
                 kvq_attn_params ap = {QH, nq, 0.0f};
                 kvq_cache *c = NULL;
                 float *K, *V, *q;
                 char what[96];
-                int t, h;
-                if (!Kd || !Vd || !Qd) { CHECK(0, "%s lacks Kpost/V/Qpost", files[f]); break; }
+                if (!dump_layer(&d, layer, nq, &K, &V, &q)) { CHECK(0, "%s lacks Kpost/V/Qpost", files[f]); break; }
                 if (ci) { cfg.key_bits = 3; cfg.key_block = 64; cfg.value_param_bits = 16; }
-                K = (float *)tu_alloc((size_t)T * H * D * 4);
-                V = (float *)tu_alloc((size_t)T * H * D * 4);
-                q = (float *)tu_alloc((size_t)nq * QH * D * 4);
-                for (t = 0; t < T; t++)
-                    for (h = 0; h < H; h++) {
-                        memcpy(K + ((size_t)t * H + h) * D, Kd + ((size_t)h * T + t) * D, (size_t)D * 4);
-                        memcpy(V + ((size_t)t * H + h) * D, Vd + ((size_t)h * T + t) * D, (size_t)D * 4);
-                    }
-                for (t = 0; t < nq; t++)
-                    for (h = 0; h < QH; h++)
-                        memcpy(q + ((size_t)t * QH + h) * D, Qd + ((size_t)h * T + (T - nq + t)) * D, (size_t)D * 4);
                 CHECK(kvq_cache_create(&c, &cfg) == KVQ_OK && kvq_cache_append(c, K, V, T) == KVQ_OK, "%s", files[f]);
                 snprintf(what, sizeof what, "%s layer %d %s", files[f], layer, ci ? "k3v2b64p16" : "default");
                 if (c) check_contract(c, q, &ap, what);
