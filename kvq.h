@@ -67,11 +67,11 @@
 #define KVQ_H_INCLUDED
 
 #define KVQ_VERSION_MAJOR 0
-#define KVQ_VERSION_MINOR 4
+#define KVQ_VERSION_MINOR 5
 #define KVQ_VERSION_PATCH 0
 #define KVQ_VERSION_NUMBER \
     (KVQ_VERSION_MAJOR * 10000 + KVQ_VERSION_MINOR * 100 + KVQ_VERSION_PATCH)
-#define KVQ_VERSION_STRING "0.4.0" /* MAJOR.MINOR.PATCH; CHANGELOG.md says what each changed */
+#define KVQ_VERSION_STRING "0.5.0" /* MAJOR.MINOR.PATCH; CHANGELOG.md says what each changed */
 
 #include <stddef.h>
 #include <stdint.h>
@@ -124,11 +124,11 @@ typedef struct kvq_config {
     int head_dim;        /* channels per head; any multiple of 8 from 8 to 512 */
     int n_kv_heads;      /* KV heads stored in this cache (one layer, one sequence) */
     int max_tokens;      /* capacity */
-    int key_bits;        /* 2 (default), 3, 4, 8; 16 = fp16 (the baseline) */
-    int value_bits;      /* same set as key_bits */
+    int key_bits;        /* 2, 3 (default), 4, 8; 16 = fp16 (the baseline) */
+    int value_bits;      /* same set as key_bits; default 2 */
     int group_size;      /* G: channels per value group (and per key group with per-token keys); 16, 32
                             (default), 64, 128 */
-    int residual_tokens; /* newest tokens kept in fp16; default 128; 0 = none; multiple of G */
+    int residual_tokens; /* newest tokens kept in fp16; default 128; 0 = none; multiple of the key block */
     int sink_tokens;     /* first tokens kept in fp16; default 4 */
     int rotation;        /* KVQ_ROTATE_NONE or KVQ_ROTATE_HADAMARD */
     unsigned seed;       /* random signs of the rotation */
@@ -139,11 +139,13 @@ typedef struct kvq_config {
     int range_search;    /* 2-8 (default 4): the range of each 2-bit key group and 2- or 3-bit value
                             group is the best of n clipped ranges a side (least squared error; keys
                             weighted by recorded attention); 0 or 1: min/max ranges (KIVI) */
-    int key_block;       /* tokens per key block (keys per channel): 16, 32, 64, 128; 0 = group_size */
-    int value_param_bits; /* a value group's scale and min: 32 (two fp16; 0 means 32) or 16 (an
-                             8-bit float scale and an int8 min in units of scale/16), for 2- and
-                             3-bit values: above, the min's range, [-8, 8) scales, is too narrow
-                             and a grid of 2^b - 1 scales can pass 2 x 65504 */
+    int key_block;       /* tokens per key block (keys per channel): 16, 32, 64 (default), 128;
+                            0 = group_size; residual_tokens is a multiple of it */
+    int value_param_bits; /* a value group's scale and min: 32 (two fp16; 0 means 32) or 16 (default:
+                             an 8-bit float scale and an int8 min in units of scale/16). 16 applies
+                             to 2- and 3-bit values; 4- and 8-bit values keep 32 whatever this says
+                             (the min's range, [-8, 8) scales, is too narrow for them, and a grid of
+                             2^b - 1 scales can pass 2 x 65504) */
     int rollback_tokens; /* 0-4096 (default 16; 0 = none): kvq_cache_truncate() undoes up to this
                             many of the newest appends exactly (speculative decoding's drafts);
                             costs up to 4 * head_dim bytes per token per KV head (see truncate) */
@@ -561,7 +563,9 @@ static size_t kvq__token_param_bytes(const kvq_config *cfg, int bits) {
     return bits == 16 ? 0 : 4 * (size_t)kvq__value_groups(cfg);
 }
 /* Bits of a value group's scale and min: 32 (two fp16) or 16 (see kvq__fit_range16). */
-static int kvq__vpb(const kvq_config *cfg) { return cfg->value_param_bits == 16 ? 16 : 32; }
+static int kvq__vpb(const kvq_config *cfg) {
+    return cfg->value_param_bits == 16 && cfg->value_bits <= 3 ? 16 : 32; /* 4-, 8-bit values: see kvq_config */
+}
 static size_t kvq__value_param_bytes(const kvq_config *cfg) {
     return kvq__token_param_bytes(cfg, cfg->value_bits) / (kvq__vpb(cfg) == 16 ? 2 : 1);
 }
@@ -818,7 +822,7 @@ static KVQ__INLINE void kvq__search_ij(int k, int steps, int i_best, int *i, int
 }
 
 /* The search over one group x[0..n) (n a multiple of 8), unweighted: values, keys per token.
-   Each side's candidates are scored in one pass over x (one load, independent sums). */
+   Each candidate's sum is eight lanes, each in order over x, combined in a fixed tree. */
 static KVQ__INLINE kvq__qparams kvq__search_group_body(const float *x, int n, int bits, int pbits, int steps,
                                                         float lo, float hi) {
     const float top = (float)((1 << bits) - 1);
@@ -834,8 +838,8 @@ static KVQ__INLINE kvq__qparams kvq__search_group_body(const float *x, int n, in
             c[k] = kvq__search_candidate(lo, hi, bits, pbits, step, i, j);
             for (l = 0; l < 8; l++) acc[k][l] = 0.0f;
         }
-        for (t = 0; t < n; t += 8) /* eight lanes per candidate, combined in a fixed order */
-            for (k = 0; k < nk; k++)
+        for (k = 0; k < nk; k++) /* candidate by candidate: measured faster than one pass over x */
+            for (t = 0; t < n; t += 8)
                 for (l = 0; l < 8; l++) acc[k][l] += kvq__search_term(x[t + l], c[k].m, c[k].r, top);
         for (k = 0; k < nk; k++) {
             const float *a = acc[k];
@@ -1161,7 +1165,7 @@ KVQ_API kvq_config kvq_default_config(int head_dim, int n_kv_heads, int max_toke
     c.head_dim = head_dim;
     c.n_kv_heads = n_kv_heads;
     c.max_tokens = max_tokens;
-    c.key_bits = 2;
+    c.key_bits = 3; /* K3V2, 3.0 bits: README, "Why the default is K3V2" */
     c.value_bits = 2;
     c.group_size = 32;
     c.residual_tokens = 128;
@@ -1173,8 +1177,8 @@ KVQ_API kvq_config kvq_default_config(int head_dim, int n_kv_heads, int max_toke
     c.salient_policy = KVQ_SALIENT_ATTENTION;
     c.key_axis = KVQ_KEYS_PER_CHANNEL;
     c.range_search = 4; /* measured: README, "Range search" */
-    c.key_block = 0; /* = group_size */
-    c.value_param_bits = 32;
+    c.key_block = 64;
+    c.value_param_bits = 16;
     c.rollback_tokens = 16; /* drafts of 4-16 tokens; 15 value rows a head: README, "Integrating into a runtime" */
     return c;
 }
@@ -1201,8 +1205,6 @@ KVQ_API kvq_status kvq_config_check(const kvq_config *cfg) {
     if ((st = kvq__check_group(cfg->group_size)) != KVQ_OK) return st;
     if (cfg->key_block && (st = kvq__check_group(cfg->key_block)) != KVQ_OK) return st;
     if (cfg->value_param_bits && cfg->value_param_bits != 32 && cfg->value_param_bits != 16) return KVQ_ERR_INVALID;
-    if (cfg->value_param_bits == 16 && (cfg->value_bits == 4 || cfg->value_bits == 8)) /* see kvq_config */
-        return KVQ_ERR_UNSUPPORTED;
     if (cfg->residual_tokens < 0 || cfg->residual_tokens > KVQ__MAX_TOKENS || cfg->residual_tokens % kvq__kb(cfg))
         return KVQ_ERR_INVALID;
     if (cfg->sink_tokens < 0 || cfg->sink_tokens > cfg->max_tokens) return KVQ_ERR_INVALID;

@@ -50,7 +50,7 @@ typedef struct cfgspec {
     int search;        /* range_search: -1 = kvq_default_config's, 0 = min/max ranges */
     int vbits;         /* value bits when they differ from bits (0: the same) */
     int key_block;     /* tokens per key block (0: group_size) */
-    int pbits;         /* value_param_bits (0: the default) */
+    int pbits;         /* value_param_bits (0 = 32: fp16 params) */
     kvq_arith arith;   /* attention arithmetic (KVQ_ARITH_AUTO: integer where the ISA has it) */
 } cfgspec;
 
@@ -68,7 +68,7 @@ static const cfgspec CFGS[] = {
     {2, 0, "kvq-2c0", "kvq 2-bit, min/max ranges", "#7f7f7f", 0, 0, 0, 0, 0, 0, KVQ_ARITH_AUTO},
     {2, 0, "kvq-2p32", "kvq 2-bit, fp16 value params", "#aec7e8", 0, 0, -1, 0, 0, 32, KVQ_ARITH_AUTO},
     {2, 0, "kvq-2p16", "kvq 2-bit, 16-bit value params", "#c5b0d5", 0, 0, -1, 0, 0, 16, KVQ_ARITH_AUTO},
-    {3, 0, "kvq-k3v2", "kvq 3-bit K (blocks of 64), 2-bit V (16-bit params)", "#393b79", 0, 0, -1, 2, 64, 16, KVQ_ARITH_AUTO},
+    {3, 0, "kvq-k3v2", "kvq K3V2, the default: 3-bit K (blocks of 64), 2-bit V (16-bit params)", "#393b79", 0, 0, -1, 2, 64, 16, KVQ_ARITH_AUTO},
     {2, 0, "kvq-2f", "kvq 2-bit, float kernels", "#637939", 0, 0, -1, 0, 0, 0, KVQ_ARITH_FLOAT},
     {3, 0, "kvq-k3v2f", "kvq K3/V2 (as kvq-k3v2), float kernels", "#8c6d31", 0, 0, -1, 2, 64, 16, KVQ_ARITH_FLOAT},
 };

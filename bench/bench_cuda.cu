@@ -132,6 +132,8 @@ int main(int argc, char **argv) {
             kvq_attn_params ap = {HQ, 1, 0.0f};
             int filled = 0;
             cfg.key_bits = cfg.value_bits = bits_list[bi];
+            cfg.key_block = 0;         /* kNvN: blocks of G and fp16 value params, as the CPU bench's kvq-N */
+            cfg.value_param_bits = 32;
             cfg.salient_ratio = sal_list[bi];
             for (s = 0; s < batch; s++) {
                 kvq_status st = kvq_cuda_cache_create(&caches[s], &cfg);

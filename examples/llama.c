@@ -5,8 +5,9 @@
    llama score MODEL TOK TOKENS [-c CONFIG]...
 
    TOKENS is a text file of decimal token ids ('#' comments) or a KVDUMP01 file,
-   whose token ids are used. CONFIG: k2v2 (default), k4v2, k16v16, fp32, with
-   optional g64 (group size), r0 (residual tokens), s4 (sink tokens), h (Hadamard).
+   whose token ids are used. CONFIG: default (kvq's default, K3V2 = k3v2b64p16), k2v2, k4v2,
+   k16v16, fp32, with optional g64 (group size), b64 (key block), p16 (value params),
+   r0 (residual tokens), s4 (sink tokens), h (Hadamard).
 
    Build: cc -std=c99 -O2 -Wall -Wextra -Werror -I. -o build/llama examples/llama.c -lm */
 #define KVQ_IMPLEMENTATION
@@ -39,7 +40,7 @@ static void usage(void)
             "  llama score MODEL TOK TOKENS_FILE [-c CONFIG]...\n"
             "CONFIG: k<bits>v<bits>[g<G>][b<KB>][p<P>][r<R>][s<S>][h], bits in {2,3,4,8,16}; fp16 = k16v16;\n"
             "        b: tokens per key block, p: 16 or 32 bits of a value group's params (k3v2b64p16: K3V2);\n"
-            "        fp32 = exact float attention. Default k2v2 (G 32, residual 128).\n");
+            "        fp32 = exact float attention; default = kvq's default (k3v2b64p16), the default CONFIG.\n");
 }
 
 /* ---- sampling: temperature + nucleus (top-p), xorshift64* ---- */
@@ -317,10 +318,10 @@ static int demo(void)
         usage();
         return 1;
     }
-    printf("stories260K (dim %d, %d layers, %d/%d heads, head_dim %d, seq_len %d), cache k2v2 "
-           "(2-bit keys per channel and values per token, G 32, residual 128):\n\n",
+    printf("stories260K (dim %d, %d layers, %d/%d heads, head_dim %d, seq_len %d), kvq's default cache "
+           "(3-bit keys per channel in blocks of 64 tokens, 2-bit values per token in groups of 32, residual 128):\n\n",
            ck.cfg.dim, ck.cfg.n_layers, ck.cfg.n_heads, ck.cfg.n_kv_heads, ck.cfg.head_dim, ck.cfg.seq_len);
-    rc = generate(&ck, &tok, "k2v2", "Once upon a time", 200, 42, 1.0f, 0.9f);
+    rc = generate(&ck, &tok, "default", "Once upon a time", 200, 42, 1.0f, 0.9f);
     if (rc == 0) {
         printf("\n");
         rc = rollback_demo(&ck, &tok);
@@ -358,7 +359,7 @@ int main(int argc, char **argv)
     int i, rc;
     if (argc == 1) return demo();
     if (strcmp(argv[1], "generate") == 0 && argc >= 4) {
-        const char *prompt = "", *config = "k2v2";
+        const char *prompt = "", *config = "default";
         long steps = 256, v;
         unsigned long long seed = 42;
         float temp = 1.0f, topp = 0.9f;

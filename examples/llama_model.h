@@ -26,7 +26,7 @@ extern "C" {
 
 /* ---- cache-config strings ------------------------------------------------
 
-   spec  := "fp32" | "fp16" | item+      (case-insensitive)
+   spec  := "default" | "fp32" | "fp16" | item+      (case-insensitive)
    item  := 'k' BITS | 'v' BITS          key / value bits: 2 3 4 8 16
           | 'g' N                        group_size
           | 'r' N                        residual_tokens (multiple of g)
@@ -35,10 +35,14 @@ extern "C" {
           | 'x' N                        salient tokens: N percent of each key block at 8 bits
           | 'e'                          salient tokens chosen by quantization error, not attention
           | 't'                          keys quantized per token (like values), not per channel
-          | 'c' N                        range search: N x N clipped ranges per 2-4-bit group (0 = min/max)
-   Unnamed fields keep kvq_default_config(head_dim, n_kv_heads, max_tokens);
-   when g is given without r, the default residual is rounded up to a
-   multiple of g. "fp16" is k16v16; "fp32" selects the exact float path. */
+          | 'c' N                        range search: N steps a side per group (0 = min/max)
+          | 'b' N                        key_block: tokens per key block (0 = g)
+          | 'p' N                        value_param_bits: 16 or 32
+   "default" is kvq_default_config(head_dim, n_kv_heads, max_tokens) as it is (K3V2:
+   k3v2b64p16). Otherwise unnamed fields keep that default but for b0 and p32, so a
+   string names one shape whatever the library's default (k2v2 is KIVI-2's shape);
+   when g or b is given without r, the default residual is rounded up to a multiple
+   of the key block. "fp16" is k16v16; "fp32" selects the exact float path. */
 typedef struct llm_cache_spec {
     char name[48];
     int fp32;          /* 1: exact fp32 attention, cfg unused */
@@ -163,6 +167,11 @@ int llm_parse_config(const char *spec, int head_dim, int n_kv_heads, int max_tok
     for (i = 0; i <= n; i++) low[i] = (char)tolower((unsigned char)spec[i]);
     memcpy(out->name, low, n + 1 < sizeof out->name ? n + 1 : sizeof out->name - 1);
     c = kvq_default_config(head_dim, n_kv_heads, max_tokens);
+    if (strcmp(low, "default") == 0) { out->cfg = c; return 0; }
+    /* A string names its shape: what it leaves out is kvq's default, but for key blocks of G
+       tokens and fp16 value params (b0 p32), so k2v2 stays KIVI-2's shape whatever the default. */
+    c.key_block = 0;
+    c.value_param_bits = 32;
     if (strcmp(low, "fp32") == 0) { out->fp32 = 1; out->cfg = c; return 0; }
     if (strcmp(low, "fp16") == 0) { c.key_bits = c.value_bits = 16; out->cfg = c; return 0; }
     memset(seen, 0, sizeof seen);
@@ -221,7 +230,7 @@ double llm_bits_steady(const llm_cache_spec *s)
     const kvq_config *c = &s->cfg;
     int ng = c->group_size > 0 ? (c->head_dim + c->group_size - 1) / c->group_size : 0;
     const int KB = c->key_block ? c->key_block : c->group_size;        /* tokens per key block */
-    const double vparam = c->value_param_bits == 16 ? 16.0 : 32.0; /* bits of a value group's scale + min */
+    const double vparam = c->value_param_bits == 16 && c->value_bits <= 3 ? 16.0 : 32.0; /* a group's scale + min */
     double kb, vb;
     if (s->fp32) return 32.0;
     if (c->group_size <= 0 || c->head_dim <= 0) return 0.0;

@@ -1,5 +1,5 @@
 /* quickstart: the smallest useful kvq program.
-   Fills a 2-bit cache with 4096 tokens of keys/values (8 KV heads, head_dim 128),
+   Fills a cache of kvq's default config (3-bit keys, 2-bit values: 3.0 bits) with 4096 tokens of keys/values (8 KV heads, head_dim 128),
    runs one decode attention step for 32 query heads, and compares it with exact
    fp32 attention over the same keys and values.
      cc -O2 -I. examples/quickstart.c -lm -o quickstart && ./quickstart */
@@ -54,7 +54,7 @@ int main(void) {
     double err = 0.0, norm = 0.0, bits;
     int t, h, c;
     kvq_cache *cache;
-    kvq_config cfg = kvq_default_config(HEAD_DIM, KV_HEADS, TOKENS); /* 2-bit K and V, G 32 */
+    kvq_config cfg = kvq_default_config(HEAD_DIM, KV_HEADS, TOKENS); /* 3-bit K, 2-bit V: 3.0 bits */
     kvq_attn_params ap = {Q_HEADS, 1, 0.0f};                         /* 1 query, scale 1/sqrt(d) */
     kvq_status st;
 
@@ -91,8 +91,9 @@ int main(void) {
     bits = 8.0 * (double)kvq_cache_payload_bytes(cache) / (2.0 * TOKENS * KV_HEADS * HEAD_DIM);
     printf("kvq %d.%d.%d quickstart: %d tokens, %d KV heads, head_dim %d, %d query heads\n", KVQ_VERSION_MAJOR,
            KVQ_VERSION_MINOR, KVQ_VERSION_PATCH, TOKENS, KV_HEADS, HEAD_DIM, Q_HEADS);
-    printf("  config            2-bit keys and values, G %d, %d fp16 residual tokens, %d fp16 sinks\n",
-           cfg.group_size, cfg.residual_tokens, cfg.sink_tokens);
+    printf("  config            %d-bit keys (blocks of %d tokens), %d-bit values (groups of %d channels), "
+           "%d fp16 residual tokens, %d fp16 sinks\n",
+           cfg.key_bits, cfg.key_block, cfg.value_bits, cfg.group_size, cfg.residual_tokens, cfg.sink_tokens);
     printf("  storage           %.2f bits per element (%.2f steady state, residual window excluded)\n", bits,
            kvq_config_bits_per_element(&cfg));
     printf("  cache size        %.2f MiB  (fp16: %.2f MiB, %.1fx smaller; fp32: %.2f MiB)\n",

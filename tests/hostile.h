@@ -23,6 +23,8 @@ TU_FN kvq_config hostile_config(int variant) {
     cfg.group_size = 16;
     cfg.residual_tokens = 16;
     cfg.sink_tokens = 2;
+    cfg.key_block = 0;         /* blocks of G */
+    cfg.value_param_bits = 32; /* fp16 value params but in variant 3 */
     if (variant == 0 || variant == 1) {
         cfg.salient_ratio = 0.2f; /* 3 of 16 */
         cfg.salient_bits = variant == 0 ? 8 : 16;

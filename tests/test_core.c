@@ -105,7 +105,7 @@ static double group_bound(const float *x, size_t stride, int n, int bits, int se
 /* Per-element error bounds of everything the cache stores for T tokens of K, V. */
 static void element_bounds(const kvq_config *cfg, int T, const float *K, const float *V, double *ek, double *ev) {
     const int H = cfg->n_kv_heads, D = cfg->head_dim, G = cfg->group_size, S = cfg->sink_tokens, KB = key_block(cfg);
-    const int pv = cfg->value_param_bits == 16 ? 16 : 32;
+    const int pv = cfg->value_param_bits == 16 && cfg->value_bits <= 3 ? 16 : 32;
     rules r = storage_rules(cfg, T);
     int t, h, c;
     for (t = 0; t < T; t++)
@@ -227,6 +227,8 @@ static void test_accuracy_grid(void) {
                 kvq_config cfg = kvq_default_config(groups[g] == 64 ? 96 : 64, 2, 400);
                 cfg.key_bits = cfg.value_bits = bits[b];
                 cfg.group_size = groups[g];
+                cfg.key_block = 0; /* = G */
+                cfg.value_param_bits = 32;
                 cfg.residual_tokens = (g % 2) ? groups[g] : 0;
                 cfg.sink_tokens = (b % 2) ? 4 : 0;
                 check_config(&cfg, 300 + 7 * g, kind, 4, 2, (unsigned)(b * 10 + g), 1);
@@ -236,7 +238,7 @@ static void test_accuracy_grid(void) {
                 cfg.key_axis = KVQ_KEYS_PER_CHANNEL;
                 cfg.key_block = groups[3 - g];
                 cfg.residual_tokens = (g % 2) ? 128 : 0;
-                cfg.value_param_bits = bits[b] == 4 || bits[b] == 8 ? 32 : 16; /* refused at 4 and 8 bits */
+                cfg.value_param_bits = 16; /* 4- and 8-bit values keep fp16 params */
                 check_config(&cfg, 300 + 7 * g, kind, 4, 2, (unsigned)(b * 10 + g + 5), 1);
             }
 }
@@ -250,7 +252,7 @@ static void test_shapes(void) {
         kvq_config cfg = kvq_default_config(dims[i], 1 + i % 3, 200);
         cfg.key_bits = (i % 2) ? 3 : 2;
         cfg.value_bits = (i % 3) ? 4 : 8;
-        cfg.residual_tokens = (i % 2) ? 32 : 0;
+        cfg.residual_tokens = (i % 2) ? 64 : 0;
         check_config(&cfg, 150 + i, i % 2, cfg.n_kv_heads * (1 + i % 8), 1 + i % 3, (unsigned)i, 1);
     }
     {
@@ -278,6 +280,8 @@ static void report(void) {
             kvq_cache *c = NULL;
             accuracy a;
             cfg.key_bits = cfg.value_bits = bits[b];
+            cfg.key_block = 0; /* blocks and groups of 32, fp16 params: one shape for every width */
+            cfg.value_param_bits = 32;
             cfg.residual_tokens = R;
             a = check_config(&cfg, 2048, TU_STRUCTURED, 32, 4, 1, 1);
             if (kvq_cache_create(&c, &cfg) == KVQ_OK) {
@@ -327,6 +331,8 @@ static void test_golden(void) {
         kvq_cache *c = NULL;
         uint8_t got[16 * 7]; /* value records: fp16 scale, fp16 min (one group of 8 channels), 3 code bytes */
         cfg.group_size = 16;
+        cfg.key_block = 0; /* = G */
+        cfg.value_param_bits = 32;
         cfg.residual_tokens = 0;
         cfg.sink_tokens = 0;
         cfg.key_bits = 2;
@@ -422,6 +428,8 @@ static void test_planes(void) {
             int bad = 0;
             if (kvq_set_isa((kvq_isa)isa) != KVQ_OK) continue;
             cfg.group_size = G;
+            cfg.key_block = 0; /* = G */
+            cfg.value_param_bits = 32;
             cfg.residual_tokens = 0;
             cfg.sink_tokens = 0;
             cfg.key_bits = cfg.value_bits = 3;
@@ -545,6 +553,13 @@ static void test_accounting(void) {
     kvq_cache *c = NULL;
     float *k = (float *)tu_alloc(8 * 128 * 4), *v = (float *)tu_alloc(8 * 128 * 4);
     int t;
+    /* the default: 3-bit keys + 32 bits of fp16 scale/min per 64 tokens (3.5), 2-bit values + 16 bits
+       of params per 32 channels (2.5) */
+    CHECK(fabs(kvq_config_bits_per_element(&cfg) - 3.0) < 1e-12, "K3V2 b64 p16 is 3.0 bits: %g",
+          kvq_config_bits_per_element(&cfg));
+    cfg.key_bits = 2; /* KIVI-2's shape: 2 bits, blocks and groups of 32, fp16 params */
+    cfg.key_block = 0;
+    cfg.value_param_bits = 32;
     CHECK(fabs(kvq_config_bits_per_element(&cfg) - 3.0) < 1e-12, "2-bit G32 is 3.0 bits: %g",
           kvq_config_bits_per_element(&cfg));
     cfg.group_size = 64;
@@ -627,8 +642,13 @@ static void test_errors(void) {
     bad = cfg;
     bad.value_bits = 8;
     bad.value_param_bits = 16;
-    CHECK(kvq_config_check(&bad) == KVQ_ERR_UNSUPPORTED && kvq_cache_bytes(&bad) == 0,
-          "16-bit params for 8-bit values are not supported");
+    {
+        kvq_config fp16_params = bad;
+        fp16_params.value_param_bits = 32;
+        CHECK(kvq_config_check(&bad) == KVQ_OK && kvq_cache_bytes(&bad) == kvq_cache_bytes(&fp16_params) &&
+                  kvq_config_bits_per_element(&bad) == kvq_config_bits_per_element(&fp16_params),
+              "16-bit params apply to 2- and 3-bit values: 8-bit values keep fp16 ones");
+    }
     bad = cfg;
     bad.key_axis = KVQ_KEYS_PER_TOKEN;
     bad.salient_ratio = 0.1f;
@@ -1075,9 +1095,13 @@ static void test_params16(void) {
         }
         {
             kvq_config cfg = kvq_default_config(16, 1, 64);
+            kvq_config fp16_params;
             cfg.value_bits = 4;
             cfg.value_param_bits = 16;
-            CHECK(kvq_config_check(&cfg) == KVQ_ERR_UNSUPPORTED, "16-bit params for 4-bit values are refused");
+            fp16_params = cfg;
+            fp16_params.value_param_bits = 32;
+            CHECK(kvq_config_check(&cfg) == KVQ_OK && kvq_cache_bytes(&cfg) == kvq_cache_bytes(&fp16_params),
+                  "4-bit values keep fp16 params whatever value_param_bits says");
         }
     }
 }

@@ -536,6 +536,7 @@ static void test_streams(void) {
     cx.rotation = KVQ_ROTATE_HADAMARD;
     cy.salient_ratio = 0.1f;
     cy.group_size = 16;
+    cy.key_block = 0; /* = G */
     cy.residual_tokens = 16;
     if (kvq_cache_create(&px, &cx) != KVQ_OK || kvq_cache_create(&py, &cy) != KVQ_OK ||
         kvq_cuda_cache_create(&gx, &cx) != KVQ_OK || kvq_cuda_cache_create(&gy, &cy) != KVQ_OK) {
@@ -625,6 +626,7 @@ static void test_scratch(void) {
     for (s = 0; s < NC; s++) {
         cfg[s] = kvq_default_config(D, H, N + 10);
         cfg[s].group_size = 16;
+        cfg[s].key_block = 0; /* = G */
         cfg[s].residual_tokens = 32;
     }
     cfg[0].rotation = KVQ_ROTATE_HADAMARD;
@@ -1309,6 +1311,7 @@ static void test_salient_ties(void) {
         const char *name = policy == KVQ_SALIENT_ERROR ? "ties, error policy" : "ties, attention policy";
         int i;
         cfg.group_size = G;
+        cfg.key_block = 0; /* blocks of G */
         cfg.residual_tokens = 0;
         cfg.sink_tokens = 0;
         cfg.salient_ratio = 0.25f; /* 4 of 16 */
@@ -1472,6 +1475,7 @@ static void test_history(void) {
     tu_rng r = {0x415u};
     size_t na, nb;
     uint8_t *ia, *ib;
+    cfg.key_block = 0; /* = G */
     cfg.residual_tokens = 32;
     tu_fill_kv(&r, TU_RANDOM, 101, 2, 32, k, v);
     CHECK(kvq_cache_create(&h, &cfg) == KVQ_OK && kvq_cache_create(&cp, &cfg) == KVQ_OK &&

@@ -580,6 +580,13 @@ static void test_configs(void)
     CHECK(llm_parse_config("K2V2", 8, 4, 512, &s, err, sizeof err) == 0 && s.cfg.key_bits == 2 && s.cfg.residual_tokens == 128);
     CHECK(llm_parse_config("fp16", 8, 4, 512, &s, err, sizeof err) == 0 && s.cfg.key_bits == 16 && s.cfg.value_bits == 16);
     CHECK(llm_parse_config("fp32", 8, 4, 512, &s, err, sizeof err) == 0 && s.fp32);
+    {
+        kvq_config def = kvq_default_config(64, 4, 512);
+        CHECK(llm_parse_config("default", 64, 4, 512, &s, err, sizeof err) == 0 && !memcmp(&s.cfg, &def, sizeof def));
+        CHECK(llm_parse_config("k3v2b64p16", 64, 4, 512, &s, err, sizeof err) == 0 && !memcmp(&s.cfg, &def, sizeof def));
+        CHECK(llm_parse_config("k3v2", 64, 4, 512, &s, err, sizeof err) == 0 && s.cfg.key_block == 0 &&
+              s.cfg.value_param_bits == 32); /* strings name their shape: b0 p32 unless given */
+    }
     CHECK(llm_parse_config("k2v2g128", 8, 4, 512, &s, err, sizeof err) == 0 && s.cfg.residual_tokens == 128);
     CHECK(llm_parse_config("k2v2g64", 8, 4, 512, &s, err, sizeof err) == 0 && s.cfg.residual_tokens == 128);
     for (i = 0; i < sizeof good / sizeof good[0]; i++)

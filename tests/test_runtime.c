@@ -484,7 +484,7 @@ static void test_refusals(void) {
     float *K = (float *)tu_alloc(150 * 64 * 4), *V = (float *)tu_alloc(150 * 64 * 4);
     tu_rng rng;
     rng.s = 77;
-    cfg.residual_tokens = 32;
+    cfg.residual_tokens = 64;
     other = tiny = cfg;
     need = kvq_cache_bytes(&cfg);
     ma = (uint8_t *)tu_alloc(need); mb = (uint8_t *)tu_alloc(need); sa = (uint8_t *)tu_alloc(need);
@@ -559,7 +559,7 @@ static void test_cost(void) {
     b.rollback_tokens = 0;
     d = (long)kvq_cache_bytes(&a) - (long)kvq_cache_bytes(&b);
     CHECK(d == 8L * 15 * 256, "default: 15 value rows of 256 bytes per head, no key row (%ld bytes)", d);
-    printf("rollback_tokens 16 at head_dim 128, 8 KV heads, R 128, G 32: +%ld bytes per layer (%ld per head)\n", d,
+    printf("rollback_tokens 16 at head_dim 128, 8 KV heads, the default config: +%ld bytes per layer (%ld per head)\n", d,
            d / 8);
     b.rollback_tokens = 32;
     d = (long)kvq_cache_bytes(&b) - (long)kvq_cache_bytes(&a);
@@ -568,11 +568,12 @@ static void test_cost(void) {
     a.residual_tokens = 0;
     b.residual_tokens = 0;
     d = (long)kvq_cache_bytes(&a) - (long)kvq_cache_bytes(&b);
-    CHECK(d == 8L * (15 + 32) * 256, "R 0: 15 value rows and a key block of rows per head (%ld bytes)", d);
+    CHECK(d == 8L * (15 + 64) * 256, "R 0: 15 value rows and a key block (64) of rows per head (%ld bytes)", d);
     a.residual_tokens = b.residual_tokens = 128;
     a.salient_ratio = b.salient_ratio = 0.125f;
     d = (long)kvq_cache_bytes(&a) - (long)kvq_cache_bytes(&b);
-    CHECK(d == 8L * 16 * 160 * 8, "salient attention: a snapshot of 160 ring slots per token per head (%ld bytes)", d);
+    /* key ring: R + 16 rows rounded up to whole 64-token blocks, 192 */
+    CHECK(d == 8L * 16 * 192 * 8, "salient attention: a snapshot of 192 ring slots per token per head (%ld bytes)", d);
     printf("with salient tokens (attention policy): +%ld bytes per layer\n", d);
     CHECK(kvq_config_bits_per_element(&a) == kvq_config_bits_per_element(&b), "steady state: history excluded");
 }

@@ -9,8 +9,9 @@ static kvq_config salient_config(int D, float ratio, int bits, int policy) {
     cfg.salient_ratio = ratio;
     cfg.salient_bits = bits;
     cfg.salient_policy = policy;
+    cfg.key_block = 0;   /* blocks of G, */
     cfg.residual_tokens = 32;
-    cfg.sink_tokens = 0; /* token t sits at block t / G */
+    cfg.sink_tokens = 0; /* so token t sits at block t / G */
     return cfg;
 }
 
@@ -71,6 +72,7 @@ static void test_outlier_token(void) {
     plain.residual_tokens = 0;
     plain.sink_tokens = 0;
     plain.group_size = 32;
+    plain.key_block = 0; /* = G */
     sal = plain;
     sal.salient_ratio = 1.0f / 32;
     sal.salient_policy = KVQ_SALIENT_ERROR;

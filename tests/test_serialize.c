@@ -21,7 +21,10 @@ static built build_cache(const kvq_config *cfg, int tokens, unsigned seed) {
     r.s = 0x1234567ull + seed;
     tu_fill_kv(&r, TU_STRUCTURED, tokens, cfg->n_kv_heads, cfg->head_dim, k, v);
     b.c = NULL;
+    b.img = NULL;
+    b.n = 0;
     CHECK(kvq_cache_create(&b.c, cfg) == KVQ_OK, "create");
+    if (!b.c) exit(1); /* the rest would read garbage */
     for (i = 0; i < (size_t)tokens; i++) kvq_cache_append(b.c, k + i * row, v + i * row, 1);
     b.n = kvq_cache_serialized_bytes(b.c);
     b.img = (uint8_t *)tu_alloc(b.n);
@@ -92,6 +95,7 @@ static void test_round_trips(void) {
         cfg.sink_tokens = i % 2 ? 3 : 0;
         cfg.group_size = i % 3 ? 32 : 16;
         cfg.residual_tokens = i % 2 ? 0 : 2 * cfg.group_size;
+        cfg.key_block = i % 2 ? cfg.key_block : 0; /* the default's 64-token blocks where no window is kept */
         cfg.key_axis = i % 3 == 1 ? KVQ_KEYS_PER_TOKEN : KVQ_KEYS_PER_CHANNEL;
         cfg.range_search = i % 2 ? 4 : 0;
         b = build_cache(&cfg, tokens[i], (unsigned)i);
@@ -133,7 +137,7 @@ static void test_corruption(void) {
     uint8_t *mem, *img;
     kvq_cache *c = NULL;
     cfg.sink_tokens = 2;
-    cfg.residual_tokens = 32;
+    cfg.residual_tokens = 64;
     b = build_cache(&cfg, 150, 9);
     need = kvq_cache_bytes(&cfg);
     mem = (uint8_t *)tu_alloc(need);
@@ -315,6 +319,7 @@ static void test_tokens_past_capacity(void) {
     int held;
     cfg.residual_tokens = 32;
     cfg.group_size = 16;
+    cfg.key_block = 0; /* blocks of G, so 61 tokens fill some */
     b = build_cache(&cfg, 61, 3);
     kvq__put_u32(b.img + KVQ__H_CONFIG + 8, 60);
     hostile_reseal(b.img);
@@ -343,7 +348,7 @@ static void test_load_capacity(void) {
     int held;
     float k[64 * 64], v[64 * 64];
     cfg.salient_ratio = 0.1f;
-    cfg.residual_tokens = 32;
+    cfg.residual_tokens = 64;
     for (j = 0; j < 64 * 64; j++) { k[j] = (float)(j % 29) * 0.3f - 4.0f; v[j] = (float)(j % 11) - 5.0f; }
     b = build_cache(&cfg, 150, 4);
     CHECK(kvq_serialized_info(b.img, b.n, &got, &held) == KVQ_OK && held == 150 && got.max_tokens == 200, "info");

@@ -36,6 +36,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     cfg.key_bits = bits[next(&r) % 8];
     cfg.value_bits = bits[next(&r) % 8];
     cfg.group_size = groups[next(&r) % 4];
+    cfg.key_block = 0;         /* blocks of G and fp16 value params unless the bytes below say */
+    cfg.value_param_bits = 32; /* otherwise (not the default's b64 p16 every time) */
     cfg.residual_tokens = cfg.group_size * (int)(next(&r) % 3);
     cfg.sink_tokens = (int)(next(&r) % 8);
     cfg.rollback_tokens = (int)(next(&r) % 20);

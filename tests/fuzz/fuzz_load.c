@@ -54,6 +54,8 @@ static kvq_config pick_config(reader *r) {
     cfg.value_bits = bits[(b >> 3) & 7];
     shape = next(r);
     cfg.group_size = groups[shape & 3];
+    cfg.key_block = 0;         /* blocks of G and fp16 value params unless the bytes below say */
+    cfg.value_param_bits = 32; /* otherwise (not the default's b64 p16 every time) */
     cfg.sink_tokens = (int)((shape >> 4) & 7) < max_tokens ? (int)((shape >> 4) & 7) : max_tokens;
     if (shape & 128 && cfg.value_bits <= 3) cfg.value_param_bits = 16;
     mode = next(r);
