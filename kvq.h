@@ -638,8 +638,10 @@ typedef struct kvq__qparams { uint16_t scale, min; } kvq__qparams;
       (const uint16_t *row, int D, int G, int bits, int pbits, int grid, uint16_t *par, uint8_t *codes),          \
       (row, D, G, bits, pbits, grid, par, codes))                                                                  \
     X(kvq__dispatch_butterflies, kvq__butterflies, void, , (float *x, int n, int len), (x, n, len))                \
-    X(kvq__dispatch_search_group, kvq__search_group, kvq__qparams, return,                                         \
-      (const float *x, int n, int bits, int pbits, int steps, float lo, float hi), (x, n, bits, pbits, steps, lo, hi)) \
+    X(kvq__dispatch_search_row, kvq__search_row, void, ,                                                            \
+      (const float *x, int D, int G, int bits, int pbits, int steps, const float *lo, const float *hi,              \
+       kvq__qparams *best),                                                                                        \
+      (x, D, G, bits, pbits, steps, lo, hi, best))                                                                 \
     X(kvq__dispatch_search_columns, kvq__search_columns, void, ,                                                   \
       (const float *xb, int G, const uint8_t *w, int bits, int steps, const float *lo, const float *hi,             \
        kvq__qparams *best),                                                                                        \
@@ -691,7 +693,7 @@ static KVQ__INLINE float kvq__e5m3(unsigned e) {
     return e >= 8 ? normal : sub;
 }
 /* The smallest scale code whose scale is >= need (0 <= need <= 65504). */
-static unsigned kvq__e5m3_ceil(float need) {
+static KVQ__INLINE unsigned kvq__e5m3_ceil(float need) {
     uint32_t x = kvq__f32_bits(need);
     unsigned e;
     if (need < 6.103515625e-5f) { /* below fp16's normals: k * 2^-17, k <= 8 */
@@ -705,7 +707,7 @@ static KVQ__INLINE float kvq__min16(unsigned e, unsigned m8) {
     const int v = (int)(m8 & 0xffu) - (m8 & 0x80u ? 256 : 0); /* int8, two's complement */
     return ((float)v * kvq__e5m3(e)) * 0.0625f;
 }
-static kvq__qparams kvq__fit_range16(float lo, float hi, int bits) {
+static KVQ__INLINE kvq__qparams kvq__fit_range16(float lo, float hi, int bits) {
     float need = (hi - lo) / (float)((1 << bits) - 1), s, m8;
     unsigned e;
     kvq__qparams qp;
@@ -785,14 +787,28 @@ static int kvq__search_grid(int grid, int bits, int is_key) {
    range left) and s^2 in float; only the winner is rounded to fp16 params. */
 typedef struct kvq__cand { float lo, hi, m, r, s2; } kvq__cand;
 static double kvq__search_step(int bits, int steps) { return rint(96.0 / (1 << (bits - 2)) / (steps - 1)) / 256.0; }
+/* x as computed (rounded to double): a compiler's FMA contraction cannot fuse it into the add
+   that follows, which would round once where the CUDA twin and the vector kernels round twice. */
+static KVQ__INLINE double kvq__rounded(double x) {
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+    __asm__("" : "+x"(x));
+#elif (defined(__GNUC__) || defined(__clang__)) && defined(__aarch64__)
+    __asm__("" : "+w"(x));
+#else
+    volatile double v = x;
+    x = v;
+#endif
+    return x;
+}
 static KVQ__INLINE kvq__cand kvq__search_candidate(float lo, float hi, int bits, int pbits, double step, int i,
                                                   int j) {
     const double range = (double)hi - (double)lo;
     kvq__cand c;
     float s;
-    /* range * (i * step) is exact in double: step is a multiple of 1/256, i < 8 */
-    c.lo = i ? (float)((double)lo + range * (i * step)) : lo; /* (0, 0) is min/max exactly, signed zeros too */
-    c.hi = j ? (float)((double)hi - range * (j * step)) : hi;
+    /* range * (i * step) is exact in double when hi and lo are within 2^43 of each other (step is
+       a multiple of 1/256, i < 8); otherwise it is rounded, so it must not fuse with the add */
+    c.lo = i ? (float)((double)lo + kvq__rounded(range * (i * step))) : lo; /* (0, 0) is min/max exactly */
+    c.hi = j ? (float)((double)hi - kvq__rounded(range * (j * step))) : hi;
     s = (c.hi - c.lo) / (float)((1 << bits) - 1);
     c.m = c.lo;
     if (pbits == 16) /* params this coarse are scored as they will be stored */
@@ -821,39 +837,87 @@ static KVQ__INLINE void kvq__search_ij(int k, int steps, int i_best, int *i, int
     *j = k < steps ? 0 : k - steps + 1;
 }
 
-/* The search over one group x[0..n) (n a multiple of 8), unweighted: values, keys per token.
-   Each candidate's sum is eight lanes, each in order over x, combined in a fixed tree. */
-static KVQ__INLINE kvq__qparams kvq__search_group_body(const float *x, int n, int bits, int pbits, int steps,
-                                                        float lo, float hi) {
-    const float top = (float)((1 << bits) - 1);
-    const double step = kvq__search_step(bits, steps);
-    kvq__cand c[8];
-    float best_err = 0.0f, best_lo = lo, best_hi = hi;
-    int side, k, nk, i_best = 0, i, j, t, l;
-    for (side = 0; side < 2; side++) { /* the bottom from the full range, then the top */
-        float acc[8][8];
-        nk = side ? steps - 1 : steps;
-        for (k = 0; k < nk; k++) {
-            kvq__search_ij(side ? steps + k : k, steps, i_best, &i, &j);
-            c[k] = kvq__search_candidate(lo, hi, bits, pbits, step, i, j);
-            for (l = 0; l < 8; l++) acc[k][l] = 0.0f;
-        }
-        for (k = 0; k < nk; k++) /* candidate by candidate: measured faster than one pass over x */
-            for (t = 0; t < n; t += 8)
-                for (l = 0; l < 8; l++) acc[k][l] += kvq__search_term(x[t + l], c[k].m, c[k].r, top);
-        for (k = 0; k < nk; k++) {
-            const float *a = acc[k];
-            float e = (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) * c[k].s2;
-            if (c[k].r == 0.0f) continue; /* no range left (a constant group: min/max stays) */
-            if ((side | k) == 0 || e < best_err) {
-                best_err = e;
-                best_lo = c[k].lo;
-                best_hi = c[k].hi;
-                if (!side) i_best = k;
-            }
+/* The sums of the search terms of x[0..n) (n a multiple of 8) for candidates c[0..nk): acc[k][l]
+   adds the terms of x[l], x[8 + l], x[16 + l], ... in that order. The C here; an ISA may do the
+   same lanes wider (AVX-512: two candidates a register). */
+typedef void (*kvq__search_sums_fn)(const float *x, int n, const kvq__cand *c, int nk, float top, float (*acc)[8]);
+static KVQ__INLINE void kvq__search_sums(const float *x, int n, const kvq__cand *c, int nk, float top,
+                                         float (*acc)[8]) {
+    int k, t, l;
+    for (k = 0; k < nk; k++) { /* candidate by candidate: measured faster than one pass over x */
+        for (l = 0; l < 8; l++) acc[k][l] = 0.0f;
+        for (t = 0; t < n; t += 8)
+            for (l = 0; l < 8; l++) acc[k][l] += kvq__search_term(x[t + l], c[k].m, c[k].r, top);
+    }
+}
+
+/* The candidates of one side of the search of [lo, hi] (kvq__search_ij): side 0 (k, 0) for
+   k < steps, side 1 (i_best, k + 1) for k < steps - 1. The C here; an ISA may compute them in
+   lanes with the same operations (AVX-512). */
+typedef void (*kvq__search_cands_fn)(float lo, float hi, int bits, int pbits, double step, int steps, int side,
+                                     int i_best, kvq__cand *c);
+static KVQ__INLINE void kvq__search_cands(float lo, float hi, int bits, int pbits, double step, int steps, int side,
+                                          int i_best, kvq__cand *c) {
+    int k, i, j;
+    for (k = 0; k < (side ? steps - 1 : steps); k++) {
+        kvq__search_ij(side ? steps + k : k, steps, i_best, &i, &j);
+        c[k] = kvq__search_candidate(lo, hi, bits, pbits, step, i, j);
+    }
+}
+
+/* Scores one side's candidates of a group from their lane sums (an error is the eight sums
+   combined in a fixed tree, times s^2) and keeps the best: ties keep the earlier candidate. */
+static KVQ__INLINE void kvq__search_pick(const kvq__cand *c, float (*acc)[8], int nk, int side, float *best_err,
+                                         float *best_lo, float *best_hi, int *i_best) {
+    int k;
+    for (k = 0; k < nk; k++) {
+        const float *a = acc[k];
+        float e = (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) * c[k].s2;
+        if (c[k].r == 0.0f) continue; /* no range left (a constant group: min/max stays) */
+        if ((side | k) == 0 || e < *best_err) {
+            *best_err = e;
+            *best_lo = c[k].lo;
+            *best_hi = c[k].hi;
+            if (!side) *i_best = k;
         }
     }
-    return kvq__fit(best_lo, best_hi, bits, pbits);
+}
+
+/* The search over every group of a row x[0..D) (groups of G channels, the last one shorter when G
+   does not divide D), unweighted: values, keys per token; lo[g], hi[g] each group's min and max.
+   KVQ__SEARCH_BATCH groups go through each phase side by side: one group's search is a long
+   chain of dependent steps, and the core overlaps several (measured 2.6x on Zen 4 at 4). */
+#define KVQ__SEARCH_BATCH 4
+static KVQ__INLINE void kvq__search_row_with(const float *x, int D, int G, int bits, int pbits, int steps,
+                                             const float *lo, const float *hi, kvq__qparams *best,
+                                             kvq__search_cands_fn cands, kvq__search_sums_fn sums) {
+    enum { B = KVQ__SEARCH_BATCH };
+    const float top = (float)((1 << bits) - 1);
+    const double step = kvq__search_step(bits, steps);
+    const int ng = (D + G - 1) / G;
+    kvq__cand c[B][8];
+    float acc[B][9][8], best_err[B], best_lo[B], best_hi[B]; /* acc: one row spare for pairs */
+    int i_best[B], g0, b, nb, side;
+    for (g0 = 0; g0 < ng; g0 += B) {
+        nb = ng - g0 < B ? ng - g0 : B;
+        for (b = 0; b < nb; b++) {
+            best_err[b] = 0.0f;
+            best_lo[b] = lo[g0 + b];
+            best_hi[b] = hi[g0 + b];
+            i_best[b] = 0;
+        }
+        for (side = 0; side < 2; side++) { /* the bottom from the full range, then the top */
+            const int nk = side ? steps - 1 : steps;
+            for (b = 0; b < nb; b++) cands(lo[g0 + b], hi[g0 + b], bits, pbits, step, steps, side, i_best[b], c[b]);
+            for (b = 0; b < nb; b++) {
+                const int c0 = (g0 + b) * G;
+                sums(x + c0, D - c0 < G ? D - c0 : G, c[b], nk, top, acc[b]);
+            }
+            for (b = 0; b < nb; b++)
+                kvq__search_pick(c[b], acc[b], nk, side, &best_err[b], &best_lo[b], &best_hi[b], &i_best[b]);
+        }
+        for (b = 0; b < nb; b++) best[g0 + b] = kvq__fit(best_lo[b], best_hi[b], bits, pbits);
+    }
 }
 
 /* The search over the channels of a key block, KVQ__COLS at once (a constant trip count, so
@@ -901,33 +965,46 @@ static KVQ__INLINE void kvq__search_columns_body(const float *xb, int G, const u
 
 /* The search is the same C everywhere; the ISA copies ("ISA kernels") only let a baseline
    build (runtime dispatch) run it on wide vectors. */
-static kvq__qparams kvq__search_group_scalar(const float *x, int n, int bits, int pbits, int steps, float lo,
-                                             float hi) {
-    return kvq__search_group_body(x, n, bits, pbits, steps, lo, hi);
+static void kvq__search_row_scalar(const float *x, int D, int G, int bits, int pbits, int steps, const float *lo,
+                                  const float *hi, kvq__qparams *best) {
+    kvq__search_row_with(x, D, G, bits, pbits, steps, lo, hi, best, kvq__search_cands, kvq__search_sums);
 }
 static void kvq__search_columns_scalar(const float *xb, int G, const uint8_t *w, int bits, int steps, const float *lo,
                                        const float *hi, kvq__qparams *best) {
     kvq__search_columns_body(xb, G, w, bits, steps, lo, hi, best);
 }
 
-/* Quantizes n values x[i*stride] into codes first_code + i of a packed row of row_n codes
-   (zeroed first by the caller), on the min/max range or the best of a grid x grid range search
-   (grid 1: min/max). */
-static kvq__qparams kvq__quantize_group(const float *x, int n, int stride, int bits, int pbits, uint8_t *codes, int row_n,
-                                        int first_code, int grid) {
-    float lo = x[0], hi = x[0], m, s;
-    kvq__qparams qp;
+/* A group's min and max over x[i * stride], i < n; the first of equal values is kept (the sign of
+   a zero). */
+static void kvq__group_range(const float *x, int n, int stride, float *lo, float *hi) {
     int i;
+    *lo = *hi = x[0];
     for (i = 1; i < n; i++) {
         float v = x[(size_t)i * stride];
-        lo = v < lo ? v : lo;
-        hi = v > hi ? v : hi;
+        *lo = v < *lo ? v : *lo;
+        *hi = v > *hi ? v : *hi;
     }
-    qp = grid > 1 && stride == 1 ? kvq__dispatch_search_group(x, n, bits, pbits, grid, lo, hi)
-                                 : kvq__fit(lo, hi, bits, pbits);
+}
+
+/* ORs the codes of x[i * stride] on params qp into codes first_code + i of a packed row of row_n
+   codes (zeroed first by the caller). */
+static void kvq__group_codes(const float *x, int n, int stride, int bits, int pbits, kvq__qparams qp, uint8_t *codes,
+                             int row_n, int first_code) {
+    float m, s;
+    int i;
     kvq__params_f32(qp, pbits, &m, &s);
     for (i = 0; i < n; i++)
         kvq__put_code(codes, row_n, first_code + i, bits, kvq__quantize_one(x[(size_t)i * stride], m, s, bits));
+}
+
+/* Quantizes n values x[i*stride] on their min/max range (see kvq__group_codes). */
+static kvq__qparams kvq__quantize_group(const float *x, int n, int stride, int bits, int pbits, uint8_t *codes,
+                                        int row_n, int first_code) {
+    float lo, hi;
+    kvq__qparams qp;
+    kvq__group_range(x, n, stride, &lo, &hi);
+    qp = kvq__fit(lo, hi, bits, pbits);
+    kvq__group_codes(x, n, stride, bits, pbits, qp, codes, row_n, first_code);
     return qp;
 }
 
@@ -1508,7 +1585,7 @@ static void kvq__quantize_keys_scalar(const uint16_t *rows, int D, int G, int bi
                 kvq__put_code(codes + row_bytes * ch, G, t, bits, kvq__quantize_one(x[t], m, s, bits));
             continue;
         }
-        qp = kvq__quantize_group(x, G, 1, bits, 32, codes + row_bytes * ch, G, 0, 1);
+        qp = kvq__quantize_group(x, G, 1, bits, 32, codes + row_bytes * ch, G, 0);
         scale[ch] = qp.scale;
         mins[ch] = qp.min;
     }
@@ -1520,13 +1597,18 @@ static void kvq__f32_row(float *dst, const uint16_t *src, int n); /* the ISA's c
 static void kvq__quantize_record(const uint16_t *row, int D, int G, int bits, int pbits, int grid, uint16_t *par,
                                  uint8_t *codes) {
     int ng = (D + G - 1) / G, g;
-    float x[512];
+    float x[512], lo[64], hi[64];
+    kvq__qparams qp[64];
     if (grid > 1) kvq__f32_row(x, row, D); /* the ISA's conversion (exact on every path) */
     else kvq__to_f32_scalar(x, row, D);
     memset(codes, 0, (size_t)D * bits / 8);
+    for (g = 0; g < ng; g++) kvq__group_range(x + g * G, D - g * G < G ? D - g * G : G, 1, &lo[g], &hi[g]);
+    if (grid > 1) kvq__dispatch_search_row(x, D, G, bits, pbits, grid, lo, hi, qp);
+    else
+        for (g = 0; g < ng; g++) qp[g] = kvq__fit(lo[g], hi[g], bits, pbits);
     for (g = 0; g < ng; g++) {
-        int c0 = g * G, n = D - c0 < G ? D - c0 : G;
-        kvq__put_params(par, ng, g, kvq__quantize_group(x + c0, n, 1, bits, pbits, codes, D, c0, grid), pbits);
+        kvq__put_params(par, ng, g, qp[g], pbits);
+        kvq__group_codes(x + g * G, D - g * G < G ? D - g * G : G, 1, bits, pbits, qp[g], codes, D, g * G);
     }
 }
 static void kvq__quantize_value_scalar(const uint16_t *row, int D, int G, int bits, int pbits, int grid,
@@ -1666,7 +1748,7 @@ static void kvq__side_put(const kvq_cache *c, uint8_t *e, int which, const uint1
         memset(codes, 0, (size_t)D);
         for (g = 0; g < ng; g++) {
             int c0 = g * G, len = D - c0 < G ? D - c0 : G;
-            kvq__qparams qp = kvq__quantize_group(x + c0, len, 1, 8, 32, codes, D, c0, 1);
+            kvq__qparams qp = kvq__quantize_group(x + c0, len, 1, 8, 32, codes, D, c0);
             par[g] = qp.scale;
             par[ng + g] = qp.min;
         }
@@ -1878,18 +1960,19 @@ static int kvq__rotates_in_fp16(const float *x, size_t n, int D) {
 /* Whether every |x| <= 65504 (NaN fails too): the bits of |x| against those of 65504, in
    blocks of 16 that compilers vectorize at -O2. */
 static int kvq__finite_fp16(const float *x, size_t n) {
-    uint32_t over = 0, u[16];
+    uint32_t top[16] = {0}, u[16], most = 0; /* the largest |x| bits, per lane of 16 (compilers vectorize it) */
     size_t i = 0;
     int j;
     for (; i + 16 <= n; i += 16) {
         memcpy(u, x + i, sizeof u);
-        for (j = 0; j < 16; j++) over |= (u[j] & 0x7fffffffu) > 0x477fe000u; /* the bits of 65504.0f */
+        for (j = 0; j < 16; j++) top[j] = (u[j] & 0x7fffffffu) > top[j] ? u[j] & 0x7fffffffu : top[j];
     }
     for (; i < n; i++) {
         memcpy(u, x + i, 4);
-        over |= (u[0] & 0x7fffffffu) > 0x477fe000u;
+        most = (u[0] & 0x7fffffffu) > most ? u[0] & 0x7fffffffu : most;
     }
-    return !over;
+    for (j = 0; j < 16; j++) most = top[j] > most ? top[j] : most;
+    return most <= 0x477fe000u; /* the bits of 65504.0f */
 }
 
 /* Keeps the salience scores as they are before token t is appended: a rollback to t restores
@@ -3859,21 +3942,25 @@ static void kvq__quantize_value_simd(const uint16_t *row, int D, int G, int bits
                                      void (*to_f32)(float *, const uint16_t *, int),
                                      void (*minmax)(const float *, int, float *, float *),
                                      void (*code_run)(const float *, int, float, float, int, uint8_t *)) {
-    float x[512];
+    float x[512], lo[64], hi[64];
     uint8_t cb[512];
+    kvq__qparams qp[64];
     int ng = (D + G - 1) / G, g, c0;
     to_f32(x, row, D);
     for (g = 0; g < ng; g++) {
         int n = D - g * G < G ? D - g * G : G;
-        float lo, hi, m, s;
-        kvq__qparams qp;
-        minmax(x + g * G, n, &lo, &hi);
-        lo = kvq__first_zero(x + g * G, n, lo);
-        hi = kvq__first_zero(x + g * G, n, hi);
-        qp = grid > 1 ? kvq__dispatch_search_group(x + g * G, n, bits, pbits, grid, lo, hi) : kvq__fit(lo, hi, bits, pbits);
-        kvq__put_params(par, ng, g, qp, pbits);
-        kvq__params_f32(qp, pbits, &m, &s);
-        code_run(x + g * G, n, m, s, bits, cb + g * G);
+        minmax(x + g * G, n, &lo[g], &hi[g]);
+        lo[g] = kvq__first_zero(x + g * G, n, lo[g]);
+        hi[g] = kvq__first_zero(x + g * G, n, hi[g]);
+    }
+    if (grid > 1) kvq__dispatch_search_row(x, D, G, bits, pbits, grid, lo, hi, qp);
+    else
+        for (g = 0; g < ng; g++) qp[g] = kvq__fit(lo[g], hi[g], bits, pbits);
+    for (g = 0; g < ng; g++) {
+        float m, s;
+        kvq__put_params(par, ng, g, qp[g], pbits);
+        kvq__params_f32(qp[g], pbits, &m, &s);
+        code_run(x + g * G, D - g * G < G ? D - g * G : G, m, s, bits, cb + g * G);
     }
     for (c0 = 0; c0 < D; c0 += 8) {
         if (bits == 8) memcpy(codes + c0, cb + c0, 8);
@@ -3971,9 +4058,9 @@ KVQ__AVX2_FN void kvq__code_run_avx2(const float *x, int n, float m, float s, in
     int i;
     for (i = 0; i < n; i += 8) kvq__store_codes8_avx2(out + i, kvq__code_avx2(_mm256_loadu_ps(x + i), vm, vs, top, sz));
 }
-KVQ__AVX2_FN kvq__qparams kvq__search_group_avx2(const float *x, int n, int bits, int pbits, int steps, float lo,
-                                                 float hi) {
-    return kvq__search_group_body(x, n, bits, pbits, steps, lo, hi);
+KVQ__AVX2_FN void kvq__search_row_avx2(const float *x, int D, int G, int bits, int pbits, int steps, const float *lo,
+                                      const float *hi, kvq__qparams *best) {
+    kvq__search_row_with(x, D, G, bits, pbits, steps, lo, hi, best, kvq__search_cands, kvq__search_sums);
 }
 KVQ__AVX2_FN void kvq__search_columns_avx2(const float *xb, int G, const uint8_t *w, int bits, int steps,
                                            const float *lo, const float *hi, kvq__qparams *best) {
@@ -3988,16 +4075,24 @@ KVQ__AVX2_FN void kvq__quantize_value_avx2(const uint16_t *row, int D, int G, in
 /* Vectors over 8 channels, scans over the G tokens. At 2, 4 and 8 bits a channel's codes fill
    32-bit words (32/bits tokens each), built in the lanes and stored per channel; at 3 bits the
    codes go through cb[t][lane] to the shared packer (kvq__store_run: the two planes). */
+/* Writes n bytes of each 32-bit lane of *w to p + lane * stride (8 channel rows), then zeroes *w. */
+KVQ__AVX2_FN void kvq__store_lanes_avx2(uint8_t *p, size_t stride, __m256i *w, int n) {
+    uint32_t u[8];
+    int lane;
+    _mm256_storeu_si256((__m256i *)(void *)u, *w);
+    for (lane = 0; lane < 8; lane++) memcpy(p + (size_t)lane * stride, &u[lane], (size_t)n);
+    *w = _mm256_setzero_si256();
+}
 KVQ__AVX2_FN void kvq__quantize_keys_avx2(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
-    uint8_t *codes = blk + 4 * (size_t)D, cb[KVQ__TILE * 8];
+    uint8_t *codes = blk + 4 * (size_t)D;
     const size_t rb = (size_t)G * bits / 8;
-    const int per = 32 / bits; /* tokens per 32-bit word */
+    const int per = 32 / bits; /* tokens per 32-bit word (2, 4, 8 bits) */
     const __m256 top = _mm256_set1_ps((float)((1 << bits) - 1));
-    int cc, t, lane;
+    int cc, t;
     for (cc = 0; cc < D; cc += 8) {
         __m256 lo = kvq__f16x8_avx2(rows + cc), hi = lo, m, s, sz;
-        __m256i word = _mm256_setzero_si256();
+        __m256i word = _mm256_setzero_si256(), hiword = word;
         __m128i mh, sh;
         if (keep_params) {
             mh = _mm_loadu_si128((const __m128i *)(const void *)(mins + cc));
@@ -4017,23 +4112,20 @@ KVQ__AVX2_FN void kvq__quantize_keys_avx2(const uint16_t *rows, int D, int G, in
         s = _mm256_cvtph_ps(sh);
         sz = _mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_EQ_OQ);
         for (t = 0; t < G; t++) {
-            __m256 v = kvq__code_avx2(kvq__f16x8_avx2(rows + (size_t)t * D + cc), m, s, top, sz);
-            if (bits == 3) {
-                kvq__store_codes8_avx2(cb + t * 8, v);
+            const __m256i v = _mm256_cvttps_epi32(kvq__code_avx2(kvq__f16x8_avx2(rows + (size_t)t * D + cc), m, s, top, sz));
+            if (bits == 3) { /* the planes: 2 low bits at 2 (t % 16) of a word, the high bit at t % 32 */
+                word = _mm256_or_si256(word, _mm256_sll_epi32(_mm256_and_si256(v, _mm256_set1_epi32(3)),
+                                                              _mm_cvtsi32_si128(2 * (t % 16))));
+                hiword = _mm256_or_si256(hiword, _mm256_sll_epi32(_mm256_srli_epi32(v, 2), _mm_cvtsi32_si128(t % 32)));
+                if (t % 16 == 15) kvq__store_lanes_avx2(codes + (size_t)cc * rb + (size_t)(t / 16) * 4, rb, &word, 4);
+                if (t % 32 == 31 || t == G - 1) /* G 16: a half word */
+                    kvq__store_lanes_avx2(codes + (size_t)cc * rb + (size_t)G / 4 + (size_t)(t / 32) * 4, rb, &hiword,
+                                          t % 32 == 31 ? 4 : 2);
                 continue;
             }
-            word = _mm256_or_si256(word, _mm256_sll_epi32(_mm256_cvttps_epi32(v), _mm_cvtsi32_si128(t % per * bits)));
-            if (t % per == per - 1) {
-                uint32_t w[8];
-                _mm256_storeu_si256((__m256i *)(void *)w, word);
-                for (lane = 0; lane < 8; lane++) memcpy(codes + (size_t)(cc + lane) * rb + (size_t)(t / per) * 4, &w[lane], 4);
-                word = _mm256_setzero_si256();
-            }
+            word = _mm256_or_si256(word, _mm256_sll_epi32(v, _mm_cvtsi32_si128(t % per * bits)));
+            if (t % per == per - 1) kvq__store_lanes_avx2(codes + (size_t)cc * rb + (size_t)(t / per) * 4, rb, &word, 4);
         }
-        if (bits == 3)
-            for (lane = 0; lane < 8; lane++)
-                for (t = 0; t < G; t += 8)
-                    kvq__store_run(codes + (size_t)(cc + lane) * rb, G, t, kvq__gather8(cb + t * 8 + lane, 8), 3);
     }
 }
 
@@ -4988,9 +5080,127 @@ KVQ__AVX512_FN void kvq__acc_f16_avx512(const uint16_t *const *rows, int n, int 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
-KVQ__AVX512_FN kvq__qparams kvq__search_group_avx512(const float *x, int n, int bits, int pbits, int steps,
-                                                     float lo, float hi) {
-    return kvq__search_group_body(x, n, bits, pbits, steps, lo, hi);
+/* acc + kvq__search_term on 16 lanes, with the same bits: max/min give the C's clamps (they
+   differ only at u = -0, which rounds to c = +0 either way), vrndscaleps its round to nearest
+   even; d keeps its sign through the 9-bit rounding (the carry stops in the exponent), and
+   d * d < 2^-80 is |d| < 2^-40 (d * d is exact above it). */
+KVQ__AVX512_FN __m512 kvq__search_add512(__m512 acc, __m512 x, __m512 m, __m512 r, __m512 top) {
+    const __m512 u = _mm512_mul_ps(_mm512_sub_ps(x, m), r);
+    const __m512 c = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), top),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i b = _mm512_add_epi32(_mm512_castps_si512(_mm512_sub_ps(u, c)), _mm512_set1_epi32(0x2000));
+    const __m512 d = _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xffffc000u)));
+    const __m512 dd = _mm512_mul_ps(d, d);
+    return _mm512_mask_add_ps(acc, _mm512_cmp_ps_mask(dd, _mm512_set1_ps(8.271806125530277e-25f), _CMP_GE_OQ), acc,
+                              dd); /* 2^-80 */
+}
+/* Candidates k and k + 1 (k again past nk) in the low and high halves of a register. */
+KVQ__AVX512_FN __m512 kvq__cand_pair512(float a, float b) {
+    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+}
+/* kvq__search_sums with two candidates a register and two registers a pass over x (independent
+   chains), each lane's terms added in the order of the C. */
+KVQ__AVX512_FN void kvq__search_sums512(const float *x, int n, const kvq__cand *c, int nk, float top,
+                                        float (*acc)[8]) {
+    const __m512 vtop = _mm512_set1_ps(top);
+    int k, t;
+    for (k = 0; k < nk; k += 4) {
+        const kvq__cand *c1 = c + (k + 1 < nk ? k + 1 : k), *c2 = c + (k + 2 < nk ? k + 2 : k);
+        const kvq__cand *c3 = c + (k + 3 < nk ? k + 3 : k);
+        const __m512 m0 = kvq__cand_pair512(c[k].m, c1->m), r0 = kvq__cand_pair512(c[k].r, c1->r);
+        const __m512 m1 = kvq__cand_pair512(c2->m, c3->m), r1 = kvq__cand_pair512(c2->r, c3->r);
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (t = 0; t < n; t += 8) {
+            const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(x + t));
+            a0 = kvq__search_add512(a0, xv, m0, r0, vtop);
+            a1 = kvq__search_add512(a1, xv, m1, r1, vtop);
+        }
+        _mm512_storeu_ps(acc[k], a0); /* rows k, k + 1 */
+        if (k + 2 < nk) _mm512_storeu_ps(acc[k + 2], a1); /* rows k + 2, k + 3 (acc has a row spare) */
+    }
+}
+/* kvq__e5m3 on 8 lanes. */
+KVQ__AVX512_FN __m256 kvq__e5m3_256(__m256i e) {
+    const __m256i at = _mm256_slli_epi32(e, 20);
+    const __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(at, _mm256_set1_epi32(112 << 23)));
+    const __m256 sub = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_add_epi32(at, _mm256_set1_epi32(113 << 23))),
+                                     _mm256_set1_ps(6.103515625e-5f));
+    return _mm256_mask_blend_ps(_mm256_cmpge_epu32_mask(e, _mm256_set1_epi32(8)), sub, normal);
+}
+/* kvq__fit_range16 then kvq__params_f32 on 8 lanes, the same operations: *s and *m as stored. */
+KVQ__AVX512_FN void kvq__fit16_256(__m256 lo, __m256 hi, int bits, __mmask8 live, __m256 *s, __m256 *m) {
+    const __m256i top_e = _mm256_set1_epi32(0xf7);
+    __m256 need = _mm256_div_ps(_mm256_sub_ps(hi, lo), _mm256_set1_ps((float)((1 << bits) - 1))), k, m8;
+    __m256i x, e, e_sub;
+    __mmask8 todo;
+    need = _mm256_max_ps(_mm256_mul_ps(_mm256_set1_ps(-0.125f), lo), need); /* a > b ? a : b */
+    need = _mm256_max_ps(_mm256_div_ps(lo, _mm256_set1_ps(7.9375f)), need);
+    /* kvq__e5m3_ceil: k * 2^-17 below fp16's normals, else the exponent and 3 mantissa bits, rounded up */
+    k = _mm256_mul_ps(need, _mm256_set1_ps(131072.0f));
+    e_sub = _mm256_cvttps_epu32(k);
+    e_sub = _mm256_mask_add_epi32(e_sub, _mm256_cmp_ps_mask(_mm256_cvtepu32_ps(e_sub), k, _CMP_LT_OQ), e_sub,
+                                  _mm256_set1_epi32(1));
+    x = _mm256_castps_si256(need);
+    e = _mm256_or_si256(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_srli_epi32(x, 23), _mm256_set1_epi32(112)), 3),
+                        _mm256_and_si256(_mm256_srli_epi32(x, 20), _mm256_set1_epi32(7)));
+    e = _mm256_mask_add_epi32(e, _mm256_test_epi32_mask(x, _mm256_set1_epi32(0xfffff)), e, _mm256_set1_epi32(1));
+    e = _mm256_mask_blend_epi32(_mm256_cmp_ps_mask(need, _mm256_set1_ps(6.103515625e-5f), _CMP_LT_OQ), e, e_sub);
+    e = _mm256_min_epu32(e, top_e);
+    for (;;) { /* raised until lo lies in [-8 s, 127 s / 16] */
+        const __m256 sc = kvq__e5m3_256(e);
+        const __mmask8 in = _mm256_cmp_ps_mask(lo, _mm256_mul_ps(_mm256_set1_ps(-8.0f), sc), _CMP_GE_OQ) &
+                            _mm256_cmp_ps_mask(lo, _mm256_mul_ps(_mm256_set1_ps(7.9375f), sc), _CMP_LE_OQ);
+        todo = (__mmask8)(live & ~in & _mm256_cmplt_epu32_mask(e, top_e));
+        if (!todo) break;
+        e = _mm256_mask_add_epi32(e, todo, e, _mm256_set1_epi32(1));
+    }
+    *s = kvq__e5m3_256(e);
+    m8 = _mm256_roundscale_ps(_mm256_div_ps(_mm256_mul_ps(lo, _mm256_set1_ps(16.0f)), *s),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    m8 = _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(*s, _mm256_setzero_ps(), _CMP_NEQ_UQ), m8); /* s == 0: 0 */
+    m8 = _mm256_min_ps(_mm256_max_ps(m8, _mm256_set1_ps(-128.0f)), _mm256_set1_ps(127.0f));
+    m8 = _mm256_cvtepi32_ps(_mm256_cvtps_epi32(m8)); /* the stored int8: -0 becomes 0 */
+    *m = _mm256_mul_ps(_mm256_mul_ps(m8, *s), _mm256_set1_ps(0.0625f));
+}
+/* kvq__search_cands on 8 lanes: the candidates' ranges in double as the C computes them (the
+   product rounded, then the add), their params, 1/s and s^2. */
+KVQ__AVX512_FN void kvq__search_cands512(float lo, float hi, int bits, int pbits, double step, int steps, int side,
+                                         int i_best, kvq__cand *c) {
+    const int nk = side ? steps - 1 : steps;
+    const __mmask8 live = (__mmask8)((1u << nk) - 1u);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i vi = side ? _mm256_set1_epi32(i_best) : lane;
+    const __m256i vj = side ? _mm256_add_epi32(lane, _mm256_set1_epi32(1)) : _mm256_setzero_si256();
+    const __m512d range = _mm512_set1_pd((double)hi - (double)lo), vstep = _mm512_set1_pd(step);
+    const __m512d off_i = _mm512_mul_pd(range, _mm512_mul_pd(_mm512_cvtepi32_pd(vi), vstep));
+    const __m512d off_j = _mm512_mul_pd(range, _mm512_mul_pd(_mm512_cvtepi32_pd(vj), vstep));
+    const __m256i zero = _mm256_setzero_si256();
+    const __m256 clo = _mm256_mask_blend_ps(_mm256_cmpneq_epi32_mask(vi, zero), _mm256_set1_ps(lo),
+                                            _mm512_cvtpd_ps(_mm512_add_pd(_mm512_set1_pd((double)lo), off_i)));
+    const __m256 chi = _mm256_mask_blend_ps(_mm256_cmpneq_epi32_mask(vj, zero), _mm256_set1_ps(hi),
+                                            _mm512_cvtpd_ps(_mm512_sub_pd(_mm512_set1_pd((double)hi), off_j)));
+    __m256 s = _mm256_div_ps(_mm256_sub_ps(chi, clo), _mm256_set1_ps((float)((1 << bits) - 1))), m = clo, r, s2;
+    float flo[8], fhi[8], fm[8], fr[8], fs2[8];
+    int k;
+    if (pbits == 16) kvq__fit16_256(clo, chi, bits, live, &s, &m);
+    r = _mm256_maskz_div_ps(_mm256_cmp_ps_mask(s, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_set1_ps(1.0f), s);
+    s2 = _mm256_mul_ps(s, s);
+    _mm256_storeu_ps(flo, clo);
+    _mm256_storeu_ps(fhi, chi);
+    _mm256_storeu_ps(fm, m);
+    _mm256_storeu_ps(fr, r);
+    _mm256_storeu_ps(fs2, s2);
+    for (k = 0; k < nk; k++) {
+        c[k].lo = flo[k];
+        c[k].hi = fhi[k];
+        c[k].m = fm[k];
+        c[k].r = fr[k];
+        c[k].s2 = fs2[k];
+    }
+}
+KVQ__AVX512_FN void kvq__search_row_avx512(const float *x, int D, int G, int bits, int pbits, int steps,
+                                          const float *lo, const float *hi, kvq__qparams *best) {
+    kvq__search_row_with(x, D, G, bits, pbits, steps, lo, hi, best, kvq__search_cands512, kvq__search_sums512);
 }
 KVQ__AVX512_FN void kvq__search_columns_avx512(const float *xb, int G, const uint8_t *w, int bits, int steps,
                                                const float *lo, const float *hi, kvq__qparams *best) {
@@ -5412,7 +5622,7 @@ KVQ__INT512_FN void kvq__acc_int_avx512(const uint8_t *codes, size_t stride, con
 /* ---- NEON (aarch64): 4 lanes, two vectors per step of 8 --------------------------- */
 #if KVQ__HAVE_NEON
 typedef struct kvq__f32x8 { float32x4_t lo, hi; } kvq__f32x8;
-#define kvq__search_group_neon kvq__search_group_scalar /* aarch64's baseline has NEON already */
+#define kvq__search_row_neon kvq__search_row_scalar /* aarch64's baseline has NEON already */
 #define kvq__params16_neon kvq__params16_scalar
 #if !KVQ__HAVE_NEON_INT /* the integer kernels need Armv8.2's sdot/udot: the reference */
 #define kvq__scores_int_neon kvq__scores_int_scalar

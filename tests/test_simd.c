@@ -522,6 +522,45 @@ static void test_params16(void) {
     CHECK(bad == 0, "%d 16-bit param decodes differ from scalar", bad);
 }
 
+/* The range search of a row's groups (kvq__search_row) gives the scalar's params on every ISA:
+   rows of many scales and shapes (tiny, huge, one-signed, constant, ranges far from zero, a lone
+   outlier, a tiny min beside a large max), every bit width it serves, both value headers, grids
+   2-8, groups that do not divide the row. */
+static void test_search_row(void) {
+    static const float scales[] = {1.0f, 1e-6f, 3e4f, 1e-20f, 0.01f};
+    tu_rng r = {0x5ea4c};
+    int trial, i, bad = 0, runs = 0;
+    for (trial = 0; trial < 3000; trial++) {
+        const int G = 16 << (trial % 3), D = 8 * (1 + (int)(tu_next(&r) % 40)), ng = (D + G - 1) / G;
+        const int bits = 2 + trial % 3, pbits = bits <= 3 && trial % 2 ? 16 : 32, grid = 2 + (int)(tu_next(&r) % 7);
+        const float sc = scales[trial % 5], shift = trial % 7 == 3 ? 5.0f * sc : 0.0f;
+        float x[512], lo[64], hi[64];
+        kvq__qparams ref[64], got[64];
+        int g, shape = (int)(tu_next(&r) % 6);
+        for (i = 0; i < D; i++) {
+            float v = tu_normal(&r) * sc + shift;
+            if (shape == 1) v = fabsf(v);                               /* one-signed */
+            if (shape == 2 && i % 5) v = 0.25f * sc;                    /* mostly constant */
+            if (shape == 3 && i % 11 == 0) v *= 60.0f;                  /* outliers */
+            if (shape == 4) v = (float)(int)(v * 4.0f / sc) * 0.25f * sc; /* ties on a grid */
+            if (shape == 5 && i % 9 == 0) v = -1e-15f;                  /* a tiny min beside a large max */
+            x[i] = v;
+        }
+        if (trial % 50 == 0) for (i = 0; i < D; i++) x[i] = -0.0f;
+        for (g = 0; g < ng; g++) kvq__group_range(x + g * G, D - g * G < G ? D - g * G : G, 1, &lo[g], &hi[g]);
+        kvq_set_isa(KVQ_ISA_SCALAR);
+        kvq__dispatch_search_row(x, D, G, bits, pbits, grid, lo, hi, ref);
+        for (i = 0; i < n_isas; i++) {
+            kvq_set_isa((kvq_isa)isas[i]);
+            kvq__dispatch_search_row(x, D, G, bits, pbits, grid, lo, hi, got);
+            for (g = 0; g < ng; g++) bad += ref[g].scale != got[g].scale || ref[g].min != got[g].min;
+            runs++;
+        }
+    }
+    kvq_set_isa(KVQ_ISA_SCALAR);
+    CHECK(runs > 0 && bad == 0, "%d searched groups differ from scalar (%d rows x ISAs)", bad, runs);
+}
+
 /* The integer scheme's bytes of a query: q16 = 256 hi + lo rebuilt, |q16| <= 32639, and within
    half a unit of qs / unit, for random and extreme rows. */
 static void test_query_bytes(void) {
@@ -655,6 +694,7 @@ int main(void) {
     test_edges();
     test_query_bytes();
     test_params16();
+    test_search_row();
     for (arith = KVQ_ARITH_FLOAT; arith <= KVQ_ARITH_INTEGER; arith = (kvq_arith)(arith + 1)) {
         printf("-- ISA paths against scalar, %s arithmetic --\n", arith == KVQ_ARITH_FLOAT ? "float" : "integer");
         worst_nmse = 0.0;
