@@ -539,6 +539,41 @@ static void kvq__put_code(uint8_t *row, int n, int i, int bits, unsigned code) {
     if (bits == 3) row[kvq__hi_at(n, i)] = (uint8_t)(row[kvq__hi_at(n, i)] | (code >> 2) << (i & 7));
 }
 
+/* The element formats of keys (key_bits), values (value_bits) and salient entries (salient_bits),
+   one entry per supported bit width (kvq__check_bits reads the table). A quantized format stores
+   b-bit codes, packed as above, with an fp16 scale and min per group; 16 bits stores the fp16
+   rows themselves, no params. Record sizes and every "codes or fp16 rows" choice read the entry,
+   so a format is described once. KVQ__FORMATS is the initializer (kvq_cuda.h copies it to the
+   device). */
+typedef struct kvq__format {
+    int bits;        /* per element: a code's width, or 16 (an fp16) */
+    int quantized;   /* 1: codes with a scale and min per group; 0: plain fp16 rows */
+    int planes;      /* bit planes of a code row: 2 at 3 bits (a 2-bit plane, then a 1-bit one), else 1 */
+    int levels;      /* the top code, 2^bits - 1 (0: not quantized) */
+    int param_bytes; /* a group's fp16 scale and min: 4 (0: no params) */
+    int width;       /* bytes an image swaps as one element of the codes: 2 (fp16 rows), 1 (code bytes) */
+} kvq__format;
+#define KVQ__FORMATS                                                                                            \
+    {{2, 1, 1, 3, 4, 1}, {3, 1, 2, 7, 4, 1}, {4, 1, 1, 15, 4, 1}, {8, 1, 1, 255, 4, 1}, {16, 0, 1, 0, 0, 2}}
+#define KVQ__N_FORMATS 5
+static const kvq__format kvq__formats[KVQ__N_FORMATS] = KVQ__FORMATS;
+
+/* The format of bits. Callers pass widths kvq_config_check accepted; any other gets the last
+   entry (never NULL), which kvq__check_bits tells apart by its bits. */
+static const kvq__format *kvq__fmt(int bits) {
+    const kvq__format *f = kvq__formats;
+    while (f->bits != bits && f < kvq__formats + KVQ__N_FORMATS - 1) f++;
+    return f;
+}
+
+/* Bytes of a row of n elements (n a multiple of 8): packed codes, or n fp16. */
+static size_t kvq__row_bytes(const kvq__format *f, size_t n) { return n * (size_t)f->bits / 8; }
+
+/* The codes of a quantized key block record, after its fp16 scale[D] and min[D]
+   (kvq__key_block_bytes); _rw for the quantizers that write them. */
+static KVQ__INLINE const uint8_t *kvq__block_codes(const uint8_t *blk, int D) { return blk + 4 * (size_t)D; }
+static KVQ__INLINE uint8_t *kvq__block_codes_rw(uint8_t *blk, int D) { return blk + 4 * (size_t)D; }
+
 /* Tokens per key block: key_block, or group_size where it is 0. */
 static int kvq__kb(const kvq_config *cfg) { return cfg->key_block ? cfg->key_block : cfg->group_size; }
 
@@ -548,26 +583,26 @@ static int kvq__value_groups(const kvq_config *cfg) {
 }
 
 /* Key block of one head: fp16 scale[D], fp16 min[D], then per channel G codes packed
-   along tokens. At 16 bits: G rows of D fp16, token-major. */
+   along tokens. At 16 bits: G rows of D fp16, token-major (as many bytes as D rows of G). */
 static size_t kvq__key_block_bytes(const kvq_config *cfg) {
-    size_t d = (size_t)cfg->head_dim, g = (size_t)kvq__kb(cfg);
-    if (cfg->key_bits == 16) return 2 * g * d;
-    return 4 * d + d * (g * (size_t)cfg->key_bits / 8);
+    const kvq__format *f = kvq__fmt(cfg->key_bits);
+    return (size_t)cfg->head_dim * ((size_t)f->param_bytes + kvq__row_bytes(f, (size_t)kvq__kb(cfg)));
 }
 
 /* Value token of one head: fp16 scale[ngroups], fp16 min[ngroups] (the "params"),
    then D codes packed along channels. At 16 bits: no params, D fp16. */
 static size_t kvq__token_param_bytes(const kvq_config *cfg, int bits) {
-    return bits == 16 ? 0 : 4 * (size_t)kvq__value_groups(cfg);
+    return (size_t)kvq__fmt(bits)->param_bytes * (size_t)kvq__value_groups(cfg);
+}
+static size_t kvq__token_code_bytes(const kvq_config *cfg, int bits) {
+    return kvq__row_bytes(kvq__fmt(bits), (size_t)cfg->head_dim);
 }
 /* Bits of a value group's scale and min: 32 (two fp16) or 16 (see kvq__fit_range16). */
 static int kvq__vpb(const kvq_config *cfg) { return cfg->value_param_bits == 16 ? 16 : 32; }
 static size_t kvq__value_param_bytes(const kvq_config *cfg) {
     return kvq__token_param_bytes(cfg, cfg->value_bits) / (kvq__vpb(cfg) == 16 ? 2 : 1);
 }
-static size_t kvq__value_code_bytes(const kvq_config *cfg) {
-    return (size_t)cfg->head_dim * (size_t)cfg->value_bits / 8;
-}
+static size_t kvq__value_code_bytes(const kvq_config *cfg) { return kvq__token_code_bytes(cfg, cfg->value_bits); }
 
 /* Salient tokens per key block: the ratio of G, at least one when the ratio is positive. */
 static int kvq__salient_count(const kvq_config *cfg) {
@@ -582,20 +617,18 @@ static int kvq__records_attention(const kvq_config *cfg) {
     return kvq__salient_count(cfg) && cfg->salient_policy == KVQ_SALIENT_ATTENTION;
 }
 
-/* Side-store entry: u16 token index in its block, then K and V at salient_bits:
-   8 bits: fp16 scale/min per group of G channels for K then V, K codes[D], V codes[D];
-   16 bits: K[D], V[D] as fp16. */
+/* Side-store entry: u16 token index in its block, then K and V as per-token records at
+   salient_bits, params first: K's params, V's params, K's codes, V's codes (8 bits: fp16
+   scale[ng], min[ng] each, codes[D]; 16 bits: no params, K[D], V[D] as fp16). */
 static size_t kvq__side_entry_bytes(const kvq_config *cfg) {
-    size_t D = (size_t)cfg->head_dim;
-    if (cfg->salient_bits == 16) return 2 + 4 * D;
-    return 2 + 8 * (size_t)kvq__value_groups(cfg) + 2 * D;
+    return 2 + 2 * (kvq__token_param_bytes(cfg, cfg->salient_bits) + kvq__token_code_bytes(cfg, cfg->salient_bits));
 }
 
 KVQ_API double kvq_config_bits_per_element(const kvq_config *cfg) {
     double kb, vb, side;
     if (kvq_config_check(cfg) != KVQ_OK) return 0.0;
     {
-        const size_t token_key_bytes = kvq__token_param_bytes(cfg, cfg->key_bits) + (size_t)cfg->head_dim * cfg->key_bits / 8;
+        const size_t token_key_bytes = kvq__token_param_bytes(cfg, cfg->key_bits) + kvq__token_code_bytes(cfg, cfg->key_bits);
         kb = cfg->key_axis == KVQ_KEYS_PER_TOKEN
                  ? 8.0 * (double)token_key_bytes / cfg->head_dim
                  : 8.0 * (double)kvq__key_block_bytes(cfg) / ((double)kvq__kb(cfg) * cfg->head_dim);
@@ -1186,7 +1219,7 @@ static kvq_status kvq__check_group(int g) {
 }
 
 static kvq_status kvq__check_bits(int bits) {
-    if (bits == 2 || bits == 3 || bits == 4 || bits == 8 || bits == 16) return KVQ_OK;
+    if (kvq__fmt(bits)->bits == bits) return KVQ_OK; /* a format of its own */
     return (bits >= 1 && bits <= 32) ? KVQ_ERR_UNSUPPORTED : KVQ_ERR_INVALID;
 }
 
@@ -1307,7 +1340,7 @@ static int kvq__plan(const kvq_config *cfg, kvq__layout *L) {
         e[KVQ__A_SCORE] = e[KVQ__A_SEEN] = 4;
         n[KVQ__A_KTPARAMS] = n[KVQ__A_KTCODES] = kvq__mul(H, per_token ? (size_t)L->max_vquant : 0, &ok);
         e[KVQ__A_KTPARAMS] = kvq__token_param_bytes(cfg, cfg->key_bits);
-        e[KVQ__A_KTCODES] = D * (size_t)cfg->key_bits / 8;
+        e[KVQ__A_KTCODES] = kvq__token_code_bytes(cfg, cfg->key_bits);
         n[KVQ__A_RING_SCORES] = ns ? (size_t)L->kcap : 0;
         e[KVQ__A_RING_SCORES] = 4 * KVQ__HEAD_CHUNK; /* scratch */
         /* salience snapshots, one per append of the history (caches that record attention) */
@@ -1342,7 +1375,7 @@ static void kvq__record_sizes(kvq_cache *c, const kvq_config *cfg) {
     c->vparam_bytes = kvq__value_param_bytes(cfg);
     c->vcode_bytes = kvq__value_code_bytes(cfg);
     c->ktparam_bytes = kvq__token_param_bytes(cfg, cfg->key_bits);
-    c->ktcode_bytes = (size_t)cfg->head_dim * (size_t)cfg->key_bits / 8;
+    c->ktcode_bytes = kvq__token_code_bytes(cfg, cfg->key_bits);
     c->n_salient = kvq__salient_count(cfg);
     c->side_bytes = kvq__side_entry_bytes(cfg);
 }
