@@ -1525,8 +1525,8 @@ static void kvq__to_f32_scalar(float *dst, const uint16_t *src, int n) {
    set them: keep_params, the range search's), then the codes of the G tokens. */
 static void kvq__quantize_keys_scalar(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
-    uint8_t *codes = blk + 4 * (size_t)D;
-    size_t row_bytes = (size_t)G * bits / 8;
+    uint8_t *codes = kvq__block_codes_rw(blk, D);
+    size_t row_bytes = kvq__row_bytes(kvq__fmt(bits), (size_t)G);
     float x[128];
     int ch, t;
     memset(codes, 0, row_bytes * D);
@@ -1554,7 +1554,7 @@ static void kvq__quantize_record(const uint16_t *row, int D, int G, int bits, in
     float x[512];
     if (grid > 1) kvq__f32_row(x, row, D); /* the ISA's conversion (exact on every path) */
     else kvq__to_f32_scalar(x, row, D);
-    memset(codes, 0, (size_t)D * bits / 8);
+    memset(codes, 0, kvq__row_bytes(kvq__fmt(bits), (size_t)D));
     for (g = 0; g < ng; g++) {
         int c0 = g * G, n = D - c0 < G ? D - c0 : G;
         kvq__put_params(par, ng, g, kvq__quantize_group(x + c0, n, 1, bits, pbits, codes, D, c0, grid), pbits);
@@ -1575,7 +1575,7 @@ static void kvq__read_token_record(const kvq_cache *c, const uint16_t *par, int 
                                    float *x) {
     const int D = c->cfg.head_dim, G = c->cfg.group_size, ng = kvq__value_groups(&c->cfg);
     int g, ch;
-    if (bits == 16) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
+    if (!kvq__fmt(bits)->quantized) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
     for (g = 0; g < ng; g++) {
         float sc, m;
         kvq__params_f32(kvq__get_params(par, ng, g, pbits), pbits, &m, &sc);
@@ -1609,15 +1609,14 @@ static uint8_t *kvq__side_entry(const kvq_cache *c, int h, int b, int j) {
 
 static int kvq__side_index(const uint8_t *e) { return e[0] | e[1] << 8; }
 
-/* Byte offsets in an entry of the K (which 0) or V (1) part: after the u16 index, at 8 bits
-   fp16 scale[ng], min[ng] for K, then for V, then K codes[D], V codes[D]; at 16 bits the
-   fp16 K row, then the V row (no params). */
+/* Byte offsets in an entry of the K (which 0) or V (1) part: after the u16 index, K's params,
+   V's params, K's codes, V's codes (kvq__side_entry_bytes; at 16 bits the params are empty). */
 static size_t kvq__side_params_at(const kvq_cache *c, int which) {
-    return 2 + (size_t)which * 4 * kvq__value_groups(&c->cfg);
+    return 2 + (size_t)which * kvq__token_param_bytes(&c->cfg, c->cfg.salient_bits);
 }
 static size_t kvq__side_codes_at(const kvq_cache *c, int which) {
-    const size_t D = (size_t)c->cfg.head_dim;
-    return c->cfg.salient_bits == 16 ? 2 + which * 2 * D : 2 + 8 * (size_t)kvq__value_groups(&c->cfg) + which * D;
+    return 2 + 2 * kvq__token_param_bytes(&c->cfg, c->cfg.salient_bits) +
+           (size_t)which * kvq__token_code_bytes(&c->cfg, c->cfg.salient_bits);
 }
 
 /* Columns [c0, c0+nc) of a block's G fp16 rows as floats, xb[t * KVQ__COLS + i] (SIMD convert:
@@ -1681,27 +1680,14 @@ static void kvq__select_salient(const kvq_cache *c, int h, int b, int *picked, u
         if (mask[t]) picked[j++] = t;
 }
 
-/* Stores fp16 row src (D channels) at salient_bits into the entry's K (which 0) or V (1) part. */
+/* Stores fp16 row src (D channels) at salient_bits into the entry's K (which 0) or V (1) part:
+   a per-token record with fp16 params (min/max, the scalar quantizer: the same bytes on every path). */
 static void kvq__side_put(const kvq_cache *c, uint8_t *e, int which, const uint16_t *src) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size, ng = kvq__value_groups(&c->cfg);
-    float x[512];
-    int g;
+    const int D = c->cfg.head_dim, bits = c->cfg.salient_bits;
     uint8_t *codes = e + kvq__side_codes_at(c, which);
-    if (c->cfg.salient_bits == 16) {
-        memcpy(codes, src, (size_t)D * 2);
-        return;
-    }
-    {
-        uint16_t *par = (uint16_t *)(void *)(e + kvq__side_params_at(c, which));
-        kvq__f32_row(x, src, D);
-        memset(codes, 0, (size_t)D);
-        for (g = 0; g < ng; g++) {
-            int c0 = g * G, len = D - c0 < G ? D - c0 : G;
-            kvq__qparams qp = kvq__quantize_group(x + c0, len, 1, 8, 32, codes, D, c0, 1);
-            par[g] = qp.scale;
-            par[ng + g] = qp.min;
-        }
-    }
+    if (!kvq__fmt(bits)->quantized) memcpy(codes, src, (size_t)D * 2);
+    else kvq__quantize_record(src, D, c->cfg.group_size, bits, 32, 1,
+                              (uint16_t *)(void *)(e + kvq__side_params_at(c, which)), codes);
 }
 
 /* Reconstructs the K (which 0) or V (1) row of a side-store entry, in storage space. */
@@ -1798,11 +1784,11 @@ static void kvq__quantize_key_block_masked(kvq_cache *c, int h, int b, const uin
     uint8_t *blk = kvq__key_block(c, h, b);
     const uint16_t *rows = kvq__ring_k_row(c, h, b * G);
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
-    uint8_t *codes = blk + 4 * (size_t)D, w[128];
-    size_t row_bytes = (size_t)G * bits / 8;
+    uint8_t *codes = kvq__block_codes_rw(blk, D), w[128];
+    size_t row_bytes = kvq__row_bytes(kvq__fmt(bits), (size_t)G);
     float xb[128 * KVQ__COLS];
     int c0, i, t, weighted;
-    if (bits == 16) { /* nothing to stretch: the block keeps every token as it is */
+    if (!kvq__fmt(bits)->quantized) { /* nothing to stretch: the block keeps every token as it is */
         memcpy(blk, rows, (size_t)G * D * 2);
         return;
     }
@@ -1843,21 +1829,27 @@ static void kvq__store_salient(kvq_cache *c, int h, int b, uint8_t *mask) {
     }
 }
 
+/* Stores fp16 row (D channels) as a per-token record at bits: the row itself (16 bits), or
+   params and codes from the ISA's quantizer. */
+static void kvq__put_record(const uint16_t *row, int D, int G, int bits, int pbits, int grid, uint16_t *par,
+                            uint8_t *codes) {
+    if (!kvq__fmt(bits)->quantized) memcpy(codes, row, (size_t)D * 2);
+    else kvq__dispatch_quantize_value(row, D, G, bits, pbits, grid, par, codes);
+}
+
 /* Quantizes the oldest waiting key block of head h (block index b, ring positions b*G..). */
 static void kvq__quantize_key_token(kvq_cache *c, int h, int j) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size, bits = c->cfg.key_bits;
-    const uint16_t *row = kvq__ring_k_row(c, h, j);
-    uint8_t *codes = kvq__key_token_codes(c, h, j);
-    if (bits == 16) memcpy(codes, row, (size_t)D * 2);
-    else kvq__dispatch_quantize_value(row, D, G, bits, 32, kvq__search_grid(c->cfg.range_search, bits, 1),
-                                      kvq__key_token_params(c, h, j), codes);
+    const int bits = c->cfg.key_bits;
+    kvq__put_record(kvq__ring_k_row(c, h, j), c->cfg.head_dim, c->cfg.group_size, bits, 32,
+                    kvq__search_grid(c->cfg.range_search, bits, 1), kvq__key_token_params(c, h, j),
+                    kvq__key_token_codes(c, h, j));
 }
 static void kvq__quantize_key_block(kvq_cache *c, int h, int b) {
     const int D = c->cfg.head_dim, G = c->kb, bits = c->cfg.key_bits;
     const int grid = kvq__search_grid(c->cfg.range_search, bits, 1);
     uint8_t *blk = kvq__key_block(c, h, b);
     const uint16_t *rows = kvq__ring_k_row(c, h, b * G); /* G contiguous rows: kcap % G == 0 or no wrap */
-    if (bits == 16) {
+    if (!kvq__fmt(bits)->quantized) {
         memcpy(blk, rows, (size_t)G * D * 2);
     } else if (grid > 1) { /* the search sets the params, the ISA's kernel the codes */
         uint8_t all[128];
@@ -1872,12 +1864,10 @@ static void kvq__quantize_key_block(kvq_cache *c, int h, int b) {
 
 /* Quantizes the oldest waiting value of head h (value index j) per group of G channels. */
 static void kvq__quantize_value(kvq_cache *c, int h, int j) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size, bits = c->cfg.value_bits;
-    const uint16_t *row = kvq__ring_v_row(c, h, j);
-    uint8_t *codes = kvq__value_codes(c, h, j);
-    if (bits == 16) memcpy(codes, row, (size_t)D * 2);
-    else kvq__dispatch_quantize_value(row, D, G, bits, kvq__vpb(&c->cfg),
-                                      kvq__search_grid(c->cfg.range_search, bits, 0), kvq__value_params(c, h, j), codes);
+    const int bits = c->cfg.value_bits;
+    kvq__put_record(kvq__ring_v_row(c, h, j), c->cfg.head_dim, c->cfg.group_size, bits, kvq__vpb(&c->cfg),
+                    kvq__search_grid(c->cfg.range_search, bits, 0), kvq__value_params(c, h, j),
+                    kvq__value_codes(c, h, j));
 }
 
 /* Stores one caller row as fp16, rotated first when the cache rotates. */
@@ -2039,11 +2029,14 @@ static void kvq__read_key(const kvq_cache *c, int h, int t, float *x) {
     {
         const uint8_t *blk = kvq__key_block(c, h, pos / G);
         int tt = pos % G;
-        if (bits == 16) { kvq__f32_row(x, (const uint16_t *)(const void *)blk + (size_t)tt * D, D); return; }
+        if (!kvq__fmt(bits)->quantized) {
+            kvq__f32_row(x, (const uint16_t *)(const void *)blk + (size_t)tt * D, D);
+            return;
+        }
         {
             const uint16_t *scale = (const uint16_t *)(const void *)blk, *mins = scale + D;
-            const uint8_t *codes = blk + 4 * (size_t)D;
-            size_t row_bytes = (size_t)G * bits / 8;
+            const uint8_t *codes = kvq__block_codes(blk, D);
+            size_t row_bytes = kvq__row_bytes(kvq__fmt(bits), (size_t)G);
             for (ch = 0; ch < D; ch++)
                 x[ch] = kvq__f16_to_f32(mins[ch]) +
                         kvq__f16_to_f32(scale[ch]) * (float)kvq__get_code(codes + row_bytes * ch, G, tt, bits);
@@ -2121,7 +2114,7 @@ typedef struct kvq__head_state {
 static void kvq__scores_codes_scalar(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                      float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mins = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     size_t row_bytes = (size_t)G * bits / 8;
     int ch, t, j;
     for (j = 0; j < nh; j++) {
@@ -2225,7 +2218,7 @@ static float kvq__query_q16(const float *qs, int D, int8_t *hi, int8_t *lo) {
 static void kvq__scores_int_scalar(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                    float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mins = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     const size_t row_bytes = (size_t)G * bits / 8;
     float qs[512];
     int8_t hi[512], lo[512];
@@ -2322,7 +2315,7 @@ static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const flo
     }
     nq = c->n_vquant - pos;
     nq = nq < 0 ? 0 : nq > n ? n : nq;
-    if (nq > 0 && bits == 16) {
+    if (nq > 0 && !kvq__fmt(bits)->quantized) {
         for (t = 0; t < nq; t++) rows[t] = (const uint16_t *)(const void *)kvq__value_codes(c, h, pos + t);
         kvq__k_acc_f16(rows, nq, D, p, nh, acc);
     } else if (nq > 0) { /* params as floats, [t][scale[ng], min[ng]], a chunk of tokens at a time */
@@ -2366,7 +2359,7 @@ static void kvq__side_values(const kvq_cache *c, int h, int b, int e0, int ne, c
     const uint8_t *first = kvq__side_entry(c, h, b, e0);
     const size_t codes = kvq__side_codes_at(c, 1), params = kvq__side_params_at(c, 1);
     int i;
-    if (c->cfg.salient_bits == 16) {
+    if (!kvq__fmt(c->cfg.salient_bits)->quantized) {
         const uint16_t *rows[KVQ__TILE];
         for (i = 0; i < ne; i++) rows[i] = (const uint16_t *)(const void *)(first + (size_t)i * c->side_bytes + codes);
         kvq__k_acc_f16(rows, ne, D, w, nh, acc);
@@ -2381,7 +2374,7 @@ static void kvq__side_values(const kvq_cache *c, int h, int b, int e0, int ne, c
                              (const uint16_t *)(const void *)(first + (size_t)(i0 + i) * c->side_bytes + params),
                              2 * ng);
             kvq__k_acc_codes(first + (size_t)i0 * c->side_bytes + codes, c->side_bytes, par, m, D, c->cfg.group_size,
-                             8, w + i0, nh, acc);
+                             c->cfg.salient_bits, w + i0, nh, acc);
         }
     }
 }
@@ -2392,7 +2385,7 @@ static void kvq__record_to_f32(const kvq_cache *c, const uint16_t *par, const ui
     static const float one = 1.0f;
     const int D = c->cfg.head_dim, ng = kvq__value_groups(&c->cfg);
     float parf[2 * KVQ__WMAX];
-    if (bits == 16) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
+    if (!kvq__fmt(bits)->quantized) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
     kvq__f32_row(parf, par, 2 * ng);
     memset(x, 0, (size_t)D * sizeof(float));
     kvq__k_acc_codes(codes, 0, parf, 1, D, c->cfg.group_size, bits, &one, 1, &x);
@@ -2493,6 +2486,7 @@ static void kvq__prefetch_tile(const kvq_cache *c, int h, int t0, int t1) {
 static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh, float scale, int lo, int hi,
                               kvq__head_state *st, float *ring_scores) {
     const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->kb;
+    const int kquant = kvq__fmt(c->cfg.key_bits)->quantized; /* key blocks and per-token keys hold codes */
     float qs[KVQ__HEAD_CHUNK * 512], scores[KVQ__HEAD_CHUNK * KVQ__TILE];
     const uint16_t *rows[KVQ__TILE];
     float *acc[KVQ__HEAD_CHUNK];
@@ -2510,7 +2504,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
         if (t1 < hi) kvq__prefetch_tile(c, h, t1, kvq__tile_end(c, t1, hi));
         if (t0 >= S && pos < c->n_kblocks * G) { /* whole blocks, G scores each, from pos's block */
             int b;
-            if (c->cfg.key_bits != 16) {
+            if (kquant) {
                 const int ik = integer && kvq__int_keys(c->cfg.key_bits, G);
                 for (b = pos / G; b <= (pos + n - 1) / G; b++) {
                     const uint8_t *blk = kvq__key_block(c, h, b);
@@ -2524,7 +2518,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
                     rows[t] = (const uint16_t *)(const void *)kvq__key_block(c, h, (pos + t) / G) + (size_t)((pos + t) % G) * D;
                 kvq__k_scores_f16(rows, n, D, qs, nh, scores);
             }
-        } else if (t0 >= S && pos < c->n_ktok && c->cfg.key_bits != 16) {
+        } else if (t0 >= S && pos < c->n_ktok && kquant) {
             kvq__scores_key_tokens(c, h, pos, n, qs, nh, scores);
         } else {
             for (t = 0; t < n; t++)
@@ -4021,7 +4015,7 @@ KVQ__AVX2_FN void kvq__quantize_value_avx2(const uint16_t *row, int D, int G, in
    codes go through cb[t][lane] to the shared packer (kvq__store_run: the two planes). */
 KVQ__AVX2_FN void kvq__quantize_keys_avx2(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
-    uint8_t *codes = blk + 4 * (size_t)D, cb[KVQ__TILE * 8];
+    uint8_t *codes = kvq__block_codes_rw(blk, D), cb[KVQ__TILE * 8];
     const size_t rb = (size_t)G * bits / 8;
     const int per = 32 / bits; /* tokens per 32-bit word */
     const __m256 top = _mm256_set1_ps((float)((1 << bits) - 1));
@@ -4093,7 +4087,7 @@ KVQ__AVX2_INLINE void kvq__scores_pass_avx2(const uint8_t *codes, int D, int G, 
 KVQ__AVX2_FN void kvq__scores_codes_avx2(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                          float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     float qs[KVQ__HEAD_CHUNK * 512], bias[KVQ__HEAD_CHUNK];
     int j, j0, ch;
     for (j = 0; j < nh; j++) { /* fold the channel scales into the query; the mins are one bias */
@@ -4462,7 +4456,7 @@ KVQ__AVX2_INLINE void kvq__scores_int_pass_avx2(const uint8_t *codes, int D, int
 KVQ__AVX2_FN void kvq__scores_int_avx2(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                        float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     const __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)); /* |x|: the sign bit off */
     float qs[KVQ__HEAD_CHUNK * 512], scale[512], mins[512], amax[KVQ__HEAD_CHUNK + 7] = {0}, inv[KVQ__HEAD_CHUNK + 7],
           unit[KVQ__HEAD_CHUNK + 7], bias[KVQ__HEAD_CHUNK];
@@ -4768,7 +4762,7 @@ KVQ__AVX512_INLINE void kvq__scores_pass_avx512(const uint8_t *codes, int D, int
 KVQ__AVX512_FN void kvq__scores_codes_avx512(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                              float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     float qs[KVQ__HEAD_CHUNK * 512], bias[KVQ__HEAD_CHUNK];
     int j, j0, ch;
     for (j = 0; j < nh; j++) { /* fold the channel scales into the query; the mins are one bias */
@@ -5198,7 +5192,7 @@ KVQ__INT512_FN __m512 kvq__reduce16_int512(__m512 *v, int n, int is_max) {
 KVQ__INT512_FN void kvq__scores_int_avx512(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                            float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     const size_t qstride = 32 * (size_t)((D + 15) / 16);
     float sf[512 + 16], mf[512 + 16], qs[KVQ__HEAD_CHUNK * 512 + 16], unit[16], bias[16]; /* + a chunk's tail */
     int8_t qb[KVQ__HEAD_CHUNK * 32 * 32];
@@ -5542,7 +5536,7 @@ static void kvq__quantize_value_neon(const uint16_t *row, int D, int G, int bits
 
 static void kvq__quantize_keys_neon(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
-    uint8_t *codes = blk + 4 * (size_t)D, cb[KVQ__TILE * 4];
+    uint8_t *codes = kvq__block_codes_rw(blk, D), cb[KVQ__TILE * 4];
     const size_t rb = (size_t)G * bits / 8;
     const float32x4_t top = vdupq_n_f32((float)((1 << bits) - 1));
     int cc, t, lane;
@@ -5578,7 +5572,7 @@ static void kvq__quantize_keys_neon(const uint16_t *rows, int D, int G, int bits
 static void kvq__scores_codes_neon(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                    float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     const size_t rb = (size_t)G * bits / 8;
     uint32x4_t mask;
     int32x4_t sl, sh;
@@ -5937,7 +5931,7 @@ static KVQ__INLINE void kvq__scores_int_pass_neon(const uint8_t *codes, int D, i
 #undef KVQ__SDOT4
 static void kvq__scores_int_neon(const uint8_t *blk, int D, int G, int bits, const float *q, int nh, float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     int8_t qb[KVQ__HEAD_CHUNK * 2 * 512];
     float unit[KVQ__HEAD_CHUNK], bias[KVQ__HEAD_CHUNK];
     int j, j0;
