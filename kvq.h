@@ -3289,33 +3289,32 @@ static void kvq__record_range(const kvq_cache *c, int kind, int *first, int *end
    only the sizes are filled: the pointers, never computed, stay NULL. */
 #define KVQ__PART(ptr, count, w) (pt[np].p = locate ? (void *)(ptr) : NULL, pt[np].n = (count), pt[np].width = (w), np++)
 static int kvq__record_parts(const kvq_cache *c, int kind, int h, int i, int locate, kvq__part *pt) {
-    const size_t D = (size_t)c->cfg.head_dim, G = (size_t)c->kb;
+    const size_t D = (size_t)c->cfg.head_dim;
     const size_t slot = (size_t)h * c->kcap + (size_t)(i % (c->kcap ? c->kcap : 1));
-    const int kbits = c->cfg.key_bits, vbits = c->cfg.value_bits;
-    size_t n16;
+    const kvq__format *kf = kvq__fmt(c->cfg.key_bits), *vf = kvq__fmt(c->cfg.value_bits);
+    const kvq__format *sf = kvq__fmt(c->cfg.salient_bits);
+    size_t n16, kpar;
     int np = 0;
     switch (kind) {
     case KVQ__R_SINK_K: KVQ__PART(kvq__sink_row(c, c->sink_k, h, i), D, 2); break;
     case KVQ__R_SINK_V: KVQ__PART(kvq__sink_row(c, c->sink_v, h, i), D, 2); break;
     case KVQ__R_RING_K: KVQ__PART(kvq__ring_k_row(c, h, i), D, 2); break;
     case KVQ__R_RING_V: KVQ__PART(kvq__ring_v_row(c, h, i), D, 2); break;
-    case KVQ__R_KEY_BLOCK: /* fp16 scale[D], min[D], then codes; at 16 bits G fp16 rows */
-        if (kbits == 16) { KVQ__PART(kvq__key_block(c, h, i), G * D, 2); break; }
-        KVQ__PART(kvq__key_block(c, h, i), 2 * D, 2);
-        KVQ__PART(kvq__key_block(c, h, i) + 4 * D, c->kblock_bytes - 4 * D, 1);
+    case KVQ__R_KEY_BLOCK: /* fp16 scale[D], min[D], then codes; at 16 bits no params, G fp16 rows */
+        kpar = D * (size_t)kf->param_bytes;
+        KVQ__PART(kvq__key_block(c, h, i), kpar / 2, 2);
+        KVQ__PART(kvq__key_block(c, h, i) + kpar, (c->kblock_bytes - kpar) / (size_t)kf->width, kf->width);
         break;
     case KVQ__R_KEY_TOKEN: /* params then codes, like values */
         KVQ__PART(kvq__key_token_params(c, h, i), c->ktparam_bytes / 2, 2);
-        if (kbits == 16) KVQ__PART(kvq__key_token_codes(c, h, i), D, 2);
-        else KVQ__PART(kvq__key_token_codes(c, h, i), c->ktcode_bytes, 1);
+        KVQ__PART(kvq__key_token_codes(c, h, i), c->ktcode_bytes / (size_t)kf->width, kf->width);
         break;
     case KVQ__R_VALUE:
         KVQ__PART(kvq__value_params(c, h, i), c->vparam_bytes / 2, 2);
-        if (vbits == 16) KVQ__PART(kvq__value_codes(c, h, i), D, 2);
-        else KVQ__PART(kvq__value_codes(c, h, i), c->vcode_bytes, 1);
+        KVQ__PART(kvq__value_codes(c, h, i), c->vcode_bytes / (size_t)vf->width, vf->width);
         break;
-    case KVQ__R_SIDE: /* u16 index and params (or fp16 rows), then codes */
-        n16 = c->cfg.salient_bits == 16 ? 1 + 2 * D : 1 + 4 * (size_t)kvq__value_groups(&c->cfg);
+    case KVQ__R_SIDE: /* u16 index and params (or fp16 rows), then code bytes */
+        n16 = (sf->width == 2 ? c->side_bytes : kvq__side_codes_at(c, 0)) / 2;
         KVQ__PART(kvq__side_entry(c, h, i / c->n_salient, i % c->n_salient), n16, 2);
         KVQ__PART(kvq__side_entry(c, h, i / c->n_salient, i % c->n_salient) + 2 * n16, c->side_bytes - 2 * n16, 1);
         break;
@@ -3367,7 +3366,7 @@ static int kvq__img_rows_ok(const uint8_t *p, size_t n) {
 }
 /* n scales then n mins of b-bit groups */
 static int kvq__img_params_ok(const uint8_t *p, size_t n, int bits) {
-    const float levels = (float)((1 << bits) - 1);
+    const float levels = (float)kvq__fmt(bits)->levels;
     const uint16_t top = kvq__f32_to_f16(2.0f * KVQ__FP16_MAX / levels);
     size_t g;
     for (g = 0; g < n; g++) {
@@ -3386,7 +3385,7 @@ static int kvq__img_params16_ok(const uint8_t *p, size_t n, int bits) {
         double m, top;
         if (e > 0xf7u) return 0;
         m = (double)kvq__min16(e, m8);
-        top = m + (double)kvq__e5m3(e) * (double)((1 << bits) - 1);
+        top = m + (double)kvq__e5m3(e) * (double)kvq__fmt(bits)->levels;
         if (m < -2.0 * (double)KVQ__FP16_MAX || top > 2.0 * (double)KVQ__FP16_MAX) return 0;
     }
     return 1;
@@ -3394,19 +3393,21 @@ static int kvq__img_params16_ok(const uint8_t *p, size_t n, int bits) {
 static int kvq__record_ok(const kvq_cache *c, int kind, int i, const uint8_t *p, int *prev_index) {
     const size_t D = (size_t)c->cfg.head_dim, G = (size_t)c->kb;
     const size_t ng = (size_t)kvq__value_groups(&c->cfg);
-    const int kbits = c->cfg.key_bits, vbits = c->cfg.value_bits;
-    switch (kind) {
-    case KVQ__R_KEY_BLOCK: return kbits == 16 ? kvq__img_rows_ok(p, G * D) : kvq__img_params_ok(p, D, kbits);
-    case KVQ__R_KEY_TOKEN: return kbits == 16 ? kvq__img_rows_ok(p, D) : kvq__img_params_ok(p, ng, kbits);
+    const int kbits = c->cfg.key_bits, vbits = c->cfg.value_bits, sbits = c->cfg.salient_bits;
+    switch (kind) { /* quantized records start with their params, plain ones are fp16 rows */
+    case KVQ__R_KEY_BLOCK:
+        return kvq__fmt(kbits)->quantized ? kvq__img_params_ok(p, D, kbits) : kvq__img_rows_ok(p, G * D);
+    case KVQ__R_KEY_TOKEN:
+        return kvq__fmt(kbits)->quantized ? kvq__img_params_ok(p, ng, kbits) : kvq__img_rows_ok(p, D);
     case KVQ__R_VALUE:
-        if (vbits == 16) return kvq__img_rows_ok(p, D);
+        if (!kvq__fmt(vbits)->quantized) return kvq__img_rows_ok(p, D);
         return kvq__vpb(&c->cfg) == 16 ? kvq__img_params16_ok(p, ng, vbits) : kvq__img_params_ok(p, ng, vbits);
     case KVQ__R_SIDE: {
         int idx = kvq__img_u16(p);
         if (idx >= (int)G || (i % c->n_salient && idx <= *prev_index)) return 0;
         *prev_index = idx;
-        if (c->cfg.salient_bits == 16) return kvq__img_rows_ok(p + 2, 2 * D);
-        return kvq__img_params_ok(p + 2, ng, 8) && kvq__img_params_ok(p + 2 + 4 * ng, ng, 8);
+        if (!kvq__fmt(sbits)->quantized) return kvq__img_rows_ok(p + 2, 2 * D);
+        return kvq__img_params_ok(p + 2, ng, sbits) && kvq__img_params_ok(p + kvq__side_params_at(c, 1), ng, sbits);
     }
     case KVQ__R_SALIENCE: {
         uint32_t score = kvq__get_u32(p), seen = kvq__get_u32(p + 4);
