@@ -628,7 +628,8 @@ KVQ_API double kvq_config_bits_per_element(const kvq_config *cfg) {
     double kb, vb, side;
     if (kvq_config_check(cfg) != KVQ_OK) return 0.0;
     {
-        const size_t token_key_bytes = kvq__token_param_bytes(cfg, cfg->key_bits) + kvq__token_code_bytes(cfg, cfg->key_bits);
+        const size_t token_key_bytes =
+            kvq__token_param_bytes(cfg, cfg->key_bits) + kvq__token_code_bytes(cfg, cfg->key_bits);
         kb = cfg->key_axis == KVQ_KEYS_PER_TOKEN
                  ? 8.0 * (double)token_key_bytes / cfg->head_dim
                  : 8.0 * (double)kvq__key_block_bytes(cfg) / ((double)kvq__kb(cfg) * cfg->head_dim);
@@ -1784,11 +1785,12 @@ static void kvq__quantize_key_block_masked(kvq_cache *c, int h, int b, const uin
     uint8_t *blk = kvq__key_block(c, h, b);
     const uint16_t *rows = kvq__ring_k_row(c, h, b * G);
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
+    const kvq__format *f = kvq__fmt(bits);
     uint8_t *codes = kvq__block_codes_rw(blk, D), w[128];
-    size_t row_bytes = kvq__row_bytes(kvq__fmt(bits), (size_t)G);
+    size_t row_bytes = kvq__row_bytes(f, (size_t)G);
     float xb[128 * KVQ__COLS];
     int c0, i, t, weighted;
-    if (!kvq__fmt(bits)->quantized) { /* nothing to stretch: the block keeps every token as it is */
+    if (!f->quantized) { /* nothing to stretch: the block keeps every token as it is */
         memcpy(blk, rows, (size_t)G * D * 2);
         return;
     }
@@ -2029,14 +2031,12 @@ static void kvq__read_key(const kvq_cache *c, int h, int t, float *x) {
     {
         const uint8_t *blk = kvq__key_block(c, h, pos / G);
         int tt = pos % G;
-        if (!kvq__fmt(bits)->quantized) {
-            kvq__f32_row(x, (const uint16_t *)(const void *)blk + (size_t)tt * D, D);
-            return;
-        }
+        const kvq__format *f = kvq__fmt(bits);
+        if (!f->quantized) { kvq__f32_row(x, (const uint16_t *)(const void *)blk + (size_t)tt * D, D); return; }
         {
             const uint16_t *scale = (const uint16_t *)(const void *)blk, *mins = scale + D;
             const uint8_t *codes = kvq__block_codes(blk, D);
-            size_t row_bytes = kvq__row_bytes(kvq__fmt(bits), (size_t)G);
+            size_t row_bytes = kvq__row_bytes(f, (size_t)G);
             for (ch = 0; ch < D; ch++)
                 x[ch] = kvq__f16_to_f32(mins[ch]) +
                         kvq__f16_to_f32(scale[ch]) * (float)kvq__get_code(codes + row_bytes * ch, G, tt, bits);
