@@ -541,6 +541,41 @@ static void kvq__put_code(uint8_t *row, int n, int i, int bits, unsigned code) {
     if (bits == 3) row[kvq__hi_at(n, i)] = (uint8_t)(row[kvq__hi_at(n, i)] | (code >> 2) << (i & 7));
 }
 
+/* The element formats of keys (key_bits), values (value_bits) and salient entries (salient_bits),
+   one entry per supported bit width (kvq__check_bits reads the table). A quantized format stores
+   b-bit codes, packed as above, with an fp16 scale and min per group; 16 bits stores the fp16
+   rows themselves, no params. Record sizes and every "codes or fp16 rows" choice read the entry,
+   so a format is described once. KVQ__FORMATS is the initializer (kvq_cuda.h copies it to the
+   device). */
+typedef struct kvq__format {
+    int bits;        /* per element: a code's width, or 16 (an fp16) */
+    int quantized;   /* 1: codes with a scale and min per group; 0: plain fp16 rows */
+    int planes;      /* bit planes of a code row: 2 at 3 bits (a 2-bit plane, then a 1-bit one), else 1 */
+    int levels;      /* the top code, 2^bits - 1 (0: not quantized) */
+    int param_bytes; /* a group's fp16 scale and min: 4 (0: no params) */
+    int width;       /* bytes an image swaps as one element of the codes: 2 (fp16 rows), 1 (code bytes) */
+} kvq__format;
+#define KVQ__FORMATS                                                                                            \
+    {{2, 1, 1, 3, 4, 1}, {3, 1, 2, 7, 4, 1}, {4, 1, 1, 15, 4, 1}, {8, 1, 1, 255, 4, 1}, {16, 0, 1, 0, 0, 2}}
+#define KVQ__N_FORMATS 5
+static const kvq__format kvq__formats[KVQ__N_FORMATS] = KVQ__FORMATS;
+
+/* The format of bits. Callers pass widths kvq_config_check accepted; any other gets the last
+   entry (never NULL), which kvq__check_bits tells apart by its bits. */
+static const kvq__format *kvq__fmt(int bits) {
+    const kvq__format *f = kvq__formats;
+    while (f->bits != bits && f < kvq__formats + KVQ__N_FORMATS - 1) f++;
+    return f;
+}
+
+/* Bytes of a row of n elements (n a multiple of 8): packed codes, or n fp16. */
+static size_t kvq__row_bytes(const kvq__format *f, size_t n) { return n * (size_t)f->bits / 8; }
+
+/* The codes of a quantized key block record, after its fp16 scale[D] and min[D]
+   (kvq__key_block_bytes); _rw for the quantizers that write them. */
+static KVQ__INLINE const uint8_t *kvq__block_codes(const uint8_t *blk, int D) { return blk + 4 * (size_t)D; }
+static KVQ__INLINE uint8_t *kvq__block_codes_rw(uint8_t *blk, int D) { return blk + 4 * (size_t)D; }
+
 /* Tokens per key block: key_block, or group_size where it is 0. */
 static int kvq__kb(const kvq_config *cfg) { return cfg->key_block ? cfg->key_block : cfg->group_size; }
 
@@ -550,17 +585,19 @@ static int kvq__value_groups(const kvq_config *cfg) {
 }
 
 /* Key block of one head: fp16 scale[D], fp16 min[D], then per channel G codes packed
-   along tokens. At 16 bits: G rows of D fp16, token-major. */
+   along tokens. At 16 bits: G rows of D fp16, token-major (as many bytes as D rows of G). */
 static size_t kvq__key_block_bytes(const kvq_config *cfg) {
-    size_t d = (size_t)cfg->head_dim, g = (size_t)kvq__kb(cfg);
-    if (cfg->key_bits == 16) return 2 * g * d;
-    return 4 * d + d * (g * (size_t)cfg->key_bits / 8);
+    const kvq__format *f = kvq__fmt(cfg->key_bits);
+    return (size_t)cfg->head_dim * ((size_t)f->param_bytes + kvq__row_bytes(f, (size_t)kvq__kb(cfg)));
 }
 
 /* Value token of one head: fp16 scale[ngroups], fp16 min[ngroups] (the "params"),
    then D codes packed along channels. At 16 bits: no params, D fp16. */
 static size_t kvq__token_param_bytes(const kvq_config *cfg, int bits) {
-    return bits == 16 ? 0 : 4 * (size_t)kvq__value_groups(cfg);
+    return (size_t)kvq__fmt(bits)->param_bytes * (size_t)kvq__value_groups(cfg);
+}
+static size_t kvq__token_code_bytes(const kvq_config *cfg, int bits) {
+    return kvq__row_bytes(kvq__fmt(bits), (size_t)cfg->head_dim);
 }
 /* Bits of a value group's scale and min: 32 (two fp16) or 16 (see kvq__fit_range16). */
 static int kvq__vpb(const kvq_config *cfg) {
@@ -569,9 +606,7 @@ static int kvq__vpb(const kvq_config *cfg) {
 static size_t kvq__value_param_bytes(const kvq_config *cfg) {
     return kvq__token_param_bytes(cfg, cfg->value_bits) / (kvq__vpb(cfg) == 16 ? 2 : 1);
 }
-static size_t kvq__value_code_bytes(const kvq_config *cfg) {
-    return (size_t)cfg->head_dim * (size_t)cfg->value_bits / 8;
-}
+static size_t kvq__value_code_bytes(const kvq_config *cfg) { return kvq__token_code_bytes(cfg, cfg->value_bits); }
 
 /* Salient tokens per key block: the ratio of G, at least one when the ratio is positive. */
 static int kvq__salient_count(const kvq_config *cfg) {
@@ -586,20 +621,19 @@ static int kvq__records_attention(const kvq_config *cfg) {
     return kvq__salient_count(cfg) && cfg->salient_policy == KVQ_SALIENT_ATTENTION;
 }
 
-/* Side-store entry: u16 token index in its block, then K and V at salient_bits:
-   8 bits: fp16 scale/min per group of G channels for K then V, K codes[D], V codes[D];
-   16 bits: K[D], V[D] as fp16. */
+/* Side-store entry: u16 token index in its block, then K and V as per-token records at
+   salient_bits, params first: K's params, V's params, K's codes, V's codes (8 bits: fp16
+   scale[ng], min[ng] each, codes[D]; 16 bits: no params, K[D], V[D] as fp16). */
 static size_t kvq__side_entry_bytes(const kvq_config *cfg) {
-    size_t D = (size_t)cfg->head_dim;
-    if (cfg->salient_bits == 16) return 2 + 4 * D;
-    return 2 + 8 * (size_t)kvq__value_groups(cfg) + 2 * D;
+    return 2 + 2 * (kvq__token_param_bytes(cfg, cfg->salient_bits) + kvq__token_code_bytes(cfg, cfg->salient_bits));
 }
 
 KVQ_API double kvq_config_bits_per_element(const kvq_config *cfg) {
     double kb, vb, side;
     if (kvq_config_check(cfg) != KVQ_OK) return 0.0;
     {
-        const size_t token_key_bytes = kvq__token_param_bytes(cfg, cfg->key_bits) + (size_t)cfg->head_dim * cfg->key_bits / 8;
+        const size_t token_key_bytes =
+            kvq__token_param_bytes(cfg, cfg->key_bits) + kvq__token_code_bytes(cfg, cfg->key_bits);
         kb = cfg->key_axis == KVQ_KEYS_PER_TOKEN
                  ? 8.0 * (double)token_key_bytes / cfg->head_dim
                  : 8.0 * (double)kvq__key_block_bytes(cfg) / ((double)kvq__kb(cfg) * cfg->head_dim);
@@ -1267,7 +1301,7 @@ static kvq_status kvq__check_group(int g) {
 }
 
 static kvq_status kvq__check_bits(int bits) {
-    if (bits == 2 || bits == 3 || bits == 4 || bits == 8 || bits == 16) return KVQ_OK;
+    if (kvq__fmt(bits)->bits == bits) return KVQ_OK; /* a format of its own */
     return (bits >= 1 && bits <= 32) ? KVQ_ERR_UNSUPPORTED : KVQ_ERR_INVALID;
 }
 
@@ -1386,7 +1420,7 @@ static int kvq__plan(const kvq_config *cfg, kvq__layout *L) {
         e[KVQ__A_SCORE] = e[KVQ__A_SEEN] = 4;
         n[KVQ__A_KTPARAMS] = n[KVQ__A_KTCODES] = kvq__mul(H, per_token ? (size_t)L->max_vquant : 0, &ok);
         e[KVQ__A_KTPARAMS] = kvq__token_param_bytes(cfg, cfg->key_bits);
-        e[KVQ__A_KTCODES] = D * (size_t)cfg->key_bits / 8;
+        e[KVQ__A_KTCODES] = kvq__token_code_bytes(cfg, cfg->key_bits);
         n[KVQ__A_RING_SCORES] = ns ? (size_t)L->kcap : 0;
         e[KVQ__A_RING_SCORES] = 4 * KVQ__HEAD_CHUNK; /* scratch */
         /* salience snapshots, one per append of the history (caches that record attention) */
@@ -1421,7 +1455,7 @@ static void kvq__record_sizes(kvq_cache *c, const kvq_config *cfg) {
     c->vparam_bytes = kvq__value_param_bytes(cfg);
     c->vcode_bytes = kvq__value_code_bytes(cfg);
     c->ktparam_bytes = kvq__token_param_bytes(cfg, cfg->key_bits);
-    c->ktcode_bytes = (size_t)cfg->head_dim * (size_t)cfg->key_bits / 8;
+    c->ktcode_bytes = kvq__token_code_bytes(cfg, cfg->key_bits);
     c->n_salient = kvq__salient_count(cfg);
     c->side_bytes = kvq__side_entry_bytes(cfg);
 }
@@ -1571,8 +1605,8 @@ static void kvq__to_f32_scalar(float *dst, const uint16_t *src, int n) {
    set them: keep_params, the range search's), then the codes of the G tokens. */
 static void kvq__quantize_keys_scalar(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
-    uint8_t *codes = blk + 4 * (size_t)D;
-    size_t row_bytes = (size_t)G * bits / 8;
+    uint8_t *codes = kvq__block_codes_rw(blk, D);
+    size_t row_bytes = kvq__row_bytes(kvq__fmt(bits), (size_t)G);
     float x[128];
     int ch, t;
     memset(codes, 0, row_bytes * D);
@@ -1601,7 +1635,7 @@ static void kvq__quantize_record(const uint16_t *row, int D, int G, int bits, in
     kvq__qparams qp[64];
     if (grid > 1) kvq__f32_row(x, row, D); /* the ISA's conversion (exact on every path) */
     else kvq__to_f32_scalar(x, row, D);
-    memset(codes, 0, (size_t)D * bits / 8);
+    memset(codes, 0, kvq__row_bytes(kvq__fmt(bits), (size_t)D));
     for (g = 0; g < ng; g++) kvq__group_range(x + g * G, D - g * G < G ? D - g * G : G, 1, &lo[g], &hi[g]);
     if (grid > 1) kvq__dispatch_search_row(x, D, G, bits, pbits, grid, lo, hi, qp);
     else
@@ -1626,7 +1660,7 @@ static void kvq__read_token_record(const kvq_cache *c, const uint16_t *par, int 
                                    float *x) {
     const int D = c->cfg.head_dim, G = c->cfg.group_size, ng = kvq__value_groups(&c->cfg);
     int g, ch;
-    if (bits == 16) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
+    if (!kvq__fmt(bits)->quantized) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
     for (g = 0; g < ng; g++) {
         float sc, m;
         kvq__params_f32(kvq__get_params(par, ng, g, pbits), pbits, &m, &sc);
@@ -1660,15 +1694,14 @@ static uint8_t *kvq__side_entry(const kvq_cache *c, int h, int b, int j) {
 
 static int kvq__side_index(const uint8_t *e) { return e[0] | e[1] << 8; }
 
-/* Byte offsets in an entry of the K (which 0) or V (1) part: after the u16 index, at 8 bits
-   fp16 scale[ng], min[ng] for K, then for V, then K codes[D], V codes[D]; at 16 bits the
-   fp16 K row, then the V row (no params). */
+/* Byte offsets in an entry of the K (which 0) or V (1) part: after the u16 index, K's params,
+   V's params, K's codes, V's codes (kvq__side_entry_bytes; at 16 bits the params are empty). */
 static size_t kvq__side_params_at(const kvq_cache *c, int which) {
-    return 2 + (size_t)which * 4 * kvq__value_groups(&c->cfg);
+    return 2 + (size_t)which * kvq__token_param_bytes(&c->cfg, c->cfg.salient_bits);
 }
 static size_t kvq__side_codes_at(const kvq_cache *c, int which) {
-    const size_t D = (size_t)c->cfg.head_dim;
-    return c->cfg.salient_bits == 16 ? 2 + which * 2 * D : 2 + 8 * (size_t)kvq__value_groups(&c->cfg) + which * D;
+    return 2 + 2 * kvq__token_param_bytes(&c->cfg, c->cfg.salient_bits) +
+           (size_t)which * kvq__token_code_bytes(&c->cfg, c->cfg.salient_bits);
 }
 
 /* Columns [c0, c0+nc) of a block's G fp16 rows as floats, xb[t * KVQ__COLS + i] (SIMD convert:
@@ -1732,27 +1765,14 @@ static void kvq__select_salient(const kvq_cache *c, int h, int b, int *picked, u
         if (mask[t]) picked[j++] = t;
 }
 
-/* Stores fp16 row src (D channels) at salient_bits into the entry's K (which 0) or V (1) part. */
+/* Stores fp16 row src (D channels) at salient_bits into the entry's K (which 0) or V (1) part:
+   a per-token record with fp16 params (min/max, the scalar quantizer: the same bytes on every path). */
 static void kvq__side_put(const kvq_cache *c, uint8_t *e, int which, const uint16_t *src) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size, ng = kvq__value_groups(&c->cfg);
-    float x[512];
-    int g;
+    const int D = c->cfg.head_dim, bits = c->cfg.salient_bits;
     uint8_t *codes = e + kvq__side_codes_at(c, which);
-    if (c->cfg.salient_bits == 16) {
-        memcpy(codes, src, (size_t)D * 2);
-        return;
-    }
-    {
-        uint16_t *par = (uint16_t *)(void *)(e + kvq__side_params_at(c, which));
-        kvq__f32_row(x, src, D);
-        memset(codes, 0, (size_t)D);
-        for (g = 0; g < ng; g++) {
-            int c0 = g * G, len = D - c0 < G ? D - c0 : G;
-            kvq__qparams qp = kvq__quantize_group(x + c0, len, 1, 8, 32, codes, D, c0);
-            par[g] = qp.scale;
-            par[ng + g] = qp.min;
-        }
-    }
+    if (!kvq__fmt(bits)->quantized) memcpy(codes, src, (size_t)D * 2);
+    else kvq__quantize_record(src, D, c->cfg.group_size, bits, 32, 1,
+                              (uint16_t *)(void *)(e + kvq__side_params_at(c, which)), codes);
 }
 
 /* Reconstructs the K (which 0) or V (1) row of a side-store entry, in storage space. */
@@ -1849,11 +1869,12 @@ static void kvq__quantize_key_block_masked(kvq_cache *c, int h, int b, const uin
     uint8_t *blk = kvq__key_block(c, h, b);
     const uint16_t *rows = kvq__ring_k_row(c, h, b * G);
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
-    uint8_t *codes = blk + 4 * (size_t)D, w[128];
-    size_t row_bytes = (size_t)G * bits / 8;
+    const kvq__format *f = kvq__fmt(bits);
+    uint8_t *codes = kvq__block_codes_rw(blk, D), w[128];
+    size_t row_bytes = kvq__row_bytes(f, (size_t)G);
     float xb[128 * KVQ__COLS];
     int c0, i, t, weighted;
-    if (bits == 16) { /* nothing to stretch: the block keeps every token as it is */
+    if (!f->quantized) { /* nothing to stretch: the block keeps every token as it is */
         memcpy(blk, rows, (size_t)G * D * 2);
         return;
     }
@@ -1894,21 +1915,27 @@ static void kvq__store_salient(kvq_cache *c, int h, int b, uint8_t *mask) {
     }
 }
 
+/* Stores fp16 row (D channels) as a per-token record at bits: the row itself (16 bits), or
+   params and codes from the ISA's quantizer. */
+static void kvq__put_record(const uint16_t *row, int D, int G, int bits, int pbits, int grid, uint16_t *par,
+                            uint8_t *codes) {
+    if (!kvq__fmt(bits)->quantized) memcpy(codes, row, (size_t)D * 2);
+    else kvq__dispatch_quantize_value(row, D, G, bits, pbits, grid, par, codes);
+}
+
 /* Quantizes the oldest waiting key block of head h (block index b, ring positions b*G..). */
 static void kvq__quantize_key_token(kvq_cache *c, int h, int j) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size, bits = c->cfg.key_bits;
-    const uint16_t *row = kvq__ring_k_row(c, h, j);
-    uint8_t *codes = kvq__key_token_codes(c, h, j);
-    if (bits == 16) memcpy(codes, row, (size_t)D * 2);
-    else kvq__dispatch_quantize_value(row, D, G, bits, 32, kvq__search_grid(c->cfg.range_search, bits, 1),
-                                      kvq__key_token_params(c, h, j), codes);
+    const int bits = c->cfg.key_bits;
+    kvq__put_record(kvq__ring_k_row(c, h, j), c->cfg.head_dim, c->cfg.group_size, bits, 32,
+                    kvq__search_grid(c->cfg.range_search, bits, 1), kvq__key_token_params(c, h, j),
+                    kvq__key_token_codes(c, h, j));
 }
 static void kvq__quantize_key_block(kvq_cache *c, int h, int b) {
     const int D = c->cfg.head_dim, G = c->kb, bits = c->cfg.key_bits;
     const int grid = kvq__search_grid(c->cfg.range_search, bits, 1);
     uint8_t *blk = kvq__key_block(c, h, b);
     const uint16_t *rows = kvq__ring_k_row(c, h, b * G); /* G contiguous rows: kcap % G == 0 or no wrap */
-    if (bits == 16) {
+    if (!kvq__fmt(bits)->quantized) {
         memcpy(blk, rows, (size_t)G * D * 2);
     } else if (grid > 1) { /* the search sets the params, the ISA's kernel the codes */
         uint8_t all[128];
@@ -1923,12 +1950,10 @@ static void kvq__quantize_key_block(kvq_cache *c, int h, int b) {
 
 /* Quantizes the oldest waiting value of head h (value index j) per group of G channels. */
 static void kvq__quantize_value(kvq_cache *c, int h, int j) {
-    const int D = c->cfg.head_dim, G = c->cfg.group_size, bits = c->cfg.value_bits;
-    const uint16_t *row = kvq__ring_v_row(c, h, j);
-    uint8_t *codes = kvq__value_codes(c, h, j);
-    if (bits == 16) memcpy(codes, row, (size_t)D * 2);
-    else kvq__dispatch_quantize_value(row, D, G, bits, kvq__vpb(&c->cfg),
-                                      kvq__search_grid(c->cfg.range_search, bits, 0), kvq__value_params(c, h, j), codes);
+    const int bits = c->cfg.value_bits;
+    kvq__put_record(kvq__ring_v_row(c, h, j), c->cfg.head_dim, c->cfg.group_size, bits, kvq__vpb(&c->cfg),
+                    kvq__search_grid(c->cfg.range_search, bits, 0), kvq__value_params(c, h, j),
+                    kvq__value_codes(c, h, j));
 }
 
 /* Stores one caller row as fp16, rotated first when the cache rotates. */
@@ -2091,11 +2116,12 @@ static void kvq__read_key(const kvq_cache *c, int h, int t, float *x) {
     {
         const uint8_t *blk = kvq__key_block(c, h, pos / G);
         int tt = pos % G;
-        if (bits == 16) { kvq__f32_row(x, (const uint16_t *)(const void *)blk + (size_t)tt * D, D); return; }
+        const kvq__format *f = kvq__fmt(bits);
+        if (!f->quantized) { kvq__f32_row(x, (const uint16_t *)(const void *)blk + (size_t)tt * D, D); return; }
         {
             const uint16_t *scale = (const uint16_t *)(const void *)blk, *mins = scale + D;
-            const uint8_t *codes = blk + 4 * (size_t)D;
-            size_t row_bytes = (size_t)G * bits / 8;
+            const uint8_t *codes = kvq__block_codes(blk, D);
+            size_t row_bytes = kvq__row_bytes(f, (size_t)G);
             for (ch = 0; ch < D; ch++)
                 x[ch] = kvq__f16_to_f32(mins[ch]) +
                         kvq__f16_to_f32(scale[ch]) * (float)kvq__get_code(codes + row_bytes * ch, G, tt, bits);
@@ -2173,7 +2199,7 @@ typedef struct kvq__head_state {
 static void kvq__scores_codes_scalar(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                      float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mins = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     size_t row_bytes = (size_t)G * bits / 8;
     int ch, t, j;
     for (j = 0; j < nh; j++) {
@@ -2277,7 +2303,7 @@ static float kvq__query_q16(const float *qs, int D, int8_t *hi, int8_t *lo) {
 static void kvq__scores_int_scalar(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                    float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mins = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     const size_t row_bytes = (size_t)G * bits / 8;
     float qs[512];
     int8_t hi[512], lo[512];
@@ -2374,7 +2400,7 @@ static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const flo
     }
     nq = c->n_vquant - pos;
     nq = nq < 0 ? 0 : nq > n ? n : nq;
-    if (nq > 0 && bits == 16) {
+    if (nq > 0 && !kvq__fmt(bits)->quantized) {
         for (t = 0; t < nq; t++) rows[t] = (const uint16_t *)(const void *)kvq__value_codes(c, h, pos + t);
         kvq__k_acc_f16(rows, nq, D, p, nh, acc);
     } else if (nq > 0) { /* params as floats, [t][scale[ng], min[ng]], a chunk of tokens at a time */
@@ -2418,7 +2444,7 @@ static void kvq__side_values(const kvq_cache *c, int h, int b, int e0, int ne, c
     const uint8_t *first = kvq__side_entry(c, h, b, e0);
     const size_t codes = kvq__side_codes_at(c, 1), params = kvq__side_params_at(c, 1);
     int i;
-    if (c->cfg.salient_bits == 16) {
+    if (!kvq__fmt(c->cfg.salient_bits)->quantized) {
         const uint16_t *rows[KVQ__TILE];
         for (i = 0; i < ne; i++) rows[i] = (const uint16_t *)(const void *)(first + (size_t)i * c->side_bytes + codes);
         kvq__k_acc_f16(rows, ne, D, w, nh, acc);
@@ -2433,7 +2459,7 @@ static void kvq__side_values(const kvq_cache *c, int h, int b, int e0, int ne, c
                              (const uint16_t *)(const void *)(first + (size_t)(i0 + i) * c->side_bytes + params),
                              2 * ng);
             kvq__k_acc_codes(first + (size_t)i0 * c->side_bytes + codes, c->side_bytes, par, m, D, c->cfg.group_size,
-                             8, w + i0, nh, acc);
+                             c->cfg.salient_bits, w + i0, nh, acc);
         }
     }
 }
@@ -2444,7 +2470,7 @@ static void kvq__record_to_f32(const kvq_cache *c, const uint16_t *par, const ui
     static const float one = 1.0f;
     const int D = c->cfg.head_dim, ng = kvq__value_groups(&c->cfg);
     float parf[2 * KVQ__WMAX];
-    if (bits == 16) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
+    if (!kvq__fmt(bits)->quantized) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
     kvq__f32_row(parf, par, 2 * ng);
     memset(x, 0, (size_t)D * sizeof(float));
     kvq__k_acc_codes(codes, 0, parf, 1, D, c->cfg.group_size, bits, &one, 1, &x);
@@ -2545,6 +2571,7 @@ static void kvq__prefetch_tile(const kvq_cache *c, int h, int t0, int t1) {
 static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh, float scale, int lo, int hi,
                               kvq__head_state *st, float *ring_scores) {
     const int D = c->cfg.head_dim, S = c->cfg.sink_tokens, G = c->kb;
+    const int kquant = kvq__fmt(c->cfg.key_bits)->quantized; /* key blocks and per-token keys hold codes */
     float qs[KVQ__HEAD_CHUNK * 512], scores[KVQ__HEAD_CHUNK * KVQ__TILE];
     const uint16_t *rows[KVQ__TILE];
     float *acc[KVQ__HEAD_CHUNK];
@@ -2562,7 +2589,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
         if (t1 < hi) kvq__prefetch_tile(c, h, t1, kvq__tile_end(c, t1, hi));
         if (t0 >= S && pos < c->n_kblocks * G) { /* whole blocks, G scores each, from pos's block */
             int b;
-            if (c->cfg.key_bits != 16) {
+            if (kquant) {
                 const int ik = integer && kvq__int_keys(c->cfg.key_bits, G);
                 for (b = pos / G; b <= (pos + n - 1) / G; b++) {
                     const uint8_t *blk = kvq__key_block(c, h, b);
@@ -2576,7 +2603,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
                     rows[t] = (const uint16_t *)(const void *)kvq__key_block(c, h, (pos + t) / G) + (size_t)((pos + t) % G) * D;
                 kvq__k_scores_f16(rows, n, D, qs, nh, scores);
             }
-        } else if (t0 >= S && pos < c->n_ktok && c->cfg.key_bits != 16) {
+        } else if (t0 >= S && pos < c->n_ktok && kquant) {
             kvq__scores_key_tokens(c, h, pos, n, qs, nh, scores);
         } else {
             for (t = 0; t < n; t++)
@@ -3347,33 +3374,32 @@ static void kvq__record_range(const kvq_cache *c, int kind, int *first, int *end
    only the sizes are filled: the pointers, never computed, stay NULL. */
 #define KVQ__PART(ptr, count, w) (pt[np].p = locate ? (void *)(ptr) : NULL, pt[np].n = (count), pt[np].width = (w), np++)
 static int kvq__record_parts(const kvq_cache *c, int kind, int h, int i, int locate, kvq__part *pt) {
-    const size_t D = (size_t)c->cfg.head_dim, G = (size_t)c->kb;
+    const size_t D = (size_t)c->cfg.head_dim;
     const size_t slot = (size_t)h * c->kcap + (size_t)(i % (c->kcap ? c->kcap : 1));
-    const int kbits = c->cfg.key_bits, vbits = c->cfg.value_bits;
-    size_t n16;
+    const kvq__format *kf = kvq__fmt(c->cfg.key_bits), *vf = kvq__fmt(c->cfg.value_bits);
+    const kvq__format *sf = kvq__fmt(c->cfg.salient_bits);
+    size_t n16, kpar;
     int np = 0;
     switch (kind) {
     case KVQ__R_SINK_K: KVQ__PART(kvq__sink_row(c, c->sink_k, h, i), D, 2); break;
     case KVQ__R_SINK_V: KVQ__PART(kvq__sink_row(c, c->sink_v, h, i), D, 2); break;
     case KVQ__R_RING_K: KVQ__PART(kvq__ring_k_row(c, h, i), D, 2); break;
     case KVQ__R_RING_V: KVQ__PART(kvq__ring_v_row(c, h, i), D, 2); break;
-    case KVQ__R_KEY_BLOCK: /* fp16 scale[D], min[D], then codes; at 16 bits G fp16 rows */
-        if (kbits == 16) { KVQ__PART(kvq__key_block(c, h, i), G * D, 2); break; }
-        KVQ__PART(kvq__key_block(c, h, i), 2 * D, 2);
-        KVQ__PART(kvq__key_block(c, h, i) + 4 * D, c->kblock_bytes - 4 * D, 1);
+    case KVQ__R_KEY_BLOCK: /* fp16 scale[D], min[D], then codes; at 16 bits no params, G fp16 rows */
+        kpar = D * (size_t)kf->param_bytes;
+        KVQ__PART(kvq__key_block(c, h, i), kpar / 2, 2);
+        KVQ__PART(kvq__key_block(c, h, i) + kpar, (c->kblock_bytes - kpar) / (size_t)kf->width, kf->width);
         break;
     case KVQ__R_KEY_TOKEN: /* params then codes, like values */
         KVQ__PART(kvq__key_token_params(c, h, i), c->ktparam_bytes / 2, 2);
-        if (kbits == 16) KVQ__PART(kvq__key_token_codes(c, h, i), D, 2);
-        else KVQ__PART(kvq__key_token_codes(c, h, i), c->ktcode_bytes, 1);
+        KVQ__PART(kvq__key_token_codes(c, h, i), c->ktcode_bytes / (size_t)kf->width, kf->width);
         break;
     case KVQ__R_VALUE:
         KVQ__PART(kvq__value_params(c, h, i), c->vparam_bytes / 2, 2);
-        if (vbits == 16) KVQ__PART(kvq__value_codes(c, h, i), D, 2);
-        else KVQ__PART(kvq__value_codes(c, h, i), c->vcode_bytes, 1);
+        KVQ__PART(kvq__value_codes(c, h, i), c->vcode_bytes / (size_t)vf->width, vf->width);
         break;
-    case KVQ__R_SIDE: /* u16 index and params (or fp16 rows), then codes */
-        n16 = c->cfg.salient_bits == 16 ? 1 + 2 * D : 1 + 4 * (size_t)kvq__value_groups(&c->cfg);
+    case KVQ__R_SIDE: /* u16 index and params (or fp16 rows), then code bytes */
+        n16 = (sf->width == 2 ? c->side_bytes : kvq__side_codes_at(c, 0)) / 2;
         KVQ__PART(kvq__side_entry(c, h, i / c->n_salient, i % c->n_salient), n16, 2);
         KVQ__PART(kvq__side_entry(c, h, i / c->n_salient, i % c->n_salient) + 2 * n16, c->side_bytes - 2 * n16, 1);
         break;
@@ -3425,7 +3451,7 @@ static int kvq__img_rows_ok(const uint8_t *p, size_t n) {
 }
 /* n scales then n mins of b-bit groups */
 static int kvq__img_params_ok(const uint8_t *p, size_t n, int bits) {
-    const float levels = (float)((1 << bits) - 1);
+    const float levels = (float)kvq__fmt(bits)->levels;
     const uint16_t top = kvq__f32_to_f16(2.0f * KVQ__FP16_MAX / levels);
     size_t g;
     for (g = 0; g < n; g++) {
@@ -3444,7 +3470,7 @@ static int kvq__img_params16_ok(const uint8_t *p, size_t n, int bits) {
         double m, top;
         if (e > 0xf7u) return 0;
         m = (double)kvq__min16(e, m8);
-        top = m + (double)kvq__e5m3(e) * (double)((1 << bits) - 1);
+        top = m + (double)kvq__e5m3(e) * (double)kvq__fmt(bits)->levels;
         if (m < -2.0 * (double)KVQ__FP16_MAX || top > 2.0 * (double)KVQ__FP16_MAX) return 0;
     }
     return 1;
@@ -3452,19 +3478,21 @@ static int kvq__img_params16_ok(const uint8_t *p, size_t n, int bits) {
 static int kvq__record_ok(const kvq_cache *c, int kind, int i, const uint8_t *p, int *prev_index) {
     const size_t D = (size_t)c->cfg.head_dim, G = (size_t)c->kb;
     const size_t ng = (size_t)kvq__value_groups(&c->cfg);
-    const int kbits = c->cfg.key_bits, vbits = c->cfg.value_bits;
-    switch (kind) {
-    case KVQ__R_KEY_BLOCK: return kbits == 16 ? kvq__img_rows_ok(p, G * D) : kvq__img_params_ok(p, D, kbits);
-    case KVQ__R_KEY_TOKEN: return kbits == 16 ? kvq__img_rows_ok(p, D) : kvq__img_params_ok(p, ng, kbits);
+    const int kbits = c->cfg.key_bits, vbits = c->cfg.value_bits, sbits = c->cfg.salient_bits;
+    switch (kind) { /* quantized records start with their params, plain ones are fp16 rows */
+    case KVQ__R_KEY_BLOCK:
+        return kvq__fmt(kbits)->quantized ? kvq__img_params_ok(p, D, kbits) : kvq__img_rows_ok(p, G * D);
+    case KVQ__R_KEY_TOKEN:
+        return kvq__fmt(kbits)->quantized ? kvq__img_params_ok(p, ng, kbits) : kvq__img_rows_ok(p, D);
     case KVQ__R_VALUE:
-        if (vbits == 16) return kvq__img_rows_ok(p, D);
+        if (!kvq__fmt(vbits)->quantized) return kvq__img_rows_ok(p, D);
         return kvq__vpb(&c->cfg) == 16 ? kvq__img_params16_ok(p, ng, vbits) : kvq__img_params_ok(p, ng, vbits);
     case KVQ__R_SIDE: {
         int idx = kvq__img_u16(p);
         if (idx >= (int)G || (i % c->n_salient && idx <= *prev_index)) return 0;
         *prev_index = idx;
-        if (c->cfg.salient_bits == 16) return kvq__img_rows_ok(p + 2, 2 * D);
-        return kvq__img_params_ok(p + 2, ng, 8) && kvq__img_params_ok(p + 2 + 4 * ng, ng, 8);
+        if (!kvq__fmt(sbits)->quantized) return kvq__img_rows_ok(p + 2, 2 * D);
+        return kvq__img_params_ok(p + 2, ng, sbits) && kvq__img_params_ok(p + kvq__side_params_at(c, 1), ng, sbits);
     }
     case KVQ__R_SALIENCE: {
         uint32_t score = kvq__get_u32(p), seen = kvq__get_u32(p + 4);
@@ -4085,7 +4113,7 @@ KVQ__AVX2_FN void kvq__store_lanes_avx2(uint8_t *p, size_t stride, __m256i *w, i
 }
 KVQ__AVX2_FN void kvq__quantize_keys_avx2(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
-    uint8_t *codes = blk + 4 * (size_t)D;
+    uint8_t *codes = kvq__block_codes_rw(blk, D);
     const size_t rb = (size_t)G * bits / 8;
     const int per = 32 / bits; /* tokens per 32-bit word (2, 4, 8 bits) */
     const __m256 top = _mm256_set1_ps((float)((1 << bits) - 1));
@@ -4154,7 +4182,7 @@ KVQ__AVX2_INLINE void kvq__scores_pass_avx2(const uint8_t *codes, int D, int G, 
 KVQ__AVX2_FN void kvq__scores_codes_avx2(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                          float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     float qs[KVQ__HEAD_CHUNK * 512], bias[KVQ__HEAD_CHUNK];
     int j, j0, ch;
     for (j = 0; j < nh; j++) { /* fold the channel scales into the query; the mins are one bias */
@@ -4523,7 +4551,7 @@ KVQ__AVX2_INLINE void kvq__scores_int_pass_avx2(const uint8_t *codes, int D, int
 KVQ__AVX2_FN void kvq__scores_int_avx2(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                        float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     const __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)); /* |x|: the sign bit off */
     float qs[KVQ__HEAD_CHUNK * 512], scale[512], mins[512], amax[KVQ__HEAD_CHUNK + 7] = {0}, inv[KVQ__HEAD_CHUNK + 7],
           unit[KVQ__HEAD_CHUNK + 7], bias[KVQ__HEAD_CHUNK];
@@ -4829,7 +4857,7 @@ KVQ__AVX512_INLINE void kvq__scores_pass_avx512(const uint8_t *codes, int D, int
 KVQ__AVX512_FN void kvq__scores_codes_avx512(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                              float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     float qs[KVQ__HEAD_CHUNK * 512], bias[KVQ__HEAD_CHUNK];
     int j, j0, ch;
     for (j = 0; j < nh; j++) { /* fold the channel scales into the query; the mins are one bias */
@@ -5077,9 +5105,6 @@ KVQ__AVX512_FN void kvq__acc_f16_avx512(const uint16_t *const *rows, int n, int 
     }
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 /* acc + kvq__search_term on 16 lanes, with the same bits: max/min give the C's clamps (they
    differ only at u = -0, which rounds to c = +0 either way), vrndscaleps its round to nearest
    even; d keeps its sign through the 9-bit rounding (the carry stops in the exponent), and
@@ -5206,11 +5231,6 @@ KVQ__AVX512_FN void kvq__search_columns_avx512(const float *xb, int G, const uin
                                                const float *lo, const float *hi, kvq__qparams *best) {
     kvq__search_columns_body(xb, G, w, bits, steps, lo, hi, best);
 }
-#if defined(__GNUC__) && !defined(__clang__) /* as above (PR105593) */
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 /* 16-bit value params (kvq__params16), 16 at a time where ng is a power of two <= 16: lanes
    (token, group), T = 16 / ng tokens, decoded exactly as kvq__e5m3 and kvq__min16 do, then
    two permutes write the T tokens' rows [scale[ng], min[ng]]. */
@@ -5377,7 +5397,7 @@ KVQ__INT512_FN __m512 kvq__reduce16_int512(__m512 *v, int n, int is_max) {
 KVQ__INT512_FN void kvq__scores_int_avx512(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                            float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     const size_t qstride = 32 * (size_t)((D + 15) / 16);
     float sf[512 + 16], mf[512 + 16], qs[KVQ__HEAD_CHUNK * 512 + 16], unit[16], bias[16]; /* + a chunk's tail */
     int8_t qb[KVQ__HEAD_CHUNK * 32 * 32];
@@ -5721,7 +5741,7 @@ static void kvq__quantize_value_neon(const uint16_t *row, int D, int G, int bits
 
 static void kvq__quantize_keys_neon(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
-    uint8_t *codes = blk + 4 * (size_t)D, cb[KVQ__TILE * 4];
+    uint8_t *codes = kvq__block_codes_rw(blk, D), cb[KVQ__TILE * 4];
     const size_t rb = (size_t)G * bits / 8;
     const float32x4_t top = vdupq_n_f32((float)((1 << bits) - 1));
     int cc, t, lane;
@@ -5757,7 +5777,7 @@ static void kvq__quantize_keys_neon(const uint16_t *rows, int D, int G, int bits
 static void kvq__scores_codes_neon(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                    float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     const size_t rb = (size_t)G * bits / 8;
     uint32x4_t mask;
     int32x4_t sl, sh;
@@ -6116,7 +6136,7 @@ static KVQ__INLINE void kvq__scores_int_pass_neon(const uint8_t *codes, int D, i
 #undef KVQ__SDOT4
 static void kvq__scores_int_neon(const uint8_t *blk, int D, int G, int bits, const float *q, int nh, float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
-    const uint8_t *codes = blk + 4 * (size_t)D;
+    const uint8_t *codes = kvq__block_codes(blk, D);
     int8_t qb[KVQ__HEAD_CHUNK * 2 * 512];
     float unit[KVQ__HEAD_CHUNK], bias[KVQ__HEAD_CHUNK];
     int j, j0;

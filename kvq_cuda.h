@@ -302,6 +302,25 @@ static __device__ __forceinline__ void kvq__cu_put_code(uint8_t *row, int n, int
     if (bits == 3) row[n / 4 + i / 8] = (uint8_t)(row[n / 4 + i / 8] | (code >> 2) << (i & 7));
 }
 
+/* kvq.h's element formats (kvq__formats) where device code can read them: the same initializer,
+   in constant memory (kvq.h's table is host memory). */
+static __constant__ kvq__format kvq__cu_formats[KVQ__N_FORMATS] = KVQ__FORMATS;
+/* kvq__fmt */
+static __device__ __forceinline__ const kvq__format *kvq__cu_fmt(int bits) {
+    const kvq__format *f = kvq__cu_formats;
+    while (f->bits != bits && f < kvq__cu_formats + KVQ__N_FORMATS - 1) f++;
+    return f;
+}
+/* kvq__row_bytes */
+static __device__ __forceinline__ size_t kvq__cu_row_bytes(const kvq__format *f, size_t n) {
+    return n * (size_t)f->bits / 8;
+}
+/* kvq__block_codes, kvq__block_codes_rw: after a quantized key block's fp16 scale[D], min[D] */
+static __device__ __forceinline__ const uint8_t *kvq__cu_block_codes(const uint8_t *blk, int D) {
+    return blk + 4 * (size_t)D;
+}
+static __device__ __forceinline__ uint8_t *kvq__cu_block_codes_rw(uint8_t *blk, int D) { return blk + 4 * (size_t)D; }
+
 /* ---------------------------------------------------------------------------
    Quantize. kvq.h's formula, operation for operation:
      m16 = fp16(lo), s16 = fp16((hi - lo) / (2^b - 1)),
@@ -577,6 +596,15 @@ static __device__ __forceinline__ uint8_t *kvq__cu_side_entry(const kvq__cuda_vi
     return c.side + (((size_t)h * c.max_kblocks + b) * c.n_salient + j) * (size_t)c.side_bytes;
 }
 static __device__ __forceinline__ int kvq__cu_side_index(const uint8_t *e) { return e[0] | e[1] << 8; }
+/* kvq__side_params_at, kvq__side_codes_at: byte offsets of the K (which 0) or V (1) part of an
+   entry: after the u16 index, K's params, V's params, K's codes, V's codes (no params at 16 bits). */
+static __device__ __forceinline__ size_t kvq__cu_side_params_at(const kvq__cuda_view &c, int which) {
+    return 2 + (size_t)which * c.ng * kvq__cu_fmt(c.salient_bits)->param_bytes;
+}
+static __device__ __forceinline__ size_t kvq__cu_side_codes_at(const kvq__cuda_view &c, int which) {
+    const kvq__format *f = kvq__cu_fmt(c.salient_bits);
+    return 2 + 2 * (size_t)c.ng * f->param_bytes + (size_t)which * kvq__cu_row_bytes(f, c.D);
+}
 
 /* kvq__range_gain: per channel, the gap a token opens alone at the top or bottom, over the range. */
 static __device__ void kvq__cu_range_gain(const kvq__cuda_append &a, int h, int b, float *gain) {
@@ -628,11 +656,11 @@ static __device__ void kvq__cu_select_salient(const kvq__cuda_append &a, int h, 
 static __device__ void kvq__cu_side_put(const kvq__cuda_append &a, uint8_t *e, int which, int h, int pos) {
     const kvq__cuda_view &c = a.c;
     const int D = c.D, G = c.G, ng = c.ng;
-    uint16_t *par = (uint16_t *)(e + 2) + (size_t)which * 2 * ng;
-    uint8_t *codes = e + 2 + 8 * (size_t)ng + (size_t)which * D;
+    uint16_t *par = (uint16_t *)(e + kvq__cu_side_params_at(c, which));
+    uint8_t *codes = e + kvq__cu_side_codes_at(c, which);
     int g, i;
-    if (c.salient_bits == 16) {
-        uint16_t *row = (uint16_t *)(e + 2) + (size_t)which * D;
+    if (!kvq__cu_fmt(c.salient_bits)->quantized) {
+        uint16_t *row = (uint16_t *)codes;
         for (i = 0; i < D; i++)
             row[i] = kvq__cu_f32_to_f16(which ? kvq__cu_value_at(a, h, pos, i) : kvq__cu_key_at(a, h, pos, i));
         return;
@@ -719,6 +747,7 @@ static __device__ int kvq__cu_key_weights(const kvq__cuda_append &a, int h, int 
 __global__ void kvq__cu_quantize_key_block_kernel(kvq__cuda_append a) {
     const kvq__cuda_view &c = a.c;
     const int D = c.D, G = c.kb, bits = c.key_bits; /* G: tokens per key block */
+    const kvq__format *f = kvq__cu_fmt(bits);
     const int nb = a.n_kblocks_new - a.n_kblocks_old;
     size_t total = (size_t)c.H * nb * D, idx;
     for (idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
@@ -727,8 +756,8 @@ __global__ void kvq__cu_quantize_key_block_kernel(kvq__cuda_append a) {
         float x[128], lo, hi, s, m;
         kvq__qparams qp;
         uint8_t row[128], mask[128];
-        int t, row_bytes = G * bits / 8;
-        if (bits == 16) { /* salient or not, the block keeps every row as it is */
+        int t, row_bytes = (int)kvq__cu_row_bytes(f, G);
+        if (!f->quantized) { /* salient or not, the block keeps every row as it is */
             uint16_t *rows = (uint16_t *)blk;
             for (t = 0; t < G; t++) rows[(size_t)t * D + ch] = kvq__cu_f32_to_f16(kvq__cu_key_at(a, h, b * G + t, ch));
             continue;
@@ -764,7 +793,7 @@ __global__ void kvq__cu_quantize_key_block_kernel(kvq__cuda_append a) {
         for (t = 0; t < G; t++)
             if (!mask[t]) kvq__cu_put_code(row, G, t, bits, kvq__cu_quantize_one(x[t], m, s, bits));
         {
-            uint8_t *dst = blk + 4 * (size_t)D + (size_t)row_bytes * ch;
+            uint8_t *dst = kvq__cu_block_codes_rw(blk, D) + (size_t)row_bytes * ch;
             for (t = 0; t < row_bytes; t++) dst[t] = row[t];
         }
     }
@@ -780,6 +809,7 @@ __global__ void kvq__cu_quantize_key_block_kernel(kvq__cuda_append a) {
 __global__ void kvq__cu_quantize_record_kernel(kvq__cuda_append a, int keys) {
     const kvq__cuda_view &c = a.c;
     const int D = c.D, G = c.G, bits = keys ? c.key_bits : c.value_bits, ng = c.ng;
+    const kvq__format *f = kvq__cu_fmt(bits);
     const int nv = a.n_vquant_new - a.n_vquant_old;
     const int par_u16 = (keys ? c.ktparam_bytes : c.vparam_bytes) / 2;
     const int code_bytes = keys ? c.ktcode_bytes : c.vcode_bytes;
@@ -795,7 +825,7 @@ __global__ void kvq__cu_quantize_record_kernel(kvq__cuda_append a, int keys) {
         kvq__qparams qp;
         uint8_t row[128];
         for (i = 0; i < n; i++) x[i] = keys ? kvq__cu_key_at(a, h, j, c0 + i) : kvq__cu_value_at(a, h, j, c0 + i);
-        if (bits == 16) {
+        if (!f->quantized) {
             for (i = 0; i < n; i++) ((uint16_t *)codes)[c0 + i] = kvq__cu_f32_to_f16(x[i]);
             continue;
         }
@@ -809,13 +839,13 @@ __global__ void kvq__cu_quantize_record_kernel(kvq__cuda_append a, int keys) {
         qp = kvq__cu_fit(lo, hi, bits, pbits);
         kvq__cu_put_params(params + rec * par_u16, ng, g, qp, pbits);
         kvq__cu_params_f32(qp, pbits, &m, &s);
-        for (i = 0; i < n * bits / 8; i++) row[i] = 0;
+        for (i = 0; i < (int)kvq__cu_row_bytes(f, n); i++) row[i] = 0;
         for (i = 0; i < n; i++) kvq__cu_put_code(row, n, i, bits, kvq__cu_quantize_one(x[i], m, s, bits));
-        if (bits == 3) {
+        if (f->planes == 2) { /* each plane of the group's row into the record's plane */
             for (i = 0; i < n / 4; i++) codes[c0 / 4 + i] = row[i];
             for (i = 0; i < n / 8; i++) codes[D / 4 + c0 / 8 + i] = row[n / 4 + i];
         } else {
-            for (i = 0; i < n * bits / 8; i++) codes[(size_t)c0 * bits / 8 + i] = row[i];
+            for (i = 0; i < (int)kvq__cu_row_bytes(f, n); i++) codes[kvq__cu_row_bytes(f, c0) + i] = row[i];
         }
     }
 }
@@ -972,7 +1002,7 @@ typedef struct kvq__cu_tile {
 
 /* kvq__values_tile's locals: what the value phase reads of the view once per tile. */
 typedef struct kvq__cu_vals {
-    int S, G, bits, ng, pbits;
+    int S, G, bits, ng, pbits, quantized; /* quantized: value_bits' kvq__format */
 } kvq__cu_vals;
 
 /* Where token t's key lives: an fp16 row (16-byte aligned), a quantized block (blk, tt), or a
@@ -999,7 +1029,7 @@ static __device__ __forceinline__ int kvq__cu_find_salient(const kvq__cuda_view 
 static __device__ __forceinline__ void kvq__cu_read_token_record(const uint16_t *par, const uint8_t *codes, int bits,
                                                                  int D, int G, int ng, int c8, float *x) {
     int i;
-    if (bits == 16) {
+    if (!kvq__cu_fmt(bits)->quantized) {
         for (i = 0; i < 8; i++) x[i] = kvq__cu_f16_to_f32(((const uint16_t *)codes)[c8 * 8 + i]);
     } else {
         const int g = c8 * 8 / G;
@@ -1008,14 +1038,15 @@ static __device__ __forceinline__ void kvq__cu_read_token_record(const uint16_t 
     }
 }
 
-/* Channel ch of the value of side-store entry e (kvq__side_get's V part). */
+/* Channel ch of the value of side-store entry e (kvq__side_get's V part; quantized, 8 bits:
+   a code per byte). */
 static __device__ __forceinline__ float kvq__cu_side_value(const kvq__cuda_view &v, const uint8_t *e, int ch) {
-    const uint16_t *u = (const uint16_t *)(e + 2);
-    if (v.salient_bits == 16) return kvq__cu_f16_to_f32(u[v.D + ch]);
+    const uint8_t *codes = e + kvq__cu_side_codes_at(v, 1);
+    if (!kvq__cu_fmt(v.salient_bits)->quantized) return kvq__cu_f16_to_f32(((const uint16_t *)codes)[ch]);
     {
-        const int ng = v.ng, g = ch / v.G;
-        return kvq__cu_f16_to_f32(u[3 * ng + g]) +
-               kvq__cu_f16_to_f32(u[2 * ng + g]) * (float)e[2 + 8 * (size_t)ng + v.D + ch];
+        const uint16_t *par = (const uint16_t *)(e + kvq__cu_side_params_at(v, 1));
+        const int g = ch / v.G;
+        return kvq__cu_f16_to_f32(par[v.ng + g]) + kvq__cu_f16_to_f32(par[g]) * (float)codes[ch];
     }
 }
 
@@ -1025,8 +1056,8 @@ static __device__ __forceinline__ float kvq__cu_side_value(const kvq__cuda_view 
 static __device__ __forceinline__ void kvq__cu_salient_key(const kvq__cuda_view &v, int h, int b,
                                                           kvq__cu_keyref *r) {
     const uint8_t *e = kvq__cu_side_entry(v, h, b, r->sal);
-    r->par = (const uint16_t *)(e + 2);
-    r->codes = v.salient_bits == 16 ? e + 2 : e + 2 + 8 * (size_t)v.ng;
+    r->par = (const uint16_t *)(e + kvq__cu_side_params_at(v, 0));
+    r->codes = e + kvq__cu_side_codes_at(v, 0);
     r->bits = v.salient_bits;
 }
 
@@ -1046,7 +1077,7 @@ static __device__ __forceinline__ kvq__cu_keyref kvq__cu_key_ref(const kvq__cuda
         if (v.n_salient) r.sal = kvq__cu_find_salient(v, h, pos / v.kb, pos % v.kb);
         if (r.sal >= 0) {
             kvq__cu_salient_key(v, h, pos / v.kb, &r);
-        } else if (v.key_bits == 16) {
+        } else if (!kvq__cu_fmt(v.key_bits)->quantized) {
             r.row = (const uint16_t *)blk + (size_t)(pos % v.kb) * v.D;
         } else {
             r.blk = blk;
@@ -1054,7 +1085,7 @@ static __device__ __forceinline__ kvq__cu_keyref kvq__cu_key_ref(const kvq__cuda
         }
     } else if (v.key_tokens && pos < v.n_vquant) { /* keys per token leave with their values */
         const size_t rec = (size_t)h * v.max_vquant + pos;
-        if (v.key_bits == 16) {
+        if (!kvq__cu_fmt(v.key_bits)->quantized) {
             r.row = (const uint16_t *)(v.ktcodes + rec * v.ktcode_bytes);
         } else {
             r.par = v.ktparams + rec * ((size_t)v.ktparam_bytes / 2);
@@ -1119,7 +1150,7 @@ static __device__ __forceinline__ void kvq__cu_scores_codes(const uint8_t *blk, 
 #pragma unroll 2
     for (c8 = warp; c8 < n8; c8 += KVQ__CUDA_NT / 32) {
         float kx[8], sf[8], mf[8];
-        const uint8_t *codes = blk + 4 * (size_t)D + (size_t)row_bytes * c8 * 8;
+        const uint8_t *codes = kvq__cu_block_codes(blk, D) + (size_t)row_bytes * c8 * 8;
         int e;
         kvq__cu_h8(*(const uint4 *)(blk + (size_t)c8 * 16), sf);
         kvq__cu_h8(*(const uint4 *)(blk + 2 * (size_t)D + (size_t)c8 * 16), mf);
@@ -1216,7 +1247,7 @@ static __device__ __forceinline__ void kvq__cu_tile_scores(const kvq__cuda_view 
     for (j = 0; j < NH; j++) sc[j] = 0.0f;
     if (tl.valid) {
         const kvq__cu_keyref r = kvq__cu_key_ref(v, u.h, tl.t);
-        const int bits = v.key_bits, row_bytes = v.kb * bits / 8; /* a key block's channel row */
+        const int bits = v.key_bits, row_bytes = (int)kvq__cu_row_bytes(kvq__cu_fmt(bits), v.kb); /* a channel row */
         if (r.row) {
             kvq__cu_scores_f16<NH>(r.row, sm.q, u.D, tl.n8, u.nh, warp, sc);
         } else if (r.codes) {
@@ -1311,7 +1342,7 @@ static __device__ __forceinline__ void kvq__cu_value_channels(const kvq__cuda_vi
     } else {
         size_t rec = (size_t)h * v.max_vquant + pos;
         codes = v.vcodes + rec * v.vcode_bytes;
-        if (vl.bits == 16) row = (const uint16_t *)codes;
+        if (!vl.quantized) row = (const uint16_t *)codes;
         else par = v.vparams + rec * ((size_t)v.vparam_bytes / 2);
     }
 #pragma unroll
@@ -1369,6 +1400,7 @@ static __device__ __forceinline__ void kvq__cu_tile_values(const kvq__cuda_view 
     vl.S = v.S;
     vl.G = v.G;
     vl.bits = v.value_bits;
+    vl.quantized = kvq__cu_fmt(v.value_bits)->quantized;
     vl.ng = v.ng;
     vl.pbits = v.vpb;
 #pragma unroll
@@ -1578,7 +1610,7 @@ static void kvq__cu_shape(kvq__cuda_view *v, const kvq_config *cfg, const kvq__l
     v->vcap = L->vcap;
     v->kblock_bytes = (int)kvq__key_block_bytes(cfg);
     v->vparam_bytes = (int)kvq__value_param_bytes(cfg); /* 4 ng, 2 ng with 16-bit params, 0 at 16 bits */
-    v->vcode_bytes = D * bits_v / 8;
+    v->vcode_bytes = (int)kvq__value_code_bytes(cfg);
     v->n_salient = kvq__salient_count(cfg);
     v->side_bytes = (int)kvq__side_entry_bytes(cfg);
     v->salient_bits = cfg->salient_bits;
@@ -1587,7 +1619,7 @@ static void kvq__cu_shape(kvq__cuda_view *v, const kvq_config *cfg, const kvq__l
     v->kgrid = (short)kvq__search_grid(cfg->range_search, bits_k, 1);
     v->vgrid = (short)kvq__search_grid(cfg->range_search, bits_v, 0);
     v->ktparam_bytes = (int)kvq__token_param_bytes(cfg, bits_k);
-    v->ktcode_bytes = D * bits_k / 8;
+    v->ktcode_bytes = (int)kvq__token_code_bytes(cfg, bits_k);
 }
 
 /* One device allocation for every array of the view, each 256-byte aligned. */
