@@ -818,8 +818,10 @@ static int kvq__search_grid(int grid, int bits, int is_key) {
 }
 
 /* Candidate (i, j): the range with i steps off the bottom and j off the top, as m, 1/s (0: no
-   range left) and s^2 in float; only the winner is rounded to fp16 params. */
+   range left) and s^2 in float; only the winner is rounded to fp16 params. kvq__cands holds one
+   side's candidates of a group as arrays (vector kernels store and read them in lanes). */
 typedef struct kvq__cand { float lo, hi, m, r, s2; } kvq__cand;
+typedef struct kvq__cands { float lo[8], hi[8], m[8], r[8], s2[8]; } kvq__cands;
 static double kvq__search_step(int bits, int steps) { return rint(96.0 / (1 << (bits - 2)) / (steps - 1)) / 256.0; }
 /* x as computed (rounded to double): a compiler's FMA contraction cannot fuse it into the add
    that follows, which would round once where the CUDA twin and the vector kernels round twice. */
@@ -839,8 +841,9 @@ static KVQ__INLINE kvq__cand kvq__search_candidate(float lo, float hi, int bits,
     const double range = (double)hi - (double)lo;
     kvq__cand c;
     float s;
-    /* range * (i * step) is exact in double when hi and lo are within 2^43 of each other (step is
-       a multiple of 1/256, i < 8); otherwise it is rounded, so it must not fuse with the add */
+    /* range * (i * step) is exact in double when |hi| and |lo| are within a factor 2^19 (24 + 19
+       bits of range, 10 of i * step: step is a multiple of 1/256 below 1/2, i < 8); beyond, it
+       is rounded, so it must not fuse with the add */
     c.lo = i ? (float)((double)lo + kvq__rounded(range * (i * step))) : lo; /* (0, 0) is min/max exactly */
     c.hi = j ? (float)((double)hi - kvq__rounded(range * (j * step))) : hi;
     s = (c.hi - c.lo) / (float)((1 << bits) - 1);
@@ -874,14 +877,14 @@ static KVQ__INLINE void kvq__search_ij(int k, int steps, int i_best, int *i, int
 /* The sums of the search terms of x[0..n) (n a multiple of 8) for candidates c[0..nk): acc[k][l]
    adds the terms of x[l], x[8 + l], x[16 + l], ... in that order. The C here; an ISA may do the
    same lanes wider (AVX-512: two candidates a register). */
-typedef void (*kvq__search_sums_fn)(const float *x, int n, const kvq__cand *c, int nk, float top, float (*acc)[8]);
-static KVQ__INLINE void kvq__search_sums(const float *x, int n, const kvq__cand *c, int nk, float top,
+typedef void (*kvq__search_sums_fn)(const float *x, int n, const kvq__cands *c, int nk, float top, float (*acc)[8]);
+static KVQ__INLINE void kvq__search_sums(const float *x, int n, const kvq__cands *c, int nk, float top,
                                          float (*acc)[8]) {
     int k, t, l;
     for (k = 0; k < nk; k++) { /* candidate by candidate: measured faster than one pass over x */
         for (l = 0; l < 8; l++) acc[k][l] = 0.0f;
         for (t = 0; t < n; t += 8)
-            for (l = 0; l < 8; l++) acc[k][l] += kvq__search_term(x[t + l], c[k].m, c[k].r, top);
+            for (l = 0; l < 8; l++) acc[k][l] += kvq__search_term(x[t + l], c->m[k], c->r[k], top);
     }
 }
 
@@ -889,29 +892,35 @@ static KVQ__INLINE void kvq__search_sums(const float *x, int n, const kvq__cand 
    k < steps, side 1 (i_best, k + 1) for k < steps - 1. The C here; an ISA may compute them in
    lanes with the same operations (AVX-512). */
 typedef void (*kvq__search_cands_fn)(float lo, float hi, int bits, int pbits, double step, int steps, int side,
-                                     int i_best, kvq__cand *c);
+                                     int i_best, kvq__cands *c);
 static KVQ__INLINE void kvq__search_cands(float lo, float hi, int bits, int pbits, double step, int steps, int side,
-                                          int i_best, kvq__cand *c) {
+                                          int i_best, kvq__cands *c) {
     int k, i, j;
     for (k = 0; k < (side ? steps - 1 : steps); k++) {
+        kvq__cand one;
         kvq__search_ij(side ? steps + k : k, steps, i_best, &i, &j);
-        c[k] = kvq__search_candidate(lo, hi, bits, pbits, step, i, j);
+        one = kvq__search_candidate(lo, hi, bits, pbits, step, i, j);
+        c->lo[k] = one.lo;
+        c->hi[k] = one.hi;
+        c->m[k] = one.m;
+        c->r[k] = one.r;
+        c->s2[k] = one.s2;
     }
 }
 
 /* Scores one side's candidates of a group from their lane sums (an error is the eight sums
    combined in a fixed tree, times s^2) and keeps the best: ties keep the earlier candidate. */
-static KVQ__INLINE void kvq__search_pick(const kvq__cand *c, float (*acc)[8], int nk, int side, float *best_err,
+static KVQ__INLINE void kvq__search_pick(const kvq__cands *c, float (*acc)[8], int nk, int side, float *best_err,
                                          float *best_lo, float *best_hi, int *i_best) {
     int k;
     for (k = 0; k < nk; k++) {
         const float *a = acc[k];
-        float e = (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) * c[k].s2;
-        if (c[k].r == 0.0f) continue; /* no range left (a constant group: min/max stays) */
+        float e = (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) * c->s2[k];
+        if (c->r[k] == 0.0f) continue; /* no range left (a constant group: min/max stays) */
         if ((side | k) == 0 || e < *best_err) {
             *best_err = e;
-            *best_lo = c[k].lo;
-            *best_hi = c[k].hi;
+            *best_lo = c->lo[k];
+            *best_hi = c->hi[k];
             if (!side) *i_best = k;
         }
     }
@@ -920,7 +929,8 @@ static KVQ__INLINE void kvq__search_pick(const kvq__cand *c, float (*acc)[8], in
 /* The search over every group of a row x[0..D) (groups of G channels, the last one shorter when G
    does not divide D), unweighted: values, keys per token; lo[g], hi[g] each group's min and max.
    KVQ__SEARCH_BATCH groups go through each phase side by side: one group's search is a long
-   chain of dependent steps, and the core overlaps several (measured 2.6x on Zen 4 at 4). */
+   chain of dependent steps, and the core overlaps several (Zen 4, AVX-512, 16-bit params, groups
+   of 32: 1,510 cycles for 4 against 526 for one alone). */
 #define KVQ__SEARCH_BATCH 4
 static KVQ__INLINE void kvq__search_row_with(const float *x, int D, int G, int bits, int pbits, int steps,
                                              const float *lo, const float *hi, kvq__qparams *best,
@@ -929,7 +939,7 @@ static KVQ__INLINE void kvq__search_row_with(const float *x, int D, int G, int b
     const float top = (float)((1 << bits) - 1);
     const double step = kvq__search_step(bits, steps);
     const int ng = (D + G - 1) / G;
-    kvq__cand c[B][8];
+    kvq__cands c[B];
     float acc[B][9][8], best_err[B], best_lo[B], best_hi[B]; /* acc: one row spare for pairs */
     int i_best[B], g0, b, nb, side;
     for (g0 = 0; g0 < ng; g0 += B) {
@@ -942,13 +952,13 @@ static KVQ__INLINE void kvq__search_row_with(const float *x, int D, int G, int b
         }
         for (side = 0; side < 2; side++) { /* the bottom from the full range, then the top */
             const int nk = side ? steps - 1 : steps;
-            for (b = 0; b < nb; b++) cands(lo[g0 + b], hi[g0 + b], bits, pbits, step, steps, side, i_best[b], c[b]);
+            for (b = 0; b < nb; b++) cands(lo[g0 + b], hi[g0 + b], bits, pbits, step, steps, side, i_best[b], &c[b]);
             for (b = 0; b < nb; b++) {
                 const int c0 = (g0 + b) * G;
-                sums(x + c0, D - c0 < G ? D - c0 : G, c[b], nk, top, acc[b]);
+                sums(x + c0, D - c0 < G ? D - c0 : G, &c[b], nk, top, acc[b]);
             }
             for (b = 0; b < nb; b++)
-                kvq__search_pick(c[b], acc[b], nk, side, &best_err[b], &best_lo[b], &best_hi[b], &i_best[b]);
+                kvq__search_pick(&c[b], acc[b], nk, side, &best_err[b], &best_lo[b], &best_hi[b], &i_best[b]);
         }
         for (b = 0; b < nb; b++) best[g0 + b] = kvq__fit(best_lo[b], best_hi[b], bits, pbits);
     }
@@ -5125,15 +5135,14 @@ KVQ__AVX512_FN __m512 kvq__cand_pair512(float a, float b) {
 }
 /* kvq__search_sums with two candidates a register and two registers a pass over x (independent
    chains), each lane's terms added in the order of the C. */
-KVQ__AVX512_FN void kvq__search_sums512(const float *x, int n, const kvq__cand *c, int nk, float top,
+KVQ__AVX512_FN void kvq__search_sums512(const float *x, int n, const kvq__cands *c, int nk, float top,
                                         float (*acc)[8]) {
     const __m512 vtop = _mm512_set1_ps(top);
     int k, t;
     for (k = 0; k < nk; k += 4) {
-        const kvq__cand *c1 = c + (k + 1 < nk ? k + 1 : k), *c2 = c + (k + 2 < nk ? k + 2 : k);
-        const kvq__cand *c3 = c + (k + 3 < nk ? k + 3 : k);
-        const __m512 m0 = kvq__cand_pair512(c[k].m, c1->m), r0 = kvq__cand_pair512(c[k].r, c1->r);
-        const __m512 m1 = kvq__cand_pair512(c2->m, c3->m), r1 = kvq__cand_pair512(c2->r, c3->r);
+        const int k1 = k + 1 < nk ? k + 1 : k, k2 = k + 2 < nk ? k + 2 : k, k3 = k + 3 < nk ? k + 3 : k;
+        const __m512 m0 = kvq__cand_pair512(c->m[k], c->m[k1]), r0 = kvq__cand_pair512(c->r[k], c->r[k1]);
+        const __m512 m1 = kvq__cand_pair512(c->m[k2], c->m[k3]), r1 = kvq__cand_pair512(c->r[k2], c->r[k3]);
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (t = 0; t < n; t += 8) {
             const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(x + t));
@@ -5152,8 +5161,9 @@ KVQ__AVX512_FN __m256 kvq__e5m3_256(__m256i e) {
                                      _mm256_set1_ps(6.103515625e-5f));
     return _mm256_mask_blend_ps(_mm256_cmpge_epu32_mask(e, _mm256_set1_epi32(8)), sub, normal);
 }
-/* kvq__fit_range16 then kvq__params_f32 on 8 lanes, the same operations: *s and *m as stored. */
-KVQ__AVX512_FN void kvq__fit16_256(__m256 lo, __m256 hi, int bits, __mmask8 live, __m256 *s, __m256 *m) {
+/* kvq__fit_range16 on 8 lanes, the same operations: the scale code *e and the int8 min *m8 (as a
+   float). */
+KVQ__AVX512_FN void kvq__fit16_256(__m256 lo, __m256 hi, int bits, __mmask8 live, __m256i *e_out, __m256 *m8_out) {
     const __m256i top_e = _mm256_set1_epi32(0xf7);
     __m256 need = _mm256_div_ps(_mm256_sub_ps(hi, lo), _mm256_set1_ps((float)((1 << bits) - 1))), k, m8;
     __m256i x, e, e_sub;
@@ -5179,18 +5189,20 @@ KVQ__AVX512_FN void kvq__fit16_256(__m256 lo, __m256 hi, int bits, __mmask8 live
         if (!todo) break;
         e = _mm256_mask_add_epi32(e, todo, e, _mm256_set1_epi32(1));
     }
-    *s = kvq__e5m3_256(e);
-    m8 = _mm256_roundscale_ps(_mm256_div_ps(_mm256_mul_ps(lo, _mm256_set1_ps(16.0f)), *s),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    m8 = _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(*s, _mm256_setzero_ps(), _CMP_NEQ_UQ), m8); /* s == 0: 0 */
+    {
+        const __m256 s = kvq__e5m3_256(e);
+        m8 = _mm256_roundscale_ps(_mm256_div_ps(_mm256_mul_ps(lo, _mm256_set1_ps(16.0f)), s),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        m8 = _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(s, _mm256_setzero_ps(), _CMP_NEQ_UQ), m8); /* s == 0: 0 */
+    }
     m8 = _mm256_min_ps(_mm256_max_ps(m8, _mm256_set1_ps(-128.0f)), _mm256_set1_ps(127.0f));
-    m8 = _mm256_cvtepi32_ps(_mm256_cvtps_epi32(m8)); /* the stored int8: -0 becomes 0 */
-    *m = _mm256_mul_ps(_mm256_mul_ps(m8, *s), _mm256_set1_ps(0.0625f));
+    *e_out = e;
+    *m8_out = _mm256_cvtepi32_ps(_mm256_cvtps_epi32(m8)); /* the stored int8: -0 becomes 0 */
 }
 /* kvq__search_cands on 8 lanes: the candidates' ranges in double as the C computes them (the
    product rounded, then the add), their params, 1/s and s^2. */
 KVQ__AVX512_FN void kvq__search_cands512(float lo, float hi, int bits, int pbits, double step, int steps, int side,
-                                         int i_best, kvq__cand *c) {
+                                         int i_best, kvq__cands *c) {
     const int nk = side ? steps - 1 : steps;
     const __mmask8 live = (__mmask8)((1u << nk) - 1u);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -5205,23 +5217,20 @@ KVQ__AVX512_FN void kvq__search_cands512(float lo, float hi, int bits, int pbits
     const __m256 chi = _mm256_mask_blend_ps(_mm256_cmpneq_epi32_mask(vj, zero), _mm256_set1_ps(hi),
                                             _mm512_cvtpd_ps(_mm512_sub_pd(_mm512_set1_pd((double)hi), off_j)));
     __m256 s = _mm256_div_ps(_mm256_sub_ps(chi, clo), _mm256_set1_ps((float)((1 << bits) - 1))), m = clo, r, s2;
-    float flo[8], fhi[8], fm[8], fr[8], fs2[8];
-    int k;
-    if (pbits == 16) kvq__fit16_256(clo, chi, bits, live, &s, &m);
+    if (pbits == 16) { /* kvq__params_f32 of the fit: s = e5m3(e), m = m8 s / 16 */
+        __m256i e;
+        __m256 m8;
+        kvq__fit16_256(clo, chi, bits, live, &e, &m8);
+        s = kvq__e5m3_256(e);
+        m = _mm256_mul_ps(_mm256_mul_ps(m8, s), _mm256_set1_ps(0.0625f));
+    }
     r = _mm256_maskz_div_ps(_mm256_cmp_ps_mask(s, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_set1_ps(1.0f), s);
     s2 = _mm256_mul_ps(s, s);
-    _mm256_storeu_ps(flo, clo);
-    _mm256_storeu_ps(fhi, chi);
-    _mm256_storeu_ps(fm, m);
-    _mm256_storeu_ps(fr, r);
-    _mm256_storeu_ps(fs2, s2);
-    for (k = 0; k < nk; k++) {
-        c[k].lo = flo[k];
-        c[k].hi = fhi[k];
-        c[k].m = fm[k];
-        c[k].r = fr[k];
-        c[k].s2 = fs2[k];
-    }
+    _mm256_storeu_ps(c->lo, clo); /* lanes past nk are never read */
+    _mm256_storeu_ps(c->hi, chi);
+    _mm256_storeu_ps(c->m, m);
+    _mm256_storeu_ps(c->r, r);
+    _mm256_storeu_ps(c->s2, s2);
 }
 KVQ__AVX512_FN void kvq__search_row_avx512(const float *x, int D, int G, int bits, int pbits, int steps,
                                           const float *lo, const float *hi, kvq__qparams *best) {
