@@ -5119,7 +5119,7 @@ KVQ__AVX512_FN void kvq__acc_f16_avx512(const uint16_t *const *rows, int n, int 
    differ only at u = -0, which rounds to c = +0 either way), vrndscaleps its round to nearest
    even; d keeps its sign through the 9-bit rounding (the carry stops in the exponent), and
    d * d < 2^-80 is |d| < 2^-40 (d * d is exact above it). */
-KVQ__AVX512_FN __m512 kvq__search_add512(__m512 acc, __m512 x, __m512 m, __m512 r, __m512 top) {
+KVQ__AVX512_FN __m512 kvq__search_add512(__m512 acc, __m512 x, __m512 m, __m512 r, __m512 top, __m512 w) {
     const __m512 u = _mm512_mul_ps(_mm512_sub_ps(x, m), r);
     const __m512 c = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), top),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -5127,7 +5127,7 @@ KVQ__AVX512_FN __m512 kvq__search_add512(__m512 acc, __m512 x, __m512 m, __m512 
     const __m512 d = _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xffffc000u)));
     const __m512 dd = _mm512_mul_ps(d, d);
     return _mm512_mask_add_ps(acc, _mm512_cmp_ps_mask(dd, _mm512_set1_ps(8.271806125530277e-25f), _CMP_GE_OQ), acc,
-                              dd); /* 2^-80 */
+                              _mm512_mul_ps(w, dd)); /* 2^-80; w * d * d is exact (w < 32) */
 }
 /* Candidates k and k + 1 (k again past nk) in the low and high halves of a register. */
 KVQ__AVX512_FN __m512 kvq__cand_pair512(float a, float b) {
@@ -5137,7 +5137,7 @@ KVQ__AVX512_FN __m512 kvq__cand_pair512(float a, float b) {
    chains), each lane's terms added in the order of the C. */
 KVQ__AVX512_FN void kvq__search_sums512(const float *x, int n, const kvq__cands *c, int nk, float top,
                                         float (*acc)[8]) {
-    const __m512 vtop = _mm512_set1_ps(top);
+    const __m512 vtop = _mm512_set1_ps(top), one = _mm512_set1_ps(1.0f);
     int k, t;
     for (k = 0; k < nk; k += 4) {
         const int k1 = k + 1 < nk ? k + 1 : k, k2 = k + 2 < nk ? k + 2 : k, k3 = k + 3 < nk ? k + 3 : k;
@@ -5146,8 +5146,8 @@ KVQ__AVX512_FN void kvq__search_sums512(const float *x, int n, const kvq__cands 
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (t = 0; t < n; t += 8) {
             const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(x + t));
-            a0 = kvq__search_add512(a0, xv, m0, r0, vtop);
-            a1 = kvq__search_add512(a1, xv, m1, r1, vtop);
+            a0 = kvq__search_add512(a0, xv, m0, r0, vtop, one);
+            a1 = kvq__search_add512(a1, xv, m1, r1, vtop, one);
         }
         _mm512_storeu_ps(acc[k], a0); /* rows k, k + 1 */
         if (k + 2 < nk) _mm512_storeu_ps(acc[k + 2], a1); /* rows k + 2, k + 3 (acc has a row spare) */
@@ -5199,8 +5199,21 @@ KVQ__AVX512_FN void kvq__fit16_256(__m256 lo, __m256 hi, int bits, __mmask8 live
     *e_out = e;
     *m8_out = _mm256_cvtepi32_ps(_mm256_cvtps_epi32(m8)); /* the stored int8: -0 becomes 0 */
 }
-/* kvq__search_cands on 8 lanes: the candidates' ranges in double as the C computes them (the
-   product rounded, then the add), their params, 1/s and s^2. */
+/* A candidate's bound in 8 lanes, as kvq__search_candidate computes it: base -/+ the rounded
+   double range * (n * step) (the top when top_side, else the bottom), to float; base itself
+   where n is 0. */
+KVQ__AVX512_FN __m256 kvq__cand_bound256(__m256 lo, __m256 hi, __m256 base, __m256i n, double step, int top_side) {
+    const __m512d range = _mm512_sub_pd(_mm512_cvtps_pd(hi), _mm512_cvtps_pd(lo));
+    const __m512d off = _mm512_mul_pd(range, _mm512_mul_pd(_mm512_cvtepi32_pd(n), _mm512_set1_pd(step)));
+    const __m512d b = _mm512_cvtps_pd(base);
+    const __m256 v = _mm512_cvtpd_ps(top_side ? _mm512_sub_pd(b, off) : _mm512_add_pd(b, off));
+    return _mm256_mask_blend_ps(_mm256_test_epi32_mask(n, n), base, v);
+}
+/* 1/s where s > 0, else 0 (a candidate with no range left). */
+KVQ__AVX512_FN __m256 kvq__recip256(__m256 s) {
+    return _mm256_maskz_div_ps(_mm256_cmp_ps_mask(s, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_set1_ps(1.0f), s);
+}
+/* kvq__search_cands on 8 lanes (one candidate a lane): the same operations. */
 KVQ__AVX512_FN void kvq__search_cands512(float lo, float hi, int bits, int pbits, double step, int steps, int side,
                                          int i_best, kvq__cands *c) {
     const int nk = side ? steps - 1 : steps;
@@ -5208,15 +5221,9 @@ KVQ__AVX512_FN void kvq__search_cands512(float lo, float hi, int bits, int pbits
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i vi = side ? _mm256_set1_epi32(i_best) : lane;
     const __m256i vj = side ? _mm256_add_epi32(lane, _mm256_set1_epi32(1)) : _mm256_setzero_si256();
-    const __m512d range = _mm512_set1_pd((double)hi - (double)lo), vstep = _mm512_set1_pd(step);
-    const __m512d off_i = _mm512_mul_pd(range, _mm512_mul_pd(_mm512_cvtepi32_pd(vi), vstep));
-    const __m512d off_j = _mm512_mul_pd(range, _mm512_mul_pd(_mm512_cvtepi32_pd(vj), vstep));
-    const __m256i zero = _mm256_setzero_si256();
-    const __m256 clo = _mm256_mask_blend_ps(_mm256_cmpneq_epi32_mask(vi, zero), _mm256_set1_ps(lo),
-                                            _mm512_cvtpd_ps(_mm512_add_pd(_mm512_set1_pd((double)lo), off_i)));
-    const __m256 chi = _mm256_mask_blend_ps(_mm256_cmpneq_epi32_mask(vj, zero), _mm256_set1_ps(hi),
-                                            _mm512_cvtpd_ps(_mm512_sub_pd(_mm512_set1_pd((double)hi), off_j)));
-    __m256 s = _mm256_div_ps(_mm256_sub_ps(chi, clo), _mm256_set1_ps((float)((1 << bits) - 1))), m = clo, r, s2;
+    const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    const __m256 clo = kvq__cand_bound256(vlo, vhi, vlo, vi, step, 0), chi = kvq__cand_bound256(vlo, vhi, vhi, vj, step, 1);
+    __m256 s = _mm256_div_ps(_mm256_sub_ps(chi, clo), _mm256_set1_ps((float)((1 << bits) - 1))), m = clo;
     if (pbits == 16) { /* kvq__params_f32 of the fit: s = e5m3(e), m = m8 s / 16 */
         __m256i e;
         __m256 m8;
@@ -5224,21 +5231,77 @@ KVQ__AVX512_FN void kvq__search_cands512(float lo, float hi, int bits, int pbits
         s = kvq__e5m3_256(e);
         m = _mm256_mul_ps(_mm256_mul_ps(m8, s), _mm256_set1_ps(0.0625f));
     }
-    r = _mm256_maskz_div_ps(_mm256_cmp_ps_mask(s, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_set1_ps(1.0f), s);
-    s2 = _mm256_mul_ps(s, s);
     _mm256_storeu_ps(c->lo, clo); /* lanes past nk are never read */
     _mm256_storeu_ps(c->hi, chi);
     _mm256_storeu_ps(c->m, m);
-    _mm256_storeu_ps(c->r, r);
-    _mm256_storeu_ps(c->s2, s2);
+    _mm256_storeu_ps(c->r, kvq__recip256(s));
+    _mm256_storeu_ps(c->s2, _mm256_mul_ps(s, s));
 }
 KVQ__AVX512_FN void kvq__search_row_avx512(const float *x, int D, int G, int bits, int pbits, int steps,
                                           const float *lo, const float *hi, kvq__qparams *best) {
     kvq__search_row_with(x, D, G, bits, pbits, steps, lo, hi, best, kvq__search_cands512, kvq__search_sums512);
 }
+/* kvq__search_columns_body with the columns in lanes, 8 a register (4 independent chains): the
+   same operations, in the same order per column. */
 KVQ__AVX512_FN void kvq__search_columns_avx512(const float *xb, int G, const uint8_t *w, int bits, int steps,
                                                const float *lo, const float *hi, kvq__qparams *best) {
-    kvq__search_columns_body(xb, G, w, bits, steps, lo, hi, best);
+    enum { R = KVQ__COLS / 8 };
+    const float topf = (float)((1 << bits) - 1);
+    const __m512 top = _mm512_set1_ps(topf);
+    const double step = kvq__search_step(bits, steps);
+    __m256 vlo[R], vhi[R], err[R], win_lo[R], win_hi[R];
+    __m256i i_best[R];
+    float wl[KVQ__COLS], wh[KVQ__COLS];
+    int k, t, h;
+    for (h = 0; h < R; h++) { /* candidate (0, 0), min/max, wins unless beaten */
+        win_lo[h] = vlo[h] = _mm256_loadu_ps(lo + 8 * h);
+        win_hi[h] = vhi[h] = _mm256_loadu_ps(hi + 8 * h);
+        err[h] = _mm256_setzero_ps();
+        i_best[h] = _mm256_setzero_si256();
+    }
+    for (k = 0; k < 2 * steps - 1; k++) {
+        const int j = k < steps ? 0 : k - steps + 1;
+        __m256 clo[R], chi[R], s2[R], rh[R];
+        __m512 m[R / 2], r[R / 2], acc[R / 2];
+        __m256i ci[R];
+        for (h = 0; h < R; h++) {
+            __m256 s;
+            ci[h] = k < steps ? _mm256_set1_epi32(k) : i_best[h];
+            clo[h] = kvq__cand_bound256(vlo[h], vhi[h], vlo[h], ci[h], step, 0);
+            chi[h] = kvq__cand_bound256(vlo[h], vhi[h], vhi[h], _mm256_set1_epi32(j), step, 1);
+            s = _mm256_div_ps(_mm256_sub_ps(chi[h], clo[h]), _mm256_set1_ps(topf));
+            s2[h] = _mm256_mul_ps(s, s);
+            rh[h] = kvq__recip256(s);
+        }
+        for (h = 0; h < R / 2; h++) { /* two registers of 8 columns make one of 16 */
+            m[h] = _mm512_insertf32x8(_mm512_castps256_ps512(clo[2 * h]), clo[2 * h + 1], 1);
+            r[h] = _mm512_insertf32x8(_mm512_castps256_ps512(rh[2 * h]), rh[2 * h + 1], 1);
+            acc[h] = _mm512_setzero_ps();
+        }
+        for (t = 0; t < G; t++) {
+            const __m512 wt = _mm512_set1_ps((float)w[t]);
+            if (!w[t]) continue;
+            for (h = 0; h < R / 2; h++)
+                acc[h] = kvq__search_add512(acc[h], _mm512_loadu_ps(xb + (size_t)t * KVQ__COLS + 16 * h), m[h], r[h],
+                                            top, wt);
+        }
+        for (h = 0; h < R; h++) {
+            const __m512 a = acc[h / 2];
+            const __m256 e = _mm256_mul_ps(h % 2 ? _mm512_extractf32x8_ps(a, 1) : _mm512_castps512_ps256(a), s2[h]);
+            const __mmask8 win = k == 0 ? (__mmask8)0xff
+                                        : (__mmask8)(_mm256_cmp_ps_mask(rh[h], _mm256_setzero_ps(), _CMP_NEQ_UQ) &
+                                                     _mm256_cmp_ps_mask(e, err[h], _CMP_LT_OQ));
+            err[h] = _mm256_mask_blend_ps(win, err[h], e);
+            win_lo[h] = _mm256_mask_blend_ps(win, win_lo[h], clo[h]);
+            win_hi[h] = _mm256_mask_blend_ps(win, win_hi[h], chi[h]);
+            i_best[h] = _mm256_mask_blend_epi32(win, i_best[h], ci[h]);
+        }
+    }
+    for (h = 0; h < R; h++) {
+        _mm256_storeu_ps(wl + 8 * h, win_lo[h]);
+        _mm256_storeu_ps(wh + 8 * h, win_hi[h]);
+    }
+    for (k = 0; k < KVQ__COLS; k++) best[k] = kvq__fit_range(wl[k], wh[k], bits);
 }
 /* 16-bit value params (kvq__params16), 16 at a time where ng is a power of two <= 16: lanes
    (token, group), T = 16 / ng tokens, decoded exactly as kvq__e5m3 and kvq__min16 do, then

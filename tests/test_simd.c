@@ -522,7 +522,8 @@ static void test_params16(void) {
     CHECK(bad == 0, "%d 16-bit param decodes differ from scalar", bad);
 }
 
-/* The range search of a row's groups (kvq__search_row) gives the scalar's params on every ISA:
+/* The range search of a row's groups (kvq__search_row) and of a key block's channels
+   (kvq__search_columns) gives the scalar's params on every ISA:
    rows of many scales and shapes (tiny, huge, one-signed, constant, ranges far from zero, a lone
    outlier, a tiny min beside a large max), every bit width it serves, both value headers, grids
    2-8, groups that do not divide the row. */
@@ -559,6 +560,43 @@ static void test_search_row(void) {
     }
     kvq_set_isa(KVQ_ISA_SCALAR);
     CHECK(runs > 0 && bad == 0, "%d searched groups differ from scalar (%d rows x ISAs)", bad, runs);
+    /* the key-block search: KVQ__COLS channels of G tokens, tokens weighted 0-31 (0: left out) */
+    for (trial = 0, bad = 0, runs = 0; trial < 600; trial++) {
+        const int G = 16 << (trial % 4), bits = 2 + trial % 2, grid = 2 + (int)(tu_next(&r) % 7);
+        const float sc = scales[trial % 5];
+        float xb[128 * KVQ__COLS], lo[KVQ__COLS], hi[KVQ__COLS];
+        uint8_t w[128];
+        kvq__qparams ref[KVQ__COLS], got[KVQ__COLS];
+        int t, c;
+        for (t = 0; t < G; t++) w[t] = trial % 3 ? (uint8_t)(tu_next(&r) % 32) : 1;
+        w[0] = w[0] ? w[0] : 1;
+        for (i = 0; i < G * KVQ__COLS; i++) {
+            float v = tu_normal(&r) * sc + (i % KVQ__COLS == 7 ? 9.0f * sc : 0.0f);
+            if (i % KVQ__COLS == 3) v = fabsf(v);
+            if (i % KVQ__COLS == 5 && i % 3) v = 0.5f * sc;
+            if (i % KVQ__COLS == 9 && i % 13 == 0) v = -1e-15f;
+            xb[i] = v;
+        }
+        for (c = 0; c < KVQ__COLS; c++) {
+            lo[c] = INFINITY;
+            hi[c] = -INFINITY;
+            for (t = 0; t < G; t++)
+                if (w[t]) {
+                    lo[c] = xb[t * KVQ__COLS + c] < lo[c] ? xb[t * KVQ__COLS + c] : lo[c];
+                    hi[c] = xb[t * KVQ__COLS + c] > hi[c] ? xb[t * KVQ__COLS + c] : hi[c];
+                }
+        }
+        kvq_set_isa(KVQ_ISA_SCALAR);
+        kvq__dispatch_search_columns(xb, G, w, bits, grid, lo, hi, ref);
+        for (i = 0; i < n_isas; i++) {
+            kvq_set_isa((kvq_isa)isas[i]);
+            kvq__dispatch_search_columns(xb, G, w, bits, grid, lo, hi, got);
+            for (c = 0; c < KVQ__COLS; c++) bad += ref[c].scale != got[c].scale || ref[c].min != got[c].min;
+            runs++;
+        }
+    }
+    kvq_set_isa(KVQ_ISA_SCALAR);
+    CHECK(runs > 0 && bad == 0, "%d searched key channels differ from scalar (%d blocks x ISAs)", bad, runs);
 }
 
 /* The integer scheme's bytes of a query: q16 = 256 hi + lo rebuilt, |q16| <= 32639, and within
