@@ -912,18 +912,22 @@ static KVQ__INLINE void kvq__search_cands(float lo, float hi, int bits, int pbit
    combined in a fixed tree, times s^2) and keeps the best: ties keep the earlier candidate. */
 static KVQ__INLINE void kvq__search_pick(const kvq__cands *c, float (*acc)[8], int nk, int side, float *best_err,
                                          float *best_lo, float *best_hi, int *i_best) {
-    int k;
-    for (k = 0; k < nk; k++) {
+    float err = *best_err, lo = *best_lo, hi = *best_hi;
+    int k, ib = *i_best;
+    for (k = 0; k < nk; k++) { /* branch-free: which candidate wins is data, not a pattern */
         const float *a = acc[k];
-        float e = (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) * c->s2[k];
-        if (c->r[k] == 0.0f) continue; /* no range left (a constant group: min/max stays) */
-        if ((side | k) == 0 || e < *best_err) {
-            *best_err = e;
-            *best_lo = c->lo[k];
-            *best_hi = c->hi[k];
-            if (!side) *i_best = k;
-        }
+        const float e = (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) * c->s2[k];
+        /* no range left (a constant group): min/max stays */
+        const int take = (c->r[k] != 0.0f) & (((side | k) == 0) | (e < err));
+        err = take ? e : err;
+        lo = take ? c->lo[k] : lo;
+        hi = take ? c->hi[k] : hi;
+        ib = take && !side ? k : ib;
     }
+    *best_err = err;
+    *best_lo = lo;
+    *best_hi = hi;
+    *i_best = ib;
 }
 
 /* The search over every group of a row x[0..D) (groups of G channels, the last one shorter when G
