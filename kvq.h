@@ -663,6 +663,7 @@ typedef struct kvq__qparams { uint16_t scale, min; } kvq__qparams;
 #define KVQ__KERNELS(X)                                                                                           \
     X(kvq__dispatch_to_f16, kvq__to_f16, void, , (uint16_t *dst, const float *src, int n), (dst, src, n))          \
     X(kvq__dispatch_to_f32, kvq__to_f32, void, , (float *dst, const uint16_t *src, int n), (dst, src, n))          \
+    X(kvq__dispatch_fits_fp16, kvq__fits_fp16, int, return, (const float *x, size_t n), (x, n))                    \
     X(kvq__dispatch_params16, kvq__params16, void, , (const uint16_t *par, int n, int ng, float *out),            \
       (par, n, ng, out))                                                                                           \
     X(kvq__dispatch_quantize_keys, kvq__quantize_keys, void, ,                                                     \
@@ -1997,21 +1998,23 @@ static int kvq__rotates_in_fp16(const float *x, size_t n, int D) {
 }
 
 /* Whether every |x| <= 65504 (NaN fails too): the bits of |x| against those of 65504, in
-   blocks of 16 that compilers vectorize at -O2. */
-static int kvq__finite_fp16(const float *x, size_t n) {
-    uint32_t top[16] = {0}, u[16], most = 0; /* the largest |x| bits, per lane of 16 (compilers vectorize it) */
+   blocks of 16 that compilers vectorize at -O2 (the scalar kernel; AVX2 has its own). */
+static int kvq__fits_fp16_scalar(const float *x, size_t n) {
+    /* 0x477fe000 (the bits of 65504.0f) - |x|'s bits wraps to a set top bit exactly when |x| is
+       past it (NaN too); ORed per lane of 16, which compilers vectorize on any SIMD (SSE2 too) */
+    uint32_t over[16] = {0}, u[16], any = 0;
     size_t i = 0;
     int j;
     for (; i + 16 <= n; i += 16) {
         memcpy(u, x + i, sizeof u);
-        for (j = 0; j < 16; j++) top[j] = (u[j] & 0x7fffffffu) > top[j] ? u[j] & 0x7fffffffu : top[j];
+        for (j = 0; j < 16; j++) over[j] |= 0x477fe000u - (u[j] & 0x7fffffffu);
     }
     for (; i < n; i++) {
         memcpy(u, x + i, 4);
-        most = (u[0] & 0x7fffffffu) > most ? u[0] & 0x7fffffffu : most;
+        any |= 0x477fe000u - (u[0] & 0x7fffffffu);
     }
-    for (j = 0; j < 16; j++) most = top[j] > most ? top[j] : most;
-    return most <= 0x477fe000u; /* the bits of 65504.0f */
+    for (j = 0; j < 16; j++) any |= over[j];
+    return !(any >> 31);
 }
 
 /* Keeps the salience scores as they are before token t is appended: a rollback to t restores
@@ -2093,7 +2096,8 @@ static kvq_status kvq__check_append(const kvq_cache *c, const float *k, const fl
     if (kvq__overlaps_cache(c, k, row * n_tokens * sizeof(float)) ||
         kvq__overlaps_cache(c, v, row * n_tokens * sizeof(float)))
         return KVQ_ERR_INVALID;
-    if (!kvq__finite_fp16(k, row * n_tokens) || !kvq__finite_fp16(v, row * n_tokens)) return KVQ_ERR_INVALID;
+    if (!kvq__dispatch_fits_fp16(k, row * n_tokens) || !kvq__dispatch_fits_fp16(v, row * n_tokens))
+        return KVQ_ERR_INVALID;
     if (c->cfg.rotation == KVQ_ROTATE_HADAMARD &&
         (!kvq__rotates_in_fp16(k, row * n_tokens, c->cfg.head_dim) ||
          !kvq__rotates_in_fp16(v, row * n_tokens, c->cfg.head_dim)))
@@ -4071,6 +4075,16 @@ KVQ__AVX2_FN void kvq__to_f16_avx2(uint16_t *dst, const float *src, int n) {
         _mm_storeu_si128((__m128i *)(void *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; i++) dst[i] = kvq__f32_to_f16(src[i]);
 }
+/* kvq__fits_fp16_scalar, 8 lanes a step. */
+KVQ__AVX2_FN int kvq__fits_fp16_avx2(const float *x, size_t n) {
+    const __m256i abs = _mm256_set1_epi32(0x7fffffff), most = _mm256_set1_epi32(0x477fe000);
+    __m256i over = _mm256_setzero_si256();
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        over = _mm256_or_si256(over, _mm256_sub_epi32(most, _mm256_and_si256(_mm256_loadu_si256(
+                                                                  (const __m256i *)(const void *)(x + i)), abs)));
+    return _mm256_movemask_ps(_mm256_castsi256_ps(over)) == 0 && kvq__fits_fp16_scalar(x + i, n - i);
+}
 KVQ__AVX2_FN void kvq__to_f32_avx2(float *dst, const uint16_t *src, int n) {
     int i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, kvq__f16x8_avx2(src + i));
@@ -5352,6 +5366,7 @@ KVQ__AVX512_FN void kvq__params16_avx512(const uint16_t *par, int n, int ng, flo
 /* AVX-512 shares the AVX2 conversions and quantizers */
 #define kvq__to_f16_avx512 kvq__to_f16_avx2
 #define kvq__to_f32_avx512 kvq__to_f32_avx2
+#define kvq__fits_fp16_avx512 kvq__fits_fp16_avx2
 #define kvq__quantize_keys_avx512 kvq__quantize_keys_avx2
 #define kvq__quantize_value_avx512 kvq__quantize_value_avx2
 /* Rotation butterflies: 16 lanes from len 16, the AVX2 kernel at len 8. */
@@ -5720,6 +5735,7 @@ KVQ__INT512_FN void kvq__acc_int_avx512(const uint8_t *codes, size_t stride, con
 typedef struct kvq__f32x8 { float32x4_t lo, hi; } kvq__f32x8;
 #define kvq__search_row_neon kvq__search_row_scalar /* aarch64's baseline has NEON already */
 #define kvq__params16_neon kvq__params16_scalar
+#define kvq__fits_fp16_neon kvq__fits_fp16_scalar
 #if !KVQ__HAVE_NEON_INT /* the integer kernels need Armv8.2's sdot/udot: the reference */
 #define kvq__scores_int_neon kvq__scores_int_scalar
 #define kvq__acc_int_neon kvq__acc_int_scalar

@@ -522,6 +522,32 @@ static void test_params16(void) {
     CHECK(bad == 0, "%d 16-bit param decodes differ from scalar", bad);
 }
 
+/* The fp16-range check of appended rows on every ISA: one bad value (past 65504, inf, NaN, of
+   either sign) at every position of rows of many lengths (the vector body and the tail), and
+   the largest good value everywhere. */
+static void test_fits_fp16(void) {
+    static const float bad[] = {65520.0f, -65536.0f, INFINITY, -INFINITY, NAN, 1e30f};
+    float x[75];
+    int n, at, b, i, wrong = 0, runs = 0;
+    for (n = 1; n <= 75; n += 2)
+        for (i = 0; i < n_isas; i++) {
+            int k;
+            kvq_set_isa((kvq_isa)isas[i]);
+            for (k = 0; k < n; k++) x[k] = k % 2 ? 65504.0f : -65504.0f;
+            wrong += kvq__dispatch_fits_fp16(x, (size_t)n) != 1;
+            for (at = 0; at < n; at++)
+                for (b = 0; b < 6; b++) {
+                    const float keep = x[at];
+                    x[at] = b == 1 ? nextafterf(65504.0f, INFINITY) : bad[b];
+                    wrong += kvq__dispatch_fits_fp16(x, (size_t)n) != 0;
+                    x[at] = keep;
+                    runs++;
+                }
+        }
+    kvq_set_isa(KVQ_ISA_SCALAR);
+    CHECK(runs > 0 && wrong == 0, "%d of %d fp16-range checks wrong", wrong, runs);
+}
+
 /* The range search of a row's groups (kvq__search_row) and of a key block's channels
    (kvq__search_columns) gives the scalar's params on every ISA:
    rows of many scales and shapes (tiny, huge, one-signed, constant, ranges far from zero, a lone
@@ -733,6 +759,7 @@ int main(void) {
     test_query_bytes();
     test_params16();
     test_search_row();
+    test_fits_fp16();
     for (arith = KVQ_ARITH_FLOAT; arith <= KVQ_ARITH_INTEGER; arith = (kvq_arith)(arith + 1)) {
         printf("-- ISA paths against scalar, %s arithmetic --\n", arith == KVQ_ARITH_FLOAT ? "float" : "integer");
         worst_nmse = 0.0;
