@@ -806,7 +806,8 @@ static unsigned kvq__quantize_one(float x, float m, float s, int bits) {
    the dumps' attention error from 0.56x to 0.47x of KIVI-2's on BabyLlama (k3v2b64p16).
    Determinism: d is rounded to 9 significant bits and w is an integer 1..31, so every w * d * d
    is exact in float and FMA contraction cannot change a sum; the sums run in a fixed order.
-   The search is the same C on every ISA path (and its CUDA twin), so the bytes are too. */
+   The search is this C on every ISA path but AVX-512, which runs the same operations in vector
+   lanes (and the CUDA twin the same in CUDA), so the bytes are the same everywhere. */
 /* Which groups search, measured on the three real dumps (README, "Range search"): keys at 2
    bits, values at 2 and 3. At 3 bits searched keys lowered K's MSE but raised attention error
    on one dump; at 4 bits the search raised it on two. The rest keep min/max. */
@@ -1012,8 +1013,8 @@ static KVQ__INLINE void kvq__search_columns_body(const float *xb, int G, const u
     for (ch = 0; ch < KVQ__COLS; ch++) best[ch] = kvq__fit_range(win_lo[ch], win_hi[ch], bits);
 }
 
-/* The search is the same C everywhere; the ISA copies ("ISA kernels") only let a baseline
-   build (runtime dispatch) run it on wide vectors. */
+/* The C search; the AVX2 copy ("ISA kernels") only lets a baseline build (runtime dispatch)
+   run it on wide vectors, and AVX-512 has its own lanes of the same operations. */
 static void kvq__search_row_scalar(const float *x, int D, int G, int bits, int pbits, int steps, const float *lo,
                                   const float *hi, kvq__qparams *best) {
     kvq__search_row_with(x, D, G, bits, pbits, steps, lo, hi, best, kvq__search_cands, kvq__search_sums);
@@ -3890,8 +3891,9 @@ KVQ_API kvq_status kvq_cache_copy(kvq_cache *dst, const kvq_cache *src, int n_to
    boundary (a run: 8 codes = bits bytes; at 3 bits 2 bytes of the low plane and
    1 of the high, section "Formats"), which every shape allows: D and G are
    multiples of 8. The shared scalar tails below do what SIMD does not pay for.
-   AVX-512 uses the AVX2 quantize and conversion kernels (append is not the
-   bottleneck; one copy to keep bit-exact). Attention has two kernel sets: the
+   AVX-512 uses the AVX2 quantize and conversion kernels (one copy to keep
+   bit-exact) but has its own range search, the bulk of append's time.
+   Attention has two kernel sets: the
    float ones (the reference) and the integer scheme of "Integer attention"
    (section Attention), whose integer sums every ISA computes exactly; its
    float parts may differ in rounding (NMSE <= 1e-6 against scalar's integer
