@@ -5139,7 +5139,7 @@ KVQ__AVX512_FN void kvq__acc_f16_avx512(const uint16_t *const *rows, int n, int 
    differ only at u = -0, which rounds to c = +0 either way), vrndscaleps its round to nearest
    even; d keeps its sign through the 9-bit rounding (the carry stops in the exponent), and
    d * d < 2^-80 is |d| < 2^-40 (d * d is exact above it). */
-KVQ__AVX512_FN __m512 kvq__search_add512(__m512 acc, __m512 x, __m512 m, __m512 r, __m512 top, __m512 w) {
+KVQ__AVX512_FN __m512 kvq__search_add512(__m512 acc, __m512 x, __m512 m, __m512 r, __m512 top, const __m512 *w) {
     const __m512 u = _mm512_mul_ps(_mm512_sub_ps(x, m), r);
     const __m512 c = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), top),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -5147,7 +5147,7 @@ KVQ__AVX512_FN __m512 kvq__search_add512(__m512 acc, __m512 x, __m512 m, __m512 
     const __m512 d = _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xffffc000u)));
     const __m512 dd = _mm512_mul_ps(d, d);
     return _mm512_mask_add_ps(acc, _mm512_cmp_ps_mask(dd, _mm512_set1_ps(8.271806125530277e-25f), _CMP_GE_OQ), acc,
-                              _mm512_mul_ps(w, dd)); /* 2^-80; w * d * d is exact (w < 32) */
+                              w ? _mm512_mul_ps(*w, dd) : dd); /* 2^-80; w * d * d is exact (w < 32) */
 }
 /* Candidates k and k + 1 (k again past nk) in the low and high halves of a register. */
 KVQ__AVX512_FN __m512 kvq__cand_pair512(float a, float b) {
@@ -5157,7 +5157,7 @@ KVQ__AVX512_FN __m512 kvq__cand_pair512(float a, float b) {
    chains), each lane's terms added in the order of the C. */
 KVQ__AVX512_FN void kvq__search_sums512(const float *x, int n, const kvq__cands *c, int nk, float top,
                                         float (*acc)[8]) {
-    const __m512 vtop = _mm512_set1_ps(top), one = _mm512_set1_ps(1.0f);
+    const __m512 vtop = _mm512_set1_ps(top);
     int k, t;
     for (k = 0; k < nk; k += 4) {
         const int k1 = k + 1 < nk ? k + 1 : k, k2 = k + 2 < nk ? k + 2 : k, k3 = k + 3 < nk ? k + 3 : k;
@@ -5166,8 +5166,8 @@ KVQ__AVX512_FN void kvq__search_sums512(const float *x, int n, const kvq__cands 
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (t = 0; t < n; t += 8) {
             const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(x + t));
-            a0 = kvq__search_add512(a0, xv, m0, r0, vtop, one);
-            a1 = kvq__search_add512(a1, xv, m1, r1, vtop, one);
+            a0 = kvq__search_add512(a0, xv, m0, r0, vtop, NULL);
+            a1 = kvq__search_add512(a1, xv, m1, r1, vtop, NULL);
         }
         _mm512_storeu_ps(acc[k], a0); /* rows k, k + 1 */
         if (k + 2 < nk) _mm512_storeu_ps(acc[k + 2], a1); /* rows k + 2, k + 3 (acc has a row spare) */
@@ -5261,8 +5261,8 @@ KVQ__AVX512_FN void kvq__search_row_avx512(const float *x, int D, int G, int bit
                                           const float *lo, const float *hi, kvq__qparams *best) {
     kvq__search_row_with(x, D, G, bits, pbits, steps, lo, hi, best, kvq__search_cands512, kvq__search_sums512);
 }
-/* kvq__search_columns_body with the columns in lanes, 8 a register (4 independent chains): the
-   same operations, in the same order per column. */
+/* kvq__search_columns_body with the columns in lanes (8 a register for the candidates, 16 for
+   the sums: two chains): the same operations, in the same order per column. */
 KVQ__AVX512_FN void kvq__search_columns_avx512(const float *xb, int G, const uint8_t *w, int bits, int steps,
                                                const float *lo, const float *hi, kvq__qparams *best) {
     enum { R = KVQ__COLS / 8 };
@@ -5303,7 +5303,7 @@ KVQ__AVX512_FN void kvq__search_columns_avx512(const float *xb, int G, const uin
             if (!w[t]) continue;
             for (h = 0; h < R / 2; h++)
                 acc[h] = kvq__search_add512(acc[h], _mm512_loadu_ps(xb + (size_t)t * KVQ__COLS + 16 * h), m[h], r[h],
-                                            top, wt);
+                                            top, &wt);
         }
         for (h = 0; h < R; h++) {
             const __m512 a = acc[h / 2];
