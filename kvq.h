@@ -5265,7 +5265,7 @@ KVQ__AVX512_FN void kvq__search_row_avx512(const float *x, int D, int G, int bit
    the sums: two chains): the same operations, in the same order per column. */
 KVQ__AVX512_FN void kvq__search_columns_avx512(const float *xb, int G, const uint8_t *w, int bits, int steps,
                                                const float *lo, const float *hi, kvq__qparams *best) {
-    enum { R = KVQ__COLS / 8 };
+    enum { R = 4 }; /* KVQ__COLS (32) / 8 */
     const float topf = (float)((1 << bits) - 1);
     const __m512 top = _mm512_set1_ps(topf);
     const double step = kvq__search_step(bits, steps);
@@ -5282,7 +5282,7 @@ KVQ__AVX512_FN void kvq__search_columns_avx512(const float *xb, int G, const uin
     for (k = 0; k < 2 * steps - 1; k++) {
         const int j = k < steps ? 0 : k - steps + 1;
         __m256 clo[R], chi[R], s2[R], rh[R];
-        __m512 m[R / 2], r[R / 2], acc[R / 2];
+        __m512 m0, m1, r0, r1, acc0 = _mm512_setzero_ps(), acc1 = acc0; /* columns 0-15, 16-31 */
         __m256i ci[R];
         for (h = 0; h < R; h++) {
             __m256 s;
@@ -5293,20 +5293,18 @@ KVQ__AVX512_FN void kvq__search_columns_avx512(const float *xb, int G, const uin
             s2[h] = _mm256_mul_ps(s, s);
             rh[h] = kvq__recip256(s);
         }
-        for (h = 0; h < R / 2; h++) { /* two registers of 8 columns make one of 16 */
-            m[h] = _mm512_insertf32x8(_mm512_castps256_ps512(clo[2 * h]), clo[2 * h + 1], 1);
-            r[h] = _mm512_insertf32x8(_mm512_castps256_ps512(rh[2 * h]), rh[2 * h + 1], 1);
-            acc[h] = _mm512_setzero_ps();
-        }
-        for (t = 0; t < G; t++) {
+        m0 = _mm512_insertf32x8(_mm512_castps256_ps512(clo[0]), clo[1], 1); /* two of 8 make one of 16 */
+        m1 = _mm512_insertf32x8(_mm512_castps256_ps512(clo[2]), clo[3], 1);
+        r0 = _mm512_insertf32x8(_mm512_castps256_ps512(rh[0]), rh[1], 1);
+        r1 = _mm512_insertf32x8(_mm512_castps256_ps512(rh[2]), rh[3], 1);
+        for (t = 0; t < G; t++) { /* two chains in registers */
             const __m512 wt = _mm512_set1_ps((float)w[t]);
             if (!w[t]) continue;
-            for (h = 0; h < R / 2; h++)
-                acc[h] = kvq__search_add512(acc[h], _mm512_loadu_ps(xb + (size_t)t * KVQ__COLS + 16 * h), m[h], r[h],
-                                            top, &wt);
+            acc0 = kvq__search_add512(acc0, _mm512_loadu_ps(xb + (size_t)t * KVQ__COLS), m0, r0, top, &wt);
+            acc1 = kvq__search_add512(acc1, _mm512_loadu_ps(xb + (size_t)t * KVQ__COLS + 16), m1, r1, top, &wt);
         }
         for (h = 0; h < R; h++) {
-            const __m512 a = acc[h / 2];
+            const __m512 a = h < 2 ? acc0 : acc1;
             const __m256 e = _mm256_mul_ps(h % 2 ? _mm512_extractf32x8_ps(a, 1) : _mm512_castps512_ps256(a), s2[h]);
             const __mmask8 win = k == 0 ? (__mmask8)0xff
                                         : (__mmask8)(_mm256_cmp_ps_mask(rh[h], _mm256_setzero_ps(), _CMP_NEQ_UQ) &
