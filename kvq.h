@@ -5271,7 +5271,7 @@ KVQ__AVX512_FN void kvq__search_columns_avx512(const float *xb, int G, const uin
     const double step = kvq__search_step(bits, steps);
     __m256 vlo[R], vhi[R], err[R], win_lo[R], win_hi[R];
     __m256i i_best[R];
-    float wl[KVQ__COLS], wh[KVQ__COLS];
+    uint16_t sc[KVQ__COLS], mn[KVQ__COLS];
     int k, t, h;
     for (h = 0; h < R; h++) { /* candidate (0, 0), min/max, wins unless beaten */
         win_lo[h] = vlo[h] = _mm256_loadu_ps(lo + 8 * h);
@@ -5315,11 +5315,16 @@ KVQ__AVX512_FN void kvq__search_columns_avx512(const float *xb, int G, const uin
             i_best[h] = _mm256_mask_blend_epi32(win, i_best[h], ci[h]);
         }
     }
-    for (h = 0; h < R; h++) {
-        _mm256_storeu_ps(wl + 8 * h, win_lo[h]);
-        _mm256_storeu_ps(wh + 8 * h, win_hi[h]);
+    for (h = 0; h < R; h++) { /* kvq__fit_range: vcvtps2ph rounds as kvq__f32_to_f16 */
+        _mm_storeu_si128((__m128i *)(void *)(sc + 8 * h),
+                         _mm256_cvtps_ph(_mm256_div_ps(_mm256_sub_ps(win_hi[h], win_lo[h]), _mm256_set1_ps(topf)),
+                                         _MM_FROUND_TO_NEAREST_INT));
+        _mm_storeu_si128((__m128i *)(void *)(mn + 8 * h), _mm256_cvtps_ph(win_lo[h], _MM_FROUND_TO_NEAREST_INT));
     }
-    for (k = 0; k < KVQ__COLS; k++) best[k] = kvq__fit_range(wl[k], wh[k], bits);
+    for (k = 0; k < KVQ__COLS; k++) {
+        best[k].scale = sc[k];
+        best[k].min = mn[k];
+    }
 }
 /* 16-bit value params (kvq__params16), 16 at a time where ng is a power of two <= 16: lanes
    (token, group), T = 16 / ng tokens, decoded exactly as kvq__e5m3 and kvq__min16 do, then
