@@ -1,4 +1,4 @@
-/* kvq.h - a 2-bit KV cache for transformer inference, with attention computed
+/* kvq.h - a 2- and 3-bit KV cache for transformer inference, with attention computed
    straight from the packed codes.                         MIT licence at the end.
 
    kvq stores the keys and values of one layer of one sequence at 2, 3, 4 or 8
@@ -16,7 +16,7 @@
        #define KVQ_IMPLEMENTATION          // in exactly one .c file
        #include "kvq.h"
 
-       kvq_config cfg = kvq_default_config(128, 8, 4096); // head_dim, kv heads, capacity
+       kvq_config cfg = kvq_default_config(128, 8, 4096); // head_dim, kv heads, capacity: K3V2, 3.0 bits
        kvq_cache *cache;
        if (kvq_cache_create(&cache, &cfg) != KVQ_OK) return 1;
        kvq_cache_append(cache, k, v, 1);   // k, v: [n_tokens][n_kv_heads][head_dim]
