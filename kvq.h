@@ -1939,13 +1939,14 @@ static void kvq__put_record(const uint16_t *row, int D, int G, int bits, int pbi
     else kvq__dispatch_quantize_value(row, D, G, bits, pbits, grid, par, codes);
 }
 
-/* Quantizes the oldest waiting key block of head h (block index b, ring positions b*G..). */
+/* Quantizes key j of head h (past the sinks, from its ring row) as a per-token record (keys per token). */
 static void kvq__quantize_key_token(kvq_cache *c, int h, int j) {
     const int bits = c->cfg.key_bits;
     kvq__put_record(kvq__ring_k_row(c, h, j), c->cfg.head_dim, c->cfg.group_size, bits, 32,
                     kvq__search_grid(c->cfg.range_search, bits, 1), kvq__key_token_params(c, h, j),
                     kvq__key_token_codes(c, h, j));
 }
+/* Quantizes the oldest waiting key block of head h (block index b, ring positions b*G..). */
 static void kvq__quantize_key_block(kvq_cache *c, int h, int b) {
     const int D = c->cfg.head_dim, G = c->kb, bits = c->cfg.key_bits;
     const int grid = kvq__search_grid(c->cfg.range_search, bits, 1);
