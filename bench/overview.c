@@ -2,7 +2,8 @@
 
    (a) accuracy against bits: attention-output error (log y) against bits per K/V
        element (steady state) on the real KV dumps, one series per dump: the configs
-       kNvN (the default config with K and V at N bits, N <= 8) from build/eval.csv
+       kNvN (K and V at N bits, N <= 8, in KIVI's shape: key blocks of G tokens, fp16
+       params; kvq_eval's config strings) from build/eval.csv
        (`make eval`, examples/kvq_eval.c --csv; the rows with layer "all"), and the
        KIVI-2 and llama.cpp q4_0 figures of ../shared/data/REFERENCE.md (copied below:
        REFERENCE is not in the CSV) for the dumps the CSV has.
@@ -396,7 +397,7 @@ static const char *dump_label(const char *dump, char *buf, size_t cap) {
     return buf;
 }
 
-/* kNvN with N <= 8: the default config at N bits for K and V (k16v16 is the fp16 cache). */
+/* kNvN with N <= 8: K and V at N bits in KIVI's shape (k16v16 is the fp16 cache). */
 static int ladder_config(const char *config) {
     int k = 0, v = 0, len = 0;
     return sscanf(config, "k%dv%d%n", &k, &v, &len) == 2 && config[len] == 0 && k == v && k <= 8;
