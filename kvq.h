@@ -876,6 +876,9 @@ static KVQ__INLINE void kvq__search_ij(int k, int steps, int i_best, int *i, int
     *j = k < steps ? 0 : k - steps + 1;
 }
 
+/* Channels of group g of a row of D in groups of G: G, fewer in the last when G does not divide D. */
+static KVQ__INLINE int kvq__group_n(int D, int G, int g) { return D - g * G < G ? D - g * G : G; }
+
 /* The sums of the search terms of x[0..n) (n a multiple of 8) for candidates c[0..nk): acc[k][l]
    adds the terms of x[l], x[8 + l], x[16 + l], ... in that order. The C here; an ISA may do the
    same lanes wider (AVX-512: two candidates a register). */
@@ -960,8 +963,7 @@ static KVQ__INLINE void kvq__search_row_with(const float *x, int D, int G, int b
             const int nk = side ? steps - 1 : steps;
             for (b = 0; b < nb; b++) cands(lo[g0 + b], hi[g0 + b], bits, pbits, step, steps, side, i_best[b], &c[b]);
             for (b = 0; b < nb; b++) {
-                const int c0 = (g0 + b) * G;
-                sums(x + c0, D - c0 < G ? D - c0 : G, &c[b], nk, top, acc[b]);
+                sums(x + (g0 + b) * G, kvq__group_n(D, G, g0 + b), &c[b], nk, top, acc[b]);
             }
             for (b = 0; b < nb; b++)
                 kvq__search_pick(&c[b], acc[b], nk, side, &best_err[b], &best_lo[b], &best_hi[b], &i_best[b]);
@@ -1022,6 +1024,16 @@ static void kvq__search_row_scalar(const float *x, int D, int G, int bits, int p
 static void kvq__search_columns_scalar(const float *xb, int G, const uint8_t *w, int bits, int steps, const float *lo,
                                        const float *hi, kvq__qparams *best) {
     kvq__search_columns_body(xb, G, w, bits, steps, lo, hi, best);
+}
+
+/* The params of a row's groups from their ranges lo[g], hi[g]: the range search (grid > 1) or
+   min/max. */
+static void kvq__row_params(const float *x, int D, int G, int bits, int pbits, int grid, const float *lo,
+                            const float *hi, kvq__qparams *qp) {
+    int g;
+    if (grid > 1) kvq__dispatch_search_row(x, D, G, bits, pbits, grid, lo, hi, qp);
+    else
+        for (g = 0; g < (D + G - 1) / G; g++) qp[g] = kvq__fit(lo[g], hi[g], bits, pbits);
 }
 
 /* A group's min and max over x[i * stride], i < n; the first of equal values is kept (the sign of
@@ -1652,13 +1664,11 @@ static void kvq__quantize_record(const uint16_t *row, int D, int G, int bits, in
     if (grid > 1) kvq__f32_row(x, row, D); /* the ISA's conversion (exact on every path) */
     else kvq__to_f32_scalar(x, row, D);
     memset(codes, 0, kvq__row_bytes(kvq__fmt(bits), (size_t)D));
-    for (g = 0; g < ng; g++) kvq__group_range(x + g * G, D - g * G < G ? D - g * G : G, 1, &lo[g], &hi[g]);
-    if (grid > 1) kvq__dispatch_search_row(x, D, G, bits, pbits, grid, lo, hi, qp);
-    else
-        for (g = 0; g < ng; g++) qp[g] = kvq__fit(lo[g], hi[g], bits, pbits);
+    for (g = 0; g < ng; g++) kvq__group_range(x + g * G, kvq__group_n(D, G, g), 1, &lo[g], &hi[g]);
+    kvq__row_params(x, D, G, bits, pbits, grid, lo, hi, qp);
     for (g = 0; g < ng; g++) {
         kvq__put_params(par, ng, g, qp[g], pbits);
-        kvq__group_codes(x + g * G, D - g * G < G ? D - g * G : G, 1, bits, pbits, qp[g], codes, D, g * G);
+        kvq__group_codes(x + g * G, kvq__group_n(D, G, g), 1, bits, pbits, qp[g], codes, D, g * G);
     }
 }
 static void kvq__quantize_value_scalar(const uint16_t *row, int D, int G, int bits, int pbits, int grid,
@@ -3997,19 +4007,17 @@ static void kvq__quantize_value_simd(const uint16_t *row, int D, int G, int bits
     int ng = (D + G - 1) / G, g, c0;
     to_f32(x, row, D);
     for (g = 0; g < ng; g++) {
-        int n = D - g * G < G ? D - g * G : G;
+        const int n = kvq__group_n(D, G, g);
         minmax(x + g * G, n, &lo[g], &hi[g]);
         lo[g] = kvq__first_zero(x + g * G, n, lo[g]);
         hi[g] = kvq__first_zero(x + g * G, n, hi[g]);
     }
-    if (grid > 1) kvq__dispatch_search_row(x, D, G, bits, pbits, grid, lo, hi, qp);
-    else
-        for (g = 0; g < ng; g++) qp[g] = kvq__fit(lo[g], hi[g], bits, pbits);
+    kvq__row_params(x, D, G, bits, pbits, grid, lo, hi, qp);
     for (g = 0; g < ng; g++) {
         float m, s;
         kvq__put_params(par, ng, g, qp[g], pbits);
         kvq__params_f32(qp[g], pbits, &m, &s);
-        code_run(x + g * G, D - g * G < G ? D - g * G : G, m, s, bits, cb + g * G);
+        code_run(x + g * G, kvq__group_n(D, G, g), m, s, bits, cb + g * G);
     }
     for (c0 = 0; c0 < D; c0 += 8) {
         if (bits == 8) memcpy(codes + c0, cb + c0, 8);
@@ -4131,9 +4139,6 @@ KVQ__AVX2_FN void kvq__quantize_value_avx2(const uint16_t *row, int D, int G, in
                              kvq__code_run_avx2);
 }
 
-/* Vectors over 8 channels, scans over the G tokens. At 2, 4 and 8 bits a channel's codes fill
-   32-bit words (32/bits tokens each), built in the lanes and stored per channel; at 3 bits the
-   codes go through cb[t][lane] to the shared packer (kvq__store_run: the two planes). */
 /* Writes n bytes of each 32-bit lane of *w to p + lane * stride (8 channel rows), then zeroes *w. */
 KVQ__AVX2_FN void kvq__store_lanes_avx2(uint8_t *p, size_t stride, __m256i *w, int n) {
     uint32_t u[8];
@@ -4142,6 +4147,9 @@ KVQ__AVX2_FN void kvq__store_lanes_avx2(uint8_t *p, size_t stride, __m256i *w, i
     for (lane = 0; lane < 8; lane++) memcpy(p + (size_t)lane * stride, &u[lane], (size_t)n);
     *w = _mm256_setzero_si256();
 }
+/* Vectors over 8 channels, scans over the G tokens. A channel's codes fill 32-bit words, built in
+   the lanes and stored per channel: 32/bits tokens a word at 2, 4 and 8 bits; at 3 bits two
+   words, the low plane's (16 tokens of 2 bits) and the high plane's (32 tokens of 1 bit). */
 KVQ__AVX2_FN void kvq__quantize_keys_avx2(const uint16_t *rows, int D, int G, int bits, uint8_t *blk, int keep_params) {
     uint16_t *scale = (uint16_t *)(void *)blk, *mins = scale + D;
     uint8_t *codes = kvq__block_codes_rw(blk, D);
@@ -5182,9 +5190,8 @@ KVQ__AVX512_FN __m256 kvq__e5m3_256(__m256i e) {
                                      _mm256_set1_ps(6.103515625e-5f));
     return _mm256_mask_blend_ps(_mm256_cmpge_epu32_mask(e, _mm256_set1_epi32(8)), sub, normal);
 }
-/* kvq__fit_range16 on 8 lanes, the same operations: the scale code *e and the int8 min *m8 (as a
-   float). */
-KVQ__AVX512_FN void kvq__fit16_256(__m256 lo, __m256 hi, int bits, __mmask8 live, __m256i *e_out, __m256 *m8_out) {
+/* kvq__fit_range16 then kvq__params_f32 on 8 lanes, the same operations: *s and *m as stored. */
+KVQ__AVX512_FN void kvq__fit16_256(__m256 lo, __m256 hi, int bits, __mmask8 live, __m256 *s, __m256 *m) {
     const __m256i top_e = _mm256_set1_epi32(0xf7);
     __m256 need = _mm256_div_ps(_mm256_sub_ps(hi, lo), _mm256_set1_ps((float)((1 << bits) - 1))), k, m8;
     __m256i x, e, e_sub;
@@ -5210,15 +5217,13 @@ KVQ__AVX512_FN void kvq__fit16_256(__m256 lo, __m256 hi, int bits, __mmask8 live
         if (!todo) break;
         e = _mm256_mask_add_epi32(e, todo, e, _mm256_set1_epi32(1));
     }
-    {
-        const __m256 s = kvq__e5m3_256(e);
-        m8 = _mm256_roundscale_ps(_mm256_div_ps(_mm256_mul_ps(lo, _mm256_set1_ps(16.0f)), s),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        m8 = _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(s, _mm256_setzero_ps(), _CMP_NEQ_UQ), m8); /* s == 0: 0 */
-    }
+    *s = kvq__e5m3_256(e);
+    m8 = _mm256_roundscale_ps(_mm256_div_ps(_mm256_mul_ps(lo, _mm256_set1_ps(16.0f)), *s),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    m8 = _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(*s, _mm256_setzero_ps(), _CMP_NEQ_UQ), m8); /* s == 0: 0 */
     m8 = _mm256_min_ps(_mm256_max_ps(m8, _mm256_set1_ps(-128.0f)), _mm256_set1_ps(127.0f));
-    *e_out = e;
-    *m8_out = _mm256_cvtepi32_ps(_mm256_cvtps_epi32(m8)); /* the stored int8: -0 becomes 0 */
+    m8 = _mm256_cvtepi32_ps(_mm256_cvtps_epi32(m8)); /* the stored int8: -0 becomes 0 */
+    *m = _mm256_mul_ps(_mm256_mul_ps(m8, *s), _mm256_set1_ps(0.0625f)); /* kvq__min16 */
 }
 /* A candidate's bound in 8 lanes, as kvq__search_candidate computes it: base -/+ the rounded
    double range * (n * step) (the top when top_side, else the bottom), to float; base itself
@@ -5245,13 +5250,7 @@ KVQ__AVX512_FN void kvq__search_cands512(float lo, float hi, int bits, int pbits
     const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
     const __m256 clo = kvq__cand_bound256(vlo, vhi, vlo, vi, step, 0), chi = kvq__cand_bound256(vlo, vhi, vhi, vj, step, 1);
     __m256 s = _mm256_div_ps(_mm256_sub_ps(chi, clo), _mm256_set1_ps((float)((1 << bits) - 1))), m = clo;
-    if (pbits == 16) { /* kvq__params_f32 of the fit: s = e5m3(e), m = m8 s / 16 */
-        __m256i e;
-        __m256 m8;
-        kvq__fit16_256(clo, chi, bits, live, &e, &m8);
-        s = kvq__e5m3_256(e);
-        m = _mm256_mul_ps(_mm256_mul_ps(m8, s), _mm256_set1_ps(0.0625f));
-    }
+    if (pbits == 16) kvq__fit16_256(clo, chi, bits, live, &s, &m); /* scored as they will be stored */
     _mm256_storeu_ps(c->lo, clo); /* lanes past nk are never read */
     _mm256_storeu_ps(c->hi, chi);
     _mm256_storeu_ps(c->m, m);

@@ -445,8 +445,9 @@ static __device__ __forceinline__ float kvq__cu_search_term(float x, float m, fl
     return __fmul_rn(d, d);
 }
 
-/* kvq__search_group: one group x[0..n) (n a multiple of 8), eight lanes combined in a fixed
-   order; the bottom side first, then the top from the best bottom. Sets *lo, *hi. */
+/* kvq.h's search (kvq__search_row_with) of one group x[0..n) (n a multiple of 8), eight lanes
+   combined in a fixed order; the bottom side first, then the top from the best bottom. Sets *lo,
+   *hi. */
 static __device__ void kvq__cu_search_group(const float *x, int n, int bits, int pbits, int steps, float *lo,
                                             float *hi) {
     const float top = (float)((1 << bits) - 1);
