@@ -68,10 +68,10 @@
 
 #define KVQ_VERSION_MAJOR 0
 #define KVQ_VERSION_MINOR 5
-#define KVQ_VERSION_PATCH 0
+#define KVQ_VERSION_PATCH 1
 #define KVQ_VERSION_NUMBER \
     (KVQ_VERSION_MAJOR * 10000 + KVQ_VERSION_MINOR * 100 + KVQ_VERSION_PATCH)
-#define KVQ_VERSION_STRING "0.5.0" /* MAJOR.MINOR.PATCH; CHANGELOG.md says what each changed */
+#define KVQ_VERSION_STRING "0.5.1" /* MAJOR.MINOR.PATCH; CHANGELOG.md says what each changed */
 
 #include <stddef.h>
 #include <stdint.h>
@@ -282,9 +282,9 @@ KVQ_API kvq_status kvq_attention_state_init(const kvq_cache *c, const kvq_attn_p
    kvq_attention checks it (so a cache with fewer than p->n_queries tokens is refused), and
    no output may overlap another output, any query, any cache or the plan's memory. It cuts
    the work (tokens x KV heads over all sequences) into n_threads shares, each less than
-   one tile + 1 from the mean (a tile: up to 128 tokens of whole key blocks; one block in a
-   cache with a side store), cut where a single call's tiles end, so one 64K-token sequence among
-   many short ones is spread over every thread. The plan lives in mem (any alignment;
+   one tile + 1 from the mean (a tile: up to 128 tokens of whole key blocks), cut where a
+   single call's tiles end, so one 64K-token sequence among many short ones is spread over
+   every thread. The plan lives in mem (any alignment;
    kvq_batch_plan_bytes() sizes it, 0 for bad arguments, and less gives KVQ_ERR_BUFFER) and
    binds caches, q and out: do not move it, change q, or append to the caches until the batch
    is done (a call that finds a cache changed returns KVQ_ERR_INVALID and writes nothing).
@@ -2454,14 +2454,14 @@ static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const flo
     }
 }
 
-/* Salient tokens of a quantized block: a patch-up pass after the block's kernels, so the hot
-   loops carry no per-token branch. The entries of a block are sorted by token, so those of a
-   tile [pos, pos+n) are one run [*e0, e1): this returns e1 and sets *e0. */
-static int kvq__salient_run(const kvq_cache *c, int h, int pos, int n, int *e0) {
-    const int G = c->kb, base = pos / G * G;
+/* Salient tokens of quantized blocks: a patch-up pass after the blocks' kernels, so the hot
+   loops carry no per-token branch. The entries of a block are sorted by token, so those of block
+   b inside a tile [pos, pos+n) are one run [*e0, e1): this returns e1 and sets *e0. */
+static int kvq__salient_run(const kvq_cache *c, int h, int b, int pos, int n, int *e0) {
+    const int base = b * c->kb;
     int e = 0, e1;
-    while (e < c->n_salient && base + kvq__side_index(kvq__side_entry(c, h, pos / G, e)) < pos) e++;
-    for (e1 = e; e1 < c->n_salient && base + kvq__side_index(kvq__side_entry(c, h, pos / G, e1)) < pos + n; e1++) {}
+    while (e < c->n_salient && base + kvq__side_index(kvq__side_entry(c, h, b, e)) < pos) e++;
+    for (e1 = e; e1 < c->n_salient && base + kvq__side_index(kvq__side_entry(c, h, b, e1)) < pos + n; e1++) {}
     *e0 = e;
     return e1;
 }
@@ -2506,37 +2506,38 @@ static void kvq__record_to_f32(const kvq_cache *c, const uint16_t *par, const ui
     kvq__k_acc_codes(codes, 0, parf, 1, D, c->cfg.group_size, bits, &one, 1, &x);
 }
 
-/* Scores of the tile's salient tokens (entries [e0, e1) of its block) replaced by q . k from
-   the side store. */
-static void kvq__salient_scores(const kvq_cache *c, int h, int pos, int e0, int e1, const float *qs, int nh,
-                                float *sp) {
+/* Scores of the salient tokens of the tile [pos, pos+n) of quantized blocks replaced by q . k
+   from the side store. */
+static void kvq__salient_scores(const kvq_cache *c, int h, int pos, int n, const float *qs, int nh, float *sp) {
     const int D = c->cfg.head_dim, G = c->kb;
     float k[512];
-    int e, j;
-    for (e = e0; e < e1; e++) {
-        const uint8_t *ent = kvq__side_entry(c, h, pos / G, e);
-        int t = pos / G * G + kvq__side_index(ent) - pos; /* place in the tile */
-        kvq__record_to_f32(c, (const uint16_t *)(const void *)(ent + kvq__side_params_at(c, 0)),
-                           ent + kvq__side_codes_at(c, 0), c->cfg.salient_bits, k);
-        for (j = 0; j < nh; j++) sp[(size_t)j * KVQ__TILE + t] = kvq__dot8(qs + (size_t)j * D, k, D);
-    }
+    int b, e, e0, e1, j;
+    for (b = pos / G; b <= (pos + n - 1) / G; b++)
+        for (e1 = kvq__salient_run(c, h, b, pos, n, &e0), e = e0; e < e1; e++) {
+            const uint8_t *ent = kvq__side_entry(c, h, b, e);
+            int t = b * G + kvq__side_index(ent) - pos; /* place in the tile */
+            kvq__record_to_f32(c, (const uint16_t *)(const void *)(ent + kvq__side_params_at(c, 0)),
+                               ent + kvq__side_codes_at(c, 0), c->cfg.salient_bits, k);
+            for (j = 0; j < nh; j++) sp[(size_t)j * KVQ__TILE + t] = kvq__dot8(qs + (size_t)j * D, k, D);
+        }
 }
 
 /* Their softmax weights are spent on the side-store values and zeroed, so the codes pass adds
    nothing for them. */
-static void kvq__salient_values(const kvq_cache *c, int h, int pos, int e0, int e1, float *sp, int nh,
-                                float *const *acc) {
+static void kvq__salient_values(const kvq_cache *c, int h, int pos, int n, float *sp, int nh, float *const *acc) {
     const int G = c->kb;
     float w[KVQ__HEAD_CHUNK * KVQ__TILE];
-    int e, j;
-    for (e = e0; e < e1; e++) {
-        int t = pos / G * G + kvq__side_index(kvq__side_entry(c, h, pos / G, e)) - pos;
-        for (j = 0; j < nh; j++) {
-            w[(size_t)j * KVQ__TILE + (e - e0)] = sp[(size_t)j * KVQ__TILE + t];
-            sp[(size_t)j * KVQ__TILE + t] = 0.0f;
+    int b, e, e0, e1, j;
+    for (b = pos / G; b <= (pos + n - 1) / G; b++) {
+        for (e1 = kvq__salient_run(c, h, b, pos, n, &e0), e = e0; e < e1; e++) {
+            int t = b * G + kvq__side_index(kvq__side_entry(c, h, b, e)) - pos;
+            for (j = 0; j < nh; j++) {
+                w[(size_t)j * KVQ__TILE + (e - e0)] = sp[(size_t)j * KVQ__TILE + t];
+                sp[(size_t)j * KVQ__TILE + t] = 0.0f;
+            }
         }
+        if (e1 > e0) kvq__side_values(c, h, b, e0, e1 - e0, w, nh, acc);
     }
-    kvq__side_values(c, h, pos / G, e0, e1 - e0, w, nh, acc);
 }
 
 /* Scores of keys stored per token (key_axis): each key is dequantized once into floats by the
@@ -2554,10 +2555,10 @@ static void kvq__scores_key_tokens(const kvq_cache *c, int h, int pos, int n, co
 }
 
 /* Tokens of the key-block segment a tile may span: whole blocks up to KVQ__TILE, from a multiple
-   of the span (so a range split at a multiple tiles as the whole range does); one block where
-   the cache has a side store (its patch-up works block by block). Several blocks a tile share
-   one softmax update and one value-kernel call. */
-static int kvq__block_span(const kvq_cache *c) { return c->n_salient ? c->kb : KVQ__TILE / c->kb * c->kb; }
+   of the span (so a range split at a multiple tiles as the whole range does). Several blocks a
+   tile share one softmax update and one value-kernel call; a side store patches them block by
+   block. */
+static int kvq__block_span(const kvq_cache *c) { return KVQ__TILE / c->kb * c->kb; }
 
 /* End of the tile starting at t: the next segment boundary (sinks, blocks, ring), at most hi. */
 static int kvq__tile_end(const kvq_cache *c, int t, int hi) {
@@ -2606,7 +2607,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
     const uint16_t *rows[KVQ__TILE];
     float *acc[KVQ__HEAD_CHUNK];
     const int integer = kvq__int_on();
-    int t0, j, t, ch, e0, e1;
+    int t0, j, t, ch, side;
     KVQ_ASSERT(nh >= 1 && nh <= KVQ__HEAD_CHUNK && G <= KVQ__TILE && D <= 512);
     for (j = 0; j < nh; j++) {
         for (ch = 0; ch < D; ch++) qs[(size_t)j * D + ch] = q[(size_t)j * D + ch] * scale;
@@ -2642,9 +2643,8 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
                                                 : kvq__ring_k_row(c, h, pos + t);
             kvq__k_scores_f16(rows, n, D, qs, nh, scores);
         }
-        e0 = e1 = 0; /* the tile's run of side-store entries, if its block has one */
-        if (c->n_salient && t0 >= S && pos < c->n_kblocks * G) e1 = kvq__salient_run(c, h, pos, n, &e0);
-        if (e1 > e0) kvq__salient_scores(c, h, pos, e0, e1, qs, nh, sp);
+        side = c->n_salient && t0 >= S && pos < c->n_kblocks * G; /* salient tokens in the tile's blocks */
+        if (side) kvq__salient_scores(c, h, pos, n, qs, nh, sp);
         if (ring_scores && t0 >= S && pos >= c->n_kblocks * G) /* raw scores, for the salience of waiting keys */
             for (j = 0; j < nh; j++)
                 memcpy(ring_scores + (size_t)j * c->kcap + (pos - c->n_kblocks * G), sp + (size_t)j * KVQ__TILE,
@@ -2665,7 +2665,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
             }
             s->l += kvq__k_exp_sum(sj, n, mx);
         }
-        if (e1 > e0) kvq__salient_values(c, h, pos, e0, e1, sp, nh, acc);
+        if (side) kvq__salient_values(c, h, pos, n, sp, nh, acc);
         kvq__values_tile(c, h, t0, n, sp, nh, acc, integer);
         t0 = t1;
     }
@@ -5065,6 +5065,8 @@ KVQ__AVX512_FN void kvq__acc_codes_avx512(const uint8_t *codes, size_t stride, c
         case 33: kvq__acc_pass_avx512(codes, stride, par, n, D, G, 4, p0, 4, acc + j0); break;
         case 16: kvq__acc_pass_avx512(codes, stride, par, n, D, G, 2, p0, nj, acc + j0); break;
         case 32: kvq__acc_pass_avx512(codes, stride, par, n, D, G, 4, p0, nj, acc + j0); break;
+        case 65: kvq__acc_pass_avx512(codes, stride, par, n, D, G, 8, p0, 4, acc + j0); break; /* side store */
+        case 64: kvq__acc_pass_avx512(codes, stride, par, n, D, G, 8, p0, nj, acc + j0); break;
         default: kvq__acc_pass_avx512(codes, stride, par, n, D, G, bits, p0, nj, acc + j0); break;
         }
     }
@@ -5465,79 +5467,86 @@ KVQ__INT512_INLINE void kvq__scores_int_pass512(const uint8_t *codes, int D, int
 #undef KVQ__SCORE16
     }
 }
-/* Lane j of the result: max (is_max) or sum of the 16 lanes of v[j], for n <= 16 vectors at once
-   (lanes n.. undefined): a tree of pairings (at width w, two vectors' lane halves meet), not n
-   reductions. v is overwritten. */
-KVQ__INT512_FN __m512 kvq__reduce16_int512(__m512 *v, int n, int is_max) {
-    int w, i;
-    for (w = 8; w >= 1; w /= 2) {
-        /* lane l of the pair (v[2i], v[2i+1]): (l / w) 2w + l % w, and that + w */
-        const unsigned lw = w == 8 ? 3u : w == 4 ? 2u : w == 2 ? 1u : 0u;
-        const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(KVQ__IOTA16, lw), lw + 1),
-                                           _mm512_and_si512(KVQ__IOTA16, _mm512_set1_epi32(w - 1)));
-        const __m512i b = _mm512_add_epi32(a, _mm512_set1_epi32(w));
-        if (n % 2) v[n] = v[n - 1]; /* a defined partner for the last one */
-        for (i = 0; 2 * i < n; i++) {
-            const __m512 x = _mm512_permutex2var_ps(v[2 * i], a, v[2 * i + 1]), y = _mm512_permutex2var_ps(v[2 * i], b, v[2 * i + 1]);
-            v[i] = is_max ? _mm512_max_ps(x, y) : _mm512_add_ps(x, y);
-        }
-        n = (n + 1) / 2;
-    }
-    return v[0];
+/* Max (is_max) or sum of the 16 lanes of each of a, b, c, d, in every lane of 128-bit chunk 0, 1,
+   2, 3 of the result: halves of two vectors meet (vshuff32x4), then the lanes within a chunk. */
+KVQ__INT512_INLINE __m512 kvq__op_int512(__m512 x, __m512 y, int is_max) { return is_max ? _mm512_max_ps(x, y) : _mm512_add_ps(x, y); }
+KVQ__INT512_INLINE __m512 kvq__reduce4_int512(__m512 a, __m512 b, __m512 c, __m512 d, int is_max) {
+    const __m512 ab = kvq__op_int512(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee), is_max);
+    const __m512 cd = kvq__op_int512(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee), is_max);
+    __m512 m = kvq__op_int512(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd), is_max);
+    m = kvq__op_int512(m, _mm512_permute_ps(m, 0x4e), is_max);
+    return kvq__op_int512(m, _mm512_permute_ps(m, 0xb1), is_max);
 }
 
-/* Scores of a key block, the integer scheme: per query head the bias sum_c q_c m_c and the query
-   bytes of q s (kvq__query_q16) for all heads at once (their reductions in one tree, their
-   divisions in one vdivps), laid out [head][16-channel chunk][lo 16, hi 16] for the pass. The
-   bytes come from q16 + 128 as an int16: its low byte is lo + 128 (flip bit 7), its high byte hi. */
+/* The query bytes (kvq__query_q16) of nj <= 4 heads, laid out [head][16-channel chunk][lo 16, hi 16],
+   with their units and biases. Channels outside, heads inside, so each 16 channels' scales and mins
+   are converted once and the heads' chains interleave: pass 1 q s (kept), its largest |q s|
+   (vrangeps) and the bias sum_c q_c m_c by lane, one reduction tree for all heads, one vdivps;
+   pass 2 q16 = rint(q s * 32639 / amax): lo is the low byte of q16 (q16 - 256 hi, in [-128, 127]),
+   hi the high byte of q16 + 128, one vpermt2b picks both. nj is a constant where this is inlined
+   (kvq__scores_int_avx512). */
+KVQ__INT512_INLINE void kvq__query_int512(const uint16_t *sc, const uint16_t *mn, const float *q, int D, const int nj,
+                                          int8_t *qb, size_t qstride, float *unit, float *bias) {
+    /* byte 0 of each lane of the first source, then byte 1 of each lane of the second */
+    const __m512i pick = _mm512_setr_epi32(0x0c080400, 0x1c181410, 0x2c282420, 0x3c383430, 0x4d494541, 0x5d595551,
+                                           0x6d696561, 0x7d797571, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i r128 = _mm512_set1_epi32(128);
+    float qs[4 * 512], uv[16], bv[16];
+    __m512 a[4], b[4], av, inv[4];
+    int ch, k;
+    for (k = 0; k < 4; k++) a[k] = b[k] = _mm512_setzero_ps();
+    for (ch = 0; ch < D; ch += 16) {
+        const __mmask16 m = kvq__mask_avx512(D - ch);
+        const __m512 s = kvq__f16x16_avx512(sc + ch, m), mf = kvq__f16x16_avx512(mn + ch, m);
+        for (k = 0; k < nj; k++) {
+            const __m512 qv = _mm512_maskz_loadu_ps(m, q + (size_t)k * D + ch), x = _mm512_mul_ps(qv, s);
+            _mm512_storeu_ps(qs + k * 512 + ch, x);
+            a[k] = _mm512_range_ps(a[k], x, 0x0b); /* max(|a|, |x|) */
+            b[k] = _mm512_fmadd_ps(qv, mf, b[k]);
+        }
+    }
+    av = kvq__reduce4_int512(a[0], a[1], a[2], a[3], 1); /* head k's in lanes 4k.. */
+    _mm512_storeu_ps(uv, _mm512_div_ps(av, _mm512_set1_ps(KVQ__Q16)));
+    _mm512_storeu_ps(bv, kvq__reduce4_int512(b[0], b[1], b[2], b[3], 0));
+    av = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(av, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(KVQ__Q16), av);
+    for (k = 0; k < nj; k++) {
+        inv[k] = _mm512_permutexvar_ps(_mm512_set1_epi32(4 * k), av);
+        unit[k] = uv[4 * k];
+        bias[k] = bv[4 * k];
+    }
+    for (ch = 0; ch < D; ch += 16)
+        for (k = 0; k < nj; k++) {
+            const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(qs + k * 512 + ch), inv[k]));
+            _mm256_storeu_si256((__m256i *)(void *)(qb + (size_t)k * qstride + (size_t)ch * 2),
+                                _mm512_castsi512_si256(_mm512_permutex2var_epi8(v, pick, _mm512_add_epi32(v, r128))));
+        }
+}
+
+/* Scores of a key block, the integer scheme, four query heads at a time: their query bytes
+   (kvq__query_int512), then the pass over the codes. */
 KVQ__INT512_FN void kvq__scores_int_avx512(const uint8_t *blk, int D, int G, int bits, const float *q, int nh,
                                            float *scores) {
     const uint16_t *sc = (const uint16_t *)(const void *)blk, *mn = sc + D;
     const uint8_t *codes = kvq__block_codes(blk, D);
     const size_t qstride = 32 * (size_t)((D + 15) / 16);
-    float sf[512 + 16], mf[512 + 16], qs[KVQ__HEAD_CHUNK * 512 + 16], unit[16], bias[16]; /* + a chunk's tail */
-    int8_t qb[KVQ__HEAD_CHUNK * 32 * 32];
-    __m512 amax[KVQ__HEAD_CHUNK + 1], bsum[KVQ__HEAD_CHUNK + 1], av, inv;
-    /* bytes 0 and 1 of each 32-bit lane: 16 low bytes, then 16 high bytes */
-    const __m512i pick = _mm512_setr_epi32(0x0c080400, 0x1c181410, 0x2c282420, 0x3c383430, 0x0d090501, 0x1d191511,
-                                           0x2d292521, 0x3d393531, 0, 0, 0, 0, 0, 0, 0, 0);
-    int j, j0, ch;
-    for (ch = 0; ch < D; ch += 16) { /* the block's scales and mins, once for all heads */
-        const __mmask16 k = kvq__mask_avx512(D - ch);
-        _mm512_storeu_ps(sf + ch, kvq__f16x16_avx512(sc + ch, k));
-        _mm512_storeu_ps(mf + ch, kvq__f16x16_avx512(mn + ch, k));
-    }
-    for (j = 0; j < nh; j++) amax[j] = bsum[j] = _mm512_setzero_ps();
-    for (j = 0; j < nh; j++)
-        for (ch = 0; ch < D; ch += 16) { /* qs = q s, its largest |element|, the bias */
-            const __mmask16 k = kvq__mask_avx512(D - ch);
-            const __m512 qv = _mm512_maskz_loadu_ps(k, q + (size_t)j * D + ch), x = _mm512_mul_ps(qv, _mm512_loadu_ps(sf + ch));
-            _mm512_storeu_ps(qs + (size_t)j * D + ch, x);
-            amax[j] = _mm512_max_ps(amax[j], _mm512_abs_ps(x));
-            bsum[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(mf + ch), bsum[j]);
-        }
-    av = kvq__reduce16_int512(amax, nh, 1);
-    _mm512_storeu_ps(bias, kvq__reduce16_int512(bsum, nh, 0));
-    inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(av, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(KVQ__Q16), av);
-    _mm512_storeu_ps(unit, _mm512_div_ps(av, _mm512_set1_ps(KVQ__Q16)));
-    for (j = 0; j < nh; j++) {
-        const __m512 ij = _mm512_permutexvar_ps(_mm512_set1_epi32(j), inv);
-        for (ch = 0; ch < D; ch += 16) {
-            const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(qs + (size_t)j * D + ch), ij));
-            const __m512i w = _mm512_permutexvar_epi8(pick, _mm512_add_epi32(v, _mm512_set1_epi32(128)));
-            _mm256_storeu_si256((__m256i *)(void *)(qb + (size_t)j * qstride + (size_t)ch * 2),
-                                _mm256_xor_si256(_mm512_castsi512_si256(w), _mm256_setr_epi64x(-0x7f7f7f7f7f7f7f80LL, -0x7f7f7f7f7f7f7f80LL, 0, 0)));
-        }
-    }
+    float unit[4], bias[4];
+    int8_t qb[4 * 32 * 32];
+    int j0;
     for (j0 = 0; j0 < nh; j0 += 4) {
         const int nj = nh - j0 < 4 ? nh - j0 : 4;
-        const int8_t *qj = qb + (size_t)j0 * qstride;
+        const float *qj = q + (size_t)j0 * D;
         float *s0 = scores + (size_t)j0 * KVQ__TILE;
+        switch (nj) { /* a constant head count in the loops */
+        case 4: kvq__query_int512(sc, mn, qj, D, 4, qb, qstride, unit, bias); break;
+        case 3: kvq__query_int512(sc, mn, qj, D, 3, qb, qstride, unit, bias); break;
+        case 2: kvq__query_int512(sc, mn, qj, D, 2, qb, qstride, unit, bias); break;
+        default: kvq__query_int512(sc, mn, qj, D, 1, qb, qstride, unit, bias); break;
+        }
         switch (bits * 8 + (nj == 4)) { /* constant bits and head count in the hot loop */
-        case 17: kvq__scores_int_pass512(codes, D, G, 2, qj, unit + j0, bias + j0, 4, s0); break;
-        case 25: kvq__scores_int_pass512(codes, D, G, 3, qj, unit + j0, bias + j0, 4, s0); break;
-        case 33: kvq__scores_int_pass512(codes, D, G, 4, qj, unit + j0, bias + j0, 4, s0); break;
-        default: kvq__scores_int_pass512(codes, D, G, bits, qj, unit + j0, bias + j0, nj, s0); break;
+        case 17: kvq__scores_int_pass512(codes, D, G, 2, qb, unit, bias, 4, s0); break;
+        case 25: kvq__scores_int_pass512(codes, D, G, 3, qb, unit, bias, 4, s0); break;
+        case 33: kvq__scores_int_pass512(codes, D, G, 4, qb, unit, bias, 4, s0); break;
+        default: kvq__scores_int_pass512(codes, D, G, bits, qb, unit, bias, nj, s0); break;
         }
     }
 }
