@@ -5542,10 +5542,13 @@ KVQ__INT512_FN void kvq__scores_int_avx512(const uint8_t *blk, int D, int G, int
         case 2: kvq__query_int512(sc, mn, qj, D, 2, qb, qstride, unit, bias); break;
         default: kvq__query_int512(sc, mn, qj, D, 1, qb, qstride, unit, bias); break;
         }
-        switch (bits * 8 + (nj == 4)) { /* constant bits and head count in the hot loop */
+        switch (bits * 8 + (nj == 4 ? 1 : nj == 1 ? 2 : 0)) { /* constant bits and head count (GQA 4, MHA 1) */
         case 17: kvq__scores_int_pass512(codes, D, G, 2, qb, unit, bias, 4, s0); break;
         case 25: kvq__scores_int_pass512(codes, D, G, 3, qb, unit, bias, 4, s0); break;
         case 33: kvq__scores_int_pass512(codes, D, G, 4, qb, unit, bias, 4, s0); break;
+        case 18: kvq__scores_int_pass512(codes, D, G, 2, qb, unit, bias, 1, s0); break;
+        case 26: kvq__scores_int_pass512(codes, D, G, 3, qb, unit, bias, 1, s0); break;
+        case 34: kvq__scores_int_pass512(codes, D, G, 4, qb, unit, bias, 1, s0); break;
         default: kvq__scores_int_pass512(codes, D, G, bits, qb, unit, bias, nj, s0); break;
         }
     }
@@ -5728,9 +5731,13 @@ KVQ__INT512_FN void kvq__acc_int_avx512(const uint8_t *codes, size_t stride, con
                         w8[(size_t)j * KVQ__TILE * ng + (size_t)(t / 4) * 4 * ng + 4 * g + t % 4] = wg[t];
                 }
         }
-        switch (bits * 8 + (nj == 4)) {
+        switch (bits * 8 + (nj == 4 ? 1 : nj == 1 ? 2 : 0)) { /* constant bits and head count (GQA 4, MHA 1) */
         case 17: kvq__acc_int_pass512(codes, stride, n, D, G, 2, w8, wsum, unit, bias, 4, acc + j0); break;
+        case 25: kvq__acc_int_pass512(codes, stride, n, D, G, 3, w8, wsum, unit, bias, 4, acc + j0); break;
         case 33: kvq__acc_int_pass512(codes, stride, n, D, G, 4, w8, wsum, unit, bias, 4, acc + j0); break;
+        case 18: kvq__acc_int_pass512(codes, stride, n, D, G, 2, w8, wsum, unit, bias, 1, acc + j0); break;
+        case 26: kvq__acc_int_pass512(codes, stride, n, D, G, 3, w8, wsum, unit, bias, 1, acc + j0); break;
+        case 34: kvq__acc_int_pass512(codes, stride, n, D, G, 4, w8, wsum, unit, bias, 1, acc + j0); break;
         default: kvq__acc_int_pass512(codes, stride, n, D, G, bits, w8, wsum, unit, bias, nj, acc + j0); break;
         }
     }
