@@ -5549,6 +5549,9 @@ KVQ__INT512_FN void kvq__scores_int_avx512(const uint8_t *blk, int D, int G, int
         case 18: kvq__scores_int_pass512(codes, D, G, 2, qb, unit, bias, 1, s0); break;
         case 26: kvq__scores_int_pass512(codes, D, G, 3, qb, unit, bias, 1, s0); break;
         case 34: kvq__scores_int_pass512(codes, D, G, 4, qb, unit, bias, 1, s0); break;
+        case 16: kvq__scores_int_pass512(codes, D, G, 2, qb, unit, bias, nj, s0); break;
+        case 24: kvq__scores_int_pass512(codes, D, G, 3, qb, unit, bias, nj, s0); break;
+        case 32: kvq__scores_int_pass512(codes, D, G, 4, qb, unit, bias, nj, s0); break;
         default: kvq__scores_int_pass512(codes, D, G, bits, qb, unit, bias, nj, s0); break;
         }
     }
@@ -5738,6 +5741,9 @@ KVQ__INT512_FN void kvq__acc_int_avx512(const uint8_t *codes, size_t stride, con
         case 18: kvq__acc_int_pass512(codes, stride, n, D, G, 2, w8, wsum, unit, bias, 1, acc + j0); break;
         case 26: kvq__acc_int_pass512(codes, stride, n, D, G, 3, w8, wsum, unit, bias, 1, acc + j0); break;
         case 34: kvq__acc_int_pass512(codes, stride, n, D, G, 4, w8, wsum, unit, bias, 1, acc + j0); break;
+        case 16: kvq__acc_int_pass512(codes, stride, n, D, G, 2, w8, wsum, unit, bias, nj, acc + j0); break;
+        case 24: kvq__acc_int_pass512(codes, stride, n, D, G, 3, w8, wsum, unit, bias, nj, acc + j0); break;
+        case 32: kvq__acc_int_pass512(codes, stride, n, D, G, 4, w8, wsum, unit, bias, nj, acc + j0); break;
         default: kvq__acc_int_pass512(codes, stride, n, D, G, bits, w8, wsum, unit, bias, nj, acc + j0); break;
         }
     }
