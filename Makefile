@@ -14,8 +14,8 @@ TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_simd_dispatch $(B)/test_seria
            $(B)/compile_clang_c $(B)/compile_clang_cxx $(B)/compile_gcc_strict $(B)/compile_clang_strict
 HDR      = kvq.h tests/test_util.h tests/hostile.h
 
-.PHONY: all test example eval bench figure asan ubsan tsan neon fuzz lint check cuda cuda-emu cuda-emu-asan install package clean
-all: $(TESTS) $(B)/quickstart $(B)/llama $(B)/kvq_eval $(B)/kvdump $(B)/overview
+.PHONY: all test example eval bench kernels figure asan ubsan tsan neon fuzz lint check cuda cuda-emu cuda-emu-asan install package clean
+all: $(TESTS) $(B)/quickstart $(B)/llama $(B)/kvq_eval $(B)/kvdump $(B)/overview $(B)/bench $(B)/kernels
 
 $(B):
 	mkdir -p $(B)
@@ -223,6 +223,8 @@ $(B)/kvdump: examples/kvdump.c examples/*.h kvq.h | $(B)
 	$(CC) $(WARN) $(CFLAGS) -ffp-contract=off -o $@ examples/kvdump.c $(LDLIBS)
 $(B)/bench: bench/bench.c kvq.h | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ bench/bench.c $(LDLIBS)
+$(B)/kernels: bench/kernels.c kvq.h | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ bench/kernels.c $(LDLIBS)
 
 example: $(B)/llama $(B)/quickstart
 	$(B)/quickstart
@@ -245,6 +247,9 @@ eval: $(B)/kvq_eval $(EVAL_DUMPS)
 	  "repository and cannot be generated here: no MiniLM model ships; make eval SHARED=DIR reads DIR/minilm_gpl3.kvd)"; fi
 bench: $(B)/bench
 	$(B)/bench --csv $(B)/bench.csv --svg $(B)/bench.svg
+kernels: $(B)/kernels
+	$(B)/kernels
+	$(B)/kernels --heads 1
 
 # ---- the README's figure: docs/overview.svg from build/eval.csv and build/bench.csv -----
 # build/eval.csv comes from `make eval`; build/bench.csv from `make bench` (every config,
