@@ -2312,6 +2312,21 @@ static void kvq__acc_f16_scalar(const uint16_t *const *rows, int n, int D, const
 #endif
 #define KVQ__W_MIN 7.8886091e-31f /* 2^-100: the least wmax, so 255 / wmax stays finite */
 static int kvq__int_keys(int bits, int G) { return bits >= 2 && bits <= 4 && G % 16 == 0 && G * bits <= 256; }
+/* An ISA's integer pass for nj <= 4 query heads, PASS(b, n), with the bits b constant and, for four
+   heads (GQA) or one (MHA), the head count n constant too, so the hot loop tests neither. */
+#define KVQ__INT_CASES(bits, nj, PASS)                                                                             \
+    switch ((bits) * 8 + ((nj) == 4 ? 1 : (nj) == 1 ? 2 : 0)) {                                                   \
+    case 17: PASS(2, 4); break;                                                                                    \
+    case 25: PASS(3, 4); break;                                                                                    \
+    case 33: PASS(4, 4); break;                                                                                    \
+    case 18: PASS(2, 1); break;                                                                                    \
+    case 26: PASS(3, 1); break;                                                                                    \
+    case 34: PASS(4, 1); break;                                                                                    \
+    case 16: PASS(2, nj); break;                                                                                   \
+    case 24: PASS(3, nj); break;                                                                                   \
+    case 32: PASS(4, nj); break;                                                                                   \
+    default: PASS(bits, nj); break;                                                                                \
+    }
 static int kvq__int_values(int bits, int D, int G) {
     return bits >= 2 && bits <= 4 && D % 16 == 0 && G % 16 == 0 && D % G == 0;
 }
@@ -4628,15 +4643,9 @@ KVQ__AVX2_FN void kvq__scores_int_avx2(const uint8_t *blk, int D, int G, int bit
         const int nj = nh - j0 < 4 ? nh - j0 : 4;
         const int32_t *h = qh + (size_t)j0 * D / 2, *l = ql + (size_t)j0 * D / 2;
         float *s0 = scores + (size_t)j0 * KVQ__TILE;
-        switch (bits * 8 + (nj == 4)) { /* constant bits and head count in the hot loop */
-        case 17: kvq__scores_int_pass_avx2(codes, D, G, 2, h, l, unit + j0, bias + j0, 4, s0); break;
-        case 25: kvq__scores_int_pass_avx2(codes, D, G, 3, h, l, unit + j0, bias + j0, 4, s0); break;
-        case 33: kvq__scores_int_pass_avx2(codes, D, G, 4, h, l, unit + j0, bias + j0, 4, s0); break;
-        case 16: kvq__scores_int_pass_avx2(codes, D, G, 2, h, l, unit + j0, bias + j0, nj, s0); break;
-        case 24: kvq__scores_int_pass_avx2(codes, D, G, 3, h, l, unit + j0, bias + j0, nj, s0); break;
-        case 32: kvq__scores_int_pass_avx2(codes, D, G, 4, h, l, unit + j0, bias + j0, nj, s0); break;
-        default: kvq__scores_int_pass_avx2(codes, D, G, bits, h, l, unit + j0, bias + j0, nj, s0); break;
-        }
+#define KVQ__PASS(b, n) kvq__scores_int_pass_avx2(codes, D, G, b, h, l, unit + j0, bias + j0, n, s0)
+        KVQ__INT_CASES(bits, nj, KVQ__PASS)
+#undef KVQ__PASS
     }
 }
 
@@ -4780,17 +4789,9 @@ KVQ__AVX2_FN void kvq__acc_int_avx2(const uint8_t *codes, size_t stride, const f
         const float *p0 = p + (size_t)j0 * KVQ__TILE;
         if (nj == 4) kvq__value_weights_avx2(par, n, ng, gs, top, p0, 4, wd, hs, wsum, unit, bias);
         else kvq__value_weights_avx2(par, n, ng, gs, top, p0, nj, wd, hs, wsum, unit, bias);
-        switch (bits * 8 + (nj == 4)) {
-        case 17: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 2, wd, hs, gs, wsum, unit, bias, 4, acc + j0); break;
-        case 25: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 3, wd, hs, gs, wsum, unit, bias, 4, acc + j0); break;
-        case 33: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 4, wd, hs, gs, wsum, unit, bias, 4, acc + j0); break;
-        case 16: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 2, wd, hs, gs, wsum, unit, bias, nj, acc + j0); break;
-        case 24: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 3, wd, hs, gs, wsum, unit, bias, nj, acc + j0); break;
-        case 32: kvq__acc_int_pass_avx2(codes, stride, n, D, G, 4, wd, hs, gs, wsum, unit, bias, nj, acc + j0); break;
-        default:
-            kvq__acc_int_pass_avx2(codes, stride, n, D, G, bits, wd, hs, gs, wsum, unit, bias, nj, acc + j0);
-            break;
-        }
+#define KVQ__PASS(b, k) kvq__acc_int_pass_avx2(codes, stride, n, D, G, b, wd, hs, gs, wsum, unit, bias, k, acc + j0)
+        KVQ__INT_CASES(bits, nj, KVQ__PASS)
+#undef KVQ__PASS
     }
 }
 #else
@@ -5542,18 +5543,9 @@ KVQ__INT512_FN void kvq__scores_int_avx512(const uint8_t *blk, int D, int G, int
         case 2: kvq__query_int512(sc, mn, qj, D, 2, qb, qstride, unit, bias); break;
         default: kvq__query_int512(sc, mn, qj, D, 1, qb, qstride, unit, bias); break;
         }
-        switch (bits * 8 + (nj == 4 ? 1 : nj == 1 ? 2 : 0)) { /* constant bits and head count (GQA 4, MHA 1) */
-        case 17: kvq__scores_int_pass512(codes, D, G, 2, qb, unit, bias, 4, s0); break;
-        case 25: kvq__scores_int_pass512(codes, D, G, 3, qb, unit, bias, 4, s0); break;
-        case 33: kvq__scores_int_pass512(codes, D, G, 4, qb, unit, bias, 4, s0); break;
-        case 18: kvq__scores_int_pass512(codes, D, G, 2, qb, unit, bias, 1, s0); break;
-        case 26: kvq__scores_int_pass512(codes, D, G, 3, qb, unit, bias, 1, s0); break;
-        case 34: kvq__scores_int_pass512(codes, D, G, 4, qb, unit, bias, 1, s0); break;
-        case 16: kvq__scores_int_pass512(codes, D, G, 2, qb, unit, bias, nj, s0); break;
-        case 24: kvq__scores_int_pass512(codes, D, G, 3, qb, unit, bias, nj, s0); break;
-        case 32: kvq__scores_int_pass512(codes, D, G, 4, qb, unit, bias, nj, s0); break;
-        default: kvq__scores_int_pass512(codes, D, G, bits, qb, unit, bias, nj, s0); break;
-        }
+#define KVQ__PASS(b, n) kvq__scores_int_pass512(codes, D, G, b, qb, unit, bias, n, s0)
+        KVQ__INT_CASES(bits, nj, KVQ__PASS)
+#undef KVQ__PASS
     }
 }
 
@@ -5734,18 +5726,9 @@ KVQ__INT512_FN void kvq__acc_int_avx512(const uint8_t *codes, size_t stride, con
                         w8[(size_t)j * KVQ__TILE * ng + (size_t)(t / 4) * 4 * ng + 4 * g + t % 4] = wg[t];
                 }
         }
-        switch (bits * 8 + (nj == 4 ? 1 : nj == 1 ? 2 : 0)) { /* constant bits and head count (GQA 4, MHA 1) */
-        case 17: kvq__acc_int_pass512(codes, stride, n, D, G, 2, w8, wsum, unit, bias, 4, acc + j0); break;
-        case 25: kvq__acc_int_pass512(codes, stride, n, D, G, 3, w8, wsum, unit, bias, 4, acc + j0); break;
-        case 33: kvq__acc_int_pass512(codes, stride, n, D, G, 4, w8, wsum, unit, bias, 4, acc + j0); break;
-        case 18: kvq__acc_int_pass512(codes, stride, n, D, G, 2, w8, wsum, unit, bias, 1, acc + j0); break;
-        case 26: kvq__acc_int_pass512(codes, stride, n, D, G, 3, w8, wsum, unit, bias, 1, acc + j0); break;
-        case 34: kvq__acc_int_pass512(codes, stride, n, D, G, 4, w8, wsum, unit, bias, 1, acc + j0); break;
-        case 16: kvq__acc_int_pass512(codes, stride, n, D, G, 2, w8, wsum, unit, bias, nj, acc + j0); break;
-        case 24: kvq__acc_int_pass512(codes, stride, n, D, G, 3, w8, wsum, unit, bias, nj, acc + j0); break;
-        case 32: kvq__acc_int_pass512(codes, stride, n, D, G, 4, w8, wsum, unit, bias, nj, acc + j0); break;
-        default: kvq__acc_int_pass512(codes, stride, n, D, G, bits, w8, wsum, unit, bias, nj, acc + j0); break;
-        }
+#define KVQ__PASS(b, k) kvq__acc_int_pass512(codes, stride, n, D, G, b, w8, wsum, unit, bias, k, acc + j0)
+        KVQ__INT_CASES(bits, nj, KVQ__PASS)
+#undef KVQ__PASS
     }
 }
 #if defined(__GNUC__) && !defined(__clang__)
