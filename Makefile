@@ -221,9 +221,9 @@ $(B)/kvq_eval: examples/kvq_eval.c examples/*.h kvq.h | $(B)
 # no FMA contraction (clang's default): the dumps it writes do not depend on the CPU's FMA
 $(B)/kvdump: examples/kvdump.c examples/*.h kvq.h | $(B)
 	$(CC) $(WARN) $(CFLAGS) -ffp-contract=off -o $@ examples/kvdump.c $(LDLIBS)
-$(B)/bench: bench/bench.c kvq.h | $(B)
+$(B)/bench: bench/bench.c bench/bench_clock.h kvq.h | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ bench/bench.c $(LDLIBS)
-$(B)/kernels: bench/kernels.c kvq.h | $(B)
+$(B)/kernels: bench/kernels.c bench/bench_clock.h kvq.h | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ bench/kernels.c $(LDLIBS)
 
 example: $(B)/llama $(B)/quickstart

@@ -18,31 +18,7 @@
 
 enum { D = 128, TOKENS = 16384, PASSES = 15 };
 
-static double wall_now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-/* The core clock in GHz: a chain of dependent adds, one a cycle (best of 5). */
-static double clock_ghz(void) {
-    double best = 0.0;
-    int r;
-    for (r = 0; r < 5; r++) {
-        unsigned x = 0;
-        long i;
-        double t0 = wall_now(), s;
-        for (i = 0; i < 200000000L; i++) {
-#if defined(__GNUC__) || defined(__clang__)
-            __asm__ volatile("" : "+r"(x));
-#endif
-            x += 1;
-        }
-        s = wall_now() - t0;
-        if (x && 0.2 / s > best) best = 0.2 / s;
-    }
-    return best;
-}
+#include "bench_clock.h" /* now_s, cpu_s, measure_ghz */
 
 typedef struct timing { double wall, cpu; } timing;
 
@@ -52,12 +28,14 @@ static timing best_of(void (*fn)(void *), void *arg) {
     int r;
     fn(arg); /* warm-up */
     for (r = 0; r < PASSES; r++) {
-        double w0 = wall_now();
-        clock_t c0 = clock();
+        const double w0 = now_s(), c0 = cpu_s();
+        double w, c;
         fn(arg);
-        if (wall_now() - w0 < b.wall) {
-            b.wall = wall_now() - w0;
-            b.cpu = (double)(clock() - c0) / CLOCKS_PER_SEC;
+        w = now_s() - w0;
+        c = cpu_s() - c0;
+        if (w < b.wall) {
+            b.wall = w;
+            b.cpu = c;
         }
     }
     return b;
@@ -130,7 +108,7 @@ int main(int argc, char **argv) {
     for (i = 0; i < sizeof j.q / sizeof j.q[0]; i++) j.q[i] = (float)((int)(i * 37 % 101) - 50) / 50.0f;
     for (i = 0; i < sizeof j.p / sizeof j.p[0]; i++) j.p[i] = (float)(i * 53 % 97 + 1) / 97.0f;
     for (i = 0; i < sizeof j.par / sizeof j.par[0]; i++) j.par[i] = 0.01f * (float)(i % 7 + 1);
-    ghz = clock_ghz();
+    ghz = measure_ghz();
     printf("kvq kernels: kvq %s, ISA %s, integer kernels %s; clock %.2f GHz (dependent adds)\n", KVQ_VERSION_STRING,
            kvq_isa_name(kvq_get_isa()), kvq_integer_kernels() ? "on" : "off", ghz);
     printf("head_dim %d, %d query head(s) per KV head, %d tokens a pass, best of %d passes, 1 thread\n", D, j.nh, TOKENS,
