@@ -68,10 +68,10 @@
 
 #define KVQ_VERSION_MAJOR 0
 #define KVQ_VERSION_MINOR 5
-#define KVQ_VERSION_PATCH 1
+#define KVQ_VERSION_PATCH 2
 #define KVQ_VERSION_NUMBER \
     (KVQ_VERSION_MAJOR * 10000 + KVQ_VERSION_MINOR * 100 + KVQ_VERSION_PATCH)
-#define KVQ_VERSION_STRING "0.5.1" /* MAJOR.MINOR.PATCH; CHANGELOG.md says what each changed */
+#define KVQ_VERSION_STRING "0.5.2" /* MAJOR.MINOR.PATCH; CHANGELOG.md says what each changed */
 
 #include <stddef.h>
 #include <stdint.h>
@@ -691,6 +691,10 @@ typedef struct kvq__qparams { uint16_t scale, min; } kvq__qparams;
       (const uint8_t *codes, size_t stride, const float *par, int n, int D, int G, int bits, const float *p, int nh, \
        float *const *acc),                                                                                         \
       (codes, stride, par, n, D, G, bits, p, nh, acc))                                                             \
+    X(kvq__k_dot_codes, kvq__dot_codes, void, ,                                                                    \
+      (const uint8_t *codes, size_t stride, const float *par, int n, int D, int G, int bits, const float *q, int nh, \
+       float *scores),                                                                                             \
+      (codes, stride, par, n, D, G, bits, q, nh, scores))                                                          \
     X(kvq__k_acc_f16, kvq__acc_f16, void, ,                                                                        \
       (const uint16_t *const *rows, int n, int D, const float *p, int nh, float *const *acc), (rows, n, D, p, nh, acc)) \
     X(kvq__k_scores_int, kvq__scores_int, void, ,                                                                  \
@@ -2276,6 +2280,22 @@ static void kvq__acc_codes_scalar(const uint8_t *codes, size_t stride, const flo
         }
 }
 
+/* The dot products of per-token records (keys stored per token, the side store's keys) with the
+   queries: scores[j][t] = sum_c q_j,c (s_t,g code_t,c + m_t,g). Params as in kvq__acc_codes. */
+static void kvq__dot_codes_scalar(const uint8_t *codes, size_t stride, const float *par, int n, int D, int G,
+                                  int bits, const float *q, int nh, float *scores) {
+    int ng = (D + G - 1) / G, j, t, ch;
+    for (j = 0; j < nh; j++)
+        for (t = 0; t < n; t++) {
+            const uint8_t *ct = codes + stride * t;
+            const float *pt = par + (size_t)t * 2 * ng, *qj = q + (size_t)j * D;
+            float s = 0.0f;
+            for (ch = 0; ch < D; ch++)
+                s += qj[ch] * (pt[ch / G] * (float)kvq__get_code(ct, D, ch, bits) + pt[ng + ch / G]);
+            scores[(size_t)j * KVQ__TILE + t] = s;
+        }
+}
+
 static void kvq__acc_f16_scalar(const uint16_t *const *rows, int n, int D, const float *p, int nh,
                                 float *const *acc) {
     int j, t, ch;
@@ -2469,26 +2489,77 @@ static void kvq__values_tile(const kvq_cache *c, int h, int t0, int n, const flo
     }
 }
 
-/* Salient tokens of quantized blocks: a patch-up pass after the blocks' kernels, so the hot
-   loops carry no per-token branch. The entries of a block are sorted by token, so those of block
-   b inside a tile [pos, pos+n) are one run [*e0, e1): this returns e1 and sets *e0. */
-static int kvq__salient_run(const kvq_cache *c, int h, int b, int pos, int n, int *e0) {
-    const int base = b * c->kb;
-    int e = 0, e1;
-    while (e < c->n_salient && base + kvq__side_index(kvq__side_entry(c, h, b, e)) < pos) e++;
-    for (e1 = e; e1 < c->n_salient && base + kvq__side_index(kvq__side_entry(c, h, b, e1)) < pos + n; e1++) {}
-    *e0 = e;
-    return e1;
+/* Per-token records (8-bit ones of the side store, keys stored per token) dotted with the
+   queries: out[j * KVQ__TILE + i] = q_j . x_i for records i < n, params (fp16 [scale[ng],
+   min[ng]]) every pstride u16 from par, codes every cstride bytes from codes. */
+static void kvq__records_scores(const kvq_cache *c, const uint16_t *par, size_t pstride, const uint8_t *codes,
+                                size_t cstride, int bits, int n, const float *qs, int nh, float *out) {
+    const int D = c->cfg.head_dim, ng = kvq__value_groups(&c->cfg), step = kvq__value_chunk(c);
+    float parf[2 * KVQ__WMAX];
+    int i, i0, m;
+    if (!kvq__fmt(bits)->quantized) { /* fp16 rows */
+        const uint16_t *rows[KVQ__TILE];
+        for (i = 0; i < n; i++) rows[i] = (const uint16_t *)(const void *)(codes + (size_t)i * cstride);
+        kvq__k_scores_f16(rows, n, D, qs, nh, out);
+        return;
+    }
+    for (i0 = 0; i0 < n; i0 += m) {
+        m = n - i0 < step ? n - i0 : step;
+        if (pstride == (size_t)2 * ng) kvq__f32_row(parf, par + (size_t)i0 * pstride, m * 2 * ng); /* one array */
+        else
+            for (i = 0; i < m; i++) kvq__f32_row(parf + (size_t)i * 2 * ng, par + (size_t)(i0 + i) * pstride, 2 * ng);
+        kvq__k_dot_codes(codes + (size_t)i0 * cstride, cstride, parf, m, D, c->cfg.group_size, bits, qs, nh,
+                         out + i0);
+    }
 }
 
-/* The values of side-store entries [e0, e0+ne) of block b of head h through the value kernels:
-   acc[j] += sum_i w[j * KVQ__TILE + i] * v_i. */
-static void kvq__side_values(const kvq_cache *c, int h, int b, int e0, int ne, const float *w, int nh,
-                             float *const *acc) {
+/* Salient tokens of quantized blocks: a patch-up pass after the blocks' kernels, so the hot
+   loops carry no per-token branch. Head h's side-store entries of consecutive blocks are
+   consecutive, sorted by token in each block, so those of a tile [pos, pos+n) are one run of
+   entries e0.. (numbered across blocks): this returns its length, sets *e0, and puts entry
+   e0 + i's place in the tile in at[i]. */
+static int kvq__salient_tile(const kvq_cache *c, int h, int pos, int n, int *e0, int *at) {
+    const int G = c->kb, ns = c->n_salient;
+    int b, e, t, ne = 0;
+    for (b = pos / G; b <= (pos + n - 1) / G; b++) {
+        const uint8_t *ent = kvq__side_entry(c, h, b, 0);
+        for (e = 0; e < ns; e++, ent += c->side_bytes) {
+            t = b * G + kvq__side_index(ent) - pos;
+            if (t < 0) continue; /* the first block's entries before the tile */
+            if (t >= n) return ne;
+            if (!ne) *e0 = b * ns + e;
+            at[ne++] = t;
+        }
+    }
+    return ne;
+}
+
+/* The scores of the tile's ne salient tokens (kvq__salient_tile) replaced by q . k from the side store. */
+static void kvq__salient_scores(const kvq_cache *c, int h, int e0, int ne, const int *at, const float *qs, int nh,
+                                float *sp) {
+    const uint8_t *first = kvq__side_entry(c, h, e0 / c->n_salient, e0 % c->n_salient);
+    float s[KVQ__HEAD_CHUNK * KVQ__TILE];
+    int i, j;
+    kvq__records_scores(c, (const uint16_t *)(const void *)(first + kvq__side_params_at(c, 0)), c->side_bytes / 2,
+                        first + kvq__side_codes_at(c, 0), c->side_bytes, c->cfg.salient_bits, ne, qs, nh, s);
+    for (j = 0; j < nh; j++)
+        for (i = 0; i < ne; i++) sp[(size_t)j * KVQ__TILE + at[i]] = s[(size_t)j * KVQ__TILE + i];
+}
+
+/* Their softmax weights are spent on the side-store values and zeroed, so the codes pass adds
+   nothing for them: acc[j] += sum_i w_j,i v_i through the value kernels. */
+static void kvq__salient_values(const kvq_cache *c, int h, int e0, int ne, const int *at, float *sp, int nh,
+                                float *const *acc) {
     const int D = c->cfg.head_dim, ng = kvq__value_groups(&c->cfg);
-    const uint8_t *first = kvq__side_entry(c, h, b, e0);
+    const uint8_t *first = kvq__side_entry(c, h, e0 / c->n_salient, e0 % c->n_salient);
     const size_t codes = kvq__side_codes_at(c, 1), params = kvq__side_params_at(c, 1);
-    int i;
+    float w[KVQ__HEAD_CHUNK * KVQ__TILE];
+    int i, j;
+    for (j = 0; j < nh; j++)
+        for (i = 0; i < ne; i++) {
+            w[(size_t)j * KVQ__TILE + i] = sp[(size_t)j * KVQ__TILE + at[i]];
+            sp[(size_t)j * KVQ__TILE + at[i]] = 0.0f;
+        }
     if (!kvq__fmt(c->cfg.salient_bits)->quantized) {
         const uint16_t *rows[KVQ__TILE];
         for (i = 0; i < ne; i++) rows[i] = (const uint16_t *)(const void *)(first + (size_t)i * c->side_bytes + codes);
@@ -2509,64 +2580,11 @@ static void kvq__side_values(const kvq_cache *c, int h, int b, int e0, int ne, c
     }
 }
 
-/* A per-token record as floats through the value kernels with weight 1, for attention (SIMD;
-   it may differ from kvq__read_token_record in the last bit, where a kernel fuses m + s * code). */
-static void kvq__record_to_f32(const kvq_cache *c, const uint16_t *par, const uint8_t *codes, int bits, float *x) {
-    static const float one = 1.0f;
-    const int D = c->cfg.head_dim, ng = kvq__value_groups(&c->cfg);
-    float parf[2 * KVQ__WMAX];
-    if (!kvq__fmt(bits)->quantized) { kvq__f32_row(x, (const uint16_t *)(const void *)codes, D); return; }
-    kvq__f32_row(parf, par, 2 * ng);
-    memset(x, 0, (size_t)D * sizeof(float));
-    kvq__k_acc_codes(codes, 0, parf, 1, D, c->cfg.group_size, bits, &one, 1, &x);
-}
-
-/* Scores of the salient tokens of the tile [pos, pos+n) of quantized blocks replaced by q . k
-   from the side store. */
-static void kvq__salient_scores(const kvq_cache *c, int h, int pos, int n, const float *qs, int nh, float *sp) {
-    const int D = c->cfg.head_dim, G = c->kb;
-    float k[512];
-    int b, e, e0, e1, j;
-    for (b = pos / G; b <= (pos + n - 1) / G; b++)
-        for (e1 = kvq__salient_run(c, h, b, pos, n, &e0), e = e0; e < e1; e++) {
-            const uint8_t *ent = kvq__side_entry(c, h, b, e);
-            int t = b * G + kvq__side_index(ent) - pos; /* place in the tile */
-            kvq__record_to_f32(c, (const uint16_t *)(const void *)(ent + kvq__side_params_at(c, 0)),
-                               ent + kvq__side_codes_at(c, 0), c->cfg.salient_bits, k);
-            for (j = 0; j < nh; j++) sp[(size_t)j * KVQ__TILE + t] = kvq__dot8(qs + (size_t)j * D, k, D);
-        }
-}
-
-/* Their softmax weights are spent on the side-store values and zeroed, so the codes pass adds
-   nothing for them. */
-static void kvq__salient_values(const kvq_cache *c, int h, int pos, int n, float *sp, int nh, float *const *acc) {
-    const int G = c->kb;
-    float w[KVQ__HEAD_CHUNK * KVQ__TILE];
-    int b, e, e0, e1, j;
-    for (b = pos / G; b <= (pos + n - 1) / G; b++) {
-        for (e1 = kvq__salient_run(c, h, b, pos, n, &e0), e = e0; e < e1; e++) {
-            int t = b * G + kvq__side_index(kvq__side_entry(c, h, b, e)) - pos;
-            for (j = 0; j < nh; j++) {
-                w[(size_t)j * KVQ__TILE + (e - e0)] = sp[(size_t)j * KVQ__TILE + t];
-                sp[(size_t)j * KVQ__TILE + t] = 0.0f;
-            }
-        }
-        if (e1 > e0) kvq__side_values(c, h, b, e0, e1 - e0, w, nh, acc);
-    }
-}
-
-/* Scores of keys stored per token (key_axis): each key is dequantized once into floats by the
-   value kernels and dotted with every head's query. */
+/* Scores of keys stored per token (key_axis). */
 static void kvq__scores_key_tokens(const kvq_cache *c, int h, int pos, int n, const float *qs, int nh,
                                    float *scores) {
-    const int D = c->cfg.head_dim;
-    float k[512];
-    int t, j;
-    for (t = 0; t < n; t++) {
-        kvq__record_to_f32(c, kvq__key_token_params(c, h, pos + t), kvq__key_token_codes(c, h, pos + t),
-                           c->cfg.key_bits, k);
-        for (j = 0; j < nh; j++) scores[(size_t)j * KVQ__TILE + t] = kvq__dot8(qs + (size_t)j * D, k, D);
-    }
+    kvq__records_scores(c, kvq__key_token_params(c, h, pos), c->ktparam_bytes / 2, kvq__key_token_codes(c, h, pos),
+                        c->ktcode_bytes, c->cfg.key_bits, n, qs, nh, scores);
 }
 
 /* Tokens of the key-block segment a tile may span: whole blocks up to KVQ__TILE, from a multiple
@@ -2605,6 +2623,10 @@ static void kvq__prefetch_tile(const kvq_cache *c, int h, int t0, int t1) {
     if (p0 < 0 || p1 <= p0) return;
     for (b = p0 / G; b < c->n_kblocks && b * G < p1; b++)
         for (x = kvq__key_block(c, h, b), i = 0; i < c->kblock_bytes; i += 64) KVQ__PREFETCH(x + i);
+    if (c->n_salient && p0 < c->n_kblocks * G) /* the blocks' side-store entries, consecutive */
+        for (x = kvq__side_entry(c, h, p0 / G, 0), n = (size_t)(b - p0 / G) * c->n_salient * c->side_bytes, i = 0;
+             i < n; i += 64)
+            KVQ__PREFETCH(x + i);
     if (p1 > c->n_vquant) p1 = c->n_vquant;
     if (p1 <= p0) return;
     n = (size_t)(p1 - p0);
@@ -2622,7 +2644,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
     const uint16_t *rows[KVQ__TILE];
     float *acc[KVQ__HEAD_CHUNK];
     const int integer = kvq__int_on();
-    int t0, j, t, ch, side;
+    int t0, j, t, ch, ne, e0 = 0, at[KVQ__TILE];
     KVQ_ASSERT(nh >= 1 && nh <= KVQ__HEAD_CHUNK && G <= KVQ__TILE && D <= 512);
     for (j = 0; j < nh; j++) {
         for (ch = 0; ch < D; ch++) qs[(size_t)j * D + ch] = q[(size_t)j * D + ch] * scale;
@@ -2658,8 +2680,8 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
                                                 : kvq__ring_k_row(c, h, pos + t);
             kvq__k_scores_f16(rows, n, D, qs, nh, scores);
         }
-        side = c->n_salient && t0 >= S && pos < c->n_kblocks * G; /* salient tokens in the tile's blocks */
-        if (side) kvq__salient_scores(c, h, pos, n, qs, nh, sp);
+        ne = c->n_salient && t0 >= S && pos < c->n_kblocks * G ? kvq__salient_tile(c, h, pos, n, &e0, at) : 0;
+        if (ne) kvq__salient_scores(c, h, e0, ne, at, qs, nh, sp);
         if (ring_scores && t0 >= S && pos >= c->n_kblocks * G) /* raw scores, for the salience of waiting keys */
             for (j = 0; j < nh; j++)
                 memcpy(ring_scores + (size_t)j * c->kcap + (pos - c->n_kblocks * G), sp + (size_t)j * KVQ__TILE,
@@ -2680,7 +2702,7 @@ static void kvq__attend_range(const kvq_cache *c, int h, const float *q, int nh,
             }
             s->l += kvq__k_exp_sum(sj, n, mx);
         }
-        if (side) kvq__salient_values(c, h, pos, n, sp, nh, acc);
+        if (ne) kvq__salient_values(c, h, e0, ne, at, sp, nh, acc);
         kvq__values_tile(c, h, t0, n, sp, nh, acc, integer);
         t0 = t1;
     }
@@ -4044,6 +4066,21 @@ static void kvq__quantize_value_simd(const uint16_t *row, int D, int G, int bits
 
 /* ---- scalar: the reference kernels live beside their callers (Cache, Attention) ---- */
 
+/* An ISA's kvq__dot_codes: its kvq__dot_pass_<isa> over groups of four heads, with constant bits
+   and heads for the side store's 8-bit records and four heads (GQA). */
+#define KVQ__DEFINE_DOT_CODES(FN, isa)                                                                     \
+    FN void kvq__dot_codes_##isa(const uint8_t *codes, size_t stride, const float *par, int n, int D, int G, \
+                                 int bits, const float *q, int nh, float *scores) {                         \
+        int j0;                                                                                              \
+        for (j0 = 0; j0 < nh; j0 += 4) {                                                                     \
+            const int nj = nh - j0 < 4 ? nh - j0 : 4;                                                        \
+            const float *q0 = q + (size_t)j0 * D;                                                            \
+            float *s0 = scores + (size_t)j0 * KVQ__TILE;                                                     \
+            if (nj == 4 && bits == 8) kvq__dot_pass_##isa(codes, stride, par, n, D, G, 8, q0, 4, s0);        \
+            else kvq__dot_pass_##isa(codes, stride, par, n, D, G, bits, q0, nj, s0);                         \
+        }                                                                                                    \
+    }
+
 /* ---- AVX2 (+FMA, F16C): 8 lanes ------------------------------------------------ */
 #if KVQ__HAVE_AVX2
 #define KVQ__AVX2_FN static KVQ__TARGET_AVX2
@@ -4393,6 +4430,37 @@ KVQ__AVX2_FN void kvq__acc_codes_avx2(const uint8_t *codes, size_t stride, const
         }
     }
 }
+
+/* scores[j][t] = q_j . x_t, each record x_t dequantized once for up to four heads; chunk c of 8
+   channels is in group c >> gs (G = 8 << gs). */
+KVQ__AVX2_INLINE void kvq__dot_pass_avx2(const uint8_t *codes, size_t stride, const float *par, int n, int D, int G,
+                                         const int bits, const float *q0, const int nj, float *s0) {
+    const int ng = (D + G - 1) / G;
+    const __m256i sh = kvq__shifts_avx2(bits), mask = kvq__mask_avx2(bits);
+    int gs = 0, c, t;
+    while ((8 << gs) < G) gs++;
+    for (t = 0; t < n; t++) {
+        const uint8_t *ct = codes + stride * t;
+        const float *pt = par + (size_t)t * 2 * ng;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (c = 0; c < D / 8; c++) {
+            const int cc = 8 * c;
+            const __m256 v = _mm256_fmadd_ps(
+                _mm256_set1_ps(pt[c >> gs]),
+                kvq__codes8_avx2(ct + kvq__run_at(cc, bits), kvq__hi_ptr(ct, D, cc, bits), bits, sh, mask),
+                _mm256_set1_ps(pt[ng + (c >> gs)]));
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + cc), v, a0);
+            if (nj > 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + cc), v, a1);
+            if (nj > 2) a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + cc), v, a2);
+            if (nj > 3) a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + cc), v, a3);
+        }
+        s0[t] = kvq__hsum_avx2(a0);
+        if (nj > 1) s0[KVQ__TILE + t] = kvq__hsum_avx2(a1);
+        if (nj > 2) s0[2 * KVQ__TILE + t] = kvq__hsum_avx2(a2);
+        if (nj > 3) s0[3 * KVQ__TILE + t] = kvq__hsum_avx2(a3);
+    }
+}
+KVQ__DEFINE_DOT_CODES(KVQ__AVX2_FN, avx2)
 
 /* 64 channels from c0 for one head, tokens outside (rows in address order; see the AVX-512 kernel). */
 KVQ__AVX2_FN void kvq__acc_f16_64_avx2(const uint16_t *const *rows, int n, int c0, const float *pa, float *o) {
@@ -5073,6 +5141,56 @@ KVQ__AVX512_FN void kvq__acc_codes_avx512(const uint8_t *codes, size_t stride, c
     }
 }
 
+/* Max (is_max) or sum of the 16 lanes of each of a, b, c, d, in every lane of 128-bit chunk 0, 1,
+   2, 3 of the result: halves of two vectors meet (vshuff32x4), then the lanes within a chunk. */
+KVQ__AVX512_INLINE __m512 kvq__op_avx512(__m512 x, __m512 y, int is_max) { return is_max ? _mm512_max_ps(x, y) : _mm512_add_ps(x, y); }
+KVQ__AVX512_INLINE __m512 kvq__reduce4_avx512(__m512 a, __m512 b, __m512 c, __m512 d, int is_max) {
+    const __m512 ab = kvq__op_avx512(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee), is_max);
+    const __m512 cd = kvq__op_avx512(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee), is_max);
+    __m512 m = kvq__op_avx512(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd), is_max);
+    m = kvq__op_avx512(m, _mm512_permute_ps(m, 0x4e), is_max);
+    return kvq__op_avx512(m, _mm512_permute_ps(m, 0xb1), is_max);
+}
+
+/* a[j] += q_j . x over 16 channels from cc of a record (ct, params pt), in group g; half: the last
+   chunk of a D % 16 == 8 row, whose masked query lanes are 0, so the value's do not count. */
+KVQ__AVX512_INLINE void kvq__dot_chunk_avx512(const uint8_t *ct, const float *pt, int g, int ng, int cc, int D,
+                                              const int bits, const int half, __m512i sh, const float *q0,
+                                              const int nj, __m512 *a) {
+    const __mmask16 k = half ? 0x00ff : 0xffff;
+    const __m512 s = _mm512_set1_ps(pt[g]), m = _mm512_set1_ps(pt[ng + g]);
+    const uint8_t *cp = ct + kvq__run_at(cc, bits), *hp = kvq__hi_ptr(ct, D, cc, bits);
+    const __m512 v = bits == 8 ? _mm512_fmadd_ps(s, kvq__codes16_avx512(cp, hp, 8, half, sh, s), m)
+                               : kvq__codes16_avx512(cp, hp, bits, half, sh, kvq__table_avx512(bits, s, m));
+    a[0] = _mm512_fmadd_ps(kvq__load16_avx512(q0 + cc, k), v, a[0]);
+    if (nj > 1) a[1] = _mm512_fmadd_ps(kvq__load16_avx512(q0 + D + cc, k), v, a[1]);
+    if (nj > 2) a[2] = _mm512_fmadd_ps(kvq__load16_avx512(q0 + 2 * D + cc, k), v, a[2]);
+    if (nj > 3) a[3] = _mm512_fmadd_ps(kvq__load16_avx512(q0 + 3 * D + cc, k), v, a[3]);
+}
+/* scores[j][t] = q_j . x_t, each record x_t dequantized once for up to four heads; chunk c of 16
+   channels is in group c >> gs (G = 16 << gs). */
+KVQ__AVX512_INLINE void kvq__dot_pass_avx512(const uint8_t *codes, size_t stride, const float *par, int n, int D,
+                                             int G, const int bits, const float *q0, const int nj, float *s0) {
+    const int ng = (D + G - 1) / G;
+    const __m512i sh = kvq__shifts_avx512(bits);
+    int gs = 0, c, t;
+    while ((16 << gs) < G) gs++;
+    for (t = 0; t < n; t++) {
+        const uint8_t *ct = codes + stride * t;
+        const float *pt = par + (size_t)t * 2 * ng;
+        __m512 a[4];
+        a[0] = a[1] = a[2] = a[3] = _mm512_setzero_ps();
+        for (c = 0; c < D / 16; c++) kvq__dot_chunk_avx512(ct, pt, c >> gs, ng, 16 * c, D, bits, 0, sh, q0, nj, a);
+        if (D % 16) kvq__dot_chunk_avx512(ct, pt, c >> gs, ng, 16 * c, D, bits, 1, sh, q0, nj, a);
+        a[0] = kvq__reduce4_avx512(a[0], a[1], a[2], a[3], 0); /* head j's sum in 128-bit chunk j */
+        s0[t] = _mm512_cvtss_f32(a[0]); /* not through memory: a 4-byte load of a 64-byte store stalls */
+        if (nj > 1) s0[KVQ__TILE + t] = _mm_cvtss_f32(_mm512_extractf32x4_ps(a[0], 1));
+        if (nj > 2) s0[2 * KVQ__TILE + t] = _mm_cvtss_f32(_mm512_extractf32x4_ps(a[0], 2));
+        if (nj > 3) s0[3 * KVQ__TILE + t] = _mm_cvtss_f32(_mm512_extractf32x4_ps(a[0], 3));
+    }
+}
+KVQ__DEFINE_DOT_CODES(KVQ__AVX512_FN, avx512)
+
 /* 128 channels from c0 for one or two heads, tokens outside: the rows stream in address order
    (walking them column-wise measured 3x slower from DRAM). 16 accumulators stay in registers. */
 KVQ__AVX512_INLINE void kvq__acc_f16_128_avx512(const uint16_t *const *rows, int n, int c0, const float *pa,
@@ -5468,17 +5586,6 @@ KVQ__INT512_INLINE void kvq__scores_int_pass512(const uint8_t *codes, int D, int
 #undef KVQ__SCORE16
     }
 }
-/* Max (is_max) or sum of the 16 lanes of each of a, b, c, d, in every lane of 128-bit chunk 0, 1,
-   2, 3 of the result: halves of two vectors meet (vshuff32x4), then the lanes within a chunk. */
-KVQ__INT512_INLINE __m512 kvq__op_int512(__m512 x, __m512 y, int is_max) { return is_max ? _mm512_max_ps(x, y) : _mm512_add_ps(x, y); }
-KVQ__INT512_INLINE __m512 kvq__reduce4_int512(__m512 a, __m512 b, __m512 c, __m512 d, int is_max) {
-    const __m512 ab = kvq__op_int512(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee), is_max);
-    const __m512 cd = kvq__op_int512(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee), is_max);
-    __m512 m = kvq__op_int512(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd), is_max);
-    m = kvq__op_int512(m, _mm512_permute_ps(m, 0x4e), is_max);
-    return kvq__op_int512(m, _mm512_permute_ps(m, 0xb1), is_max);
-}
-
 /* The query bytes (kvq__query_q16) of nj <= 4 heads, laid out [head][16-channel chunk][lo 16, hi 16],
    with their units and biases. Channels outside, heads inside, so each 16 channels' scales and mins
    are converted once and the heads' chains interleave: pass 1 q s (kept), its largest |q s|
@@ -5506,9 +5613,9 @@ KVQ__INT512_INLINE void kvq__query_int512(const uint16_t *sc, const uint16_t *mn
             b[k] = _mm512_fmadd_ps(qv, mf, b[k]);
         }
     }
-    av = kvq__reduce4_int512(a[0], a[1], a[2], a[3], 1); /* head k's in lanes 4k.. */
+    av = kvq__reduce4_avx512(a[0], a[1], a[2], a[3], 1); /* head k's in lanes 4k.. */
     _mm512_storeu_ps(uv, _mm512_div_ps(av, _mm512_set1_ps(KVQ__Q16)));
-    _mm512_storeu_ps(bv, kvq__reduce4_int512(b[0], b[1], b[2], b[3], 0));
+    _mm512_storeu_ps(bv, kvq__reduce4_avx512(b[0], b[1], b[2], b[3], 0));
     av = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(av, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(KVQ__Q16), av);
     for (k = 0; k < nj; k++) {
         inv[k] = _mm512_permutexvar_ps(_mm512_set1_epi32(4 * k), av);
@@ -5999,6 +6106,31 @@ static void kvq__acc_codes_neon(const uint8_t *codes, size_t stride, const float
                 vst1q_f32(o1, a1);
                 vst1q_f32(o1 + 4, b1);
             }
+        }
+    }
+}
+
+static void kvq__dot_codes_neon(const uint8_t *codes, size_t stride, const float *par, int n, int D, int G,
+                                int bits, const float *q, int nh, float *scores) {
+    const int ng = (D + G - 1) / G;
+    uint32x4_t mask;
+    int32x4_t sl, sh;
+    int j, cc, t;
+    kvq__shifts_neon(bits, &sl, &sh, &mask);
+    for (t = 0; t < n; t++) {
+        const uint8_t *ct = codes + stride * t;
+        const float *pt = par + (size_t)t * 2 * ng;
+        for (j = 0; j < nh; j++) { /* a head at a time: a tile holds a few side-store records */
+            const float *qj = q + (size_t)j * D;
+            float32x4_t a = vdupq_n_f32(0.0f), b = a;
+            for (cc = 0; cc < D; cc += 8) {
+                kvq__f32x8 v = kvq__codes8_neon(ct + kvq__run_at(cc, bits), kvq__hi_ptr(ct, D, cc, bits), bits, sl, sh,
+                                                mask);
+                float32x4_t m = vdupq_n_f32(pt[ng + cc / G]);
+                a = vfmaq_f32(a, vld1q_f32(qj + cc), vfmaq_n_f32(m, v.lo, pt[cc / G]));
+                b = vfmaq_f32(b, vld1q_f32(qj + cc + 4), vfmaq_n_f32(m, v.hi, pt[cc / G]));
+            }
+            scores[(size_t)j * KVQ__TILE + t] = vaddvq_f32(vaddq_f32(a, b));
         }
     }
 }
