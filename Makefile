@@ -10,7 +10,7 @@ AARCH64_CC ?= aarch64-linux-gnu-gcc
 QEMU    ?= qemu-aarch64-static
 
 TESTS    = $(B)/test_core $(B)/test_simd $(B)/test_simd_dispatch $(B)/test_serialize $(B)/test_rotate $(B)/test_salient \
-           $(B)/test_runtime $(B)/test_threads $(B)/test_batch $(B)/test_examples $(B)/compile_gcc_c $(B)/compile_gcc_cxx \
+           $(B)/test_runtime $(B)/test_threads $(B)/test_batch $(B)/test_hugepages $(B)/test_examples $(B)/compile_gcc_c $(B)/compile_gcc_cxx \
            $(B)/compile_clang_c $(B)/compile_clang_cxx $(B)/compile_gcc_strict $(B)/compile_clang_strict
 HDR      = kvq.h tests/test_util.h tests/hostile.h
 
@@ -37,6 +37,8 @@ $(B)/test_salient: tests/test_salient.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_salient.c $(LDLIBS)
 $(B)/test_runtime: tests/test_runtime.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_runtime.c $(LDLIBS)
+$(B)/test_hugepages: tests/test_hugepages.c $(HDR) | $(B)
+	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_hugepages.c $(LDLIBS)
 $(B)/test_threads: tests/test_threads.c $(HDR) | $(B)
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/test_threads.c $(LDLIBS)
 $(B)/test_batch: tests/test_batch.c $(HDR) | $(B)

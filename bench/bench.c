@@ -18,6 +18,8 @@
                        [--heads gqa,mha] [--csv PATH] [--svg PATH] [--min-time SEC]
 */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE /* glibc's default features, as a plain `cc app.c` has: kvq_cache_create
+                           asks for transparent huge pages (KVQ_NO_HUGEPAGES) */
 #define KVQ_IMPLEMENTATION
 #include "kvq.h"
 
