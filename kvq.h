@@ -5899,7 +5899,6 @@ KVQ__INT512_FN void kvq__acc_int_avx512(const uint8_t *codes, size_t stride, con
 #if KVQ__HAVE_NEON
 typedef struct kvq__f32x8 { float32x4_t lo, hi; } kvq__f32x8;
 #define kvq__search_row_neon kvq__search_row_scalar /* aarch64's baseline has NEON already */
-#define kvq__params16_neon kvq__params16_scalar
 #define kvq__fits_fp16_neon kvq__fits_fp16_scalar
 #if !KVQ__HAVE_NEON_INT /* the integer kernels need Armv8.2's sdot/udot: the reference */
 #define kvq__scores_int_neon kvq__scores_int_scalar
@@ -5937,6 +5936,24 @@ static kvq__f32x8 kvq__codes8_neon(const uint8_t *p, const uint8_t *hp, int bits
     return r;
 }
 static float32x4_t kvq__f16x4_neon(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+/* 16-bit value params (kvq__params16_scalar), 4 groups a step where ng is a multiple of 4 (the
+   scalar decode otherwise): the scale is the fp16 whose bits are e << 7 (subnormals included),
+   the min m8 * s / 16 (exact). */
+static void kvq__params16_neon(const uint16_t *par, int n, int ng, float *out) {
+    int t, g;
+    if (ng % 4) {
+        kvq__params16_scalar(par, n, ng, out);
+        return;
+    }
+    for (t = 0; t < n; t++, par += ng, out += 2 * ng)
+        for (g = 0; g < ng; g += 4) {
+            const uint16x4_t u = vld1_u16(par + g);
+            const float32x4_t s = vcvt_f32_f16(vreinterpret_f16_u16(vshl_n_u16(vand_u16(u, vdup_n_u16(0xff)), 7)));
+            const float32x4_t m8 = vcvtq_f32_s32(vmovl_s16(vshr_n_s16(vreinterpret_s16_u16(u), 8)));
+            vst1q_f32(out + g, s);
+            vst1q_f32(out + ng + g, vmulq_f32(vmulq_f32(m8, s), vdupq_n_f32(0.0625f)));
+        }
+}
 /* -lane * bits (right shifts), 2 for a 3-bit run's low plane; the mask of those low bits */
 static void kvq__shifts_neon(int bits, int32x4_t *lo, int32x4_t *hi, uint32x4_t *mask) {
     const int32_t s[8] = {0, -1, -2, -3, -4, -5, -6, -7};
