@@ -4,7 +4,9 @@
               query preparation included, for key blocks of 32, 64 and 128 tokens;
      values:  a run of KVQ__INT_RUN tokens into the accumulators (kvq__k_acc_int with its weight
               preparation; kvq__k_acc_codes), groups of 32 channels;
-     softmax: exp and sum over a tile (kvq__k_exp_sum).
+     softmax: exp and sum over a tile (kvq__k_exp_sum);
+     records: per-token 8-bit records (the salient side store's), 8 a call as in a tile at 5%:
+              their keys' scores (kvq__k_dot_codes) and their values (kvq__k_acc_codes), per record.
    head_dim 128, 1 thread, synthetic codes and params (the kernels' time does not depend on them),
    16K tokens per pass (the codes stay in L2), best of 15 passes; CPU time beside wall time.
    Usage: build/kernels [--heads N] (query heads per KV head, default 4: GQA 32/8; 1: MHA). */
@@ -84,6 +86,21 @@ static void exp_pass(void *arg) {
         }
 }
 
+/* TOKENS side-store records, 8 a call, from a working set of 4096 (in L2), at an entry's stride */
+enum { RECORDS_A_CALL = 8, RECORD_SET = 4096, RECORD_STRIDE = D + 16 };
+static void records_pass(void *arg) {
+    job *j = (job *)arg;
+    float *acc[KVQ__HEAD_CHUNK];
+    int r, k;
+    for (k = 0; k < j->nh; k++) acc[k] = j->accb + (size_t)k * D;
+    for (r = 0; r < TOKENS; r += RECORDS_A_CALL) {
+        const uint8_t *codes = j->mem + (size_t)RECORD_STRIDE * (size_t)(r % RECORD_SET);
+        if (j->integer) kvq__k_dot_codes(codes, RECORD_STRIDE, j->par, RECORDS_A_CALL, D, 32, 8, j->q, j->nh, j->scores);
+        else kvq__k_acc_codes(codes, RECORD_STRIDE, j->par, RECORDS_A_CALL, D, 32, 8, j->p, j->nh, acc);
+    }
+    j->sink += j->scores[1] + j->accb[3];
+}
+
 static void report(const char *what, timing t, double ghz) {
     const double ns = 1e9 * t.wall / TOKENS;
     printf("%-50s %8.2f %9.1f %8.2f\n", what, ns, ns * ghz, 1e9 * t.cpu / TOKENS);
@@ -143,6 +160,10 @@ int main(int argc, char **argv) {
         }
     }
     report("softmax exp and sum", best_of(exp_pass, &j), ghz);
+    j.integer = 1; /* here: the keys' pass */
+    report("8-bit records, keys' scores (per record)", best_of(records_pass, &j), ghz);
+    j.integer = 0;
+    report("8-bit records, values (per record)", best_of(records_pass, &j), ghz);
     printf("(checksum %g)\n", (double)j.sink);
     free(j.mem);
     return 0;
